@@ -1,0 +1,40 @@
+# ctadata: one module, standard library only.  `make help` lists the targets.
+PYTHON ?= python3
+PYTEST ?= $(PYTHON) -m pytest
+TASKS ?=
+
+.PHONY: help install test test-pypy deps zipapp lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install:  ## pip install this checkout (console scripts ctadata, cta-data)
+	$(PYTHON) -m pip install .
+
+deps:  ## install the real test servers (nginx+dav-ext, Apache) when root and missing
+	@bash tests/install-deps.sh
+
+test: deps  ## run the whole test suite against real local servers
+	$(PYTEST) -q
+
+test-pypy: deps  ## the same suite under PyPy 3 (Debian's pypy3 + pytest)
+	pypy3 -m pytest -q
+
+zipapp: dist/ctadata.pyz  ## build dist/ctadata.pyz, runnable as python3 dist/ctadata.pyz
+
+dist/ctadata.pyz: ctadata.py
+	@rm -rf build/zipapp && mkdir -p build/zipapp dist
+	cp ctadata.py build/zipapp/
+	$(PYTHON) -m zipapp build/zipapp -o dist/ctadata.pyz -m "ctadata:_entry" -p "/usr/bin/env python3" -c
+	@ls -l dist/ctadata.pyz
+
+lint:  ## syntax for Python 3.8, pyflakes-style checks with the stdlib only
+	$(PYTHON) -c 'import ast,sys; ast.parse(open("ctadata.py").read(), feature_version=(3,8))'
+	$(PYTHON) -m py_compile ctadata.py
+	$(PYTHON) -W error -c 'import ctadata'
+
+bench:  ## benchmark against curl, davix and rclone (TASKS="get_big ls_wide" for a subset)
+	$(PYTHON) tests/bench/run.py $(if $(TASKS),--tasks "$(TASKS)")
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache __pycache__ tests/__pycache__
