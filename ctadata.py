@@ -25,8 +25,8 @@ import time
 __version__ = "1.0.0"
 
 __all__ = [
-    # client and data classes
-    "Client", "Entry", "TransferResult", "TransferSummary", "Progress",
+    # client, settings and data classes
+    "Client", "Settings", "Entry", "DEFAULT_URL", "DEV_URL", "TransferResult", "TransferSummary", "Progress",
     # module-level functions (thin wrappers over a default Client)
     "list_dir", "ls", "stat", "fetch_and_save_file", "fetch_and_save_file_or_dir",
     "upload_file", "upload_dir", "mkdir", "remove", "move", "checksum",
@@ -142,10 +142,11 @@ class TransferError(CtadataError):
     ``expected`` and ``received`` are byte counts when known."""
 
     def __init__(self, message, url=None, status=None, hint=None,
-                 expected=None, received=None):
+                 expected=None, received=None, retryable=True):
         CtadataError.__init__(self, message, url, status, hint)
         self.expected = expected
         self.received = received
+        self.retryable = retryable
 
 
 class ChecksumMismatch(TransferError):
@@ -167,8 +168,10 @@ class PartialFailure(CtadataError):
     """Some files of a multi-file transfer failed; ``summary`` has them all."""
 
     def __init__(self, summary):
+        first = summary.failures[0]
         CtadataError.__init__(
-            self, "%d of %d files failed" % (summary.failed, summary.files))
+            self, "%d of %d files failed; first: %s: %s" % (
+                summary.failed, summary.files, _safe_url(first.source), first.error))
         self.summary = summary
 
 
@@ -410,8 +413,8 @@ def _is_transient(exc):
     if isinstance(exc, (ConnectionError, socket.timeout, http.client.HTTPException,
                         TimeoutError)):
         return True
-    if isinstance(exc, TransferError) and not isinstance(exc, ChecksumMismatch):
-        return True
+    if isinstance(exc, TransferError):
+        return exc.retryable and not isinstance(exc, ChecksumMismatch)
     import ssl
     if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
         return True
@@ -1189,7 +1192,7 @@ def _safe_join(root, rel_parts):
 
 def _local_error(e, path):
     """A local I/O failure, naming the path."""
-    return TransferError("%s: %s" % (e.strerror or e, path), hint=None)
+    return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
 
 
 def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
@@ -1690,6 +1693,10 @@ class Client:
             if dest is None:
                 dest = entry.name
             elif _into(dest) or os.path.isdir(dest):
+                try:
+                    os.makedirs(dest, exist_ok=True)
+                except OSError as e:
+                    raise _local_error(e, dest)
                 dest = os.path.join(dest, entry.name)
             task = self._download_task(entry, dest, overwrite, progress)
             results = _run_parallel([task], self._download_worker(progress), 1,
@@ -1824,7 +1831,7 @@ class Client:
                 rparts = [] if rel == "." else rel.split(os.sep)
                 rdir = "/".join([base] + rparts if base else rparts)
                 if rparts:
-                    self.mkdir(rdir)
+                    self._mkcol(self.url_for(rdir, True), exist_ok=True)
                 for fn in sorted(filenames):
                     path = os.path.join(dirpath, fn)
                     try:
@@ -1868,15 +1875,18 @@ class Client:
         """Create a remote directory (with *parents*, also missing parents;
         an existing directory is then fine).  Raises RemoteError."""
         norm = _normpath(str(path)) if "://" not in str(path) else str(path)
-        if not parents:
-            self._tr.release(self._tr.request("MKCOL", self.url_for(norm, True),
-                                              ok=(200, 201), what="mkdir"))
+        if not parents or "://" in norm:
+            self._mkcol(self.url_for(norm, True), exist_ok=parents)
             return
-        segs = [s for s in norm.strip("/").split("/") if s] if "://" not in norm else [norm]
+        segs = norm.strip("/").split("/")
         for i in range(1, len(segs) + 1):
-            url = self.url_for("/".join(segs[:i]), True)
-            resp = self._tr.request("MKCOL", url, ok=(200, 201, 405, 301), what="mkdir")
-            self._tr.release(resp)
+            self._mkcol(self.url_for("/".join(segs[:i]), True), exist_ok=True)
+
+    def _mkcol(self, url, exist_ok):
+        # 405: the name exists (a collection, or a file: then the next MKCOL
+        # below it or the PUT fails with 409, which is reported).
+        ok = (200, 201, 405) if exist_ok else (200, 201)
+        self._tr.release(self._tr.request("MKCOL", url, ok=ok, what="mkdir"))
 
     def remove(self, path, recursive=False):
         """Delete a remote file, or with *recursive* a directory tree.
@@ -2265,6 +2275,7 @@ def _cmd_ls(client, args):
         for _top, children in client.walk(args.path):
             for e in children:
                 rows.append((_rel_path(root, e.url), e))
+        rows.sort(key=lambda r: r[0])
     else:
         rows = [(e.name, e) for e in client.ls(args.path)]
     if args.json:
@@ -2378,9 +2389,10 @@ def _cmd_sum(client, args):
 def _setup_logging(args):
     import logging
     logger = logging.getLogger("ctadata")
-    if logger.handlers:
-        return
+    for h in [h for h in logger.handlers if getattr(h, "_ctadata_cli", False)]:
+        logger.removeHandler(h)  # main() may run many times in one process
     handler = logging.StreamHandler(sys.stderr)
+    handler._ctadata_cli = True
     handler.setFormatter(logging.Formatter("ctadata: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False

@@ -1,0 +1,243 @@
+"""pytest fixtures: real WebDAV servers (nginx, Apache) for the ctadata tests.
+
+Server fixtures (session scope, started lazily on first use, stopped at the
+end of the session -- see tests/servers.py for the servers and their quirks):
+
+    nginx_server         nginx WebDAV, bearer token required
+    apache_server        Apache mod_dav, bearer token required
+    nginx_tls_server     nginx WebDAV over https (server.ca_file = CA PEM)
+    nginx_static_server  plain static nginx (GET/HEAD), no token required
+
+    dav                  function scope, parametrized over nginx/apache:
+                         an empty remote folder per test (see DavTarget)
+
+A missing server binary/module skips the tests that need it, except when the
+environment variable CI is "true": then it is a test failure.  Install the
+servers with tests/install-deps.sh.
+
+No ctadata import at module level here (ctadata-specific fixtures go into the
+marked section at the end of this file).
+"""
+
+import itertools
+import os
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import pytest
+
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:  # also works with --import-mode=importlib
+    sys.path.insert(0, _TESTS_DIR)
+
+import servers  # noqa: E402  (tests/servers.py)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def _require(what: str, reason: Optional[str]) -> None:
+    """Skip (or fail in CI) when a server is not installed."""
+    if reason is None:
+        return
+    msg = "%s not available: %s -- run tests/install-deps.sh" % (what, reason)
+    if _in_ci():
+        pytest.fail(msg + " (CI=true: missing servers are failures)", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def server_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session directory holding every server's data root and workdir.
+
+    As root, Apache's workers run as an unprivileged user who cannot enter
+    pytest's 0700 basetemp, so a world-traversable mkdtemp directory is used
+    (removed at the end unless CTADATA_KEEP_SERVER_DATA is set).
+    """
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        base = Path(tempfile.mkdtemp(prefix="ctadata-servers-"))
+        os.chmod(str(base), 0o755)
+        try:
+            yield base
+        finally:
+            if not os.environ.get("CTADATA_KEEP_SERVER_DATA"):
+                shutil.rmtree(str(base), ignore_errors=True)
+    else:
+        yield tmp_path_factory.mktemp("servers")
+
+
+def _start(kind: str, base: Path) -> "servers.RunningServer":
+    token = secrets.token_urlsafe(24)
+    root = base / kind / "root"
+    work = base / kind / "work"
+    if kind == "apache":
+        return servers.start_apache(root, token, work)
+    return servers.start_nginx(
+        root, token, work,
+        static_only=(kind == "nginx-static"), tls=(kind == "nginx-tls"),
+    )
+
+
+@pytest.fixture(scope="session")
+def nginx_server(server_base_dir: Path) -> Iterator["servers.RunningServer"]:
+    _require("nginx (WebDAV)", servers.nginx_missing_reason())
+    with _start("nginx", server_base_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def apache_server(server_base_dir: Path) -> Iterator["servers.RunningServer"]:
+    _require("Apache (mod_dav)", servers.apache_missing_reason())
+    with _start("apache", server_base_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def nginx_tls_server(server_base_dir: Path) -> Iterator["servers.RunningServer"]:
+    _require("nginx (WebDAV over TLS)", servers.nginx_missing_reason(tls=True))
+    with _start("nginx-tls", server_base_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def nginx_static_server(server_base_dir: Path) -> Iterator["servers.RunningServer"]:
+    _require("nginx (static)", servers.nginx_missing_reason(static_only=True))
+    with _start("nginx-static", server_base_dir) as srv:
+        yield srv
+
+
+class DavTarget:
+    """One empty remote folder on a running DAV server, private to one test.
+
+    name    "nginx" / "apache"
+    url     server url + "/" + folder + "/"   (always ends with "/")
+    root    Path of that folder on disk
+    token   bearer token of the server
+    server  the servers.RunningServer
+    """
+
+    def __init__(self, server: "servers.RunningServer", folder: str) -> None:
+        self.server = server
+        self.name = server.name
+        self.folder = folder
+        self.url = server.url + "/" + folder + "/"
+        self.root = server.root / folder
+        self.token = server.token
+
+    @property
+    def path(self) -> str:
+        """URL path of the folder ("/<folder>/"), handy for http.client."""
+        return "/" + self.folder + "/"
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        return {"Authorization": "Bearer " + self.token}
+
+    def grant_access(self, path: "os.PathLike[str] | str") -> None:
+        """See RunningServer.grant_access (normally not needed)."""
+        self.server.grant_access(path)
+
+    def __repr__(self) -> str:
+        return "<DavTarget %s %s>" % (self.name, self.url)
+
+
+_folder_counter = itertools.count(1)
+
+
+def _folder_name(nodename: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", nodename).strip("-.")[:60] or "test"
+    return "t%04d-%s" % (next(_folder_counter), safe)
+
+
+@pytest.fixture(params=["nginx", "apache"], ids=["nginx", "apache"])
+def dav(request: pytest.FixtureRequest) -> Iterator[DavTarget]:
+    server = request.getfixturevalue(request.param + "_server")
+    if not server.alive():
+        pytest.fail("%s server died earlier in the session:\n%s"
+                    % (server.name, server.logs()), pytrace=False)
+    target = DavTarget(server, _folder_name(request.node.name))
+    target.root.mkdir()
+    server.grant_access(target.root)
+    try:
+        yield target
+    finally:
+        if not os.environ.get("CTADATA_KEEP_SERVER_DATA"):
+            shutil.rmtree(str(target.root), ignore_errors=True)
+
+
+# ===========================================================================
+# ctadata-specific fixtures (lead) -- add them below this line.
+# Everything above is the generic real-server machinery (tests/servers.py).
+# ===========================================================================
+
+_TOKEN_ENV = ("CTADATA_TOKEN", "BEARER_TOKEN", "BEARER_TOKEN_FILE", "XDG_RUNTIME_DIR",
+              "CTADATA_URL", "X509_CERT_DIR", "X509_CERT_FILE", "CTADS_URL",
+              "JUPYTERHUB_API_TOKEN", "CTADATA_PROFILE", "CTADATA_OIDC_AGENT")
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    """No test sees the developer's tokens, storage URL or home folder."""
+    for name in _TOKEN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    import ctadata
+    ctadata.set_default_client(None)
+    yield
+    ctadata.set_default_client(None)
+
+
+@pytest.fixture
+def client(dav):
+    """A ctadata.Client on the test's empty folder of a real server."""
+    import ctadata
+    with ctadata.Client(url=dav.url, token=dav.token, retries=1, timeout=20) as c:
+        yield c
+
+
+@pytest.fixture
+def cli(dav, monkeypatch, capsys):
+    """Run ``ctadata.main([...])`` in-process against the test's folder,
+    token from $BEARER_TOKEN (never on the command line).  Returns
+    (exit code, stdout, stderr)."""
+    import ctadata
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+
+    def run(*argv):
+        code = ctadata.main(["--url", dav.url] + [str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def make_tree(root, spec):
+    """Create files below *root* from {relative path: bytes}; return root."""
+    root = Path(root)
+    for rel, data in spec.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def tree_digests(root):
+    """{relative path: sha256 hex} of every file below *root*."""
+    import hashlib
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# Names that break naive clients: spaces, percent, hash, question mark, unicode.
+ODD_NAMES = ["plain.txt", "with space.dat", "100%.bin", "hash#tag.h5", "q?x.txt",
+             "été 日本.fits"]

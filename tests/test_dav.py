@@ -1,0 +1,215 @@
+"""Layer 3: every everyday operation against real WebDAV servers (nginx with
+dav-ext and Apache mod_dav, both requiring a bearer token), through the
+Python API and through the CLI (ctadata.main in-process)."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import ctadata
+from conftest import make_tree, tree_digests, ODD_NAMES
+
+
+def odd_tree(root):
+    spec = {}
+    for i, name in enumerate(ODD_NAMES):
+        spec[name] = os.urandom(100 + i)
+        spec["sub dir/" + name] = os.urandom(2000 + i)
+        spec["sub dir/déep#1/" + name] = os.urandom(3000 + i)
+    spec["sub dir/déep#1/big.bin"] = os.urandom(3 * 1024 * 1024 + 7)
+    return make_tree(root, spec)
+
+
+def test_put_r_then_get_r_round_trips_odd_names(client, dav, tmp_path):
+    src = odd_tree(tmp_path / "src")
+    summary = client.upload_dir(str(src), "up/")          # trailing slash: into
+    assert summary.transferred == summary.files == len(tree_digests(src))
+    assert tree_digests(dav.root / "up" / "src") == tree_digests(src)   # on the server's disk
+
+    out = tmp_path / "out"
+    summary = client.download("up/src", str(out) + "/", recursive=True)
+    assert summary.failed == 0 and summary.transferred == summary.files
+    assert tree_digests(out / "src") == tree_digests(src)
+    assert not list(out.rglob("*.part"))
+
+    again = client.download("up/src", str(out) + "/", recursive=True)  # nothing to do
+    assert again.skipped == again.files and again.bytes == 0
+
+
+def test_ls_stat_and_list_dir(client, dav, tmp_path):
+    make_tree(dav.root, {"d/a.txt": b"abc", "d/sub/b.txt": b"12345", "d/é x#.dat": b""})
+    names = [e.name for e in client.ls("d")]
+    assert names == sorted(["a.txt", "sub", "é x#.dat"])
+    assert client.list_dir("d") == ["d/a.txt", "d/sub/", "d/é x#.dat"]
+    every = {e.path: e for e in client.ls("d", recursive=True)}
+    assert set(every) == {"d/a.txt", "d/sub", "d/sub/b.txt", "d/é x#.dat"}
+    assert every["d/sub/b.txt"].size == 5
+    st = client.stat("d/a.txt")
+    assert (st.is_dir, st.size, st.name) == (False, 3, "a.txt")
+    assert abs(st.mtime - os.stat(dav.root / "d/a.txt").st_mtime) < 2
+    assert client.stat("d/sub").is_dir and client.stat("d/sub/").is_dir
+    with pytest.raises(ctadata.NotFound):
+        client.stat("d/missing")
+    assert [e.name for e in client.ls("d/a.txt")] == ["a.txt"]   # a file lists itself
+
+
+def test_mkdir_rm_mv(client, dav):
+    client.mkdir("x/y/z", parents=True)
+    assert (dav.root / "x/y/z").is_dir()
+    client.mkdir("x/y/z", parents=True)        # -p: existing is fine
+    with pytest.raises(ctadata.RemoteError):
+        client.mkdir("x/y/z")                  # without -p it is an error
+    (dav.root / "x/y/z/f").write_bytes(b"data")
+    client.move("x/y/z/f", "x/g")
+    assert (dav.root / "x/g").read_bytes() == b"data" and not (dav.root / "x/y/z/f").exists()
+    client.move("x/y", "x/renamed")
+    assert (dav.root / "x/renamed/z").is_dir()
+    client.move("x/g", "x/renamed/")           # trailing slash: into
+    assert (dav.root / "x/renamed/g").exists()
+    with pytest.raises(ctadata.ConfigError):
+        client.remove("x")                     # a directory needs recursive
+    client.remove("x/renamed/g")
+    assert not (dav.root / "x/renamed/g").exists()
+    client.remove("x", recursive=True)
+    assert not (dav.root / "x").exists()
+    with pytest.raises(ctadata.NotFound):
+        client.remove("x")
+
+
+def test_upload_file_rules(client, dav, tmp_path):
+    f = tmp_path / "latest.txt"
+    f.write_bytes(b"hello")
+    assert client.upload_file(str(f), "your-folder/") == {
+        "path": "your-folder/latest.txt", "status": "uploaded", "total_written": 5}
+    assert (dav.root / "your-folder/latest.txt").read_bytes() == b"hello"
+    r = client.upload_file(str(f), "your-folder/new-name.md")
+    assert r["path"] == "your-folder/new-name.md"
+    assert (dav.root / "your-folder/new-name.md").read_bytes() == b"hello"
+    r = client.upload_file(str(f), "deep/er/still/f.txt")   # parents created (Apache: 409 -> mkdir)
+    assert (dav.root / "deep/er/still/f.txt").read_bytes() == b"hello"
+    with pytest.raises(ctadata.ConfigError):
+        client.upload_file(str(tmp_path / "missing"), "x")
+
+
+def test_upload_dir_without_slash_names_the_target(client, dav, tmp_path):
+    src = make_tree(tmp_path / "results", {"a": b"1", "b/c": b"2"})
+    client.upload_dir(str(src) + "/", "your-folder/results")
+    assert tree_digests(dav.root / "your-folder/results") == tree_digests(src)
+    client.upload_dir(str(src), "your-folder/results")   # re-run: same place, not nested
+    assert not (dav.root / "your-folder/results/results").exists()
+
+
+def test_fetch_functions_and_module_api(dav, tmp_path, monkeypatch):
+    make_tree(dav.root, {"lst/x/file.h5": b"h5" * 1000, "lst/x/y/z.fits": b"fits"})
+    monkeypatch.setenv("CTADATA_URL", dav.url)
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    monkeypatch.chdir(tmp_path)
+    assert ctadata.list_dir("lst/x") == ["lst/x/file.h5", "lst/x/y/"]
+    assert ctadata.fetch_and_save_file("lst/x/file.h5") == 2000
+    assert (tmp_path / "file.h5").read_bytes() == b"h5" * 1000
+    assert ctadata.fetch_and_save_file("lst/x/file.h5", "other.h5") == 2000
+    assert (tmp_path / "other.h5").exists()
+    summary = ctadata.fetch_and_save_file_or_dir("lst/x", recursive=True)
+    assert (tmp_path / "x/y/z.fits").read_bytes() == b"fits" and summary.files == 2
+    from ctadata import direct
+    assert direct.list_dir("lst/x/y") == ["lst/x/y/z.fits"]
+    assert ctadata.direct.direct.list_dir is ctadata.list_dir
+    assert ctadata.default_client().url == dav.url.rstrip("/")
+
+
+def test_401_without_token_says_where_it_looked(dav, tmp_path):
+    c = ctadata.Client(url=dav.url, env={}, retries=0)
+    with pytest.raises(ctadata.AuthError) as ei:
+        c.list_dir("")
+    msg = str(ei.value)
+    assert ei.value.status == 401
+    assert "no token found" in msg and "$BEARER_TOKEN" in msg and "/tmp/bt_u" in msg
+    bad = ctadata.Client(url=dav.url, token="wrong-token", env={}, retries=0)
+    with pytest.raises(ctadata.AuthError) as ei:
+        bad.list_dir("")
+    assert "refused" in str(ei.value) and "wrong-token" not in str(ei.value)
+
+
+# -- the CLI, in-process -------------------------------------------------------------
+
+def test_cli_ls_variants(cli, dav):
+    make_tree(dav.root, {"d/b.txt": b"12345", "d/a dir/c.txt": b"x", "d/#odd%.h5": b"12"})
+    code, out, err = cli("ls", "d")
+    assert code == 0 and out.splitlines() == ["#odd%.h5", "a dir/", "b.txt"]
+    code, out, _ = cli("ls", "-l", "d")
+    lines = out.splitlines()
+    assert lines[0].startswith("- ") and lines[0].endswith(" #odd%.h5") and " 2 " in lines[0]
+    assert lines[1].startswith("d ") and lines[1].endswith("a dir/")
+    assert len({ln.index(ln.split()[2]) for ln in lines}) == 1  # aligned date column
+    code, out, _ = cli("ls", "-R", "d")
+    assert out.splitlines() == ["#odd%.h5", "a dir/", "a dir/c.txt", "b.txt"]
+    code, out, _ = cli("ls", "-R", "--json", "d")
+    doc = json.loads(out)
+    assert {e["path"]: e["size"] for e in doc if e["type"] == "file"} == {
+        "d/#odd%.h5": 2, "d/a dir/c.txt": 1, "d/b.txt": 5}
+    code, out, _ = cli("ls", "-U", "d")
+    assert sorted(out.splitlines()) == ["#odd%.h5", "a dir/", "b.txt"]
+    code, out, _ = cli("ls", "-U", "--json", "d")
+    assert len(json.loads(out)) == 3
+
+
+def test_cli_get_put_mkdir_rm_mv_stat(cli, dav, tmp_path):
+    src = odd_tree(tmp_path / "localdir")
+    code, out, err = cli("put", "-r", src, "your-folder/")
+    assert code == 0, err
+    assert "0 failed" in err
+    assert tree_digests(dav.root / "your-folder/localdir") == tree_digests(src)
+    code, out, err = cli("put", src / "plain.txt", "your-folder/")
+    assert code == 0 and out.strip() == "your-folder/plain.txt"
+    code, out, err = cli("get", "-r", "your-folder/localdir", tmp_path / "dl")
+    assert code == 0, err
+    assert tree_digests(tmp_path / "dl") == tree_digests(src)
+    code, out, err = cli("get", "your-folder/plain.txt", str(tmp_path / "dl2") + "/")
+    assert code == 0 and (tmp_path / "dl2/plain.txt").read_bytes() == (src / "plain.txt").read_bytes()
+    code, out, err = cli("mkdir", "-p", "a/b/c")
+    assert code == 0 and (dav.root / "a/b/c").is_dir()
+    code, out, err = cli("mv", "your-folder/plain.txt", "a/b/c/")
+    assert code == 0 and (dav.root / "a/b/c/plain.txt").exists()
+    code, out, err = cli("stat", "a/b/c/plain.txt")
+    assert code == 0 and "size:" in out and str((src / "plain.txt").stat().st_size) in out
+    code, out, err = cli("stat", "--json", "a/b/c")
+    assert json.loads(out)["type"] == "directory"
+    code, out, err = cli("rm", "a")
+    assert code == 2 and "is a directory" in err
+    code, out, err = cli("rm", "-r", "a")
+    assert code == 0 and not (dav.root / "a").exists()
+    code, out, err = cli("stat", "a")
+    assert code == 1 and err.startswith("ctadata: error:") and len(err.splitlines()) == 1
+
+
+def test_cli_get_reports_failures_and_exit_code(cli, dav, tmp_path):
+    make_tree(dav.root, {"d/ok.txt": b"fine", "d/blocked.txt": b"x"})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/d").mkdir()
+    (tmp_path / "out/d/blocked.txt.part").mkdir()   # cannot be written locally
+    code, out, err = cli("get", "-r", "d", str(tmp_path / "out") + "/")
+    assert code == 1
+    assert "blocked.txt" in err and "1 failed" in err
+    assert (tmp_path / "out/d/ok.txt").read_bytes() == b"fine"   # the others go on
+
+
+def test_cli_no_token_401_one_line(dav, monkeypatch, capsys):
+    monkeypatch.delenv("BEARER_TOKEN", raising=False)
+    code = ctadata.main(["--url", dav.url, "--retries", "0", "ls"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "looked in" in err
+
+
+def test_tls_verified_by_default(nginx_tls_server, tmp_path):
+    srv = nginx_tls_server
+    (srv.root / "tls.txt").write_bytes(b"secure")
+    ok = ctadata.Client(url=srv.url, token=srv.token, ca_file=srv.ca_file, env={})
+    assert ok.stat("tls.txt").size == 6
+    assert ok.fetch_and_save_file("tls.txt", str(tmp_path / "t")) == 6
+    untrusted = ctadata.Client(url=srv.url, token=srv.token, env={}, retries=0)
+    with pytest.raises(ctadata.TransferError, match="certificate verification failed"):
+        untrusted.stat("tls.txt")

@@ -1,0 +1,136 @@
+"""The module's public face, packaging and start-up (layer 4)."""
+
+import ast
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import ctadata
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_all_matches_public_names():
+    # CPython's test_httpservers.MiscTestCase.test_all does the same.
+    public = {name for name, value in vars(ctadata).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert set(ctadata.__all__) == public
+    assert len(ctadata.__all__) == len(set(ctadata.__all__))
+
+
+def test_public_functions_have_docstrings():
+    for name in ctadata.__all__:
+        obj = getattr(ctadata, name)
+        if callable(obj):
+            assert obj.__doc__ and len(obj.__doc__) > 20, name
+
+
+def test_errors_form_one_hierarchy():
+    for name in ctadata.__all__:
+        obj = getattr(ctadata, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, ctadata.CtadataError), name
+
+
+def test_parses_as_python_38():
+    ast.parse((REPO / "ctadata.py").read_text(encoding="utf-8"), feature_version=(3, 8))
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """No directories, no network modules, no token files read at import."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import sys, ctadata; heavy = [m for m in ('ssl', 'http.client', 'xml.parsers.expat',"
+            " 'concurrent.futures', 'argparse', 'logging', 'urllib.parse') if m in sys.modules];"
+            " print(','.join(heavy))")
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(REPO),
+               BEARER_TOKEN_FILE=str(tmp_path / "must-not-be-read"))
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == ""
+    assert list(home.iterdir()) == []
+
+
+def test_repr_and_errors_never_show_the_token(tmp_path):
+    secret = "s3cr3t-TOKEN-value"
+    c = ctadata.Client(url="https://example.invalid:2880", token=secret, env={})
+    assert secret not in repr(c) and secret not in repr(c._auth) and secret not in repr(c.settings)
+    assert secret not in repr(c._tr)
+
+
+def test_settings_validation():
+    with pytest.raises(ctadata.ConfigError):
+        ctadata.Client(url="ftp://x", env={})
+    with pytest.raises(ctadata.ConfigError):
+        ctadata.Client(url="https://user:pw@x", env={})
+    with pytest.raises(ctadata.ConfigError):
+        ctadata.Client(url="https://x", jobs=0, env={})
+    assert ctadata.Client(env={}).url == ctadata.DEFAULT_URL
+    assert ctadata.Client(dev=True, env={}).url == ctadata.DEV_URL
+    assert ctadata.Client(env={"CTADATA_URL": "https://h:1/p/"}).url == "https://h:1/p"
+
+
+def test_url_for_quotes_and_normalises():
+    c = ctadata.Client(url="https://h:2880/pnfs", env={})
+    assert c.url_for("a b/c#d%e?f") == "https://h:2880/pnfs/a%20b/c%23d%25e%3Ff"
+    assert c.url_for("/lst/x/../y") == "https://h:2880/pnfs/lst/y"
+    assert c.url_for("https://other/x") == "https://other/x"
+    with pytest.raises(ctadata.ConfigError):
+        c.url_for("../../etc")
+
+
+# -- CLI surface --------------------------------------------------------------
+
+def test_version_and_help(capsys):
+    assert ctadata.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "ctadata " + ctadata.__version__
+    assert ctadata.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("ls", "get", "put", "mkdir", "rm", "mv", "stat", "sum"):
+        assert cmd in out
+    for cmd, opt in (("ls", "--unsorted"), ("get", "--overwrite"), ("put", "--verify"),
+                     ("mkdir", "--parents"), ("rm", "--recursive"), ("mv", "--overwrite")):
+        assert ctadata.main([cmd, "--help"]) == 0
+        assert opt in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert ctadata.main([]) == 2
+    assert ctadata.main(["frobnicate"]) == 2
+    assert ctadata.main(["get"]) == 2
+    assert ctadata.main(["--url", "ftp://nope", "ls"]) == 2
+    assert "ftp" in capsys.readouterr().err
+
+
+def test_zipapp_builds_and_runs(nginx_server, tmp_path):
+    subprocess.run(["make", "-s", "zipapp"], cwd=str(REPO), check=True,
+                   capture_output=True)
+    pyz = REPO / "dist" / "ctadata.pyz"
+    assert pyz.stat().st_size < 150 * 1024
+    (nginx_server.root / "zipapp-test.txt").write_bytes(b"from the zipapp")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BEARER_TOKEN": nginx_server.token}
+    r = subprocess.run([sys.executable, str(pyz), "--version"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ctadata " + ctadata.__version__
+    r = subprocess.run([sys.executable, str(pyz), "--url", nginx_server.url, "get",
+                        "zipapp-test.txt", str(tmp_path) + "/"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "zipapp-test.txt").read_bytes() == b"from the zipapp"
+    r = subprocess.run([sys.executable, str(pyz), "--url", nginx_server.url, "stat", "nope"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("ctadata: error:")
+
+
+def test_python_dash_m(nginx_server, tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO),
+           "BEARER_TOKEN": nginx_server.token}
+    (nginx_server.root / "dash-m").mkdir(exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "ctadata", "--url", nginx_server.url, "ls", "-l"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "dash-m/" in r.stdout
