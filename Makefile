@@ -12,7 +12,7 @@ install:  ## pip install this checkout (console scripts ctadata, cta-data)
 	$(PYTHON) -m pip install .
 
 deps:  ## install the real test servers (nginx+dav-ext, Apache) when root and missing
-	@bash tests/install-deps.sh
+	@PYTHON=$(PYTHON) bash tests/install-deps.sh
 
 test: deps  ## run the whole test suite against real local servers
 	$(PYTEST) -q

@@ -31,6 +31,17 @@ have_file_in() {  # name dir...
     return 1
 }
 
+# pytest, the only test dependency: pip first (venvs, pyenv), else Debian's
+# package (system Pythons that refuse pip installs, PEP 668).
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import pytest' >/dev/null 2>&1; then
+    echo "install-deps: pytest missing for $PY"
+    "$PY" -m pip install -q pytest 2>/dev/null ||
+    { [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 &&
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pytest; } ||
+    echo "install-deps: please install pytest (pip install pytest)"
+fi
+
 missing=()   # human readable
 want=()      # apt "roles" to resolve to package names
 
