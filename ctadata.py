@@ -108,6 +108,7 @@ class CtadataError(Exception):
         self.url = _safe_url(url)
         self.status = status
         self.hint = hint
+        self.retry_after = None  # the server's Retry-After, when it sent one
 
     def __str__(self):
         text = self.message
@@ -668,8 +669,10 @@ class _Transport:
                 delay = _should_retry(self.policy, attempt, status=resp.status,
                                       retry_after=resp.getheader("Retry-After"))
             if delay is None:
-                raise _error_for_status(resp.status, resp.ctadata_url, err_body, what,
+                err = _error_for_status(resp.status, resp.ctadata_url, err_body, what,
                                         self.auth)
+                err.retry_after = resp.getheader("Retry-After")
+                raise err
             _log(20, "retrying %s %s in %.1fs after HTTP %d", method, _safe_url(url),
                  delay, resp.status)
             self._sleep(delay)
@@ -1201,56 +1204,50 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
     Resumes an existing .part with Range + If-Range; verifies size and the
     server's checksum (from the Digest header, else from the listing);
     retries transient failures per the transport's policy, resuming each
-    time.  Returns a TransferResult; raises CtadataError on failure, leaving
-    at most a .part file behind (never a wrong file under the final name)."""
+    time (one retry budget for the whole file).  A checksum mismatch deletes
+    the .part and starts over once.  Returns a TransferResult; raises
+    CtadataError on failure, leaving at most a .part file behind (never a
+    wrong file under the final name)."""
     part = dest + ".part"
     mismatches = attempt = 0
-    fetched = 0
+    fetched = [0]
     while True:
         try:
-            got, sums, mtime = _download_once(tr, url, part, entry, progress, cancel)
-            fetched += got
-            os.replace(part, dest)
+            sums, mtime = _download_once(tr, url, part, entry, progress, cancel, fetched)
         except ChecksumMismatch:
             _unlink(part)
             mismatches += 1
             if mismatches > 1:
                 raise
             continue
-        except (OSError,) as e:
-            if not _is_transient(e):
-                raise _local_error(e, part)
-            delay = _should_retry(tr.policy, attempt, exc=e)
-            if delay is None:
-                raise _network_error(e, url, "download")
-            tr._sleep(delay)
-            attempt += 1
-            continue
-        except TransferError as e:
-            delay = _should_retry(tr.policy, attempt, exc=e)
+        except CtadataError as e:
+            delay = _retry_delay(tr.policy, attempt, e)
             if delay is None:
                 raise
             _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(url), delay, e)
             tr._sleep(delay)
             attempt += 1
             continue
-        except Exception as e:
-            import http.client
-            if not isinstance(e, http.client.HTTPException):
-                raise
-            delay = _should_retry(tr.policy, attempt, exc=e)
-            if delay is None:
-                raise _network_error(e, url, "download")
-            tr._sleep(delay)
-            attempt += 1
-            continue
+        try:
+            os.replace(part, dest)
+        except OSError as e:
+            raise _local_error(e, dest)
         if mtime is not None:
             try:
                 os.utime(dest, (mtime, mtime))
             except OSError:
                 pass
         size = os.path.getsize(dest)
-        return TransferResult(url, dest, size, "transferred", None, sums, fetched)
+        return TransferResult(url, dest, size, "transferred", None, sums, fetched[0])
+
+
+def _retry_delay(policy, attempt, err):
+    """_should_retry for a CtadataError raised by a request or a transfer."""
+    if isinstance(err, RemoteError):
+        return _should_retry(policy, attempt, status=err.status, retry_after=err.retry_after)
+    if isinstance(err, TransferError):
+        return _should_retry(policy, attempt, exc=err)
+    return None
 
 
 def _unlink(path):
@@ -1260,8 +1257,9 @@ def _unlink(path):
         pass
 
 
-def _download_once(tr, url, part, entry, progress, cancel):
-    """One GET attempt; returns (bytes received, checksums, remote mtime)."""
+def _download_once(tr, url, part, entry, progress, cancel, fetched):
+    """One GET attempt; returns (checksums, remote mtime).  Network errors
+    become retryable TransferErrors; *fetched[0]* counts bytes received."""
     expected = entry.size if entry is not None else None
     known_sums = entry.checksums if entry is not None else {}
     try:
@@ -1281,7 +1279,7 @@ def _download_once(tr, url, part, entry, progress, cancel):
         if validator:
             # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
             headers["If-Range"] = validator
-    resp = tr.request("GET", url, headers, ok=(200, 206), what="download")
+    resp = tr.request("GET", url, headers, ok=(200, 206), what="download", retry=False)
     try:
         total = _content_total(resp)
         if resp.status == 206:
@@ -1313,7 +1311,16 @@ def _download_once(tr, url, part, entry, progress, cancel):
                 _hash_file(f, offset, hashers)
                 f.seek(offset)
                 f.truncate()
-            got = _copy_body(resp, f, hashers, progress, cancel, part)
+                if progress is not None:
+                    progress.advance(offset)
+            try:
+                got = _copy_body(resp, f, hashers, progress, cancel, part, fetched)
+            except TransferError:
+                raise
+            except Exception as e:
+                if not _is_transient(e):
+                    raise
+                raise _network_error(e, url, "download")
         received = offset + got
         if expected is not None and received != expected:
             raise TransferError("short download: %d of %d bytes" % (received, expected),
@@ -1323,7 +1330,7 @@ def _download_once(tr, url, part, entry, progress, cancel):
         if bad:
             raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s"
                                    % bad, url, *bad)
-        return got, sums, mtime
+        return sums, mtime
     finally:
         tr.release(resp)
 
@@ -1357,7 +1364,7 @@ def _hash_file(f, length, hashers):
         left -= n
 
 
-def _copy_body(resp, f, hashers, progress, cancel, path):
+def _copy_body(resp, f, hashers, progress, cancel, path, fetched):
     """Stream a response body into file *f*: one reusable buffer, checksum
     updated on the way, progress fed per block."""
     buf = bytearray(_CHUNK)
@@ -1376,6 +1383,7 @@ def _copy_body(resp, f, hashers, progress, cancel, path):
         except OSError as e:
             raise _local_error(e, path)
         got += n
+        fetched[0] += n
         if advance is not None:
             advance(n)
         if cancel is not None and cancel.is_set():
