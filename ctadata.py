@@ -299,11 +299,11 @@ class Settings:
     """
 
     __slots__ = ("url", "timeout", "retries", "jobs", "ca_file", "ca_dir",
-                 "insecure", "cert", "verify_upload", "backoff")
+                 "insecure", "cert", "backoff", "expect_threshold")
 
     def __init__(self, url=None, timeout=None, retries=None, jobs=None,
                  ca_file=None, ca_dir=None, insecure=False, cert=None,
-                 verify_upload=None, backoff=0.5, env=None):
+                 backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None):
         env = os.environ if env is None else env
         url = url or env.get("CTADATA_URL") or DEFAULT_URL
         if "://" not in url:
@@ -327,8 +327,9 @@ class Settings:
         self.ca_dir = cadir
         self.insecure = bool(insecure)
         self.cert = cert
-        self.verify_upload = verify_upload
-        self.backoff = float(backoff)
+        self.backoff = _positive(backoff, 0.5, "backoff", float, zero=True)
+        self.expect_threshold = _positive(expect_threshold, _EXPECT_THRESHOLD,
+                                          "expect_threshold", int, zero=True)
 
     def __repr__(self):
         return "Settings(%s)" % ", ".join(
@@ -454,8 +455,8 @@ class _FileBody:
                 self.sent += n
                 yield block
         if self.sent != self.size:
-            raise TransferError("local file changed size during upload", None,
-                                hint=self.path, expected=self.size, received=self.sent)
+            raise TransferError("local file changed size during upload: %s" % self.path,
+                                expected=self.size, received=self.sent, retryable=False)
 
     def read_all(self):
         self.hashers = _Hashers(self.hash_algos)
@@ -484,6 +485,8 @@ class _Transport:
         self._local = threading.local()
         self._ctx = None
         self._ctx_lock = threading.Lock()
+        import weakref
+        self._open = weakref.WeakSet()  # every connection, for abort()
         self._ua = "ctadata/%s python/%d.%d" % ((__version__,) + sys.version_info[:2])
 
     def __repr__(self):
@@ -535,7 +538,20 @@ class _Transport:
                 host, port, timeout=self.settings.timeout, blocksize=_CHUNK)
         if not fresh:
             conns[key] = conn
+        self._open.add(conn)
         return conn, False
+
+    def abort(self):
+        """Shut down every open connection, in all threads, so that workers
+        blocked in recv() wake up at once (Ctrl-C)."""
+        import socket
+        for conn in list(self._open):
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _drop(self, key, conn):
         conns = getattr(self._local, "conns", {})
@@ -1090,20 +1106,21 @@ class TransferResult:
     """
 
     __slots__ = ("source", "dest", "size", "status", "error", "checksums", "bytes",
-                 "remote_path")
+                 "remote_path", "exception")
 
     def __init__(self, source, dest, size=None, status="transferred", error=None,
                  checksums=None, nbytes=0, remote_path=None):
         self.source, self.dest, self.size, self.status = source, dest, size, status
         self.error, self.checksums, self.bytes = error, checksums or {}, nbytes
         self.remote_path = remote_path
+        self.exception = None  # the CtadataError of a failed transfer
 
     def __repr__(self):
         return "TransferResult(%r -> %r, %s)" % (_safe_url(self.source), self.dest,
                                                  self.status)
 
     def to_dict(self):
-        d = {k: getattr(self, k) for k in self.__slots__}
+        d = {k: getattr(self, k) for k in self.__slots__ if k != "exception"}
         d["source"] = _safe_url(self.source) if "://" in str(self.source) else self.source
         d["dest"] = _safe_url(self.dest) if "://" in str(self.dest) else self.dest
         return d
@@ -1393,22 +1410,45 @@ def _copy_body(resp, f, hashers, progress, cancel, path, fetched):
 def _upload_file(tr, local, url, size, verify=None, progress=None):
     """PUT one local file to *url*; returns a TransferResult.
 
-    Large files say "Expect: 100-continue" so that dCache redirects them to a
-    pool instead of proxying every byte through the door.  The adler32 (and
-    md5 with *verify*) computed while sending is compared with the Digest of
-    the server's answer; on a mismatch the remote file is deleted."""
-    algos = ("adler32", "md5") if verify else ("adler32",)
-    body = _FileBody(local, size, algos)
-    headers = {"Want-Digest": "adler32,md5;q=0.5" if verify else "adler32"}
-    if verify:
-        import base64
-        import hashlib
-        h = hashlib.md5()
-        with open(local, "rb") as f:
-            for block in iter(lambda: f.read(_CHUNK), b""):
-                h.update(block)
-        headers["Content-MD5"] = base64.b64encode(h.digest()).decode()
-    expect = size >= _EXPECT_THRESHOLD
+    Checksums: adler32 is computed while sending and compared with the
+    ``Digest`` of the server's answer (asked for with ``Want-Digest``); on a
+    mismatch the remote copy is deleted and ChecksumMismatch raised.  Files up
+    to 1 MiB are read into memory anyway, so they also carry ``Content-MD5``
+    (free there, and adler32 is weak on short inputs); larger files carry it
+    only with *verify* (it costs a second read of the file, before sending).
+    *verify* False never sends it.  Large files say "Expect: 100-continue" so
+    that dCache redirects them to a pool instead of proxying every byte
+    through the door."""
+    import base64
+    import hashlib
+    headers = {"Want-Digest": "adler32,md5;q=0.5"}
+    local_md5 = None
+    if size <= _SMALL_BODY:
+        try:
+            with open(local, "rb") as f:
+                body = f.read(size + 1)
+        except OSError as e:
+            raise _local_error(e, local)
+        if len(body) != size:
+            raise TransferError("local file changed size during upload: %s" % local,
+                                expected=size, received=len(body), retryable=False)
+        hashers = _Hashers(("adler32",))
+        hashers.update(body)
+        if verify is not False:
+            local_md5 = hashlib.md5(body)
+    else:
+        if verify:
+            local_md5 = hashlib.md5()
+            try:
+                with open(local, "rb") as f:
+                    for block in iter(lambda: f.read(_CHUNK), b""):
+                        local_md5.update(block)
+            except OSError as e:
+                raise _local_error(e, local)
+        body = _FileBody(local, size, ("adler32",))
+    if local_md5 is not None:
+        headers["Content-MD5"] = base64.b64encode(local_md5.digest()).decode()
+    expect = size >= tr.settings.expect_threshold
     try:
         resp = tr.request("PUT", url, headers, body, expect=expect, ok=(200, 201, 204),
                           what="upload")
@@ -1416,12 +1456,14 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
         if e.status == 400 and "checksum" in (e.message or "").lower():
             # dCache may keep the corrupt file after a 400 (dCache issue 7862).
             _try_delete(tr, url)
-            raise ChecksumMismatch("server rejected the upload: %s" % e.message, url,
-                                   "md5")
+            raise ChecksumMismatch("server rejected the upload: %s; remote copy deleted"
+                                   % e.message, url, "md5")
         raise
     remote_sums = _parse_digest(resp.getheader("Digest"))
     tr.release(resp)
-    sums = body.hashers.result() if body.hashers else {}
+    sums = (body.hashers if isinstance(body, _FileBody) else hashers).result()
+    if local_md5 is not None:
+        sums["md5"] = local_md5.hexdigest()
     bad = _compare_sums(sums, remote_sums)
     if bad:
         _try_delete(tr, url)
@@ -1439,7 +1481,7 @@ def _try_delete(tr, url):
         pass
 
 
-def _run_parallel(tasks, worker, jobs, progress=None, cancel=None):
+def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
     """Run ``worker(task)`` for every task from the iterable *tasks* on a pool
     of *jobs* threads; return the TransferResults in completion order.
 
@@ -1447,7 +1489,8 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None):
     transfers of this one) with at most ``jobs * 8`` in flight, so memory
     stays bounded.  A worker's CtadataError becomes a failed result; the
     others go on.  On KeyboardInterrupt the *cancel* event stops the workers
-    at their next block, and the interrupt propagates."""
+    at their next block, *abort* wakes those blocked on the network, and the
+    interrupt propagates (partial downloads stay as .part files)."""
     from concurrent.futures import ThreadPoolExecutor
     results = []
     lock = threading.Lock()
@@ -1458,9 +1501,11 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None):
             res = worker(task)
         except CtadataError as e:
             res = TransferResult(task.source, task.dest, task.size, "failed", str(e))
+            res.exception = e
         except OSError as e:
-            res = TransferResult(task.source, task.dest, task.size, "failed",
-                                 str(_local_error(e, task.dest)))
+            err = _local_error(e, task.dest)
+            res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
+            res.exception = err
         finally:
             slots.release()
         with lock:
@@ -1484,16 +1529,33 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None):
     except BaseException:
         if cancel is not None:
             cancel.set()
+        if abort is not None:
+            abort()
         ex.shutdown(wait=True)
         raise
     return results
 
 
 class _Task:
-    __slots__ = ("source", "dest", "size", "entry")
+    """One planned transfer; *check*: compare checksums first, skip if equal."""
 
-    def __init__(self, source, dest, size, entry=None):
+    __slots__ = ("source", "dest", "size", "entry", "check")
+
+    def __init__(self, source, dest, size, entry=None, check=False):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
+        self.check = check
+
+
+def _same_sums(path, remote_sums):
+    """True when the local file's checksums (those the server has, adler32
+    preferred) equal the server's."""
+    hashers = _Hashers(_algos_for(remote_sums))
+    try:
+        with open(path, "rb", buffering=0) as f:
+            _hash_file(f, os.fstat(f.fileno()).st_size, hashers)
+    except OSError:
+        return False
+    return _compare_sums(hashers.result(), remote_sums) is None
 
 
 def _summarize(results, started, raise_on_failure=True):
@@ -1549,11 +1611,11 @@ class Client:
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
-                 cert=None, verify_upload=None, env=None):
+                 cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None):
         if dev and not url:
             url = DEV_URL
         self.settings = Settings(url, timeout, retries, jobs, ca_file, ca_dir, insecure,
-                                 cert, verify_upload, env=env)
+                                 cert, backoff, expect_threshold, env=env)
         self._auth = _Auth(token, token_file, env)
         self._cancel = threading.Event()
         self._tr = _Transport(self.settings, self._auth, self._cancel)
@@ -1679,15 +1741,16 @@ class Client:
     # -- downloads ---------------------------------------------------------------
 
     def download(self, path, dest=None, recursive=False, overwrite=False,
-                 progress=None, jobs=None, raise_on_failure=True):
+                 checksum=False, progress=None, jobs=None, raise_on_failure=True):
         """Download a remote file, or with *recursive* a whole directory tree.
 
         A file goes to *dest* (a file name, or an existing/"…/"-ending folder;
         default: its name in the current folder).  A tree goes to
         ``dest/<name>`` when *dest* ends with "/" (or is ".", or omitted),
         else to *dest* itself.  Files already there with the same size are
-        skipped unless *overwrite*.  Each file streams to ``name.part`` and is
-        renamed when complete and verified.
+        skipped unless *overwrite*; with *checksum*, only if their checksum
+        also equals the server's (when it has one).  Each file streams to
+        ``name.part`` and is renamed when complete and verified.
 
         Returns a TransferSummary.  Raises PartialFailure (with the summary)
         if any file failed, NotFound/AuthError/RemoteError if *path* cannot be
@@ -1706,9 +1769,9 @@ class Client:
                 except OSError as e:
                     raise _local_error(e, dest)
                 dest = os.path.join(dest, entry.name)
-            task = self._download_task(entry, dest, overwrite, progress)
-            results = _run_parallel([task], self._download_worker(progress), 1,
-                                    progress, self._cancel)
+            task = self._download_task(entry, dest, overwrite, checksum, progress)
+            results = _run_parallel([task], self._download_worker(progress, checksum), 1,
+                                    progress, self._cancel, self._tr.abort)
             return _summarize(results, started, raise_on_failure)
         if not recursive:
             raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
@@ -1733,25 +1796,35 @@ class Client:
                 for e in children:
                     if not e.is_dir:
                         yield self._download_task(e, _safe_join(local_dir, [e.name]),
-                                                  overwrite, progress)
+                                                  overwrite, checksum, progress)
 
-        results = _run_parallel(tasks(), self._download_worker(progress),
-                                jobs or self.settings.jobs, progress, self._cancel)
+        results = _run_parallel(tasks(), self._download_worker(progress, checksum),
+                                jobs or self.settings.jobs, progress, self._cancel,
+                                self._tr.abort)
         return _summarize(results, started, raise_on_failure)
 
-    def _download_task(self, entry, dest, overwrite, progress):
+    def _download_task(self, entry, dest, overwrite, checksum, progress):
+        check = False
         if not overwrite and entry.size is not None:
             try:
-                if os.stat(dest).st_size == entry.size:
-                    return TransferResult(entry.url, dest, entry.size, "skipped")
+                same_size = os.stat(dest).st_size == entry.size
             except OSError:
-                pass
+                same_size = False
+            if same_size:
+                if not (checksum and entry.checksums):
+                    return TransferResult(entry.url, dest, entry.size, "skipped")
+                check = True  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
-        return _Task(entry.url, dest, entry.size, entry)
+        return _Task(entry.url, dest, entry.size, entry, check)
 
-    def _download_worker(self, progress):
+    def _download_worker(self, progress, checksum):
         tr, cancel = self._tr, self._cancel
-        return lambda t: _download_file(tr, t.source, t.dest, t.entry, progress, cancel)
+
+        def work(t):
+            if t.check and _same_sums(t.dest, t.entry.checksums):
+                return TransferResult(t.source, t.dest, t.size, "skipped")
+            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel)
+        return work
 
     def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
         """Download one remote file; return the number of bytes written.
@@ -1776,15 +1849,19 @@ class Client:
 
     # -- uploads ---------------------------------------------------------------
 
-    def upload(self, local, remote="", recursive=False, verify=None, progress=None,
-               jobs=None, raise_on_failure=True):
+    def upload(self, local, remote="", recursive=False, verify=None, overwrite=False,
+               checksum=False, progress=None, jobs=None, raise_on_failure=True):
         """Upload a local file, or with *recursive* a directory tree.
 
         A remote path ending with "/" (or empty) names the folder to upload
         *into* (``remote/<local name>``); otherwise it is the new name.
-        Missing remote folders are created.  Returns a TransferSummary;
-        raises PartialFailure if any file failed, ConfigError for a bad local
-        path."""
+        Missing remote folders are created.  A tree upload first lists what
+        is already at the destination and skips files of the same size (and,
+        with *checksum*, the same checksum when the server has one) unless
+        *overwrite*.  *verify*: see _upload_file (True: Content-MD5 for every
+        file; None: for files up to 1 MiB; False: never).  Returns a
+        TransferSummary; raises PartialFailure if any file failed,
+        ConfigError for a bad local path."""
         started = time.monotonic()
         progress = progress if progress is not None else Progress()
         self._cancel.clear()
@@ -1797,8 +1874,8 @@ class Client:
             if not recursive:
                 raise ConfigError("%s is a directory (use recursive=True / put -r)" % local)
             target = remote + name if _into(remote) else remote
-            return self._upload_tree(local, target, verify, progress, jobs,
-                                     started, raise_on_failure)
+            return self._upload_tree(local, target, verify, overwrite, checksum, progress,
+                                     jobs, started, raise_on_failure)
         if not os.path.isfile(local):
             raise ConfigError("no such local file: %s" % local)
         target = remote + name if _into(remote) else remote
@@ -1820,13 +1897,14 @@ class Client:
             return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
 
         results = _run_parallel([_Task(local, url, size)], worker, 1, progress,
-                                self._cancel)
+                                self._cancel, self._tr.abort)
         for r in results:
             r.remote_path = target
         return _summarize(results, started, raise_on_failure)
 
-    def _upload_tree(self, local, target, verify, progress, jobs, started,
-                     raise_on_failure):
+    def _upload_tree(self, local, target, verify, overwrite, checksum, progress, jobs,
+                     started, raise_on_failure):
+        existing = {} if overwrite else self._remote_index(target)
         if target.strip("/"):
             self.mkdir(target, parents=True)
         tr = self._tr
@@ -1849,18 +1927,41 @@ class Client:
                                              str(_local_error(e, path)))
                         continue
                     rpath = (rdir + "/" + fn) if rdir else fn
+                    have = existing.get("/".join(rparts + [fn]))
+                    if have is not None and have.size == size and not (
+                            checksum and have.checksums):
+                        yield TransferResult(path, have.url, size, "skipped",
+                                             remote_path=rpath)
+                        continue
                     progress.add_total(1, size)
-                    t = _Task(path, self.url_for(rpath), size)
-                    yield t
+                    yield _Task(path, self.url_for(rpath), size, have,
+                                check=have is not None and have.size == size)
 
         def worker(t):
+            if t.check and _same_sums(t.source, t.entry.checksums):
+                return TransferResult(t.source, t.dest, t.size, "skipped",
+                                      remote_path=_rel_path(self.settings.url, t.dest))
             res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
             res.remote_path = _rel_path(self.settings.url, t.dest)
             return res
 
         results = _run_parallel(tasks(), worker, jobs or self.settings.jobs, progress,
-                                self._cancel)
+                                self._cancel, self._tr.abort)
         return _summarize(results, started, raise_on_failure)
+
+    def _remote_index(self, target):
+        """{relative path: Entry} of the files below a remote folder (empty
+        when it does not exist yet)."""
+        index = {}
+        root = self.url_for(target, collection=True)
+        try:
+            for _top, children in self.walk(target):
+                for e in children:
+                    if not e.is_dir:
+                        index[_rel_path(root, e.url)] = e
+        except NotFound:
+            pass
+        return index
 
     def upload_file(self, local, remote=""):
         """Upload one file; return ``{"path", "status", "total_written"}`` like
@@ -1955,7 +2056,9 @@ def _rel_path(base_url, url):
 
 
 def _reraise(result):
-    """Rebuild an exception for a failed single-file result."""
+    """The exception of a failed single-file result."""
+    if result.exception is not None:
+        return result.exception
     return TransferError(result.error or "transfer failed", result.source)
 
 
@@ -2187,8 +2290,10 @@ def _build_parser():
 
     sp = cmd("get", _cmd_get, "download files", description=(
         "Download a remote file, or with -r a directory tree. Files stream to "
-        "NAME.part and are renamed when complete and verified; files already present "
-        "with the same size are skipped."))
+        "NAME.part and are renamed when complete and verified against the server's "
+        "checksum; an interrupted download resumes from its .part file; files "
+        "already present with the same size are skipped; transient failures are "
+        "retried with backoff (--retries)."))
     sp.add_argument("source", help="remote path or URL")
     sp.add_argument("dest", nargs="?", default=None, help=(
         "local file or folder (default: current folder). With -r, the tree goes to "
@@ -2196,6 +2301,9 @@ def _build_parser():
     sp.add_argument("-r", "--recursive", action="store_true", help="download a directory tree")
     sp.add_argument("--overwrite", action="store_true",
                     help="download even files that are already present")
+    sp.add_argument("--checksum", action="store_true",
+                    help="skip a present file only if its checksum also matches the "
+                         "server's (reads the local file)")
     sp.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sp = cmd("put", _cmd_put, "upload files", description=(
@@ -2204,8 +2312,15 @@ def _build_parser():
     sp.add_argument("source", help="local file or folder")
     sp.add_argument("dest", nargs="?", default="", help="remote path (default: the root)")
     sp.add_argument("-r", "--recursive", action="store_true", help="upload a directory tree")
-    sp.add_argument("--verify", action="store_true", default=None,
-                    help="also send Content-MD5 and compare md5 (reads each file twice)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="with -r: upload even files already present with the same size")
+    sp.add_argument("--checksum", action="store_true",
+                    help="with -r: skip a present file only if its checksum also matches")
+    sp.add_argument("--verify", action="store_const", const=True, default=None,
+                    help="send Content-MD5 for every file so the server checks it "
+                         "(reads files over 1 MiB twice; default: files up to 1 MiB)")
+    sp.add_argument("--no-verify", dest="verify", action="store_const", const=False,
+                    help="never send Content-MD5 (adler32 is still compared)")
     sp.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sp = cmd("mkdir", _cmd_mkdir, "create a remote directory")
@@ -2346,8 +2461,8 @@ def _cmd_get(client, args):
     progress = _make_progress(args, "get")
     try:
         summary = client.download(args.source, args.dest, recursive=args.recursive,
-                                  overwrite=args.overwrite, progress=progress,
-                                  raise_on_failure=False)
+                                  overwrite=args.overwrite, checksum=args.checksum,
+                                  progress=progress, raise_on_failure=False)
     finally:
         progress.close()
     return _report(args, "get", summary)
@@ -2357,7 +2472,8 @@ def _cmd_put(client, args):
     progress = _make_progress(args, "put")
     try:
         summary = client.upload(args.source, args.dest, recursive=args.recursive,
-                                verify=args.verify, progress=progress,
+                                verify=args.verify, overwrite=args.overwrite,
+                                checksum=args.checksum, progress=progress,
                                 raise_on_failure=False)
     finally:
         progress.close()
