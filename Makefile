@@ -14,11 +14,16 @@ install:  ## pip install this checkout (console scripts ctadata, cta-data)
 deps:  ## install the real test servers (nginx+dav-ext, Apache) when root and missing
 	@PYTHON=$(PYTHON) bash tests/install-deps.sh
 
-test: deps  ## run the whole test suite against real local servers
+test: deps  ## the whole suite against real local servers, under CPython then PyPy
 	$(PYTEST) -q
+	@if command -v pypy3 >/dev/null 2>&1; then $(MAKE) --no-print-directory test-pypy; \
+	 else echo "pypy3 not installed: PyPy run skipped (tests/install-deps.sh installs it)"; fi
 
-test-pypy: deps  ## the same suite under PyPy 3 (Debian's pypy3 + pytest)
-	pypy3 -m pytest -q
+PYPY_VENV = build/pypy-venv
+test-pypy: deps  ## the same suite under PyPy 3 (Debian's pypy3, pytest in a venv)
+	@test -x $(PYPY_VENV)/bin/python || { pypy3 -m venv $(PYPY_VENV) && \
+	  $(PYPY_VENV)/bin/python -m pip install -q pytest; }
+	$(PYPY_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 zipapp: dist/ctadata.pyz  ## build dist/ctadata.pyz, runnable as python3 dist/ctadata.pyz
 

@@ -61,9 +61,12 @@ fi
 if ! have_cmd curl; then
     missing+=("curl"); want+=(curl)
 fi
+if ! have_cmd pypy3; then   # the suite also runs under PyPy (make test-pypy)
+    missing+=("pypy3"); want+=(pypy3)
+fi
 
 if [ ${#want[@]} -eq 0 ]; then
-    echo "install-deps: nginx, dav-ext, apache2, openssl, curl already installed"
+    echo "install-deps: nginx, dav-ext, apache2, openssl, curl, pypy3 already installed"
     exit 0
 fi
 
@@ -103,6 +106,7 @@ for role in "${want[@]}"; do
         apache)  pkgs+=("$(pick apache2-bin apache2)") ;;
         openssl) pkgs+=("$(pick openssl)") ;;
         curl)    pkgs+=("$(pick curl)") ;;
+        pypy3)   pkgs+=("$(pick pypy3)") ;;
     esac
 done
 
