@@ -1,0 +1,86 @@
+"""What the CLI shows a person: the progress line on a terminal, nothing on a
+pipe, request logging at -v without secrets."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import ctadata
+from conftest import make_tree
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_term_progress_draws_and_clears():
+    stream = FakeTTY()
+    p = ctadata._TermProgress(stream, "get")
+    p.add_total(2, 3 * 1024 * 1024)
+    p.advance(1024 * 1024)
+    r = ctadata.TransferResult("s", "d", 10)
+    p._last = 0
+    p.file_done(r)
+    text = stream.getvalue()
+    assert text.startswith("\r") and "get 1/2 files" in text and "1.0MiB/3.0MiB" in text
+    assert "ETA" in text and "/s" in text
+    p.close()
+    assert stream.getvalue().endswith("\r\x1b[K")
+
+
+def test_progress_draws_nothing_without_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    args = type("A", (), {"quiet": False})()
+    p = ctadata._make_progress(args, "get")
+    assert type(p) is ctadata.Progress
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    assert isinstance(ctadata._make_progress(args, "get"), ctadata._TermProgress)
+    args.quiet = True
+    assert type(ctadata._make_progress(args, "get")) is ctadata.Progress
+
+
+def test_verbose_logs_requests_but_never_the_token(cli, dav, tmp_path):
+    make_tree(dav.root, {"d/a.txt": b"a", "d/b.txt": b"bb"})
+    code, out, err = cli("-v", "get", "-r", "d", str(tmp_path) + "/")
+    assert code == 0
+    assert re.search(r"PROPFIND http://127\.0\.0\.1:\d+/.*/d/ -> 207", err)
+    assert re.search(r"GET .*/d/a\.txt -> 200", err)
+    assert dav.token not in err and dav.token not in out
+
+
+def test_progress_line_in_a_real_terminal(nginx_server, tmp_path):
+    """Run the CLI in a pseudo-terminal and read what it draws."""
+    import pty
+    make_tree(nginx_server.root / "tty", {"f%d" % i: os.urandom(200000) for i in range(20)})
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO),
+           "BEARER_TOKEN": nginx_server.token}
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(str(tmp_path))
+        os.execve(sys.executable, [sys.executable, "-m", "ctadata", "--url", nginx_server.url,
+                                   "-j", "1", "get", "-r", "tty"], env)
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert os.WEXITSTATUS(status) == 0, screen
+    assert "get: 20 files (20 transferred, 0 skipped, 0 failed)" in screen
+    assert re.search(r"\rget \d+/20 files ", screen)       # the live line was drawn
+    assert "\r\x1b[K" in screen                              # and cleared before the summary
+    assert len(list((tmp_path / "tty").iterdir())) == 20
