@@ -1173,6 +1173,11 @@ class Progress:
         self.done_files = self.done_bytes = 0
         self.failed = self.skipped = 0
         self.started = time.monotonic()
+        self.planning = True  # more files may still be added (listing goes on)
+
+    def planned(self):
+        """Called once every file is known (totals are final)."""
+        self.planning = False
 
     def add_total(self, files, nbytes):
         with self.lock:
@@ -1525,6 +1530,8 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
             while not slots.acquire(timeout=0.2):
                 pass  # wake up regularly so Ctrl-C is seen promptly
             ex.submit(run, task)
+        if progress is not None:
+            progress.planned()
         ex.shutdown(wait=True)
     except BaseException:
         if cancel is not None:
@@ -2186,10 +2193,11 @@ class _TermProgress(Progress):
             rate = self.done_bytes / elapsed
             left = self.total_bytes - self.done_bytes
             eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 and left > 0 else "-"
-            line = "%s %d/%d files  %s/%s  %s/s  ETA %s" % (
-                self.label, self.done_files, self.total_files,
-                _human_bytes(self.done_bytes), _human_bytes(self.total_bytes),
-                _human_bytes(rate), eta)
+            more = "+" if self.planning else ""  # still listing
+            line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
+                self.label, self.done_files, self.total_files, more,
+                _human_bytes(self.done_bytes), _human_bytes(self.total_bytes), more,
+                _human_bytes(rate), eta if not more else "-")
             if self.failed:
                 line += "  %d failed" % self.failed
         self.stream.write("\r" + line[:200] + "\x1b[K")
