@@ -41,6 +41,9 @@ if ! "$PY" -c 'import pytest' >/dev/null 2>&1; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pytest; } ||
     echo "install-deps: please install pytest (pip install pytest)"
 fi
+# setuptools older than 70.1 needs `wheel` to build one (tests/test_module.py
+# builds our wheel offline, without build isolation)
+"$PY" -c 'import wheel' >/dev/null 2>&1 || "$PY" -m pip install -q wheel >/dev/null 2>&1 || true
 
 missing=()   # human readable
 want=()      # apt "roles" to resolve to package names

@@ -134,3 +134,22 @@ def test_python_dash_m(nginx_server, tmp_path):
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "dash-m/" in r.stdout
+
+
+def test_wheel_has_the_console_scripts(tmp_path):
+    """pip builds a wheel holding the one module and the old and new command names."""
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.importorskip("wheel")     # tests/install-deps.sh installs it
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import zipfile
+    (wheel,) = tmp_path.glob("ctadata-*.whl")
+    names = zipfile.ZipFile(str(wheel)).namelist()
+    assert "ctadata.py" in names
+    ep = zipfile.ZipFile(str(wheel)).read(
+        [n for n in names if n.endswith("entry_points.txt")][0]).decode()
+    for script in ("ctadata = ctadata:_entry", "cta-data = ctadata:_entry"):
+        assert script in ep
