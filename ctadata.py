@@ -1203,16 +1203,13 @@ class Progress:
 def _safe_join(root, rel_parts):
     """Join remote path segments below a local *root*, refusing anything
     that could land outside it (the parser already drops such names; this
-    is the second lock on the door)."""
+    is the second lock on the door).  Segments that are neither empty, "."
+    nor "..", and hold no separator or NUL, cannot leave *root*."""
     for part in rel_parts:
         if part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part \
-                or (os.sep != "/" and os.sep in part):
+                or (os.sep != "/" and os.sep in part) or (os.altsep and os.altsep in part):
             raise ProtocolError("refusing unsafe remote name %r" % part)
-    path = os.path.join(root, *rel_parts)
-    real_root = os.path.abspath(root)
-    if os.path.commonpath([real_root, os.path.abspath(path)]) != real_root:
-        raise ProtocolError("refusing path outside the destination: %r" % path)
-    return path
+    return os.path.join(root, *rel_parts)
 
 
 def _local_error(e, path):
@@ -1235,7 +1232,8 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
     fetched = [0]
     while True:
         try:
-            sums, mtime = _download_once(tr, url, part, entry, progress, cancel, fetched)
+            sums, mtime, size = _download_once(tr, url, part, entry, progress, cancel,
+                                               fetched)
         except ChecksumMismatch:
             _unlink(part)
             mismatches += 1
@@ -1259,7 +1257,6 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
                 os.utime(dest, (mtime, mtime))
             except OSError:
                 pass
-        size = os.path.getsize(dest)
         return TransferResult(url, dest, size, "transferred", None, sums, fetched[0])
 
 
@@ -1280,7 +1277,7 @@ def _unlink(path):
 
 
 def _download_once(tr, url, part, entry, progress, cancel, fetched):
-    """One GET attempt; returns (checksums, remote mtime).  Network errors
+    """One GET attempt; returns (checksums, remote mtime, size).  Network errors
     become retryable TransferErrors; *fetched[0]* counts bytes received."""
     expected = entry.size if entry is not None else None
     known_sums = entry.checksums if entry is not None else {}
@@ -1318,9 +1315,8 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
             expected = total  # the file changed since it was listed
         remote_sums = _parse_digest(resp.getheader("Digest")) or known_sums
         hashers = _Hashers(_algos_for(remote_sums))
-        mtime = _parse_http_date(resp.getheader("Last-Modified"))
-        if mtime is None and entry is not None:
-            mtime = entry.mtime
+        mtime = entry.mtime if entry is not None and entry.mtime is not None else \
+            _parse_http_date(resp.getheader("Last-Modified"))
         try:
             f = open(part, "r+b" if offset else "wb", buffering=0)
         except OSError as e:
@@ -1336,7 +1332,8 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
                 if progress is not None:
                     progress.advance(offset)
             try:
-                got = _copy_body(resp, f, hashers, progress, cancel, part, fetched)
+                got = _copy_body(resp, f, hashers, progress, cancel, part, fetched,
+                                 None if expected is None else expected - offset)
             except TransferError:
                 raise
             except Exception as e:
@@ -1352,7 +1349,7 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
         if bad:
             raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s"
                                    % bad, url, *bad)
-        return sums, mtime
+        return sums, mtime, received
     finally:
         tr.release(resp)
 
@@ -1386,10 +1383,10 @@ def _hash_file(f, length, hashers):
         left -= n
 
 
-def _copy_body(resp, f, hashers, progress, cancel, path, fetched):
-    """Stream a response body into file *f*: one reusable buffer, checksum
-    updated on the way, progress fed per block."""
-    buf = bytearray(_CHUNK)
+def _copy_body(resp, f, hashers, progress, cancel, path, fetched, length=None):
+    """Stream a response body into file *f*: one reusable buffer (no larger
+    than the body), checksum updated on the way, progress fed per block."""
+    buf = bytearray(_CHUNK if length is None else max(min(length, _CHUNK), 8192))
     view = memoryview(buf)
     readinto, write, update = resp.readinto, f.write, hashers.update
     advance = progress.advance if progress is not None else None
