@@ -13,10 +13,14 @@ can be used three ways:
 The sections below are in dependency order: each one only uses those above it.
 """
 
+import _thread
 import os
 import sys
-import threading
 import time
+
+# Everything else (threading, ssl, http.client, xml, concurrent.futures,
+# argparse, logging, urllib) is imported where it is used: `import ctadata`
+# and `ctadata --version` stay about as fast as starting Python itself.
 
 ############################################################################
 # Constants & version
@@ -223,7 +227,7 @@ class _Auth:
         self._explicit = token
         self._token_file = token_file
         self._env = os.environ if env is None else env
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._loaded = False
         self._token = None
         self.source = None
@@ -482,9 +486,9 @@ class _Transport:
         self.auth_origin = _origin(settings.url)
         self.policy = _RetryPolicy(settings.retries, settings.backoff)
         self.cancel = cancel
-        self._local = threading.local()
+        self._local = _thread._local()
         self._ctx = None
-        self._ctx_lock = threading.Lock()
+        self._ctx_lock = _thread.allocate_lock()
         import weakref
         self._open = weakref.WeakSet()  # every connection, for abort()
         self._ua = "ctadata/%s python/%d.%d" % ((__version__,) + sys.version_info[:2])
@@ -845,6 +849,16 @@ def _parse_http_date(text):
     """RFC 1123 date (also "UTC" instead of "GMT") -> epoch seconds, or None."""
     if not text:
         return None
+    parts = text.split()
+    if len(parts) == 6 and parts[5] in ("GMT", "UTC") and parts[2] in _MONTHS:
+        # the fixed RFC 1123 format every WebDAV server sends: no email parser
+        try:
+            import calendar
+            h, m, sec = parts[4].split(":")
+            return float(calendar.timegm((int(parts[3]), _MONTHS[parts[2]], int(parts[1]),
+                                          int(h), int(m), int(sec))))
+        except ValueError:
+            return None
     import email.utils
     try:
         dt = email.utils.parsedate_to_datetime(text.strip())
@@ -884,152 +898,200 @@ def _parse_digest(text):
     return out
 
 
-_TEXT_PROPS = {
-    "DAV: getcontentlength": "size",
-    "DAV: getlastmodified": "mtime",
-    "DAV: getetag": "etag",
-    "http://www.dcache.org/2013/webdav Checksums": "checksums",
-    "http://srm.lbl.gov/StorageResourceManager FileLocality": "locality",
+# Element names as expat reports them with namespace_separator "\x01": a
+# character XML text can never contain, so names and text cannot be confused.
+_NS = "\x01"
+_PROP_KEYS = {
+    "DAV:" + _NS + "getcontentlength": "size",
+    "DAV:" + _NS + "getlastmodified": "mtime",
+    "DAV:" + _NS + "getetag": "etag",
+    "http://www.dcache.org/2013/webdav" + _NS + "Checksums": "checksums",
+    "http://srm.lbl.gov/StorageResourceManager" + _NS + "FileLocality": "locality",
 }
+_E_HREF, _E_COLL, _E_STATUS, _E_PROPSTAT, _E_RESPONSE = (
+    "DAV:" + _NS + n for n in ("href", "collection", "status", "propstat", "response"))
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
 
 
 def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=None):
     """Parse a PROPFIND multistatus answer, streamed as byte *chunks*, into
-    Entry objects, yielded as they complete.
+    Entry objects, yielded as they complete (memory does not grow with the
+    size of the listing).
 
     Each href is percent-decoded and resolved against *request_url*; the
     collection itself is passed to *on_self* (when given) instead of being
-    yielded; dropped is anything
-    that is not a direct child of it, is on another origin, or has a name
-    that could escape a destination folder ("..", "/", "\\", NUL).  *warn* is
-    called with a message for every entry dropped as unsafe.  Document type
-    declarations are refused: a multistatus never needs one, and entity
-    expansion is an attack surface.  Uses pyexpat directly: it is several
-    times faster than building ElementTree elements for 100,000 entries."""
+    yielded; dropped is anything that is not a direct child of it, is on
+    another origin, or has a name that could escape a destination folder
+    ("..", "/", "\\", NUL).  *warn* is called with a message for every entry
+    dropped.  Document type declarations are refused: a multistatus never
+    needs one, and entity expansion is an attack surface.
+
+    Speed: pyexpat calls C-level ``list.append`` for end tags and text (no
+    Python frame per element); one loop then walks that flat event list.
+    That is ~6x faster than Python handlers per element, and faster than
+    ElementTree's pull parser."""
     import xml.parsers.expat
-    from urllib.parse import urljoin, urlsplit, unquote
-    req = urlsplit(request_url)
-    req_origin = _origin(request_url)
-    req_raw = req.path[:-1] if req.path.endswith("/") else req.path
-    req_nsegs = len(req_raw.split("/"))
-    req_dpath = unquote(req_raw)
-    req_dprefix = req_dpath + "/"
-    base_path = urlsplit(base_url).path.rstrip("/") + "/" if base_url else "/"
     warn = warn or (lambda msg: None)
-    out = []
-    stack = []
-    cur = {}
-    ps = {}
-    text = []
+    ctx = _HrefContext(request_url, base_url, on_self, warn)
 
     def refuse(*_args):
         raise ProtocolError("refusing XML with a document type declaration",
                             request_url)
 
-    def start(name, attrs):
-        stack.append(name)
-        if name == "DAV: response":
-            cur.clear()
-            cur["props"] = {}
-        elif name == "DAV: propstat":
-            ps.clear()
-        elif name == "DAV: collection" and len(stack) >= 2 and \
-                stack[-2] == "DAV: resourcetype":
-            ps["is_dir"] = True
-        del text[:]
-
-    def chars(data):
-        text.append(data)
-
-    def end(name):
-        stack.pop()
-        if name in _TEXT_PROPS:
-            ps[_TEXT_PROPS[name]] = "".join(text).strip()
-        elif name == "DAV: href" and stack and stack[-1] == "DAV: response":
-            cur["href"] = "".join(text).strip()
-        elif name == "DAV: status" and stack and stack[-1] == "DAV: propstat":
-            ps["_status"] = "".join(text)
-        elif name == "DAV: propstat":
-            status = ps.pop("_status", "")
-            # dCache puts properties a file lacks into a 404 propstat.
-            if not status or " 200" in status:
-                cur["props"].update(ps)
-        elif name == "DAV: response":
-            entry, is_self = make(cur.get("href"), cur.get("props", {}))
-            if entry is None:
-                pass
-            elif is_self:
-                on_self(entry)
-            else:
-                out.append(entry)
-        del text[:]
-
-    def make(href, props):
-        if not href:
-            return None, False
-        full = urljoin(request_url, href)
-        p = urlsplit(full)
-        try:
-            same_origin = _origin(full) == req_origin
-        except ProtocolError:
-            same_origin = False
-        if not same_origin:
-            warn("skipping entry on another host: %s" % _safe_url(full))
-            return None, False
-        # Servers differ in percent-encoding (nginx upper-case hex, Apache
-        # lower-case, StoRM full URLs): compare decoded paths, but count raw
-        # segments, so that an encoded "/" (%2F) cannot pose as a separator.
-        raw = p.path[:-1] if p.path.endswith("/") else p.path
-        segs = raw.split("/")
-        dpath = unquote(raw, errors="strict")
-        is_self = len(segs) == req_nsegs and dpath == req_dpath
-        if is_self:
-            if on_self is None:
-                return None, False
-        elif len(segs) != req_nsegs + 1 or not dpath.startswith(req_dprefix):
-            warn("skipping entry outside %s: %s" % (req_dprefix, dpath))
-            return None, False
-        name = unquote(segs[-1], errors="strict")
-        if not is_self and (name in ("", ".", "..") or
-                            any(c in name for c in "/\\\x00")):
-            warn("skipping entry with an unsafe name: %r" % name)
-            return None, False
-        path = dpath[len(base_path):] if dpath.startswith(base_path) else dpath
-        is_dir = bool(props.get("is_dir"))
-        size = props.get("size")
-        try:
-            size = int(size) if size not in (None, "") and not is_dir else None
-        except ValueError:
-            size = None
-        raw_mtime = props.get("mtime")
-        mtime = _parse_http_date(raw_mtime)
-        if raw_mtime and mtime is None:
-            warn("unparsable modification time %r for %s" % (raw_mtime, path))
-        url = "%s://%s%s" % (req.scheme, req.netloc, p.path)
-        return Entry(name, path, url, is_dir, size, mtime, props.get("etag") or None,
-                     _parse_digest(props.get("checksums")),
-                     props.get("locality") or None), is_self
-
-    parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
+    events = []
+    parser = xml.parsers.expat.ParserCreate(namespace_separator=_NS)
     parser.StartDoctypeDeclHandler = refuse
     parser.EntityDeclHandler = refuse
     parser.buffer_text = True
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = chars
+    parser.buffer_size = 1 << 16
+    parser.CharacterDataHandler = events.append
+    parser.EndElementHandler = events.append
+    state = [None, {}, {}, None, ""]   # href, props, propstat props, status, text
     try:
         for chunk in chunks:
             parser.Parse(chunk, False)
-            if out:
-                yield from out
-                del out[:]
+            for entry in _walk_events(events, state, ctx):
+                yield entry
+            del events[:]
         parser.Parse(b"", True)
     except xml.parsers.expat.ExpatError as e:
         raise ProtocolError("malformed PROPFIND answer: %s" % e, request_url)
-    except UnicodeDecodeError:
-        raise ProtocolError("malformed percent-encoding in PROPFIND answer",
-                            request_url)
-    yield from out
+    for entry in _walk_events(events, state, ctx):
+        yield entry
+
+
+def _walk_events(events, state, ctx):
+    """Turn the flat (text | end-tag name) event list into Entry objects;
+    *state* carries a response that spans two chunks."""
+    href, props, ps, status, text = state
+    prop_keys = _PROP_KEYS
+    out = []
+    for ev in events:
+        if _NS not in ev:
+            text += ev          # text (expat merges it unless a tag intervenes)
+            continue
+        key = prop_keys.get(ev)
+        if key is not None:
+            ps[key] = text.strip()
+        elif ev == _E_HREF:
+            if href is None:    # the response's own href comes first
+                href = text.strip()
+        elif ev == _E_COLL:
+            ps["is_dir"] = True
+        elif ev == _E_STATUS:
+            status = text
+        elif ev == _E_PROPSTAT:
+            # dCache puts properties a file lacks into a 404 propstat.
+            if status is None or " 200" in status:
+                props.update(ps)
+            ps = {}
+            status = None
+        elif ev == _E_RESPONSE:
+            entry = ctx.entry(href, props)
+            if entry is not None:
+                out.append(entry)
+            href, props, ps, status = None, {}, {}, None
+        text = ""
+    state[:] = [href, props, ps, status, text]
+    return out
+
+
+class _HrefContext:
+    """What entries of one PROPFIND answer are checked against."""
+
+    def __init__(self, request_url, base_url, on_self, warn):
+        from urllib.parse import urlsplit, unquote
+        req = urlsplit(request_url)
+        self.request_url, self.on_self, self.warn = request_url, on_self, warn
+        self.unquote = unquote
+        self.origin = _origin(request_url)
+        self.prefix = "%s://%s" % (req.scheme, req.netloc)
+        raw = req.path[:-1] if req.path.endswith("/") else req.path
+        self.nsegs = raw.count("/")
+        self.dpath = unquote(raw)
+        self.dprefix = self.dpath + "/"
+        self.base_path = (urlsplit(base_url).path.rstrip("/") + "/") if base_url else "/"
+        self.dates = {}
+
+    def _path_of(self, href):
+        """The raw (percent-encoded) path of an href on the request's origin,
+        or None.  Path-absolute hrefs without dot segments (what dCache,
+        nginx and Apache send) take a fast path; the rest is resolved with
+        urljoin (StoRM sends full URLs)."""
+        if href.startswith("/") and not href.startswith("//") and "/." not in href \
+                and "?" not in href and "#" not in href and "\\" not in href:
+            return href
+        from urllib.parse import urljoin, urlsplit
+        full = urljoin(self.request_url, href)
+        try:
+            same = _origin(full) == self.origin
+        except (ProtocolError, ValueError):
+            same = False
+        if not same:
+            self.warn("skipping entry on another host: %s" % _safe_url(full))
+            return None
+        return urlsplit(full).path
+
+    def entry(self, href, props):
+        unquote = self.unquote
+        if not href:
+            return None
+        path = self._path_of(href)
+        if path is None:
+            return None
+        # Servers differ in percent-encoding (nginx upper-case hex, Apache
+        # lower-case): compare decoded paths, but count raw segments, so that
+        # an encoded "/" (%2F) cannot pose as a separator.
+        raw = path[:-1] if path.endswith("/") else path
+        nsegs = raw.count("/")
+        try:
+            dpath = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            self.warn("skipping entry with undecodable name: %r" % raw)
+            return None
+        is_self = nsegs == self.nsegs and dpath == self.dpath
+        if is_self:
+            if self.on_self is None:
+                return None
+        elif nsegs != self.nsegs + 1 or not dpath.startswith(self.dprefix):
+            self.warn("skipping entry outside %s: %s" % (self.dprefix, dpath))
+            return None
+        name = dpath[dpath.rfind("/") + 1:]
+        if not is_self and (name in ("", ".", "..") or "\\" in name or "\x00" in name
+                            or len(name) != len(dpath) - len(self.dprefix)):
+            # a decoded "/" makes the name longer than its raw segment allows
+            self.warn("skipping entry with an unsafe name: %r" % name)
+            return None
+        base = self.base_path
+        rel = dpath[len(base):] if dpath.startswith(base) else dpath
+        is_dir = "is_dir" in props
+        size = props.get("size")
+        if is_dir or not size:
+            size = None
+        else:
+            try:
+                size = int(size)
+            except ValueError:
+                size = None
+        raw_mtime = props.get("mtime")
+        mtime = None
+        if raw_mtime:
+            mtime = self.dates.get(raw_mtime)
+            if mtime is None:
+                mtime = _parse_http_date(raw_mtime)
+                if mtime is None:
+                    self.warn("unparsable modification time %r for %s" % (raw_mtime, rel))
+                elif len(self.dates) < 4096:
+                    self.dates[raw_mtime] = mtime
+        sums = props.get("checksums")
+        e = Entry(name, rel, self.prefix + path, is_dir, size, mtime,
+                  props.get("etag") or None, _parse_digest(sums) if sums else None,
+                  props.get("locality") or None)
+        if is_self:
+            self.on_self(e)
+            return None
+        return e
 
 
 def _iter_body(resp, size=_CHUNK):
@@ -1168,7 +1230,7 @@ class Progress:
     draw a status line on a terminal."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.total_files = self.total_bytes = 0
         self.done_files = self.done_bytes = 0
         self.failed = self.skipped = 0
@@ -1495,6 +1557,7 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
     interrupt propagates (partial downloads stay as .part files)."""
     from concurrent.futures import ThreadPoolExecutor
     results = []
+    import threading
     lock = threading.Lock()
     slots = threading.Semaphore(jobs * 8)
 
@@ -1621,6 +1684,7 @@ class Client:
         self.settings = Settings(url, timeout, retries, jobs, ca_file, ca_dir, insecure,
                                  cert, backoff, expect_threshold, env=env)
         self._auth = _Auth(token, token_file, env)
+        import threading
         self._cancel = threading.Event()
         self._tr = _Transport(self.settings, self._auth, self._cancel)
         self.warnings = []
@@ -2067,7 +2131,7 @@ def _reraise(result):
 
 
 _default_client = None
-_default_lock = threading.Lock()
+_default_lock = _thread.allocate_lock()
 
 
 def default_client():

@@ -526,7 +526,7 @@ def tool_versions():
         "ctadata": first_line([PY, CTADATA, "--version"]),
         "python": sys.version.split()[0] + " (" + PY + ")",
         "curl": first_line(["curl", "--version"]),
-        "davix": first_line(["davix-get", "--version"]),
+        "davix": (first_line(["davix-get", "--version"]) or "").replace("Version:", "davix").strip() or None,
         "rclone": first_line(["rclone", "version"]),
         "nginx": first_line(["nginx", "-v"], "stderr"),
     }
@@ -555,8 +555,7 @@ def machine():
     except AttributeError:
         nproc = os.cpu_count()
     return {"nproc": nproc, "cpu_model": cpu, "mem_gib": mem, "python": sys.version.split()[0],
-            "platform": platform.platform(), "hostname_hash": hashlib.sha256(
-                platform.node().encode()).hexdigest()[:12]}
+            "platform": platform.platform()}
 
 
 def fmt(v, nd=2):
@@ -659,8 +658,10 @@ def main(argv=None):
         % (bench.profile, " ".join(args.task_list), args.reps, args.budget))
     started = datetime.datetime.now(datetime.timezone.utc)
     versions = tool_versions()
+    ct_sha = sha256_file(CTADATA)
     t_data = bench.main(args.task_list)
     total = time.monotonic() - bench.t_start
+    ct_changed = sha256_file(CTADATA) != ct_sha
     report = {
         "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "profile": bench.profile,
@@ -668,6 +669,8 @@ def main(argv=None):
         "data": bench.ds.p,
         "machine": machine(),
         "tool_versions": versions,
+        "ctadata_sha256": ct_sha,
+        "ctadata_changed_during_run": ct_changed,
         "data_generation_s": round(t_data, 1),
         "total_s": round(total, 1),
         "tasks": bench.results,
@@ -683,10 +686,15 @@ def main(argv=None):
     print("machine: %s CPU(s), %s, Python %s" % (m["nproc"], m["cpu_model"], m["python"]))
     print("peers: %s | %s | %s" % (versions["curl"] and " ".join(versions["curl"].split()[:2]),
                                    versions["davix"], versions["rclone"]))
+    print("ctadata.py sha256 %s%s" % (ct_sha[:16], "  WARNING: ctadata.py changed during the run"
+                                        if ct_changed else ""))
     print()
     print(table(bench.results, bench.ds.p))
     print()
-    print("total %.0f s (data generation %.0f s); JSON: %s" % (total, t_data, os.path.relpath(args.json)))
+    shown = os.path.abspath(args.json)
+    if shown.startswith(REPO + os.sep):
+        shown = os.path.relpath(shown, REPO)
+    print("total %.0f s (data generation %.0f s); JSON: %s" % (total, t_data, shown))
     failed_ct = any(
         (tr.get("n") and not tr.get("ok")) for res in bench.results.values()
         for n, tr in res["tools"].items() if n.startswith("ctadata"))
