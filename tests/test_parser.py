@@ -221,3 +221,25 @@ def test_safe_join_refuses(tmp_path, parts):
 
 def test_safe_join_ok(tmp_path):
     assert _safe_join(str(tmp_path), ["a", "é b"]) == str(tmp_path / "a" / "é b")
+
+
+def test_lean_header_parser():
+    import io
+    raw = (b"Content-Length: 5\r\nDigest: adler32=01\r\nX-Folded: a\r\n  b\r\n"
+           b"digest: md5=AAAA\r\nBroken line without colon\r\n\r\nbody")
+    fp = io.BytesIO(raw)
+    h = ctadata._Headers(ctadata._read_header_lines(fp))
+    assert fp.read() == b"body"                       # stops at the blank line
+    assert h.get("content-length") == "5" and h.get("CONTENT-LENGTH") == "5"
+    assert h.get_all("Digest") == ["adler32=01", "md5=AAAA"]
+    assert h.get("x-folded") == "a b"
+    assert h.get("missing", "d") == "d" and "digest" in h and len(h) == 4
+
+
+def test_header_parser_limits():
+    import io
+    import http.client
+    with pytest.raises(http.client.HTTPException):
+        ctadata._read_header_lines(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101))))
+    with pytest.raises(http.client.LineTooLong):
+        ctadata._read_header_lines(io.BytesIO(b"X: " + b"a" * 70000 + b"\r\n\r\n"))
