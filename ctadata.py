@@ -33,7 +33,7 @@ __all__ = [
     "Client", "Settings", "Entry", "DEFAULT_URL", "DEV_URL", "TransferResult", "TransferSummary", "Progress",
     # module-level functions (thin wrappers over a default Client)
     "list_dir", "ls", "stat", "fetch_and_save_file", "fetch_and_save_file_or_dir",
-    "upload_file", "upload_dir", "mkdir", "remove", "move", "checksum",
+    "upload_file", "upload_dir", "mkdir", "remove", "move", "checksum", "du",
     "default_client", "set_default_client",
     # errors
     "CtadataError", "ConfigError", "AuthError", "RemoteError", "NotFound",
@@ -1275,8 +1275,9 @@ class TransferResult:
 
     source, dest   remote URL / local path (or the reverse for uploads)
     size           bytes of the file
-    status         "transferred", "skipped" or "failed"
+    status         "transferred", "skipped", "failed", or "planned" (dry run)
     error          message when failed, else None
+    mtime          modification time (seconds since the epoch) or None
     checksums      {algorithm: hex} computed while streaming
     bytes          bytes that actually crossed the network (less than size
                    after a resume)
@@ -1284,13 +1285,14 @@ class TransferResult:
     """
 
     __slots__ = ("source", "dest", "size", "status", "error", "checksums", "bytes",
-                 "remote_path", "exception")
+                 "remote_path", "mtime", "exception")
 
     def __init__(self, source, dest, size=None, status="transferred", error=None,
                  checksums=None, nbytes=0, remote_path=None):
         self.source, self.dest, self.size, self.status = source, dest, size, status
         self.error, self.checksums, self.bytes = error, checksums or {}, nbytes
         self.remote_path = remote_path
+        self.mtime = None
         self.exception = None  # the CtadataError of a failed transfer
 
     def __repr__(self):
@@ -1298,17 +1300,22 @@ class TransferResult:
                                                  self.status)
 
     def to_dict(self):
-        d = {k: getattr(self, k) for k in self.__slots__ if k != "exception"}
-        d["source"] = _safe_url(self.source) if "://" in str(self.source) else self.source
-        d["dest"] = _safe_url(self.dest) if "://" in str(self.dest) else self.dest
-        return d
+        """The manifest record: remote (URL), local (path), remote_path, size,
+        mtime (ISO 8601 UTC), checksums {algorithm: hex}, status, error,
+        bytes (moved over the network)."""
+        upload = "://" in str(self.dest)
+        remote, local = (self.dest, self.source) if upload else (self.source, self.dest)
+        return {"remote": _safe_url(remote), "local": local,
+                "remote_path": self.remote_path, "size": self.size,
+                "mtime": _iso(self.mtime), "checksums": dict(self.checksums),
+                "status": self.status, "error": self.error, "bytes": self.bytes}
 
 
 class TransferSummary:
     """Outcome of a (possibly multi-file) transfer: ``results`` holds one
     TransferResult per file; counters ``files``, ``transferred``,
-    ``skipped``, ``failed``, ``bytes`` (moved over the network),
-    ``seconds``."""
+    ``skipped``, ``failed``, ``planned`` (dry run), ``bytes`` (moved over
+    the network), ``seconds``."""
 
     def __init__(self, results, seconds):
         self.results = results
@@ -1317,6 +1324,7 @@ class TransferSummary:
         self.transferred = sum(1 for r in results if r.status == "transferred")
         self.skipped = sum(1 for r in results if r.status == "skipped")
         self.failed = sum(1 for r in results if r.status == "failed")
+        self.planned = sum(1 for r in results if r.status == "planned")
         self.bytes = sum(r.bytes for r in results)
 
     @property
@@ -1334,8 +1342,8 @@ class TransferSummary:
 
     def to_dict(self):
         return {"files": self.files, "transferred": self.transferred,
-                "skipped": self.skipped, "failed": self.failed, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3),
+                "skipped": self.skipped, "failed": self.failed, "planned": self.planned,
+                "bytes": self.bytes, "seconds": round(self.seconds, 3),
                 "results": [r.to_dict() for r in self.results]}
 
 
@@ -1390,6 +1398,13 @@ def _safe_join(root, rel_parts):
     return os.path.join(root, *rel_parts)
 
 
+def _makedirs(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise _local_error(e, path)
+
+
 def _local_error(e, path):
     """A local I/O failure, naming the path."""
     return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
@@ -1430,12 +1445,16 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
             os.replace(part, dest)
         except OSError as e:
             raise _local_error(e, dest)
+        if size > _CHUNK:
+            _unlink(part + ".meta")
         if mtime is not None:
             try:
                 os.utime(dest, (mtime, mtime))
             except OSError:
                 pass
-        return TransferResult(url, dest, size, "transferred", None, sums, fetched[0])
+        res = TransferResult(url, dest, size, "transferred", None, sums, fetched[0])
+        res.mtime = mtime
+        return res
 
 
 def _retry_delay(policy, attempt, err):
@@ -1467,15 +1486,21 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
         offset = 0  # nothing to resume (or a stale, longer part): start over
     headers = {"Want-Digest": "adler32,md5;q=0.5"}
     if offset:
-        headers["Range"] = "bytes=%d-" % offset
-        validator = entry.etag if entry is not None and entry.etag and \
-            not entry.etag.startswith("W/") else None
-        if validator is None and entry is not None and entry.mtime is not None:
-            import email.utils
-            validator = email.utils.formatdate(entry.mtime, usegmt=True)
+        # The validator saved when this .part was started is the one that
+        # says the bytes in it are still current; else the listing's.
+        validator = _read_part_meta(part, url)
+        if validator is None and entry is not None:
+            if entry.etag and not entry.etag.startswith("W/"):
+                validator = entry.etag
+            elif entry.mtime is not None:
+                import email.utils
+                validator = email.utils.formatdate(entry.mtime, usegmt=True)
         if validator:
             # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
+            headers["Range"] = "bytes=%d-" % offset
             headers["If-Range"] = validator
+        else:
+            offset = 0  # nothing says the part is current: start over
     resp = tr.request("GET", url, headers, ok=(200, 206), what="download", retry=False)
     try:
         total = _content_total(resp)
@@ -1487,6 +1512,8 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
                     start, offset), url)
         else:
             offset = 0
+            if total is not None and total > _CHUNK:
+                _write_part_meta(part, url, resp)
         if expected is None:
             expected = total
         elif total is not None and total != expected:
@@ -1530,6 +1557,35 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
         return sums, mtime, received
     finally:
         tr.release(resp)
+
+
+def _read_part_meta(part, url):
+    """The validator (strong ETag or Last-Modified) saved beside a .part
+    when it was started, if it was for this URL."""
+    import json
+    try:
+        with open(part + ".meta", "r", encoding="utf-8") as f:
+            meta = json.loads(f.read(4096))
+        return meta["validator"] if meta.get("url") == _safe_url(url) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_part_meta(part, url, resp):
+    """Remember what the bytes of a new .part belong to (NAME.part.meta), so
+    that a later run can resume it safely with If-Range."""
+    import json
+    etag = resp.getheader("ETag")
+    validator = etag if etag and not etag.startswith("W/") else \
+        resp.getheader("Last-Modified")
+    if not validator:
+        _unlink(part + ".meta")
+        return
+    try:
+        with open(part + ".meta", "w", encoding="utf-8") as f:
+            f.write(json.dumps({"url": _safe_url(url), "validator": validator}))
+    except OSError:
+        pass  # resume will fall back to the listing's validator
 
 
 def _content_total(resp):
@@ -1651,7 +1707,12 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
                                "sent %s; remote copy deleted" % bad, url, *bad)
     if progress is not None:
         progress.advance(size)
-    return TransferResult(local, url, size, "transferred", None, sums, size)
+    res = TransferResult(local, url, size, "transferred", None, sums, size)
+    try:
+        res.mtime = os.stat(local).st_mtime
+    except OSError:
+        pass
+    return res
 
 
 def _try_delete(tr, url):
@@ -1717,6 +1778,78 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
         ex.shutdown(wait=True)
         raise
     return results
+
+
+def _glob_regex(pattern):
+    """Translate a glob to a regex over a "/"-separated relative path: "*"
+    and "?" stay within one name, "**" crosses folders, "[...]" is a class.
+    A pattern without "/" matches a name at any depth (like rclone and
+    .gitignore); one starting with "/" is anchored at the root."""
+    import re
+    anchored = pattern.startswith("/")
+    pat = pattern.lstrip("/")
+    out, i, n = [], 0, len(pat)
+    while i < n:
+        c = pat[i]
+        if c == "*":
+            if pat[i:i + 3] == "**/":
+                out.append("(?:.*/)?")
+                i += 3
+                continue
+            if pat[i:i + 2] == "**":
+                out.append(".*")
+                i += 2
+                continue
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pat.find("]", i + 2 if pat[i + 1:i + 2] in ("!", "]") else i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pat[i + 1:j].replace("\\", "\\\\")
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body + "]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    prefix = "" if anchored or "/" in pat.rstrip("/") else "(?:.*/)?"
+    return re.compile(prefix + "".join(out) + r"\Z", re.DOTALL)
+
+
+def _selector(select=None, include=(), exclude=()):
+    """A predicate over relative file paths, or None when everything is
+    selected.  *select*: a glob, a list of globs, a compiled regex (searched)
+    or a callable taking the relative path; *include*/*exclude*: globs (a
+    file must match one include, if any, and no exclude)."""
+    tests = []
+    if select is not None:
+        if isinstance(select, str):
+            include = [select] + list(include)
+        elif isinstance(select, (list, tuple, set, frozenset)):
+            include = list(select) + list(include)
+        elif hasattr(select, "search"):
+            tests.append(select.search)
+        elif callable(select):
+            tests.append(select)
+        else:
+            raise ConfigError("select= takes a glob, a list of globs, a compiled regex "
+                              "or a callable, not %r" % type(select).__name__)
+    inc = [_glob_regex(g).match for g in include]
+    exc = [_glob_regex(g).match for g in exclude]
+    if not (tests or inc or exc):
+        return None
+
+    def selected(rel):
+        if inc and not any(m(rel) for m in inc):
+            return False
+        if any(m(rel) for m in exc):
+            return False
+        return all(t(rel) for t in tests)
+    return selected
 
 
 class _Task:
@@ -1905,15 +2038,23 @@ class Client:
                 for fut in queue:
                     fut.cancel()
 
-    def ls(self, path="", recursive=False):
+    def ls(self, path="", recursive=False, select=None):
         """Return a list of Entry objects below *path*, sorted by name (with
         *recursive*, every descendant, depth first).  For a file, a list
-        holding its own entry.  Raises NotFound, AuthError, RemoteError."""
+        holding its own entry.  *select* (a glob, list of globs, compiled
+        regex or callable over the path relative to *path*) keeps only the
+        files it accepts (and no directories).  Raises NotFound, AuthError,
+        RemoteError."""
+        sel = _selector(select)
         if not recursive:
-            return sorted(self.iter_dir(path), key=_entry_key)
+            return sorted((e for e in self.iter_dir(path)
+                           if sel is None or (not e.is_dir and sel(e.name))),
+                          key=_entry_key)
+        root = self.url_for(path, collection=True)
         out = []
         for _top, children in self.walk(path):
-            out.extend(children)
+            out.extend(e for e in children if sel is None or (
+                not e.is_dir and sel(_rel_path(root, e.url))))
         return out
 
     def list_dir(self, path=""):
@@ -1925,16 +2066,21 @@ class Client:
     # -- downloads ---------------------------------------------------------------
 
     def download(self, path, dest=None, recursive=False, overwrite=False,
-                 checksum=False, progress=None, jobs=None, raise_on_failure=True):
+                 checksum=False, select=None, dry_run=False, progress=None, jobs=None,
+                 raise_on_failure=True):
         """Download a remote file, or with *recursive* a whole directory tree.
 
         A file goes to *dest* (a file name, or an existing/"…/"-ending folder;
         default: its name in the current folder).  A tree goes to
         ``dest/<name>`` when *dest* ends with "/" (or is ".", or omitted),
-        else to *dest* itself.  Files already there with the same size are
-        skipped unless *overwrite*; with *checksum*, only if their checksum
-        also equals the server's (when it has one).  Each file streams to
-        ``name.part`` and is renamed when complete and verified.
+        else to *dest* itself.  *select* keeps only some files of a tree (a
+        glob, list of globs, compiled regex or callable, applied to the path
+        relative to the tree; see README "Selecting files").  Files already
+        there with the same size are skipped unless *overwrite*; with
+        *checksum*, only if their checksum also equals the server's (when it
+        has one).  Each file streams to ``name.part`` and is renamed when
+        complete and verified.  *dry_run*: list and plan only (results have
+        status "planned"), write nothing.
 
         Returns a TransferSummary.  Raises PartialFailure (with the summary)
         if any file failed, NotFound/AuthError/RemoteError if *path* cannot be
@@ -1948,44 +2094,114 @@ class Client:
             if dest is None:
                 dest = entry.name
             elif _into(dest) or os.path.isdir(dest):
-                try:
-                    os.makedirs(dest, exist_ok=True)
-                except OSError as e:
-                    raise _local_error(e, dest)
+                if not dry_run:
+                    _makedirs(dest)
                 dest = os.path.join(dest, entry.name)
             task = self._download_task(entry, dest, overwrite, checksum, progress)
-            results = _run_parallel([task], self._download_worker(progress, checksum), 1,
-                                    progress, self._cancel, self._tr.abort)
-            return _summarize(results, started, raise_on_failure)
+            return self._execute([task], self._download_worker(progress, checksum), 1,
+                                 progress, started, raise_on_failure, dry_run)
         if not recursive:
             raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
         if dest is None or _into(dest):
             target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
         else:
             target = dest
+        sel = _selector(select)
 
         def tasks():
-            roots = {}
+            made = set()
             base = entry.url if entry.url.endswith("/") else entry.url + "/"
             for top, children in self.walk(entry, jobs):
-                top_url = top.url if top is not None else base
-                rel = _rel_parts(base, top_url)
+                rel = _rel_parts(base, top.url if top is not None else base)
                 local_dir = _safe_join(target, rel)
-                if local_dir not in roots:
-                    try:
-                        os.makedirs(local_dir, exist_ok=True)
-                    except OSError as e:
-                        raise _local_error(e, local_dir)
-                    roots[local_dir] = True
-                for e in children:
-                    if not e.is_dir:
-                        yield self._download_task(e, _safe_join(local_dir, [e.name]),
-                                                  overwrite, checksum, progress)
+                files = [e for e in children if not e.is_dir and (
+                    sel is None or sel("/".join(rel + [e.name])))]
+                # without a filter the tree is mirrored, empty folders too
+                if not dry_run and local_dir not in made and (files or sel is None):
+                    _makedirs(local_dir)
+                    made.add(local_dir)
+                for e in files:
+                    yield self._download_task(e, _safe_join(local_dir, [e.name]),
+                                              overwrite, checksum, progress)
 
-        results = _run_parallel(tasks(), self._download_worker(progress, checksum),
-                                jobs or self.settings.jobs, progress, self._cancel,
+        return self._execute(tasks(), self._download_worker(progress, checksum),
+                             jobs or self.settings.jobs, progress, started,
+                             raise_on_failure, dry_run)
+
+    def _execute(self, tasks, worker, jobs, progress, started, raise_on_failure, dry_run):
+        """Run planned tasks on the worker pool (or, for a dry run, only
+        list them as "planned") and summarize."""
+        if dry_run:
+            results = []
+            for t in tasks:
+                if not isinstance(t, TransferResult):
+                    t = TransferResult(t.source, t.dest, t.size, "planned")
+                results.append(t)
+            return _summarize(results, started, False)
+        results = _run_parallel(tasks, worker, jobs, progress, self._cancel,
                                 self._tr.abort)
         return _summarize(results, started, raise_on_failure)
+
+    def download_list(self, items, dest=".", strip_prefix=None, overwrite=False,
+                      dry_run=False, progress=None, jobs=None, raise_on_failure=True):
+        """Download every URL or remote path in *items* (strings; blank ones
+        and "#" comments are ignored) below the folder *dest*, keeping the
+        archive's tree: the local path is what follows *strip_prefix* in the
+        URL, or else the whole URL path.  Works with plain HTTP(S) file
+        servers (no WebDAV needed: no listing is made).  Present files of the
+        same size (asked with HEAD) are skipped unless *overwrite*; transfers
+        are parallel, resumable and verified like any download.  The token is
+        only sent to the storage URL's origin.
+
+        Returns a TransferSummary; raises PartialFailure if any file failed."""
+        from urllib.parse import unquote, urlsplit
+        started = time.monotonic()
+        progress = progress if progress is not None else Progress()
+        self._cancel.clear()
+        prefix = strip_prefix and (self.url_for(strip_prefix) if "://" not in strip_prefix
+                                   else strip_prefix)
+
+        def tasks():
+            for line in items:
+                item = line.strip()
+                if not item or item.startswith("#"):
+                    continue
+                try:
+                    url = self.url_for(item)
+                    if prefix:
+                        if not url.startswith(prefix):
+                            raise ConfigError("not below --strip-prefix %s"
+                                              % _safe_url(prefix))
+                        rest = url[len(prefix):]
+                    else:
+                        rest = urlsplit(url).path
+                    parts = [unquote(p) for p in rest.split("/") if p]
+                    local = _safe_join(dest, parts) if parts else None
+                    if local is None:
+                        raise ConfigError("no file name in this URL")
+                except CtadataError as e:
+                    res = TransferResult(item, None, None, "failed", str(e))
+                    res.exception = e
+                    yield res
+                    continue
+                progress.add_total(1, 0)
+                yield _Task(url, local, None)
+
+        tr, cancel = self._tr, self._cancel
+
+        def work(t):
+            _makedirs(os.path.dirname(t.dest) or ".")
+            if not overwrite and os.path.exists(t.dest):
+                resp = tr.request("HEAD", t.source, ok=(200,), what="check")
+                size = resp.getheader("Content-Length")
+                tr.release(resp)
+                if size is not None and size.isdigit() and \
+                        int(size) == os.path.getsize(t.dest):
+                    return TransferResult(t.source, t.dest, int(size), "skipped")
+            return _download_file(tr, t.source, t.dest, None, progress, cancel)
+
+        return self._execute(tasks(), work, jobs or self.settings.jobs, progress, started,
+                             raise_on_failure, dry_run)
 
     def _download_task(self, entry, dest, overwrite, checksum, progress):
         check = False
@@ -1996,7 +2212,9 @@ class Client:
                 same_size = False
             if same_size:
                 if not (checksum and entry.checksums):
-                    return TransferResult(entry.url, dest, entry.size, "skipped")
+                    res = TransferResult(entry.url, dest, entry.size, "skipped")
+                    res.mtime = entry.mtime
+                    return res
                 check = True  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
         return _Task(entry.url, dest, entry.size, entry, check)
@@ -2034,7 +2252,8 @@ class Client:
     # -- uploads ---------------------------------------------------------------
 
     def upload(self, local, remote="", recursive=False, verify=None, overwrite=False,
-               checksum=False, progress=None, jobs=None, raise_on_failure=True):
+               checksum=False, select=None, dry_run=False, progress=None, jobs=None,
+               raise_on_failure=True):
         """Upload a local file, or with *recursive* a directory tree.
 
         A remote path ending with "/" (or empty) names the folder to upload
@@ -2042,10 +2261,11 @@ class Client:
         Missing remote folders are created.  A tree upload first lists what
         is already at the destination and skips files of the same size (and,
         with *checksum*, the same checksum when the server has one) unless
-        *overwrite*.  *verify*: see _upload_file (True: Content-MD5 for every
-        file; None: for files up to 1 MiB; False: never).  Returns a
-        TransferSummary; raises PartialFailure if any file failed,
-        ConfigError for a bad local path."""
+        *overwrite*; *select* keeps only some files (as for download).
+        *verify*: see _upload_file (True: Content-MD5 for every file; None:
+        for files up to 1 MiB; False: never).  *dry_run*: plan only, send
+        nothing that changes the storage.  Returns a TransferSummary; raises
+        PartialFailure if any file failed, ConfigError for a bad local path."""
         started = time.monotonic()
         progress = progress if progress is not None else Progress()
         self._cancel.clear()
@@ -2058,8 +2278,9 @@ class Client:
             if not recursive:
                 raise ConfigError("%s is a directory (use recursive=True / put -r)" % local)
             target = remote + name if _into(remote) else remote
-            return self._upload_tree(local, target, verify, overwrite, checksum, progress,
-                                     jobs, started, raise_on_failure)
+            return self._upload_tree(local, target, verify, overwrite, checksum,
+                                     _selector(select), dry_run, progress, jobs, started,
+                                     raise_on_failure)
         if not os.path.isfile(local):
             raise ConfigError("no such local file: %s" % local)
         target = remote + name if _into(remote) else remote
@@ -2080,19 +2301,32 @@ class Client:
             self.mkdir(parent, parents=True)  # 409: the parent folder is missing
             return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
 
-        results = _run_parallel([_Task(local, url, size)], worker, 1, progress,
-                                self._cancel, self._tr.abort)
-        for r in results:
+        summary = self._execute([_Task(local, url, size)], worker, 1, progress, started,
+                                raise_on_failure, dry_run)
+        for r in summary.results:
             r.remote_path = target
-        return _summarize(results, started, raise_on_failure)
+        return summary
 
-    def _upload_tree(self, local, target, verify, overwrite, checksum, progress, jobs,
-                     started, raise_on_failure):
+    def _upload_tree(self, local, target, verify, overwrite, checksum, sel, dry_run,
+                     progress, jobs, started, raise_on_failure):
         existing = {} if overwrite else self._remote_index(target)
-        if target.strip("/"):
-            self.mkdir(target, parents=True)
         tr = self._tr
         base = target.rstrip("/")
+        made = set()
+
+        def ensure(rdir):
+            # remote folders are made as needed, parents first (Apache does
+            # not create them on PUT); without a filter, empty ones too
+            if dry_run or rdir in made or not rdir:
+                return
+            parent = rdir.rpartition("/")[0]
+            if parent and parent not in made and parent != base:
+                ensure(parent)
+            if rdir == base:
+                self.mkdir(base, parents=True)
+            else:
+                self._mkcol(self.url_for(rdir, True), exist_ok=True)
+            made.add(rdir)
 
         def tasks():
             for dirpath, dirnames, filenames in os.walk(local):
@@ -2100,17 +2334,20 @@ class Client:
                 rel = os.path.relpath(dirpath, local)
                 rparts = [] if rel == "." else rel.split(os.sep)
                 rdir = "/".join([base] + rparts if base else rparts)
-                if rparts:
-                    self._mkcol(self.url_for(rdir, True), exist_ok=True)
-                for fn in sorted(filenames):
+                names = [fn for fn in sorted(filenames)
+                         if sel is None or sel("/".join(rparts + [fn]))]
+                if names or sel is None:
+                    ensure(base)
+                    ensure(rdir)
+                for fn in names:
                     path = os.path.join(dirpath, fn)
+                    rpath = (rdir + "/" + fn) if rdir else fn
                     try:
                         size = os.path.getsize(path)
                     except OSError as e:
-                        yield TransferResult(path, rdir + "/" + fn, None, "failed",
+                        yield TransferResult(path, self.url_for(rpath), None, "failed",
                                              str(_local_error(e, path)))
                         continue
-                    rpath = (rdir + "/" + fn) if rdir else fn
                     have = existing.get("/".join(rparts + [fn]))
                     if have is not None and have.size == size and not (
                             checksum and have.checksums):
@@ -2129,9 +2366,8 @@ class Client:
             res.remote_path = _rel_path(self.settings.url, t.dest)
             return res
 
-        results = _run_parallel(tasks(), worker, jobs or self.settings.jobs, progress,
-                                self._cancel, self._tr.abort)
-        return _summarize(results, started, raise_on_failure)
+        return self._execute(tasks(), worker, jobs or self.settings.jobs, progress,
+                             started, raise_on_failure, dry_run)
 
     def _remote_index(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
@@ -2181,29 +2417,77 @@ class Client:
         ok = (200, 201, 405) if exist_ok else (200, 201)
         self._tr.release(self._tr.request("MKCOL", url, ok=ok, what="mkdir"))
 
-    def remove(self, path, recursive=False):
+    def remove(self, path, recursive=False, dry_run=False):
         """Delete a remote file, or with *recursive* a directory tree.
-        Raises NotFound, ConfigError (a directory without *recursive*)."""
+        Returns the Entry objects deleted (with *dry_run*: that would be,
+        nothing is deleted; a tree is listed in full).  Raises NotFound,
+        ConfigError (a directory without *recursive*)."""
         entry = self.stat(path)
         if entry.is_dir and not recursive:
             raise ConfigError("%s is a directory (use recursive=True / rm -r)" % entry.path)
+        if dry_run:
+            gone = [entry]
+            if entry.is_dir:
+                gone += self.ls(entry, recursive=True)
+            return gone
         url = self.url_for(entry, collection=entry.is_dir)
         self._tr.release(self._tr.request("DELETE", url, ok=(200, 202, 204),
                                           what="remove"))
+        return [entry]
 
-    def move(self, src, dst, overwrite=False):
+    def move(self, src, dst, overwrite=False, dry_run=False):
         """Rename/move a remote file or directory on the server (WebDAV MOVE).
-        A *dst* ending with "/" is a folder to move into.  Raises NotFound,
-        RemoteError (412 when *dst* exists and not *overwrite*)."""
+        A *dst* ending with "/" is a folder to move into.  Returns (source
+        Entry, destination URL); *dry_run* only checks the source.  Raises
+        NotFound, RemoteError (412 when *dst* exists and not *overwrite*)."""
         entry = self.stat(src)
         dst = str(dst)
         if dst.endswith("/"):
             dst += entry.name
-        headers = {"Destination": self.url_for(dst, entry.is_dir),
-                   "Overwrite": "T" if overwrite else "F"}
-        self._tr.release(self._tr.request(
-            "MOVE", self.url_for(entry, entry.is_dir), headers, ok=(201, 204),
-            what="move"))
+        target = self.url_for(dst, entry.is_dir)
+        if not dry_run:
+            headers = {"Destination": target, "Overwrite": "T" if overwrite else "F"}
+            self._tr.release(self._tr.request(
+                "MOVE", self.url_for(entry, entry.is_dir), headers, ok=(201, 204),
+                what="move"))
+        return entry, target
+
+    def du(self, path="", select=None):
+        """Count what is below a remote path (listing in parallel): returns
+        ``{"path", "files", "dirs", "bytes", "children": [{"name", "type",
+        "files", "dirs", "bytes"}, ...]}`` with one record per immediate
+        child, sorted by name.  *select* counts only some files (as for
+        download).  Raises NotFound, AuthError, RemoteError."""
+        entry = self.stat(path)
+        if not entry.is_dir:
+            return {"path": entry.path, "files": 1, "dirs": 0, "bytes": entry.size or 0,
+                    "children": []}
+        sel = _selector(select)
+        root = entry.url if entry.url.endswith("/") else entry.url + "/"
+        kids = {}
+        for _top, children in self.walk(entry):
+            for e in children:
+                rel = _rel_path(root, e.url)
+                first, _, rest = rel.partition("/")
+                rec = kids.get(first)
+                if rec is None:
+                    rec = kids[first] = {"name": first, "files": 0, "dirs": 0, "bytes": 0,
+                                         "type": "directory" if e.is_dir or rest else
+                                         "file"}
+                if e.is_dir:
+                    if rest:
+                        rec["dirs"] += 1
+                elif sel is None or sel(rel):
+                    rec["files"] += 1
+                    rec["bytes"] += e.size or 0
+        children = [kids[k] for k in sorted(kids)]
+        if sel is not None:  # only what the filter kept (and the folders around it)
+            children = [c for c in children if c["files"] or c["type"] == "directory"]
+        return {"path": entry.path,
+                "files": sum(c["files"] for c in children),
+                "dirs": sum(c["dirs"] + (c["type"] == "directory") for c in children),
+                "bytes": sum(c["bytes"] for c in children),
+                "children": children}
 
     def checksum(self, path):
         """Return the server's checksums of a file as {algorithm: hex}.
@@ -2316,6 +2600,11 @@ def remove(path, recursive=False):
 def move(src, dst, overwrite=False):
     """Move/rename on the server (see Client.move)."""
     return default_client().move(src, dst, overwrite)
+
+
+def du(path="", select=None):
+    """Files, folders and bytes below a remote path (see Client.du)."""
+    return default_client().du(path, select)
 
 
 def checksum(path):

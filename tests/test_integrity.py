@@ -119,6 +119,27 @@ def test_stall_past_the_timeout_is_retried(fs, tmp_path):
     assert len(gets(fs, "/f.bin")) == 2
 
 
+def test_resume_uses_the_validator_saved_with_the_part(fs, tmp_path):
+    data = put_remote(fs, "f.bin", os.urandom(BIG))
+    fs.add_fault("truncate", method="GET", path="/f.bin", after=2000000)
+    c = mkclient(fs, retries=0)
+    with pytest.raises(ctadata.TransferError):
+        c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
+    import json
+    meta = json.loads((tmp_path / "f.bin.part.meta").read_text())
+    assert meta["validator"] == gets(fs, "/f.bin")[0].headers.get("if-range") or \
+        meta["validator"].startswith('"')
+    # the file changes on the server between the two runs
+    put_remote(fs, "f.bin", data[:100] + b"changed" + data[107:])
+    c2 = mkclient(fs)
+    c2.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
+    assert (tmp_path / "f.bin").read_bytes() == (fs.root / "f.bin").read_bytes()
+    last = gets(fs, "/f.bin")[-1]
+    assert last.headers["if-range"] == meta["validator"]   # the old validator was sent...
+    assert last.status == 200                         # ...so the server sent it all
+    assert not (tmp_path / "f.bin.part.meta").exists()
+
+
 def test_ignored_range_restarts_from_zero(fs, tmp_path):
     data = put_remote(fs, "f.bin", os.urandom(BIG))
     (tmp_path / "f.bin.part").write_bytes(data[:12345])     # an earlier run's leftover
@@ -416,4 +437,6 @@ def test_ctrl_c_stops_promptly_keeps_part_and_exits_130(fs, tmp_path):
     assert code == 130, proc.stderr.read()
     assert elapsed < 5
     assert len(parts()) == 3
-    assert [p for p in (tmp_path / "d").iterdir() if not p.name.endswith(".part")] == []
+    # only .part files (and the .part.meta that says what they belong to)
+    assert [p for p in (tmp_path / "d").iterdir()
+            if not p.name.endswith((".part", ".part.meta"))] == []
