@@ -428,6 +428,96 @@ def _is_transient(exc):
         104, 110, 111, 113, 32)  # reset, timed out, refused, no route, broken pipe
 
 
+class _Hashers:
+    """Running checksums, updated as blocks stream by (never a second read).
+    adler32 is always cheap (zlib, several GB/s); md5 only when asked for."""
+
+    __slots__ = ("adler", "md5", "_adler32", "active")
+
+    def __init__(self, algos=("adler32",)):
+        import zlib
+        self._adler32 = zlib.adler32
+        self.adler = 1 if "adler32" in algos else None
+        self.md5 = None
+        if "md5" in algos:
+            import hashlib
+            self.md5 = hashlib.md5()
+        self.active = bool(algos)
+
+    def update(self, block):
+        if self.adler is not None:
+            self.adler = self._adler32(block, self.adler)
+        if self.md5 is not None:
+            self.md5.update(block)
+
+    def result(self):
+        out = {}
+        if self.adler is not None:
+            out["adler32"] = "%08x" % (self.adler & 0xFFFFFFFF)
+        if self.md5 is not None:
+            out["md5"] = self.md5.hexdigest()
+        return out
+
+
+class _HashPipe:
+    """Hash blocks on a second thread while the caller moves them (zlib and
+    hashlib release the GIL on large buffers, so with two cores the checksum
+    of a large transfer costs no wall time).  The caller takes a buffer with
+    ``buffer()``, fills and sends/writes it, then hands it over with
+    ``submit(buf, n)``; ``result()`` waits for the last block.  Three
+    rotating buffers keep memory at 3 MiB."""
+
+    def __init__(self, hashers, nbuf=3):
+        import queue
+        import threading
+        self.hashers = hashers
+        self._free = queue.Queue()
+        self._work = queue.Queue()
+        for _ in range(nbuf):
+            self._free.put(bytearray(_CHUNK))
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="ctadata-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        update = self.hashers.update
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            buf, n = item
+            try:
+                update(memoryview(buf)[:n])
+            except Exception as e:  # pragma: no cover - hashing does not fail
+                self._error = e
+            self._free.put(buf)
+
+    def buffer(self):
+        return self._free.get()
+
+    def submit(self, buf, n):
+        self._work.put((buf, n))
+
+    def give_back(self, buf):
+        self._free.put(buf)
+
+    def close(self):
+        """Stop the thread (also after an error); idempotent."""
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
+
+    def result(self):
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self.hashers.result()
+
+
+# Transfers larger than this hash on a second thread (_HashPipe).
+_PIPE_THRESHOLD = 8 << 20
+
+
 class _FileBody:
     """A request body read from a local file; can be re-opened for a retry
     or a redirect (dCache pool URLs are single-use, so a retried upload
@@ -441,23 +531,35 @@ class _FileBody:
         self.sent = 0
 
     def chunks(self, cancel=None):
-        """Yield the file's bytes in blocks, hashing them on the way."""
+        """Yield the file's bytes in blocks, hashing them on the way (on a
+        second thread for large files)."""
         self.hashers = _Hashers(self.hash_algos)
         self.sent = 0
-        update = self.hashers.update
-        with open(self.path, "rb", buffering=0) as f:
-            buf = bytearray(_CHUNK)
-            view = memoryview(buf)
-            while True:
-                if cancel is not None and cancel.is_set():
-                    raise KeyboardInterrupt
-                n = f.readinto(buf)
-                if not n:
-                    break
-                block = view[:n]
-                update(block)
-                self.sent += n
-                yield block
+        pipe = _HashPipe(self.hashers) if self.size >= _PIPE_THRESHOLD else None
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                buf = None if pipe else bytearray(_CHUNK)
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        raise KeyboardInterrupt
+                    if pipe:
+                        buf = pipe.buffer()
+                    n = f.readinto(buf)
+                    if not n:
+                        if pipe:
+                            pipe.give_back(buf)
+                        break
+                    yield memoryview(buf)[:n]   # sent before the next block is read
+                    if pipe:
+                        pipe.submit(buf, n)
+                    else:
+                        self.hashers.update(memoryview(buf)[:n])
+                    self.sent += n
+            if pipe:
+                pipe.result()
+        finally:
+            if pipe:
+                pipe.close()
         if self.sent != self.size:
             raise TransferError("local file changed size during upload: %s" % self.path,
                                 expected=self.size, received=self.sent, retryable=False)
@@ -600,6 +702,9 @@ class _Transport:
         self.auth = auth
         self.auth_origin = _origin(settings.url)
         self.policy = _RetryPolicy(settings.retries, settings.backoff)
+        # compute checksums of downloads even when the server has none to
+        # compare with (for manifests)
+        self.record_sums = False
         self.cancel = cancel
         self._local = _thread._local()
         self._ctx = None
@@ -1223,36 +1328,6 @@ def _iter_body(resp, size=_CHUNK):
 # Transfer engine (plans, workers, progress)
 ############################################################################
 
-class _Hashers:
-    """Running checksums, updated as blocks stream by (never a second read).
-    adler32 is always cheap (zlib, several GB/s); md5 only when asked for."""
-
-    __slots__ = ("adler", "md5", "_adler32")
-
-    def __init__(self, algos=("adler32",)):
-        import zlib
-        self._adler32 = zlib.adler32
-        self.adler = 1 if "adler32" in algos else None
-        self.md5 = None
-        if "md5" in algos:
-            import hashlib
-            self.md5 = hashlib.md5()
-
-    def update(self, block):
-        if self.adler is not None:
-            self.adler = self._adler32(block, self.adler)
-        if self.md5 is not None:
-            self.md5.update(block)
-
-    def result(self):
-        out = {}
-        if self.adler is not None:
-            out["adler32"] = "%08x" % (self.adler & 0xFFFFFFFF)
-        if self.md5 is not None:
-            out["md5"] = self.md5.hexdigest()
-        return out
-
-
 def _compare_sums(local, remote):
     """Return (algorithm, remote value, local value) of the first algorithm
     both sides know that differs, or None when all common ones agree."""
@@ -1262,12 +1337,15 @@ def _compare_sums(local, remote):
     return None
 
 
-def _algos_for(remote_sums):
+def _algos_for(remote_sums, always=True):
     """Which checksums to compute locally: what the server can confirm,
-    preferring the cheap adler32; adler32 alone when the server has none."""
-    if "adler32" in remote_sums or "md5" not in remote_sums:
+    preferring the cheap adler32.  When the server has none: adler32 if
+    *always* (a manifest wants it), else nothing (nothing to verify)."""
+    if "adler32" in remote_sums:
         return ("adler32",)
-    return ("md5",)
+    if "md5" in remote_sums:
+        return ("md5",)
+    return ("adler32",) if always else ()
 
 
 class TransferResult:
@@ -1519,7 +1597,7 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
         elif total is not None and total != expected:
             expected = total  # the file changed since it was listed
         remote_sums = _parse_digest(resp.getheader("Digest")) or known_sums
-        hashers = _Hashers(_algos_for(remote_sums))
+        hashers = _Hashers(_algos_for(remote_sums, tr.record_sums))
         mtime = entry.mtime if entry is not None and entry.mtime is not None else \
             _parse_http_date(resp.getheader("Last-Modified"))
         try:
@@ -1531,7 +1609,8 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched):
             if offset:
                 # The running checksum must cover the whole file: hash what is
                 # already there once, then append.
-                _hash_file(f, offset, hashers)
+                if hashers.active:
+                    _hash_file(f, offset, hashers)
                 f.seek(offset)
                 f.truncate()
                 if progress is not None:
@@ -1618,29 +1697,46 @@ def _hash_file(f, length, hashers):
 
 
 def _copy_body(resp, f, hashers, progress, cancel, path, fetched, length=None):
-    """Stream a response body into file *f*: one reusable buffer (no larger
-    than the body), checksum updated on the way, progress fed per block."""
-    buf = bytearray(_CHUNK if length is None else max(min(length, _CHUNK), 8192))
-    view = memoryview(buf)
-    readinto, write, update = resp.readinto, f.write, hashers.update
+    """Stream a response body into file *f*: reused buffers (none larger
+    than the body), the checksum updated on the way (on a second thread for
+    large bodies), progress fed per block."""
     advance = progress.advance if progress is not None else None
+    pipe = None
+    if hashers.active and (length is None or length >= _PIPE_THRESHOLD):
+        pipe = _HashPipe(hashers)
+    update = hashers.update if hashers.active and pipe is None else None
+    buf = None if pipe else bytearray(
+        _CHUNK if length is None else max(min(length, _CHUNK), 8192))
+    readinto, write = resp.readinto, f.write
     got = 0
-    while True:
-        n = readinto(buf)
-        if not n:
-            return got
-        block = view[:n]
-        update(block)
-        try:
-            write(block)
-        except OSError as e:
-            raise _local_error(e, path)
-        got += n
-        fetched[0] += n
-        if advance is not None:
-            advance(n)
-        if cancel is not None and cancel.is_set():
-            raise KeyboardInterrupt
+    try:
+        while True:
+            if pipe is not None:
+                buf = pipe.buffer()
+            n = readinto(buf)
+            if not n:
+                if pipe is not None:
+                    pipe.give_back(buf)
+                    pipe.result()
+                return got
+            block = memoryview(buf)[:n]
+            try:
+                write(block)
+            except OSError as e:
+                raise _local_error(e, path)
+            if pipe is not None:
+                pipe.submit(buf, n)
+            elif update is not None:
+                update(block)
+            got += n
+            fetched[0] += n
+            if advance is not None:
+                advance(n)
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt
+    finally:
+        if pipe is not None:
+            pipe.close()
 
 
 def _upload_file(tr, local, url, size, verify=None, progress=None):

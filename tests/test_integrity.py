@@ -440,3 +440,34 @@ def test_ctrl_c_stops_promptly_keeps_part_and_exits_130(fs, tmp_path):
     # only .part files (and the .part.meta that says what they belong to)
     assert [p for p in (tmp_path / "d").iterdir()
             if not p.name.endswith((".part", ".part.meta"))] == []
+
+
+def test_large_transfers_hash_on_a_second_thread_and_still_verify(fs, tmp_path):
+    import zlib
+    size = 20 * 1024 * 1024 + 3          # above the 8 MiB pipeline threshold
+    data = put_remote(fs, "big.bin", os.urandom(size))
+    c = mkclient(fs)
+    s = c.download("big.bin", str(tmp_path / "big.bin"))
+    assert s.results[0].checksums == {"adler32": "%08x" % zlib.adler32(data)}
+    fs.add_fault("wrong_digest", method="GET", path="/big.bin", times=2)
+    with pytest.raises(ctadata.ChecksumMismatch):
+        c.fetch_and_save_file("big.bin", str(tmp_path / "again.bin"))
+    assert not (tmp_path / "again.bin").exists()
+    src = tmp_path / "up.bin"
+    src.write_bytes(data)
+    r = c.upload(str(src), "up.bin").results[0]
+    assert r.checksums["adler32"] == "%08x" % zlib.adler32(data)
+    assert (fs.root / "up.bin").read_bytes() == data
+    fs.add_fault("wrong_digest", method="PUT", path="/up.bin")
+    with pytest.raises(ctadata.ChecksumMismatch):
+        c.upload_file(str(src), "up.bin")
+    assert not (fs.root / "up.bin").exists()
+    assert all(t.name != "ctadata-hash" for t in __import__("threading").enumerate())
+
+
+def test_no_checksum_work_when_the_server_has_none(fs, tmp_path):
+    fs.digest = False
+    fs.missing_props["/plain.bin"] = {"Checksums"}
+    put_remote(fs, "plain.bin", os.urandom(100000))
+    s = mkclient(fs).download("plain.bin", str(tmp_path / "p"))
+    assert s.results[0].checksums == {}            # nothing to verify against
