@@ -2839,9 +2839,24 @@ def _build_parser():
         sp.set_defaults(func=func)
         return sp
 
+    def filters(sp):
+        g = sp.add_argument_group("selecting files")
+        g.add_argument("--include", action="append", default=[], metavar="GLOB",
+                       help="only files matching GLOB (repeatable); matched against the "
+                            "path below the source: '*' stays within a name, '**' crosses "
+                            "folders, a GLOB without '/' matches a name at any depth")
+        g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="leave out files matching GLOB (repeatable)")
+
+    def output(sp, what):
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--json", action="store_true", help="one JSON document: " + what)
+        g.add_argument("--jsonl", action="store_true",
+                       help="JSON lines: one object per line (streams)")
+
     sp = cmd("ls", _cmd_ls, "list a remote directory", add_help=False,
-             description="List a remote directory: names one per line, directories "
-                         "ending with '/'.")
+             description="List a remote directory: names one per line, sorted, "
+                         "directories ending with '/'.")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
     sp.add_argument("-l", dest="long", action="store_true",
                     help="long format: type, size, modification time (UTC), name")
@@ -2850,31 +2865,51 @@ def _build_parser():
     sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
     sp.add_argument("-U", "--unsorted", action="store_true",
                     help="print entries as the server sends them, in constant memory")
-    sp.add_argument("--json", action="store_true",
-                    help="one JSON list of entries (name, path, url, type, size, mtime, "
-                         "etag, checksums, locality)")
+    output(sp, "a list of entries (README: JSON output)")
+    filters(sp)
 
     sp = cmd("stat", _cmd_stat, "show one remote file or directory")
     sp.add_argument("path", help="remote path or URL")
     sp.add_argument("--json", action="store_true", help="as a JSON object")
 
+    sp = cmd("du", _cmd_du, "count files, folders and bytes below a remote path",
+             add_help=False, description="Count files, folders and bytes below a remote "
+             "path, per immediate child and in total (listing in parallel).")
+    sp.add_argument("path", nargs="?", default="", help="remote path or URL")
+    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
+    output(sp, "totals and a list of children")
+    filters(sp)
+
     sp = cmd("get", _cmd_get, "download files", description=(
-        "Download a remote file, or with -r a directory tree. Files stream to "
-        "NAME.part and are renamed when complete and verified against the server's "
-        "checksum; an interrupted download resumes from its .part file; files "
-        "already present with the same size are skipped; transient failures are "
-        "retried with backoff (--retries)."))
-    sp.add_argument("source", help="remote path or URL")
+        "Download a remote file, or with -r a directory tree, or with --from-list "
+        "a list of URLs. Files stream to NAME.part and are renamed when complete and "
+        "verified against the server's checksum; an interrupted download resumes "
+        "from its .part file; files already present with the same size are skipped; "
+        "transient failures are retried with backoff (--retries)."))
+    sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
     sp.add_argument("dest", nargs="?", default=None, help=(
         "local file or folder (default: current folder). With -r, the tree goes to "
         "DEST/NAME when DEST ends with '/' (or is '.'), else to DEST itself"))
     sp.add_argument("-r", "--recursive", action="store_true", help="download a directory tree")
+    sp.add_argument("--from-list", metavar="FILE", help=(
+        "download every URL or remote path listed in FILE ('-': standard input; one "
+        "per line, blank lines and '#' comments ignored) below DEST, keeping the "
+        "URL's path; plain HTTP(S) file servers work too"))
+    sp.add_argument("--strip-prefix", metavar="URL", help=(
+        "with --from-list: the part of each URL to drop; the local tree starts after "
+        "it (default: keep the whole URL path)"))
     sp.add_argument("--overwrite", action="store_true",
                     help="download even files that are already present")
     sp.add_argument("--checksum", action="store_true",
                     help="skip a present file only if its checksum also matches the "
                          "server's (reads the local file)")
-    sp.add_argument("--json", action="store_true", help="print the result as JSON")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="list what would be downloaded and the totals; write nothing")
+    sp.add_argument("--manifest", metavar="FILE.json",
+                    help="write one record per file (remote URL, local path, size, mtime, "
+                         "checksums, status, error)")
+    output(sp, "the summary and one record per file")
+    filters(sp)
 
     sp = cmd("put", _cmd_put, "upload files", description=(
         "Upload a local file, or with -r a directory tree. A remote path ending "
@@ -2891,7 +2926,12 @@ def _build_parser():
                          "(reads files over 1 MiB twice; default: files up to 1 MiB)")
     sp.add_argument("--no-verify", dest="verify", action="store_const", const=False,
                     help="never send Content-MD5 (adler32 is still compared)")
-    sp.add_argument("--json", action="store_true", help="print the result as JSON")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="list what would be uploaded and the totals; change nothing")
+    sp.add_argument("--manifest", metavar="FILE.json",
+                    help="write one record per file (as for get)")
+    output(sp, "the summary and one record per file")
+    filters(sp)
 
     sp = cmd("mkdir", _cmd_mkdir, "create a remote directory")
     sp.add_argument("path", help="remote path")
@@ -2901,16 +2941,27 @@ def _build_parser():
     sp = cmd("rm", _cmd_rm, "delete a remote file or directory")
     sp.add_argument("path", help="remote path")
     sp.add_argument("-r", "--recursive", action="store_true", help="delete a directory tree")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="list what would be deleted; delete nothing")
 
     sp = cmd("mv", _cmd_mv, "move or rename on the server (no data through the client)")
     sp.add_argument("source", help="remote path")
     sp.add_argument("dest", help="remote path; ending with '/' moves into that folder")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="say what would be moved; move nothing")
 
     sp = cmd("sum", _cmd_sum, "print the server's checksum of a file")
     sp.add_argument("path", help="remote path")
     sp.add_argument("--algo", choices=("adler32", "md5"), default=None,
                     help="only this algorithm")
+
+    sp = cmd("completion", _cmd_completion, "print a shell completion script",
+             description="Print a completion script for bash or zsh, generated from "
+                         "these very options. Enable it with\n"
+                         "  eval \"$(ctadata completion bash)\"   # in ~/.bashrc\n"
+                         "  eval \"$(ctadata completion zsh)\"    # in ~/.zshrc")
+    sp.add_argument("shell", choices=("bash", "zsh"))
     return p
 
 
@@ -2943,36 +2994,69 @@ def _entry_line(e, long, human, name):
                             name + ("/" if e.is_dir else ""))
 
 
+class _Out:
+    """Writes a listing as text lines, one JSON document or JSON lines, in
+    batches (20,000 lines cost one write, not 20,000)."""
+
+    def __init__(self, args):
+        self.json = getattr(args, "json", False)
+        self.jsonl = getattr(args, "jsonl", False)
+        self.batch = []
+        self.first = True
+        if self.json:
+            self.batch.append("[")
+
+    def item(self, obj, line=None):
+        import json
+        if self.json:
+            self.batch.append(("\n" if self.first else ",\n") + json.dumps(obj))
+        elif self.jsonl:
+            self.batch.append(json.dumps(obj) + "\n")
+        else:
+            self.batch.append(line + "\n")
+        self.first = False
+        if len(self.batch) >= 1000:
+            self.flush()
+
+    def flush(self):
+        _out("".join(self.batch))
+        del self.batch[:]
+
+    def close(self):
+        if self.json:
+            self.batch.append("\n]\n" if not self.first else "]\n")
+        self.flush()
+
+
+def _cli_selector(args):
+    return _selector(None, getattr(args, "include", ()), getattr(args, "exclude", ()))
+
+
 def _cmd_ls(client, args):
-    import json
+    sel = _cli_selector(args)
+    out = _Out(args)
     if args.unsorted and not args.recursive:
         # Constant memory however big the folder: print as entries parse.
-        first = True
-        batch = []
-        if args.json:
-            _out("[")
         for e in client.iter_dir(args.path):
-            if args.json:
-                batch.append(("" if first else ",\n") + json.dumps(e.to_dict()))
-                first = False
-            else:
-                batch.append(_entry_line(e, args.long, args.human, e.name) + "\n")
-            if len(batch) >= 1000:
-                _out("".join(batch))
-                del batch[:]
-        _out("".join(batch) + ("]\n" if args.json else ""))
+            if sel is None or (not e.is_dir and sel(e.name)):
+                out.item(e.to_dict(), _entry_line(e, args.long, args.human, e.name))
+        out.close()
         return 0
     if args.recursive:
         root = client.url_for(args.path, collection=True)
         rows = []
         for _top, children in client.walk(args.path):
             for e in children:
-                rows.append((_rel_path(root, e.url), e))
+                rel = _rel_path(root, e.url)
+                if sel is None or (not e.is_dir and sel(rel)):
+                    rows.append((rel, e))
         rows.sort(key=lambda r: r[0])
     else:
-        rows = [(e.name, e) for e in client.ls(args.path)]
-    if args.json:
-        _out(json.dumps([e.to_dict() for _n, e in rows], indent=1) + "\n")
+        rows = [(e.name, e) for e in client.ls(args.path, select=sel)]
+    if out.json or out.jsonl:
+        for _n, e in rows:
+            out.item(e.to_dict())
+        out.close()
         return 0
     lines = [(_entry_line(e, args.long, args.human, n)) for n, e in rows]
     if args.long and lines:
@@ -3000,24 +3084,85 @@ def _cmd_stat(client, args):
     return 0
 
 
+def _cmd_du(client, args):
+    report = client.du(args.path, select=_cli_selector(args))
+    size = _human if args.human else str
+    if args.json:
+        import json
+        _out(json.dumps(report, indent=1) + "\n")
+        return 0
+    out = _Out(args)
+    total = {k: report[k] for k in ("path", "files", "dirs", "bytes")}
+    for c in report["children"]:
+        out.item(c, "%10s  %8d files %6d dirs  %s%s" % (
+            size(c["bytes"]), c["files"], c["dirs"], c["name"],
+            "/" if c["type"] == "directory" else ""))
+    out.item(dict(total, name="total"), "%10s  %8d files %6d dirs  total (%s)" % (
+        size(report["bytes"]), report["files"], report["dirs"], report["path"] or "/"))
+    out.close()
+    return 0
+
+
 def _make_progress(args, label):
-    if not _opt(args, "quiet") and sys.stderr.isatty():
+    if not _opt(args, "quiet") and sys.stderr.isatty() and not getattr(args, "dry_run", 0):
         return _TermProgress(sys.stderr, label)
     return Progress()
 
 
+def _write_json_atomic(path, doc):
+    """Write a JSON document to *path* through path.part + os.replace."""
+    import json
+    tmp = path + ".part"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _local_error(e, path)
+
+
 def _report(args, verb, summary):
-    """Print failures and the summary line; return the exit code."""
+    """Print the plan (dry run), failures and the summary line, write the
+    manifest; return the exit code."""
+    import json
+    if getattr(args, "manifest", None):
+        doc = {"ctadata": __version__, "command": verb, "created": _iso(time.time())}
+        doc.update(summary.to_dict())
+        doc["files"] = doc.pop("results")
+        _write_json_atomic(args.manifest, doc)
     if args.json:
-        import json
         _out(json.dumps(summary.to_dict(), indent=1) + "\n")
+    elif getattr(args, "jsonl", False):
+        out = _Out(args)
+        for r in summary.results:
+            out.item(r.to_dict())
+        d = summary.to_dict()
+        d.pop("results")
+        out.item({"summary": d})
+        out.close()
+    elif getattr(args, "dry_run", False):
+        lines = []
+        for r in summary.results:
+            src, dst = _safe_url(r.source), _safe_url(r.dest)
+            what = "would %s" % verb if r.status == "planned" else r.status
+            size = "" if r.size is None else " (%s)" % _human_bytes(r.size)
+            lines.append("%s %s -> %s%s\n" % (what, src, dst, size))
+        _out("".join(lines))
     failures = summary.failures
     for r in failures[:20]:
-        sys.stderr.write("ctadata: failed: %s: %s\n" % (r.dest if verb == "get" else
-                                                       r.source, r.error))
+        where = r.dest if verb == "get" and r.dest else r.source
+        sys.stderr.write("ctadata: failed: %s: %s\n" % (_safe_url(where), r.error))
     if len(failures) > 20:
         sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
-    if not _opt(args, "quiet"):
+    if getattr(args, "dry_run", False):
+        planned = [r for r in summary.results if r.status == "planned"]
+        sys.stderr.write("dry run: %d files (%s) would be %s, %d skipped (already there), "
+                         "%d failed\n" % (len(planned), _human_bytes(sum(
+                             r.size or 0 for r in planned)),
+                             "downloaded" if verb == "get" else "uploaded",
+                             summary.skipped, summary.failed))
+    elif not _opt(args, "quiet"):
         rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0
         sys.stderr.write("%s: %d files (%d transferred, %d skipped, %d failed), %s in "
                          "%.2f s, %s/s\n" % (verb, summary.files, summary.transferred,
@@ -3028,11 +3173,38 @@ def _report(args, verb, summary):
 
 
 def _cmd_get(client, args):
+    if args.manifest:
+        client._tr.record_sums = True   # checksums in the manifest even without Digest
+    sel = _cli_selector(args)
+    if args.from_list:
+        if args.recursive or sel is not None:
+            raise ConfigError("--from-list takes neither -r nor --include/--exclude")
+        if args.source and args.dest:
+            raise ConfigError("with --from-list give only the destination folder")
+        dest = args.dest or args.source or "."
+    elif not args.source:
+        raise ConfigError("get needs a remote path (or --from-list FILE)")
+    elif args.strip_prefix:
+        raise ConfigError("--strip-prefix goes with --from-list")
     progress = _make_progress(args, "get")
     try:
-        summary = client.download(args.source, args.dest, recursive=args.recursive,
-                                  overwrite=args.overwrite, checksum=args.checksum,
-                                  progress=progress, raise_on_failure=False)
+        if args.from_list:
+            if args.from_list == "-":
+                lines = sys.stdin.read().splitlines()
+            else:
+                try:
+                    with open(args.from_list, encoding="utf-8") as f:
+                        lines = f.read().splitlines()
+                except OSError as e:
+                    raise ConfigError("cannot read %s: %s" % (args.from_list, e.strerror))
+            summary = client.download_list(lines, dest, strip_prefix=args.strip_prefix,
+                                           overwrite=args.overwrite, dry_run=args.dry_run,
+                                           progress=progress, raise_on_failure=False)
+        else:
+            summary = client.download(args.source, args.dest, recursive=args.recursive,
+                                      overwrite=args.overwrite, checksum=args.checksum,
+                                      select=sel, dry_run=args.dry_run, progress=progress,
+                                      raise_on_failure=False)
     finally:
         progress.close()
     return _report(args, "get", summary)
@@ -3043,12 +3215,13 @@ def _cmd_put(client, args):
     try:
         summary = client.upload(args.source, args.dest, recursive=args.recursive,
                                 verify=args.verify, overwrite=args.overwrite,
-                                checksum=args.checksum, progress=progress,
+                                checksum=args.checksum, select=_cli_selector(args),
+                                dry_run=args.dry_run, progress=progress,
                                 raise_on_failure=False)
     finally:
         progress.close()
-    if not args.recursive and summary.transferred and not args.json and \
-            not _opt(args, "quiet"):
+    if not args.recursive and summary.transferred and not (args.json or args.jsonl) \
+            and not _opt(args, "quiet"):
         _out("%s\n" % summary.results[0].remote_path)
     return _report(args, "put", summary)
 
@@ -3059,12 +3232,23 @@ def _cmd_mkdir(client, args):
 
 
 def _cmd_rm(client, args):
-    client.remove(args.path, recursive=args.recursive)
+    gone = client.remove(args.path, recursive=args.recursive, dry_run=args.dry_run)
+    if args.dry_run:
+        _out("".join("would remove %s%s\n" % (e.path, "/" if e.is_dir else "")
+                     for e in gone))
+        files = [e for e in gone if not e.is_dir]
+        sys.stderr.write("dry run: %d files (%s) and %d folders would be removed\n" % (
+            len(files), _human_bytes(sum(e.size or 0 for e in files)),
+            len(gone) - len(files)))
     return 0
 
 
 def _cmd_mv(client, args):
-    client.move(args.source, args.dest, overwrite=args.overwrite)
+    entry, target = client.move(args.source, args.dest, overwrite=args.overwrite,
+                                dry_run=args.dry_run)
+    if args.dry_run:
+        _out("would move %s -> %s\n" % (entry.path, _rel_path(client.url, target)
+                                        if target.startswith(client.url) else target))
     return 0
 
 
@@ -3077,6 +3261,52 @@ def _cmd_sum(client, args):
                           % (args.algo or "known"), client.url_for(args.path))
     for algo, value in sorted(sums.items()):
         _out("%s %s\n" % (algo, value))
+    return 0
+
+
+def _completion_words(parser):
+    """{subcommand: [option strings]} and the global options, read from
+    the argparse tree itself (never a hand-written copy)."""
+    import argparse
+    glob = [o for a in parser._actions for o in a.option_strings]
+    subs = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in action.choices.items():
+                words = [o for a in sp._actions for o in a.option_strings]
+                for a in sp._actions:
+                    if not a.option_strings and a.choices:
+                        words += list(a.choices)
+                subs[name] = words
+    return glob, subs
+
+
+def _cmd_completion(client, args):
+    glob, subs = _completion_words(_build_parser())
+    cases = "".join('        %s) opts="%s" ;;\n' % (name, " ".join(sorted(set(words))))
+                    for name, words in sorted(subs.items()))
+    script = """# ctadata %(v)s %(shell)s completion, generated from its argparse options
+_ctadata() {
+    local cur cmd="" i opts
+    cur="${COMP_WORDS[COMP_CWORD]}"
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${COMP_WORDS[i]}" in
+            %(names)s) cmd="${COMP_WORDS[i]}"; break ;;
+        esac
+    done
+    case "$cmd" in
+        "") opts="%(cmds)s %(glob)s" ;;
+%(cases)s    esac
+    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}
+complete -o default -o bashdefault -F _ctadata ctadata cta-data cta-data-direct ctadata.pyz
+""" % {"v": __version__, "shell": args.shell, "names": "|".join(sorted(subs)),
+       "cmds": " ".join(sorted(subs)), "glob": " ".join(sorted(set(glob))),
+       "cases": cases}
+    if args.shell == "zsh":
+        script = ("autoload -U +X compinit && compinit\n"
+                  "autoload -U +X bashcompinit && bashcompinit\n") + script
+    _out(script)
     return 0
 
 
