@@ -2243,14 +2243,14 @@ class Client:
         """Download every URL or remote path in *items* (strings; blank ones
         and "#" comments are ignored) below the folder *dest*, keeping the
         archive's tree: the local path is what follows *strip_prefix* in the
-        URL, or else the whole URL path.  Works with plain HTTP(S) file
+        URL, or else the whole URL path (for a remote path: that path).  Works with plain HTTP(S) file
         servers (no WebDAV needed: no listing is made).  Present files of the
         same size (asked with HEAD) are skipped unless *overwrite*; transfers
         are parallel, resumable and verified like any download.  The token is
         only sent to the storage URL's origin.
 
         Returns a TransferSummary; raises PartialFailure if any file failed."""
-        from urllib.parse import unquote, urlsplit
+        from urllib.parse import quote, unquote, urlsplit
         started = time.monotonic()
         progress = progress if progress is not None else Progress()
         self._cancel.clear()
@@ -2269,8 +2269,10 @@ class Client:
                             raise ConfigError("not below --strip-prefix %s"
                                               % _safe_url(prefix))
                         rest = url[len(prefix):]
-                    else:
+                    elif "://" in item:
                         rest = urlsplit(url).path
+                    else:  # a remote path: its place below the storage URL
+                        rest = quote(_normpath(item))
                     parts = [unquote(p) for p in rest.split("/") if p]
                     local = _safe_join(dest, parts) if parts else None
                     if local is None:
