@@ -180,12 +180,34 @@ class PartialFailure(CtadataError):
 StorageException = RemoteError
 
 
+def _error_text(body):
+    """The server's own words from an error body: the ``message`` of a JSON
+    object (the download service answers 401 with ``{"message": ...}``), else
+    the text up to any HTML page (the service passes upstream errors through as
+    ``Error: 404 <html>...``: an HTML page says nothing the status does not)."""
+    text = body.decode("utf-8", "replace").strip() if body else ""
+    if text.startswith("{"):
+        import json
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            found = [doc[k] for k in ("message", "error", "detail")
+                     if isinstance(doc.get(k), str)]
+            text = found[0] if found else ""
+    text = text.partition("<")[0]
+    if len(text) > 300:
+        text = ""
+    return " ".join(text.split())
+
+
 def _error_for_status(status, url, body=b"", what=None, auth=None):
     """Map an HTTP error status to the right exception (the one place that does)."""
-    text = body.decode("utf-8", "replace").strip() if body else ""
-    if text.startswith("<") or len(text) > 300:
-        text = ""  # an HTML error page says nothing the status does not
-    text = " ".join(text.split())
+    text = _error_text(body)
+    echo = "Error: %d" % status  # the download service's prefix to upstream errors
+    if text.startswith(echo):
+        text = text[len(echo):].strip()
     msg = "%s: HTTP %d" % (what, status) if what else "HTTP %d" % status
     if text:
         msg += " " + text
@@ -576,6 +598,7 @@ class _Transport:
         if expect:
             hdrs["Expect"] = "100-continue"
         for attempt in (0, 1):
+            cut = None
             conn, reused = self._conn(key, fresh=expect)
             try:
                 if conn.sock is None:
@@ -592,10 +615,15 @@ class _Transport:
                     resp = conn.getresponse()
                 else:
                     conn.endheaders()
-                    if body is not None:
-                        for block in body.chunks(self.cancel):
-                            conn.send(block)
-                    resp = conn.getresponse()
+                    cut = self._send_body(conn, body) if body is not None else None
+                    try:
+                        resp = conn.getresponse()
+                    except Exception:
+                        if cut is not None:
+                            raise cut
+                        raise
+                    if cut is not None and resp.status < 300:
+                        raise cut  # "fine" without the whole body is not fine
             except Exception as e:
                 self._drop(key, conn)
                 # A kept-alive connection the server has closed in the meantime
@@ -606,10 +634,20 @@ class _Transport:
             resp.ctadata_url = url
             resp.ctadata_key = key
             resp.ctadata_conn = conn
-            resp.ctadata_close = expect or resp.will_close
-            if not resp.ctadata_close or expect:
-                pass
+            resp.ctadata_close = expect or resp.will_close or cut is not None
             return resp
+
+    def _send_body(self, conn, body):
+        """Stream *body*; return None, or the error if the server stopped
+        taking it: it may have answered already without reading the body
+        (the download service does for 401/403), and that answer says more
+        than "broken pipe"."""
+        try:
+            for block in body.chunks(self.cancel):
+                conn.send(block)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            return e
+        return None
 
     def _expect_continue(self, conn, method, body):
         """Wait for the server's interim answer to "Expect: 100-continue";
