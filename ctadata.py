@@ -2,8 +2,10 @@
 """ctadata: list, download and upload files on CTAO science data archives.
 
 One module, standard library only, Python 3.8+.  It speaks WebDAV to dCache
-(and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens, and
-can be used three ways:
+(and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
+"direct mode"), or goes through the CTA download service, a JupyterHub service
+that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
+It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
   ``ctadata.upload_file(...)`` or an explicit ``ctadata.Client(...)``;
@@ -27,20 +29,27 @@ __version__ = "1.0.0"
 __all__ = [
     # client, settings and data classes
     "Client", "Settings", "Entry", "DEFAULT_URL", "DEV_URL", "TransferResult", "TransferSummary", "Progress",
+    "SERVICE_URL", "CERTIFICATE_SERVICE_URL",
     # module-level functions (thin wrappers over a default Client)
     "list_dir", "ls", "stat", "fetch_and_save_file", "fetch_and_save_file_or_dir",
     "upload_file", "upload_dir", "mkdir", "remove", "move", "checksum",
+    "upload_certificate", "upload_shared_certificate", "webdav_client",
     "default_client", "set_default_client",
     # errors
     "CtadataError", "ConfigError", "AuthError", "RemoteError", "NotFound",
     "TransferError", "ChecksumMismatch", "ProtocolError", "PartialFailure",
-    "StorageException",
+    "StorageException", "CertificateError",
     # CLI
     "main",
 ]
 
 DEFAULT_URL = "https://dcache.cta.cscs.ch:2880"
 DEV_URL = "https://dcache-dev.ctaodc.ch:2880"
+# The CTA download service (a JupyterHub service proxying the storage) and its
+# companion certificate service: the old client's defaults, PROTOCOL.md §1.
+SERVICE_URL = "https://platform.cta.cscs.ch/services/downloadservice/"
+CERTIFICATE_SERVICE_URL = "https://platform.cta.cscs.ch/services/certificateservice/"
+_CERTIFICATE_KEYS = ("cta", "lst", "arc")
 
 # Transfers move data in 1 MiB blocks: large enough that per-call Python
 # overhead vanishes next to the copy, small enough for 4 workers to stay far
@@ -239,12 +248,16 @@ class _Auth:
     Discovery order (WLCG Bearer Token Discovery, plus our own sources):
     token= argument, token_file=, $CTADATA_TOKEN, $BEARER_TOKEN,
     $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID.
+    For the download service (*service*), a JupyterHub API token instead:
+    token= argument, token_file=, $JUPYTERHUB_API_TOKEN (a storage token
+    means nothing to the hub, and must not be sent there).
     The token itself never appears in repr(), str() or any message."""
 
-    def __init__(self, token=None, token_file=None, env=None):
+    def __init__(self, token=None, token_file=None, env=None, service=False):
         self._explicit = token
         self._token_file = token_file
         self._env = os.environ if env is None else env
+        self.service = service
         self._lock = threading.Lock()
         self._loaded = False
         self._token = None
@@ -262,6 +275,9 @@ class _Auth:
         if self._token_file:
             path = os.path.expanduser(self._token_file)
             yield "--token-file %s" % path, lambda: _read_token_file(path)
+        if self.service:
+            yield "$JUPYTERHUB_API_TOKEN", lambda: env.get("JUPYTERHUB_API_TOKEN")
+            return
         yield "$CTADATA_TOKEN", lambda: env.get("CTADATA_TOKEN")
         yield "$BEARER_TOKEN", lambda: env.get("BEARER_TOKEN")
         btf = env.get("BEARER_TOKEN_FILE")
@@ -355,6 +371,30 @@ class Settings:
     def __repr__(self):
         return "Settings(%s)" % ", ".join(
             "%s=%r" % (k, getattr(self, k)) for k in self.__slots__)
+
+
+def _service_url(url, dev, service, env):
+    """Decide the mode: return the download-service URL for service mode,
+    None for direct mode.
+
+    *service* is a URL, True/"" (the default service: $CTADS_URL, else
+    SERVICE_URL), False (direct mode) or None: then $CTADS_URL selects service
+    mode unless a storage *url* or *dev* was asked for explicitly."""
+    if service is None:
+        if url or dev or not env.get("CTADS_URL"):
+            return None
+        service = True
+    if service is False:
+        return None
+    if url:
+        raise ConfigError("a storage URL and the download service exclude each other "
+                          "(--url / --service)")
+    if dev:
+        raise ConfigError("no development download service is known: pass its URL "
+                          "(--service URL, downloadservice=URL)")
+    if service is True or service == "":
+        return env.get("CTADS_URL") or SERVICE_URL
+    return str(service)
 
 
 def _positive(value, default, name, kind, zero=False):
@@ -1064,6 +1104,165 @@ def _iter_body(resp, size=_CHUNK):
 
 
 ############################################################################
+# Download-service protocol
+############################################################################
+
+# The CTA download service (PROTOCOL.md §1) is a Flask proxy in front of the
+# storage: GET {base}/list/{path} -> JSON, GET {base}/fetch/{path} -> bytes,
+# POST {base}/upload/{path} -> JSON; a JupyterHub API token as Bearer.  Paths
+# in URLs are relative to the storage root and never end with "/" (as the old
+# client sent them).  The functions here are pure, except _Service, which
+# sends requests through the one transport.
+
+class CertificateError(RemoteError):
+    """The certificate service refused a certificate, or could not be used
+    (the old client's name; ``status`` is the HTTP status)."""
+
+
+def _service_json(data, url):
+    """Decode a JSON answer of the service; ProtocolError when it is not JSON."""
+    import json
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("the download service sent something other than JSON "
+                            "(is the URL right?)", url)
+
+
+def _parse_service_listing(items, base, path="", on_self=None, warn=None):
+    """Turn the service's JSON listing of *path* into a list of Entry objects.
+
+    *items* is the decoded JSON list: one ``{"href", "type", "size",
+    "mtime", "url"}`` per entry, hrefs relative to the storage root and
+    percent-encoded as the upstream wrote them, the directory itself
+    included.  *path* is the decoded, normalised path that was listed;
+    *base* the service URL (no trailing slash).  The entry of *path* itself
+    goes to *on_self* (when given) instead of the result.  Dropped, with a
+    message to *warn*: anything that is not a direct child of *path*, and
+    names that could escape a destination folder ("..", "/", "\\", NUL).
+    Each Entry's ``url`` is the service URL that serves it,
+    ``{base}/fetch/{path}`` (directories end with "/")."""
+    from urllib.parse import quote, unquote
+    warn = warn or (lambda msg: None)
+    if not isinstance(items, list):
+        raise ProtocolError("the download service's listing is not a JSON list",
+                            base + "/list/" + quote(path))
+    want = [s for s in path.split("/") if s]
+    out = []
+    for item in items:
+        href = item.get("href") if isinstance(item, dict) else None
+        if not isinstance(href, str):
+            warn("skipping a listing entry without href: %r" % (item,))
+            continue
+        try:
+            segs = [unquote(s, errors="strict") for s in href.strip("/").split("/") if s]
+        except UnicodeDecodeError:
+            warn("skipping entry with malformed percent-encoding: %r" % href)
+            continue
+        is_self = segs == want
+        if not is_self:
+            if len(segs) != len(want) + 1 or segs[:-1] != want:
+                warn("skipping entry outside %s/: %s" % (path, "/".join(segs)))
+                continue
+            name = segs[-1]
+            if name in (".", "..") or any(c in name for c in "/\\\x00"):
+                warn("skipping entry with an unsafe name: %r" % name)
+                continue
+        is_dir = item.get("type") == "directory" or href.endswith("/")
+        size = item.get("size")
+        try:
+            size = int(size) if size not in (None, "") and not is_dir else None
+        except (TypeError, ValueError):
+            size = None
+        dpath = "/".join(segs)
+        raw_mtime = item.get("mtime")
+        mtime = _parse_http_date(raw_mtime) if isinstance(raw_mtime, str) else None
+        if raw_mtime and mtime is None:
+            warn("unparsable modification time %r for %s" % (raw_mtime, dpath))
+        url = "%s/fetch/%s%s" % (base, quote(dpath, safe="/"),
+                                 "/" if is_dir and dpath else "")
+        entry = Entry(segs[-1] if segs else "", dpath, url, is_dir, size, mtime)
+        if not is_self:
+            out.append(entry)
+        elif on_self is not None:
+            on_self(entry)
+    return out
+
+
+def _parse_upload_answer(data, url):
+    """The service's answer to an upload: ``{"status", "path",
+    "total_written"}``, checked; ProtocolError when it is anything else."""
+    answer = _service_json(data, url)
+    if not isinstance(answer, dict) or not isinstance(answer.get("path"), str) or \
+            not isinstance(answer.get("total_written"), int):
+        raise ProtocolError("unexpected answer of the download service to an upload: %r"
+                            % (answer,), url)
+    return answer
+
+
+def _read_body(tr, resp, url, what):
+    """Read a whole (JSON) answer; network errors become TransferError."""
+    try:
+        return resp.read()
+    except Exception as e:
+        if not _is_transient(e):
+            raise
+        raise _network_error(e, url, what)
+    finally:
+        tr.release(resp)
+
+
+class _Service:
+    """The requests of the download service, over the one transport.
+
+    Paths given here are decoded and normalised (no leading or trailing
+    "/"); the Client does that."""
+
+    def __init__(self, tr, base):
+        self.tr = tr
+        self.base = base.rstrip("/")
+
+    def url(self, endpoint, path):
+        """``{base}/{endpoint}/{path}``, percent-encoded."""
+        from urllib.parse import quote
+        return "%s/%s%s" % (self.base, endpoint, "/" + quote(path, safe="/") if path else "")
+
+    def list(self, path, on_self=None, warn=None):
+        """GET /list/{path}; return (the JSON list as sent, the child Entries)."""
+        url = self.url("list", path)
+        resp = self.tr.request("GET", url, {"Accept": "application/json"}, ok=(200,),
+                               what="list")
+        items = _service_json(_read_body(self.tr, resp, url, "list"), url)
+        return items, _parse_service_listing(items, self.base, path, on_self, warn)
+
+    def stat(self, path, warn=None):
+        """The Entry of *path*, from the listing of *path* itself (the service
+        has no stat: a file lists as itself, a directory with itself)."""
+        found = []
+        _items, children = self.list(path, found.append, warn)
+        if found:
+            return found[0]
+        if children:  # a listing without its own entry: still a directory
+            return Entry(path.rpartition("/")[2], path, self.url("fetch", path) + "/", True)
+        raise NotFound("no such file or directory", self.url("list", path), 404)
+
+
+def _post_certificate(tr, url, payload):
+    """POST a certificate (JSON) to the certificate service; return its JSON
+    answer.  Every refusal is a CertificateError with the service's message."""
+    import json
+    body = json.dumps(payload).encode("utf-8")
+    try:
+        resp = tr.request("POST", url, {"Content-Type": "application/json",
+                                        "Accept": "application/json"}, body,
+                          ok=(200, 201), what="certificate upload")
+    except (AuthError, RemoteError) as e:
+        raise CertificateError(e.message, e.url, e.status, e.hint)
+    answer = _service_json(_read_body(tr, resp, url, "certificate upload"), url)
+    return answer if isinstance(answer, dict) else {"message": answer}
+
+
+############################################################################
 # Transfer engine (plans, workers, progress)
 ############################################################################
 
@@ -1141,7 +1340,7 @@ class TransferResult:
                                                  self.status)
 
     def to_dict(self):
-        d = {k: getattr(self, k) for k in self.__slots__}
+        d = {k: getattr(self, k) for k in TransferResult.__slots__}
         d["source"] = _safe_url(self.source) if "://" in str(self.source) else self.source
         d["dest"] = _safe_url(self.dest) if "://" in str(self.dest) else self.dest
         return d
@@ -1151,11 +1350,13 @@ class TransferSummary:
     """Outcome of a (possibly multi-file) transfer: ``results`` holds one
     TransferResult per file; counters ``files``, ``transferred``,
     ``skipped``, ``failed``, ``bytes`` (moved over the network),
-    ``seconds``."""
+    ``seconds``; for uploads ``remote_path``, where the file or tree is on
+    the storage (as the download service names it, in service mode)."""
 
     def __init__(self, results, seconds):
         self.results = results
         self.seconds = seconds
+        self.remote_path = None
         self.files = len(results)
         self.transferred = sum(1 for r in results if r.status == "transferred")
         self.skipped = sum(1 for r in results if r.status == "skipped")
@@ -1178,7 +1379,7 @@ class TransferSummary:
     def to_dict(self):
         return {"files": self.files, "transferred": self.transferred,
                 "skipped": self.skipped, "failed": self.failed, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3),
+                "seconds": round(self.seconds, 3), "remote_path": self.remote_path,
                 "results": [r.to_dict() for r in self.results]}
 
 
@@ -1236,7 +1437,7 @@ def _local_error(e, path):
     return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
 
 
-def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
+def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume=True):
     """Download *url* to *dest* through ``dest.part`` (renamed on success).
 
     Resumes an existing .part with Range + If-Range; verifies size and the
@@ -1245,13 +1446,16 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
     time (one retry budget for the whole file).  A checksum mismatch deletes
     the .part and starts over once.  Returns a TransferResult; raises
     CtadataError on failure, leaving at most a .part file behind (never a
-    wrong file under the final name)."""
+    wrong file under the final name).  Without *resume* (the download
+    service ignores Range), every attempt starts from byte 0 and a failed
+    download leaves no .part either."""
     part = dest + ".part"
     mismatches = attempt = 0
     fetched = [0]
     while True:
         try:
-            sums, mtime = _download_once(tr, url, part, entry, progress, cancel, fetched)
+            sums, mtime = _download_once(tr, url, part, entry, progress, cancel, fetched,
+                                         resume)
         except ChecksumMismatch:
             _unlink(part)
             mismatches += 1
@@ -1261,6 +1465,8 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
         except CtadataError as e:
             delay = _retry_delay(tr.policy, attempt, e)
             if delay is None:
+                if not resume:
+                    _unlink(part)
                 raise
             _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(url), delay, e)
             tr._sleep(delay)
@@ -1295,13 +1501,13 @@ def _unlink(path):
         pass
 
 
-def _download_once(tr, url, part, entry, progress, cancel, fetched):
+def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True):
     """One GET attempt; returns (checksums, remote mtime).  Network errors
     become retryable TransferErrors; *fetched[0]* counts bytes received."""
     expected = entry.size if entry is not None else None
     known_sums = entry.checksums if entry is not None else {}
     try:
-        offset = os.path.getsize(part)
+        offset = os.path.getsize(part) if resume else 0
     except OSError:
         offset = 0
     if expected is not None and offset >= expected:
@@ -1470,6 +1676,36 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     return TransferResult(local, url, size, "transferred", None, sums, size)
 
 
+class _ServiceResult(TransferResult):
+    """A TransferResult that keeps the download service's answer."""
+
+    __slots__ = ("answer",)
+
+
+def _upload_service_file(tr, local, url, size, progress=None):
+    """POST one local file, streamed, to the download service's /upload/ URL;
+    return a _ServiceResult whose ``remote_path`` is the path the service
+    reports (the file lands in the caller's own folder: that path is what
+    others pass to fetch).  The service's ``total_written`` must equal the
+    file's size, else TransferError."""
+    body = _FileBody(local, size)
+    resp = tr.request("POST", url, {"Content-Type": "application/octet-stream",
+                                    "Accept": "application/json"}, body,
+                      ok=(200, 201), what="upload")
+    answer = _parse_upload_answer(_read_body(tr, resp, url, "upload"), url)
+    if answer["total_written"] != size:
+        raise TransferError("the service stored %d of %d bytes" % (
+            answer["total_written"], size), url, expected=size,
+            received=answer["total_written"])
+    if progress is not None:
+        progress.advance(size)
+    res = _ServiceResult(local, url, size, "transferred", None,
+                         body.hashers.result() if body.hashers else {}, size,
+                         answer["path"])
+    res.answer = answer
+    return res
+
+
 def _try_delete(tr, url):
     try:
         tr.release(tr.request("DELETE", url, ok=(200, 202, 204, 404), retry=False))
@@ -1495,7 +1731,8 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None):
         try:
             res = worker(task)
         except CtadataError as e:
-            res = TransferResult(task.source, task.dest, task.size, "failed", str(e))
+            res = _FailedResult(task.source, task.dest, task.size, "failed", str(e))
+            res.exc = e
         except OSError as e:
             res = TransferResult(task.source, task.dest, task.size, "failed",
                                  str(_local_error(e, task.dest)))
@@ -1527,15 +1764,24 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None):
     return results
 
 
+class _FailedResult(TransferResult):
+    """A failed TransferResult that keeps its exception, for single-file
+    calls to raise it as it was (AuthError stays AuthError)."""
+
+    __slots__ = ("exc",)
+
+
 class _Task:
-    __slots__ = ("source", "dest", "size", "entry")
+    __slots__ = ("source", "dest", "size", "entry", "remote")
 
-    def __init__(self, source, dest, size, entry=None):
+    def __init__(self, source, dest, size, entry=None, remote=None):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
+        self.remote = remote  # uploads: the remote path asked for
 
 
-def _summarize(results, started, raise_on_failure=True):
+def _summarize(results, started, raise_on_failure=True, remote_path=None):
     summary = TransferSummary(results, time.monotonic() - started)
+    summary.remote_path = remote_path
     if raise_on_failure and summary.failed:
         raise PartialFailure(summary)
     return summary
@@ -1575,29 +1821,50 @@ def _basename(path):
 
 
 class Client:
-    """A client of one storage endpoint (dCache or any WebDAV server).
+    """A client of one storage endpoint (dCache or any WebDAV server), or of
+    the CTA download service that proxies it.
 
     >>> c = Client(url="https://dcache.example.org:2880", token_file="~/tok")
     >>> for e in c.ls("lst/DL1"): print(e.name, e.size)
+    >>> hub = Client(service=True)      # $CTADS_URL or SERVICE_URL, $JUPYTERHUB_API_TOKEN
 
     Every module-level function exists as a method of the same name.  Remote
     paths are relative to *url*; a full http(s):// URL is accepted too.
     The token is found lazily (see README "Credentials") and sent only to
-    the origin of *url*.  A Client is safe to use from several threads."""
+    the origin of *url*.  A Client is safe to use from several threads.
+
+    *service* selects the service mode (see _service_url): a URL, True for
+    the default one, False to refuse it; None lets $CTADS_URL decide when no
+    *url* is given.  There, ``ls``, downloads and uploads go through the
+    service's /list, /fetch and /upload; remote paths are relative to the
+    storage root and may be percent-encoded, as the service lists them;
+    uploads land in the caller's own folder.  *certificate_service* is the
+    certificate service's URL (else $CTACS_URL, else CERTIFICATE_SERVICE_URL)."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
-                 cert=None, verify_upload=None, env=None):
-        if dev and not url:
+                 cert=None, verify_upload=None, env=None, service=None,
+                 certificate_service=None):
+        self._env = os.environ if env is None else env
+        service_url = _service_url(url, dev, service, self._env)
+        if service_url:
+            url = service_url
+        elif dev and not url:
             url = DEV_URL
         self.settings = Settings(url, timeout, retries, jobs, ca_file, ca_dir, insecure,
                                  cert, verify_upload, env=env)
-        self._auth = _Auth(token, token_file, env)
+        self._auth = _Auth(token, token_file, env, service=bool(service_url))
         self._cancel = threading.Event()
         self._tr = _Transport(self.settings, self._auth, self._cancel)
+        self._svc = _Service(self._tr, self.settings.url) if service_url else None
+        self._cert_url = certificate_service
+        self._hub = None  # (auth, certificate transport) for the JupyterHub services
+        self._hub_lock = threading.Lock()
         self.warnings = []
 
     def __repr__(self):
+        if self._svc is not None:
+            return "Client(service=%r)" % self.settings.url
         return "Client(url=%r)" % self.settings.url
 
     def __enter__(self):
@@ -1609,16 +1876,33 @@ class Client:
     def close(self):
         """Close this thread's kept-alive connections."""
         self._tr.close()
+        if self._hub is not None:
+            self._hub[1].close()
 
     @property
     def url(self):
+        """The storage URL (in service mode: the download service's URL)."""
         return self.settings.url
+
+    @property
+    def service(self):
+        """The download service's URL in service mode, else None."""
+        return self.settings.url if self._svc is not None else None
 
     # -- paths ---------------------------------------------------------------
 
     def url_for(self, path, collection=False):
-        """Absolute, percent-encoded URL of a remote *path* (or Entry, or URL)."""
-        if isinstance(path, Entry):
+        """Absolute, percent-encoded URL of a remote *path* (or Entry, or URL,
+        or an entry of the service's listing).  In service mode, the service
+        URL that serves it (``{service}/fetch/{path}``)."""
+        if isinstance(path, dict):
+            path = path.get("href") or ""
+        if self._svc is not None:
+            if isinstance(path, Entry):
+                url = path.url
+            else:
+                url = self._svc.url("fetch", self._svc_path(path))
+        elif isinstance(path, Entry):
             url = path.url
         elif "://" in str(path):
             url = str(path)
@@ -1630,6 +1914,38 @@ class Client:
         if collection and not url.endswith("/"):
             url += "/"
         return url
+
+    def _svc_path(self, target):
+        """The decoded, normalised storage path (no leading or trailing "/")
+        of a path, Entry, listing entry or service URL, in service mode.
+
+        Paths may be percent-encoded, as the service lists them (hrefs): a
+        valid %XX is decoded, anything else is taken literally, so
+        "with%20space" and "with space" name the same file."""
+        from urllib.parse import unquote
+        if isinstance(target, Entry):
+            return target.path
+        if isinstance(target, dict):
+            target = target.get("href") or ""
+        text = str(target or "")
+        if "://" in text:
+            text = text.partition("?")[0]
+            for endpoint in ("fetch", "list", "upload", "webdav"):
+                prefix = "%s/%s" % (self.settings.url, endpoint)
+                if text == prefix or text.startswith(prefix + "/"):
+                    text = text[len(prefix):]
+                    break
+            else:
+                raise ConfigError("in service mode remote paths are relative to the "
+                                  "storage root; not a URL of this service: %r"
+                                  % _safe_url(text))
+        return _normpath(unquote(text)).strip("/")
+
+    def _direct_only(self, what):
+        if self._svc is not None:
+            raise ConfigError("%s is not offered by the download service: use "
+                              "webdav_client() (writes only in your own folder) or "
+                              "direct mode" % what)
 
     def _warn(self, msg):
         self.warnings.append(msg)
@@ -1650,10 +1966,18 @@ class Client:
         finally:
             self._tr.release(resp)
 
+    def _children(self, target, on_self=None):
+        """The entries of one directory (path, Entry or URL), self to *on_self*."""
+        if self._svc is not None:
+            return iter(self._svc.list(self._svc_path(target), on_self, self._warn)[1])
+        return self._propfind(self.url_for(target), 1, on_self)
+
     def stat(self, path):
         """Return the Entry of a remote file or directory.
 
         Raises NotFound if it does not exist, AuthError, RemoteError."""
+        if self._svc is not None:
+            return self._svc.stat(self._svc_path(path), self._warn)
         found = []
         for _ in self._propfind(self.url_for(path), 0, found.append):
             pass
@@ -1663,10 +1987,11 @@ class Client:
 
     def iter_dir(self, path=""):
         """Yield the entries of one directory as the server sends them
-        (unsorted, in bounded memory).  For a file, yield its own entry."""
+        (unsorted, in bounded memory; the download service sends its listing
+        as one JSON document).  For a file, yield its own entry."""
         selfs = []
         n = 0
-        for entry in self._propfind(self.url_for(path), 1, selfs.append):
+        for entry in self._children(path, selfs.append):
             n += 1
             yield entry
         if not n and selfs and not selfs[0].is_dir:
@@ -1681,7 +2006,7 @@ class Client:
 
         def listing(p):
             selfs = []
-            children = sorted(self._propfind(p, 1, selfs.append), key=_entry_key)
+            children = sorted(self._children(p, selfs.append), key=_entry_key)
             return (selfs[0] if selfs else None), children
 
         with ThreadPoolExecutor(max_workers=jobs or self.settings.jobs) as ex:
@@ -1708,11 +2033,29 @@ class Client:
             out.extend(children)
         return out
 
-    def list_dir(self, path=""):
-        """Return the paths (relative to the storage URL) of the entries of
-        the directory *path*, directories ending with "/": what the old
-        client's ``list_dir`` returned and what ``fetch_and_save_file`` takes."""
-        return [e.path + "/" if e.is_dir else e.path for e in self.ls(path)]
+    def list_dir(self, path="", recursive=False):
+        """List a remote directory (with *recursive*, everything below it) the
+        way the old client did in this mode; what ``fetch_and_save_file`` takes.
+
+        Direct mode: a list of paths (str, relative to the storage URL),
+        directories ending with "/".  Service mode: the service's listing as
+        it sent it, a list of dicts ``{"href", "type", "size", "mtime",
+        "url"}`` (the directory itself included; hrefs percent-encoded) that
+        also act as their href for ``in``, ``.split()`` and the like, as the
+        old README's loops expect.  Raises NotFound, AuthError, RemoteError."""
+        if self._svc is not None:
+            return self._service_list_dir(self._svc_path(path), recursive)
+        return [e.path + "/" if e.is_dir else e.path for e in self.ls(path, recursive)]
+
+    def _service_list_dir(self, path, recursive):
+        items, children = self._svc.list(path, None, self._warn)
+        out = [_ListingEntry(i) if isinstance(i, dict) else i for i in items]
+        if recursive:
+            for e in children:
+                if e.is_dir:
+                    out.extend(i for i in self._service_list_dir(e.path, True)
+                               if _href_path(i) != e.path)
+        return out
 
     # -- downloads ---------------------------------------------------------------
 
@@ -1789,13 +2132,17 @@ class Client:
 
     def _download_worker(self, progress):
         tr, cancel = self._tr, self._cancel
-        return lambda t: _download_file(tr, t.source, t.dest, t.entry, progress, cancel)
+        resume = self._svc is None  # the download service ignores Range
+        return lambda t: _download_file(tr, t.source, t.dest, t.entry, progress, cancel,
+                                        resume)
 
     def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
         """Download one remote file; return the number of bytes written.
 
         *save_to_fn* defaults to the file's name in the current folder (as in
-        the old client).  Raises NotFound, AuthError, TransferError,
+        the old client).  In service mode the size is checked against the
+        service's listing (it answers 200 even when the storage failed
+        mid-way).  Raises NotFound, AuthError, TransferError,
         ChecksumMismatch."""
         summary = self.download(path, save_to_fn, overwrite=overwrite,
                                 raise_on_failure=False)
@@ -1820,15 +2167,24 @@ class Client:
 
         A remote path ending with "/" (or empty) names the folder to upload
         *into* (``remote/<local name>``); otherwise it is the new name.
-        Missing remote folders are created.  Returns a TransferSummary;
-        raises PartialFailure if any file failed, ConfigError for a bad local
-        path."""
+        Missing remote folders are created.  In service mode everything lands
+        in the caller's own folder, and each result's ``remote_path`` (and the
+        summary's) is the path the service reports.  Returns a
+        TransferSummary; raises PartialFailure if any file failed,
+        ConfigError for a bad local path."""
         started = time.monotonic()
         progress = progress if progress is not None else Progress()
         self._cancel.clear()
         local = os.fspath(local)
         remote = str(remote or "")
-        if "://" not in remote:
+        if self._svc is not None:
+            if "://" in remote:
+                raise ConfigError("in service mode the destination is a path in your "
+                                  "own folder, not a URL: %r" % _safe_url(remote))
+            trailing = "/" if remote.endswith("/") else ""
+            remote = self._svc_path(remote)
+            remote = remote + trailing if remote else ""
+        elif "://" not in remote:
             remote = _normpath(remote) if remote.strip("/") else ""
         name = os.path.basename(os.path.normpath(local))
         if os.path.isdir(local):
@@ -1840,35 +2196,44 @@ class Client:
         if not os.path.isfile(local):
             raise ConfigError("no such local file: %s" % local)
         target = remote + name if _into(remote) else remote
-        url = self.url_for(target)
-        parent = target.rstrip("/").rpartition("/")[0] if "://" not in target else None
         size = os.path.getsize(local)
         progress.add_total(1, size)
         tr = self._tr
+        if self._svc is not None:
+            url = self._svc.url("upload", target)
 
-        def worker(t):
-            try:
-                return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
-            except NotFound:
-                raise
-            except RemoteError as e:
-                if e.status != 409 or not parent:
+            def worker(t):
+                return _upload_service_file(tr, t.source, t.dest, t.size, progress)
+        else:
+            url = self.url_for(target)
+            parent = target.rstrip("/").rpartition("/")[0] if "://" not in target else None
+
+            def worker(t):
+                try:
+                    return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
+                except NotFound:
                     raise
-            self.mkdir(parent, parents=True)  # 409: the parent folder is missing
-            return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
+                except RemoteError as e:
+                    if e.status != 409 or not parent:
+                        raise
+                self.mkdir(parent, parents=True)  # 409: the parent folder is missing
+                return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
 
         results = _run_parallel([_Task(local, url, size)], worker, 1, progress,
                                 self._cancel)
         for r in results:
-            r.remote_path = target
-        return _summarize(results, started, raise_on_failure)
+            if r.remote_path is None:
+                r.remote_path = target
+        return _summarize(results, started, raise_on_failure, results[0].remote_path)
 
     def _upload_tree(self, local, target, verify, progress, jobs, started,
                      raise_on_failure):
-        if target.strip("/"):
+        svc = self._svc
+        if target.strip("/") and svc is None:
             self.mkdir(target, parents=True)
         tr = self._tr
         base = target.rstrip("/")
+        area = []  # service mode: the caller's folder, as the service names it
 
         def tasks():
             for dirpath, dirnames, filenames in os.walk(local):
@@ -1876,7 +2241,7 @@ class Client:
                 rel = os.path.relpath(dirpath, local)
                 rparts = [] if rel == "." else rel.split(os.sep)
                 rdir = "/".join([base] + rparts if base else rparts)
-                if rparts:
+                if rparts and svc is None:
                     self._mkcol(self.url_for(rdir, True), exist_ok=True)
                 for fn in sorted(filenames):
                     path = os.path.join(dirpath, fn)
@@ -1888,26 +2253,40 @@ class Client:
                         continue
                     rpath = (rdir + "/" + fn) if rdir else fn
                     progress.add_total(1, size)
-                    t = _Task(path, self.url_for(rpath), size)
-                    yield t
+                    if svc is not None:
+                        # The service makes the folders itself (MKCOL upstream).
+                        yield _Task(path, svc.url("upload", rpath), size, remote=rpath)
+                    else:
+                        yield _Task(path, self.url_for(rpath), size, remote=rpath)
 
         def worker(t):
+            if svc is not None:
+                res = _upload_service_file(tr, t.source, t.dest, t.size, progress)
+                if not area and res.remote_path.endswith("/" + t.remote):
+                    area.append(res.remote_path[:-len(t.remote)])
+                return res
             res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
-            res.remote_path = _rel_path(self.settings.url, t.dest)
+            res.remote_path = t.remote
             return res
 
         results = _run_parallel(tasks(), worker, jobs or self.settings.jobs, progress,
                                 self._cancel)
-        return _summarize(results, started, raise_on_failure)
+        root = (area[0] + base if area else None) if svc is not None else base
+        return _summarize(results, started, raise_on_failure, root)
 
     def upload_file(self, local, remote=""):
-        """Upload one file; return ``{"path", "status", "total_written"}`` like
-        the download service does.  A *remote* ending with "/" is a folder:
-        ``upload_file("latest.txt", "your-folder/")`` -> your-folder/latest.txt."""
+        """Upload one file; return ``{"path", "status", "total_written"}``: in
+        service mode the service's own answer (``path`` is in your folder:
+        what others pass to fetch), in direct mode a dict like it.  A *remote*
+        ending with "/" is a folder: ``upload_file("latest.txt",
+        "your-folder/")`` -> your-folder/latest.txt.  Raises ConfigError
+        (bad local file or remote path), AuthError, TransferError."""
         summary = self.upload(local, remote, raise_on_failure=False)
         if summary.failed:
             raise _reraise(summary.failures[0])
         r = summary.results[0]
+        if isinstance(r, _ServiceResult):
+            return dict(r.answer)
         return {"path": r.remote_path, "status": "uploaded", "total_written": r.size}
 
     def upload_dir(self, local, remote=""):
@@ -1920,6 +2299,7 @@ class Client:
     def mkdir(self, path, parents=False):
         """Create a remote directory (with *parents*, also missing parents;
         an existing directory is then fine).  Raises RemoteError."""
+        self._direct_only("mkdir")
         norm = _normpath(str(path)) if "://" not in str(path) else str(path)
         if not parents or "://" in norm:
             self._mkcol(self.url_for(norm, True), exist_ok=parents)
@@ -1937,6 +2317,7 @@ class Client:
     def remove(self, path, recursive=False):
         """Delete a remote file, or with *recursive* a directory tree.
         Raises NotFound, ConfigError (a directory without *recursive*)."""
+        self._direct_only("remove")
         entry = self.stat(path)
         if entry.is_dir and not recursive:
             raise ConfigError("%s is a directory (use recursive=True / rm -r)" % entry.path)
@@ -1948,6 +2329,7 @@ class Client:
         """Rename/move a remote file or directory on the server (WebDAV MOVE).
         A *dst* ending with "/" is a folder to move into.  Raises NotFound,
         RemoteError (412 when *dst* exists and not *overwrite*)."""
+        self._direct_only("move")
         entry = self.stat(src)
         dst = str(dst)
         if dst.endswith("/"):
@@ -1963,6 +2345,7 @@ class Client:
 
         Asks with HEAD + Want-Digest (RFC 3230), falls back to dCache's
         Checksums property.  Empty dict when the server has none."""
+        self._direct_only("checksum")
         url = self.url_for(path)
         resp = self._tr.request("HEAD", url, {"Want-Digest": "adler32,md5;q=0.5"},
                                 ok=(200,), what="checksum")
@@ -1971,6 +2354,78 @@ class Client:
         if sums:
             return sums
         return self.stat(url).checksums
+
+
+    # -- the JupyterHub services: certificates, WebDAV pass-through ------------
+
+    def _hub_auth(self):
+        """(auth, transport of the certificate service), made on first use.
+        The hub token: this client's in service mode, else one found the
+        service way (token=, token_file=, $JUPYTERHUB_API_TOKEN), never a
+        storage token from the WLCG places."""
+        with self._hub_lock:
+            if self._hub is None:
+                auth = self._auth
+                if self._svc is None:
+                    auth = _Auth(self._auth._explicit, self._auth._token_file,
+                                 self._env, service=True)
+                url = self._cert_url or self._env.get("CTACS_URL") or CERTIFICATE_SERVICE_URL
+                s = self.settings
+                cs = Settings(url, s.timeout, s.retries, s.jobs, s.ca_file, s.ca_dir,
+                              s.insecure, s.cert, backoff=s.backoff, env=self._env)
+                self._hub = (auth, _Transport(cs, auth, self._cancel))
+            return self._hub
+
+    def _post_certificate(self, endpoint, path, fields):
+        try:
+            with open(os.fspath(path), "r", encoding="utf-8") as f:
+                pem = f.read(1 << 20)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("cannot read certificate file %s: %s"
+                              % (path, getattr(e, "strerror", None) or e))
+        _auth, tr = self._hub_auth()
+        payload = dict(fields, certificate=pem)
+        return _post_certificate(tr, tr.settings.url + "/" + endpoint, payload)
+
+    def upload_certificate(self, path, certificate_key="cta"):
+        """Upload your (proxy) certificate, a PEM file, to the certificate
+        service, so that the platform can reach the storage as you;
+        *certificate_key* says for which storage area: "cta", "lst" or
+        "arc".  Return the service's JSON answer (a dict with a
+        ``message``).  Raises ConfigError (unreadable file, unknown key:
+        nothing sent), CertificateError (refused; ``status`` and the
+        service's message), TransferError."""
+        if certificate_key not in _CERTIFICATE_KEYS:
+            raise ConfigError("certificate_key must be one of %s, not %r"
+                              % (", ".join(_CERTIFICATE_KEYS), certificate_key))
+        return self._post_certificate("certificate", path,
+                                      {"certificate_key": certificate_key})
+
+    def upload_shared_certificate(self, path):
+        """Upload the shared (robot) certificate used for data syncing to the
+        certificate service (its main certificate; for operators).  Return
+        the service's JSON answer.  Raises ConfigError, CertificateError,
+        TransferError."""
+        return self._post_certificate("main-certificate", path, {})
+
+    def _hub_service_url(self):
+        if self._svc is not None:
+            return self.settings.url
+        return (self._env.get("CTADS_URL") or SERVICE_URL).rstrip("/")
+
+    def webdav_client(self):
+        """Return a direct-mode Client on the download service's WebDAV
+        pass-through (``{service}/webdav/``), with the same hub token:
+        mkdir, rm, stat and the rest, writes only inside your own folder.
+        Without service mode, the service is $CTADS_URL or SERVICE_URL.
+        Raises ConfigError for a bad URL."""
+        s = self.settings
+        c = Client(url=self._hub_service_url() + "/webdav", timeout=s.timeout,
+                   retries=s.retries, jobs=s.jobs, ca_file=s.ca_file, ca_dir=s.ca_dir,
+                   insecure=s.insecure, cert=s.cert, env=self._env, service=False)
+        # The pass-through wants the hub token, not a storage token.
+        c._auth = c._tr.auth = self._hub_auth()[0]
+        return c
 
 
 def _entry_key(e):
@@ -1993,8 +2448,38 @@ def _rel_path(base_url, url):
 
 
 def _reraise(result):
-    """Rebuild an exception for a failed single-file result."""
+    """The exception of a failed single-file result."""
+    exc = getattr(result, "exc", None)
+    if exc is not None:
+        return exc
     return TransferError(result.error or "transfer failed", result.source)
+
+
+class _ListingEntry(dict):
+    """One entry of the download service's listing, exactly as it sent it
+    (``href``, ``type``, ``size``, ``mtime``, ``url``).  The old README loops
+    over list_dir() as if it gave path strings (``'.0100' in url``,
+    ``url.split("/")``, ``fetch_and_save_file(url)``), older code uses
+    dicts (``url["href"]``): both work.  ``in`` tests the keys, then the
+    href's text; str methods (split, endswith, ...) are those of the href."""
+
+    __slots__ = ()
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or (
+            isinstance(key, str) and key in str(self.get("href") or ""))
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(str(self.get("href") or ""), name)
+
+
+def _href_path(item):
+    """Decoded path of a service listing entry (no leading/trailing "/")."""
+    from urllib.parse import unquote
+    href = item.get("href") if isinstance(item, dict) else None
+    return unquote(href).strip("/") if isinstance(href, str) else None
 
 
 _default_client = None
@@ -2003,7 +2488,7 @@ _default_lock = threading.Lock()
 
 def default_client():
     """Return the Client used by the module-level functions, creating it on
-    first use from the environment (CTADATA_URL, token discovery)."""
+    first use from the environment (CTADATA_URL, CTADS_URL, token discovery)."""
     global _default_client
     with _default_lock:
         if _default_client is None:
@@ -2013,64 +2498,107 @@ def default_client():
 
 def set_default_client(client):
     """Make *client* the one the module-level functions use (None: rebuild
-    from the environment on next use)."""
+    from the environment on next use).  Returns None."""
     global _default_client
     with _default_lock:
         _default_client = client
 
 
-def list_dir(path=""):
-    """Paths of the entries of a remote directory (see Client.list_dir)."""
-    return default_client().list_dir(path)
+def list_dir(path="", recursive=False):
+    """List a remote directory (with *recursive*, everything below it).
+
+    Returns, as the old client did in each mode: direct mode, a list of
+    paths (str), directories ending with "/"; service mode, the service's
+    listing, a list of dicts with ``href``, ``type``, ``size``, ``mtime``,
+    ``url`` (see Client.list_dir).  Raises NotFound, AuthError, RemoteError."""
+    return default_client().list_dir(path, recursive)
 
 
 def ls(path="", recursive=False):
-    """Entry objects of a remote directory (see Client.ls)."""
+    """Return the Entry objects of a remote directory (see Client.ls).
+    Raises NotFound, AuthError, RemoteError."""
     return default_client().ls(path, recursive)
 
 
 def stat(path):
-    """Entry of a remote file or directory (see Client.stat)."""
+    """Return the Entry of a remote file or directory (see Client.stat).
+    Raises NotFound, AuthError, RemoteError."""
     return default_client().stat(path)
 
 
 def fetch_and_save_file(path, save_to_fn=None):
-    """Download one file; return bytes written (see Client.fetch_and_save_file)."""
+    """Download one file to *save_to_fn* (default: its name, here); return
+    the number of bytes written.  *path* may be an entry of list_dir().
+    Raises NotFound, AuthError, TransferError (also for a short download),
+    ChecksumMismatch (see Client.fetch_and_save_file)."""
     return default_client().fetch_and_save_file(path, save_to_fn)
 
 
 def fetch_and_save_file_or_dir(path, save_to=None, recursive=False):
-    """Download a file or a tree (see Client.fetch_and_save_file_or_dir)."""
+    """Download a file, or with *recursive* a tree into ``<save_to or .>/<name>``;
+    return the TransferSummary.  Raises PartialFailure, NotFound, AuthError
+    (see Client.fetch_and_save_file_or_dir)."""
     return default_client().fetch_and_save_file_or_dir(path, save_to, recursive)
 
 
 def upload_file(local, remote=""):
-    """Upload one file; return {"path", "status", "total_written"} (see Client.upload_file)."""
+    """Upload one file; return {"path", "status", "total_written"}: in service
+    mode the service's answer, whose ``path`` (in your own folder) is what
+    others pass to fetch_and_save_file.  Raises ConfigError, AuthError,
+    TransferError (see Client.upload_file)."""
     return default_client().upload_file(local, remote)
 
 
 def upload_dir(local, remote=""):
-    """Upload a directory tree; return a TransferSummary (see Client.upload_dir)."""
+    """Upload a directory tree (into *remote* when it ends with "/", else as
+    *remote*); return the TransferSummary (``remote_path``: where the tree
+    is).  Raises PartialFailure, ConfigError (see Client.upload_dir)."""
     return default_client().upload_dir(local, remote)
 
 
+def upload_certificate(path, certificate_key="cta"):
+    """Upload your (proxy) certificate PEM file to the certificate service
+    for the storage area *certificate_key* ("cta", "lst" or "arc"); return
+    the service's answer (dict).  Raises ConfigError, CertificateError,
+    TransferError (see Client.upload_certificate)."""
+    return default_client().upload_certificate(path, certificate_key)
+
+
+def upload_shared_certificate(path):
+    """Upload the shared (robot) certificate to the certificate service;
+    return its answer (dict).  Raises ConfigError, CertificateError,
+    TransferError (see Client.upload_shared_certificate)."""
+    return default_client().upload_shared_certificate(path)
+
+
+def webdav_client():
+    """Return a ctadata Client on the download service's WebDAV pass-through
+    (``{service}/webdav/``) with the hub token.  Raises ConfigError (see
+    Client.webdav_client)."""
+    return default_client().webdav_client()
+
+
 def mkdir(path, parents=False):
-    """Create a remote directory (see Client.mkdir)."""
+    """Create a remote directory (see Client.mkdir); return None.  Raises
+    RemoteError, ConfigError (service mode)."""
     return default_client().mkdir(path, parents)
 
 
 def remove(path, recursive=False):
-    """Delete a remote file or tree (see Client.remove)."""
+    """Delete a remote file or tree (see Client.remove); return None.  Raises
+    NotFound, ConfigError."""
     return default_client().remove(path, recursive)
 
 
 def move(src, dst, overwrite=False):
-    """Move/rename on the server (see Client.move)."""
+    """Move/rename on the server (see Client.move); return None.  Raises
+    NotFound, RemoteError, ConfigError (service mode)."""
     return default_client().move(src, dst, overwrite)
 
 
 def checksum(path):
-    """Server-side checksums of a file (see Client.checksum)."""
+    """Return the server-side checksums of a file, {algorithm: hex} (see
+    Client.checksum).  Raises RemoteError, ConfigError (service mode)."""
     return default_client().checksum(path)
 
 
@@ -2147,10 +2675,17 @@ def _add_common(parser, suppress):
                         "(env CTADATA_URL; default %s)" % DEFAULT_URL)
     g.add_argument("--dev", action="store_true", default=d or False,
                    help="use the development storage %s" % DEV_URL)
+    g.add_argument("--service", nargs="?", const="", default=d, metavar="URL",
+                   help="go through the CTA download service (JupyterHub) instead: "
+                        "URL, else env CTADS_URL (which alone selects this mode), "
+                        "else %s; token from --token-file, else "
+                        "$JUPYTERHUB_API_TOKEN. A URL must say http(s)://, or use "
+                        "--service=URL" % SERVICE_URL)
     g.add_argument("--token-file", default=d, metavar="FILE",
                    help="read the bearer token from FILE (else $CTADATA_TOKEN, "
                         "$BEARER_TOKEN, $BEARER_TOKEN_FILE, "
-                        "$XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID)")
+                        "$XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID; with --service "
+                        "$JUPYTERHUB_API_TOKEN)")
     g.add_argument("-j", "--jobs", type=int, default=d, metavar="N",
                    help="parallel transfers and listings (default %d)" % _DEFAULT_JOBS)
     g.add_argument("--timeout", type=float, default=d, metavar="S",
@@ -2179,6 +2714,8 @@ examples:
   ctadata ls -l -h lst/some-dir
   ctadata get -r lst/some-dir ./data/
   ctadata put -r results/ your-folder/
+  ctadata --service put results.txt your-folder/     # prints where it landed
+  ctadata upload-cert --key lst ~/x509up.pem
 exit status: 0 success, 1 a failure, 2 bad usage, 130 interrupted.
 """
 
@@ -2189,7 +2726,8 @@ def _build_parser():
     p = argparse.ArgumentParser(
         prog="ctadata", formatter_class=fmt, epilog=_EPILOG,
         description="List, download and upload files on CTAO data archives "
-                    "(dCache WebDAV with bearer tokens).")
+                    "(dCache WebDAV with bearer tokens), directly or through the "
+                    "CTA download service (--service).")
     _add_common(p, suppress=False)
     p.add_argument("--version", action="version", version="ctadata " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -2264,6 +2802,21 @@ def _build_parser():
     sp.add_argument("path", help="remote path")
     sp.add_argument("--algo", choices=("adler32", "md5"), default=None,
                     help="only this algorithm")
+
+    sp = cmd("upload-cert", _cmd_upload_cert, "upload a certificate to the platform",
+             description="Upload your (proxy) certificate, a PEM file, to the CTA "
+                         "certificate service, so that the platform can reach the "
+                         "storage as you. Token from --token-file, else "
+                         "$JUPYTERHUB_API_TOKEN.")
+    sp.add_argument("path", help="PEM file")
+    sp.add_argument("--key", choices=_CERTIFICATE_KEYS, default="cta",
+                    help="the storage area the certificate is for (default cta)")
+    sp.add_argument("--shared", action="store_true",
+                    help="upload the shared robot certificate instead (operators)")
+    sp.add_argument("--cert-service", metavar="URL", default=None,
+                    help="certificate service URL (env CTACS_URL; default %s)"
+                         % CERTIFICATE_SERVICE_URL)
+    sp.add_argument("--json", action="store_true", help="print the answer as JSON")
     return p
 
 
@@ -2280,7 +2833,9 @@ def _client_from_args(args):
                   dev=_opt(args, "dev", False), timeout=_opt(args, "timeout"),
                   retries=_opt(args, "retries"), jobs=_opt(args, "jobs"),
                   ca_file=_opt(args, "ca_file"), ca_dir=_opt(args, "ca_dir"),
-                  insecure=_opt(args, "insecure", False), cert=_opt(args, "cert"))
+                  insecure=_opt(args, "insecure", False), cert=_opt(args, "cert"),
+                  service=_opt(args, "service"),
+                  certificate_service=_opt(args, "cert_service"))
 
 
 def _out(text):
@@ -2399,9 +2954,13 @@ def _cmd_put(client, args):
                                 raise_on_failure=False)
     finally:
         progress.close()
-    if not args.recursive and summary.transferred and not args.json and \
-            not _opt(args, "quiet"):
-        _out("%s\n" % summary.results[0].remote_path)
+    if summary.transferred and not args.json and not _opt(args, "quiet"):
+        # In service mode the files land in your own folder: say where, since
+        # that path is what others pass to get.
+        if not args.recursive:
+            _out("%s\n" % summary.results[0].remote_path)
+        elif client.service and summary.remote_path:
+            _out("%s/\n" % summary.remote_path)
     return _report(args, "put", summary)
 
 
@@ -2432,6 +2991,31 @@ def _cmd_sum(client, args):
     return 0
 
 
+def _cmd_upload_cert(client, args):
+    if args.shared:
+        answer = client.upload_shared_certificate(args.path)
+    else:
+        answer = client.upload_certificate(args.path, args.key)
+    if args.json:
+        import json
+        _out(json.dumps(answer, indent=1) + "\n")
+    elif not _opt(args, "quiet"):
+        _out("%s\n" % (answer.get("message") or "certificate uploaded"))
+    return 0
+
+
+def _service_flag(argv):
+    """``--service`` takes an optional URL: a following argument is its value
+    only if it says "://", so ``--service ls x`` still means the ls command."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == "--service" and (i + 1 == len(out) or "://" not in out[i + 1]):
+            out[i] = "--service="
+    return out
+
+
 def _setup_logging(args):
     import logging
     logger = logging.getLogger("ctadata")
@@ -2458,7 +3042,7 @@ def main(argv=None):
         return 0
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_service_flag(argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     _setup_logging(args)
