@@ -5,6 +5,8 @@ One module, standard library only, Python 3.8+.  It speaks WebDAV to dCache
 (and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
 "direct mode"), or goes through the CTA download service, a JupyterHub service
 that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
+Scripts written for the old ``ctadata`` client keep working: its functions,
+keyword arguments, ``APIClient`` class and exception names are all here.
 It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
@@ -33,8 +35,11 @@ __all__ = [
     # module-level functions (thin wrappers over a default Client)
     "list_dir", "ls", "stat", "fetch_and_save_file", "fetch_and_save_file_or_dir",
     "upload_file", "upload_dir", "mkdir", "remove", "move", "checksum",
-    "upload_certificate", "upload_shared_certificate", "webdav_client",
+    "upload_certificate", "upload_personal_certificate", "upload_shared_certificate",
+    "webdav_client", "webdav4_client",
     "default_client", "set_default_client",
+    # the old client's class, for scripts that configure it
+    "APIClient",
     # errors
     "CtadataError", "ConfigError", "AuthError", "RemoteError", "NotFound",
     "TransferError", "ChecksumMismatch", "ProtocolError", "PartialFailure",
@@ -2154,7 +2159,10 @@ class Client:
                                    overwrite=False):
         """Download a file, or with *recursive* a directory tree (kept below
         ``<save_to or .>/<name>``); return the TransferSummary.  Raises
-        PartialFailure if any file failed."""
+        PartialFailure if any file failed.  ``(path, True)`` means
+        recursive, as in the old client, whose second argument it was."""
+        if isinstance(save_to, bool):
+            save_to, recursive = None, save_to
         if save_to is not None and recursive and not _into(save_to):
             save_to = save_to + "/"
         return self.download(path, save_to, recursive=recursive, overwrite=overwrite)
@@ -2427,6 +2435,25 @@ class Client:
         c._auth = c._tr.auth = self._hub_auth()[0]
         return c
 
+    def webdav4_client(self):
+        """Return a ``webdav4.client.Client`` on the download service's WebDAV
+        pass-through, sending the hub token: the old client's function, for
+        those who have webdav4 installed (ctadata never needs it; see
+        webdav_client()).  Raises ConfigError when webdav4 is missing."""
+        try:
+            from webdav4.client import Client as WebDAV4Client
+        except ImportError:
+            raise ConfigError("webdav4_client() needs the webdav4 package "
+                              "(pip install webdav4); webdav_client() needs nothing")
+        auth = self._hub_auth()[0]
+
+        def bearer(request):  # an httpx auth callable
+            value = auth.header()
+            if value:
+                request.headers["Authorization"] = value
+            return request
+        return WebDAV4Client(self._hub_service_url() + "/webdav/", auth=bearer)
+
 
 def _entry_key(e):
     return e.name
@@ -2483,123 +2510,268 @@ def _href_path(item):
 
 
 _default_client = None
+_default_key = None
+_default_explicit = False
+_compat = None  # (settings key, Client) of the last call with old-style settings
 _default_lock = threading.Lock()
+# What decides the default client.  A notebook that sets these after a first
+# call (as the old README does) gets a client that follows them.
+_ENV_KEYS = ("CTADATA_URL", "CTADS_URL", "CTACS_URL", "JUPYTERHUB_API_TOKEN")
+# The old client's keyword arguments, accepted by its functions.
+_OLD_OPTIONS = ("token", "downloadservice", "certificateservice", "chunk_size",
+                "dev_instance")
+
+
+def _env_key():
+    return tuple(os.environ.get(k) for k in _ENV_KEYS)
 
 
 def default_client():
     """Return the Client used by the module-level functions, creating it on
-    first use from the environment (CTADATA_URL, CTADS_URL, token discovery)."""
-    global _default_client
+    first use from the environment (CTADATA_URL, CTADS_URL, token discovery)
+    and again when those variables changed.  Raises ConfigError for a bad
+    URL in the environment."""
+    global _default_client, _default_key
+    key = _env_key()
     with _default_lock:
-        if _default_client is None:
+        if _default_client is None or (not _default_explicit and key != _default_key):
             _default_client = Client()
+            _default_key = key
         return _default_client
 
 
 def set_default_client(client):
     """Make *client* the one the module-level functions use (None: rebuild
     from the environment on next use).  Returns None."""
-    global _default_client
+    global _default_client, _default_explicit, _compat
     with _default_lock:
         _default_client = client
+        _default_explicit = client is not None
+        _compat = None
 
 
-def list_dir(path="", recursive=False):
+def _client(options=None, func="function"):
+    """The Client for one module-level call: the default one, unless the old
+    client's keyword arguments (*options*) or APIClient's class attributes
+    ask for other settings; then a Client made for those (and kept for the
+    next call that asks the same).  Unknown keywords are a TypeError, as
+    Python would say."""
+    global _compat
+    wanted = {"token": APIClient.token, "downloadservice": APIClient.downloadservice,
+              "certificateservice": APIClient.certificateservice, "dev_instance": None}
+    for k, v in (options or {}).items():
+        if k not in _OLD_OPTIONS:
+            raise TypeError("%s() got an unexpected keyword argument %r" % (func, k))
+        if v is not None:  # as in the old client, None means "not given"
+            wanted[k] = v
+    wanted.pop("chunk_size", None)  # accepted, ignored: ctadata picks its block size
+    if not any(wanted.values()):
+        return default_client()
+    key = (tuple(sorted(wanted.items())), _env_key())
+    with _default_lock:
+        if _compat is None or _compat[0] != key:
+            _compat = (key, Client(token=wanted["token"],
+                                   service=wanted["downloadservice"] or None,
+                                   certificate_service=wanted["certificateservice"],
+                                   dev=bool(wanted["dev_instance"])))
+        return _compat[1]
+
+
+class APIClient:
+    """The old client's class, for scripts written for it.
+
+    Scripts set its class attributes and later module-level calls honour
+    them: ``ctadata.APIClient.downloadservice = url`` (service mode with that
+    service), ``certificateservice`` (the certificate service), ``token``
+    (the JupyterHub API token); ``chunk_size`` is accepted and ignored
+    (ctadata picks its own block size).  None, the default, means "from the
+    environment" ($CTADS_URL, $CTACS_URL, $JUPYTERHUB_API_TOKEN).
+
+    The old functions also take these as keyword arguments (``token=``,
+    ``downloadservice=``, ``certificateservice=``, ``chunk_size=``), and
+    ``dev_instance=True`` (the development storage, in direct mode).
+
+    An instance has the old methods; its attributes override the class's:
+    ``api = ctadata.APIClient(); api.token = "..."; api.list_dir("lst")``.
+    Importing or instantiating it reads nothing and creates nothing."""
+
+    downloadservice = None
+    certificateservice = None
+    token = None
+    chunk_size = None
+
+    def __init__(self, dev_instance=False):
+        self.dev_instance = dev_instance
+
+    def _client(self, options, func):
+        merged = {"token": self.token, "downloadservice": self.downloadservice,
+                  "certificateservice": self.certificateservice,
+                  "dev_instance": self.dev_instance}
+        for k, v in options.items():
+            if v is not None or k not in merged:
+                merged[k] = v
+        return _client(merged, func)
+
+    def list_dir(self, path="", recursive=False, n_threads=None, **options):
+        """As the module function list_dir()."""
+        return self._client(options, "list_dir").list_dir(path, recursive)
+
+    def fetch_and_save_file(self, path, save_to_fn=None, **options):
+        """As the module function fetch_and_save_file()."""
+        return self._client(options, "fetch_and_save_file").fetch_and_save_file(
+            path, save_to_fn)
+
+    def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, **options):
+        """As the module function fetch_and_save_file_or_dir()."""
+        return self._client(options, "fetch_and_save_file_or_dir") \
+            .fetch_and_save_file_or_dir(path, save_to, recursive)
+
+    def upload_file(self, local_fn, path="", **options):
+        """As the module function upload_file()."""
+        return self._client(options, "upload_file").upload_file(local_fn, path)
+
+    def upload_dir(self, local_dir, path="", **options):
+        """As the module function upload_dir()."""
+        return self._client(options, "upload_dir").upload_dir(local_dir, path)
+
+    def upload_certificate(self, path, certificate_key="cta", **options):
+        """As the module function upload_certificate()."""
+        return self._client(options, "upload_certificate").upload_certificate(
+            path, certificate_key)
+
+    upload_personal_certificate = upload_certificate
+
+    def upload_shared_certificate(self, path, **options):
+        """As the module function upload_shared_certificate()."""
+        return self._client(options, "upload_shared_certificate") \
+            .upload_shared_certificate(path)
+
+    def webdav_client(self, **options):
+        """As the module function webdav_client()."""
+        return self._client(options, "webdav_client").webdav_client()
+
+    def webdav4_client(self, **options):
+        """As the module function webdav4_client()."""
+        return self._client(options, "webdav4_client").webdav4_client()
+
+
+# The module-level functions.  Those of the old client also take its keyword
+# arguments (token=, downloadservice=, certificateservice=, chunk_size=,
+# dev_instance=; see APIClient).
+
+def list_dir(path="", recursive=False, n_threads=None, **options):
     """List a remote directory (with *recursive*, everything below it).
 
     Returns, as the old client did in each mode: direct mode, a list of
     paths (str), directories ending with "/"; service mode, the service's
     listing, a list of dicts with ``href``, ``type``, ``size``, ``mtime``,
-    ``url`` (see Client.list_dir).  Raises NotFound, AuthError, RemoteError."""
-    return default_client().list_dir(path, recursive)
+    ``url`` (see Client.list_dir).  *n_threads* (old) is ignored: listings
+    use the client's ``jobs``.  Raises NotFound, AuthError, RemoteError."""
+    return _client(options, "list_dir").list_dir(path, recursive)
 
 
 def ls(path="", recursive=False):
     """Return the Entry objects of a remote directory (see Client.ls).
     Raises NotFound, AuthError, RemoteError."""
-    return default_client().ls(path, recursive)
+    return _client().ls(path, recursive)
 
 
 def stat(path):
     """Return the Entry of a remote file or directory (see Client.stat).
     Raises NotFound, AuthError, RemoteError."""
-    return default_client().stat(path)
+    return _client().stat(path)
 
 
-def fetch_and_save_file(path, save_to_fn=None):
+def fetch_and_save_file(path, save_to_fn=None, **options):
     """Download one file to *save_to_fn* (default: its name, here); return
     the number of bytes written.  *path* may be an entry of list_dir().
     Raises NotFound, AuthError, TransferError (also for a short download),
     ChecksumMismatch (see Client.fetch_and_save_file)."""
-    return default_client().fetch_and_save_file(path, save_to_fn)
+    return _client(options, "fetch_and_save_file").fetch_and_save_file(path, save_to_fn)
 
 
-def fetch_and_save_file_or_dir(path, save_to=None, recursive=False):
+def fetch_and_save_file_or_dir(path, save_to=None, recursive=False, **options):
     """Download a file, or with *recursive* a tree into ``<save_to or .>/<name>``;
-    return the TransferSummary.  Raises PartialFailure, NotFound, AuthError
-    (see Client.fetch_and_save_file_or_dir)."""
-    return default_client().fetch_and_save_file_or_dir(path, save_to, recursive)
+    return the TransferSummary.  ``(path, True)`` means recursive, as in the
+    old client.  Raises PartialFailure, NotFound, AuthError (see
+    Client.fetch_and_save_file_or_dir)."""
+    return _client(options, "fetch_and_save_file_or_dir").fetch_and_save_file_or_dir(
+        path, save_to, recursive)
 
 
-def upload_file(local, remote=""):
+def upload_file(local, remote="", **options):
     """Upload one file; return {"path", "status", "total_written"}: in service
     mode the service's answer, whose ``path`` (in your own folder) is what
     others pass to fetch_and_save_file.  Raises ConfigError, AuthError,
     TransferError (see Client.upload_file)."""
-    return default_client().upload_file(local, remote)
+    return _client(options, "upload_file").upload_file(local, remote)
 
 
-def upload_dir(local, remote=""):
+def upload_dir(local, remote="", **options):
     """Upload a directory tree (into *remote* when it ends with "/", else as
     *remote*); return the TransferSummary (``remote_path``: where the tree
     is).  Raises PartialFailure, ConfigError (see Client.upload_dir)."""
-    return default_client().upload_dir(local, remote)
+    return _client(options, "upload_dir").upload_dir(local, remote)
 
 
-def upload_certificate(path, certificate_key="cta"):
+def upload_certificate(path, certificate_key="cta", **options):
     """Upload your (proxy) certificate PEM file to the certificate service
     for the storage area *certificate_key* ("cta", "lst" or "arc"); return
     the service's answer (dict).  Raises ConfigError, CertificateError,
     TransferError (see Client.upload_certificate)."""
-    return default_client().upload_certificate(path, certificate_key)
+    return _client(options, "upload_certificate").upload_certificate(path, certificate_key)
 
 
-def upload_shared_certificate(path):
+def upload_personal_certificate(path, certificate_key="cta", **options):
+    """The old name of upload_certificate(): returns the service's answer
+    (dict); raises ConfigError, CertificateError, TransferError."""
+    return _client(options, "upload_personal_certificate").upload_certificate(
+        path, certificate_key)
+
+
+def upload_shared_certificate(path, **options):
     """Upload the shared (robot) certificate to the certificate service;
     return its answer (dict).  Raises ConfigError, CertificateError,
     TransferError (see Client.upload_shared_certificate)."""
-    return default_client().upload_shared_certificate(path)
+    return _client(options, "upload_shared_certificate").upload_shared_certificate(path)
 
 
-def webdav_client():
+def webdav_client(**options):
     """Return a ctadata Client on the download service's WebDAV pass-through
     (``{service}/webdav/``) with the hub token.  Raises ConfigError (see
     Client.webdav_client)."""
-    return default_client().webdav_client()
+    return _client(options, "webdav_client").webdav_client()
+
+
+def webdav4_client(**options):
+    """Return a webdav4 Client on the download service's WebDAV pass-through
+    (only if webdav4 is installed; ctadata does not need it).  Raises
+    ConfigError when it is missing (see Client.webdav4_client)."""
+    return _client(options, "webdav4_client").webdav4_client()
 
 
 def mkdir(path, parents=False):
     """Create a remote directory (see Client.mkdir); return None.  Raises
     RemoteError, ConfigError (service mode)."""
-    return default_client().mkdir(path, parents)
+    return _client().mkdir(path, parents)
 
 
 def remove(path, recursive=False):
     """Delete a remote file or tree (see Client.remove); return None.  Raises
     NotFound, ConfigError."""
-    return default_client().remove(path, recursive)
+    return _client().remove(path, recursive)
 
 
 def move(src, dst, overwrite=False):
     """Move/rename on the server (see Client.move); return None.  Raises
     NotFound, RemoteError, ConfigError (service mode)."""
-    return default_client().move(src, dst, overwrite)
+    return _client().move(src, dst, overwrite)
 
 
 def checksum(path):
     """Return the server-side checksums of a file, {algorithm: hex} (see
     Client.checksum).  Raises RemoteError, ConfigError (service mode)."""
-    return default_client().checksum(path)
+    return _client().checksum(path)
 
 
 ############################################################################
@@ -2742,7 +2914,7 @@ def _build_parser():
         sp.set_defaults(func=func)
         return sp
 
-    sp = cmd("ls", _cmd_ls, "list a remote directory", add_help=False,
+    sp = cmd("ls", _cmd_ls, "list a remote directory", add_help=False, aliases=("list",),
              description="List a remote directory: names one per line, directories "
                          "ending with '/'.")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
@@ -3078,6 +3250,16 @@ def _entry():
     """Console-script and zipapp entry point (zipapp's generated __main__.py
     drops the return value, hence this wrapper)."""
     sys.exit(main())
+
+
+def _entry_service():
+    """The ``cta-data`` command: the old client's service-mode command, so
+    service mode unless --url, --dev or --service says otherwise."""
+    argv = sys.argv[1:]
+    if not any(a in ("--url", "--dev", "--service") or a.startswith(("--url=", "--service="))
+               for a in argv):
+        argv = ["--service="] + argv
+    sys.exit(main(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Service mode: ctadata against the download-service double
-(tests/dsserver.py) in front of a real nginx WebDAV upstream, so that list,
-fetch and upload really move bytes; plus the pure parsing underneath.
+"""Service mode and the old client's API: ctadata against the download-service
+double (tests/dsserver.py) in front of a real nginx WebDAV upstream, so that
+list, fetch and upload really move bytes; plus the pure parsing underneath.
+
+The old client's own README snippets run here unchanged (only the URL/token
+environment variables differ, as the README itself says to adapt them).
 """
 
 import http.client
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -91,6 +95,14 @@ def hub(ds, monkeypatch):
     monkeypatch.setenv("CTACS_URL", ds.cert_base_url)
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", TOKEN)
     return ds
+
+
+@pytest.fixture
+def old_api(monkeypatch):
+    """Restore APIClient's class attributes after a test sets them."""
+    for name in ("downloadservice", "certificateservice", "token", "chunk_size"):
+        monkeypatch.setattr(ctadata.APIClient, name, getattr(ctadata.APIClient, name))
+    return ctadata.APIClient
 
 
 def raw_listing(ds, path):
@@ -436,6 +448,243 @@ def test_webdav_client_uses_the_pass_through(svc, ds, upstream, tmp_path):
         w.mkdir("lst/data/evil")
 
 
+def test_webdav4_client_only_with_webdav4(ds, monkeypatch, hub):
+    monkeypatch.setitem(sys.modules, "webdav4", None)
+    monkeypatch.setitem(sys.modules, "webdav4.client", None)
+    with pytest.raises(ctadata.ConfigError, match="webdav4"):
+        ctadata.webdav4_client()
+    made = {}
+
+    class FakeWebDAV4Client:   # stands in for webdav4.client.Client
+        def __init__(self, base_url, auth=None):
+            made.update(base_url=base_url, auth=auth)
+    fake = types.ModuleType("webdav4.client")
+    fake.Client = FakeWebDAV4Client
+    monkeypatch.setitem(sys.modules, "webdav4", types.ModuleType("webdav4"))
+    monkeypatch.setitem(sys.modules, "webdav4.client", fake)
+    assert isinstance(ctadata.webdav4_client(), FakeWebDAV4Client)
+    assert made["base_url"] == ds.base_url + "webdav/"
+    request = types.SimpleNamespace(headers={})
+    assert made["auth"](request) is request
+    assert request.headers == {"Authorization": "Bearer " + TOKEN}
+
+
+# ---- the old client's API ----------------------------------------------------
+
+def test_old_functions_with_old_keyword_arguments(ds, upstream, tmp_path, monkeypatch):
+    """No environment at all: everything comes from the old keyword arguments."""
+    monkeypatch.chdir(tmp_path)
+    kw = {"token": TOKEN, "downloadservice": ds.base_url, "chunk_size": 10 * 1024 * 1024}
+    listing = ctadata.list_dir("lst/data/run1", **kw)
+    assert listing[0]["href"] == "lst/data/run1/"
+    assert any(d["href"] == "lst/data/run1/sub/deeper/c.txt"
+               for d in ctadata.list_dir("lst/data/run1", recursive=True, **kw))
+    assert ctadata.fetch_and_save_file("lst/data/run1/a.bin", **kw) == len(A_BIN)
+    assert ctadata.fetch_and_save_file("lst/data/run1/a.bin", "pos.bin", **kw) == len(A_BIN)
+    assert ctadata.fetch_and_save_file("lst/data/run1/a.bin", save_to_fn="kw.bin", **kw) == len(A_BIN)
+    assert (tmp_path / "pos.bin").read_bytes() == (tmp_path / "kw.bin").read_bytes() == A_BIN
+    ctadata.fetch_and_save_file_or_dir("lst/some-data-dir", recursive=True, **kw)
+    assert (tmp_path / "some-data-dir/sub/deeper.txt").read_bytes() == b"deeper\n"
+    shutil.rmtree(str(tmp_path / "some-data-dir"))
+    ctadata.fetch_and_save_file_or_dir("lst/some-data-dir", True, **kw)   # old positional
+    assert (tmp_path / "some-data-dir/some-data-file").exists()
+    ctadata.fetch_and_save_file_or_dir("lst/data/run1/with space.txt", **kw)
+    assert (tmp_path / "with space.txt").exists()
+    (tmp_path / "latest").write_bytes(b"file list")
+    answer = ctadata.upload_file("latest", "filelists/latest-file-list", **kw)
+    assert answer == {"status": "uploaded", "total_written": 9,
+                      "path": AREA + "/filelists/latest-file-list"}
+    make_tree(tmp_path / "tree", {"a": b"a", "b/c": b"c"})
+    summary = ctadata.upload_dir("tree", "dirs/", **kw)
+    assert tree_digests(upstream.root / AREA / "dirs/tree") == tree_digests(tmp_path / "tree")
+    assert summary.remote_path == AREA + "/dirs/tree"
+    pem = tmp_path / "cert.pem"
+    pem.write_text(SAMPLE_PEM)
+    ckw = {"token": TOKEN, "certificateservice": ds.cert_base_url, "chunk_size": 1}
+    assert ctadata.upload_certificate(str(pem), **ckw)["certificate_key"] == "cta"
+    assert ctadata.upload_personal_certificate(str(pem), "lst", **ckw)["certificate_key"] == "lst"
+    assert ctadata.upload_shared_certificate(str(pem), **ckw)["message"]
+    assert [c["certificate_key"] for c in ds.certificates[:2]] == ["cta", "lst"]
+    w = ctadata.webdav_client(**kw)
+    assert w.stat("lst/data/run1/a.bin").size == len(A_BIN)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tokn'"):
+        ctadata.list_dir("lst", tokn=TOKEN)
+    assert ds.query_tokens == []
+
+
+def test_dev_instance_means_the_development_storage(hub):
+    assert ctadata._client({"dev_instance": True}).url == ctadata.DEV_URL
+    assert ctadata._client({"dev_instance": True}).service is None  # even with $CTADS_URL
+    assert ctadata._client({}).service == hub.base_url.rstrip("/")
+    with pytest.raises(ctadata.ConfigError, match="development"):
+        ctadata.list_dir("lst", dev_instance=True, downloadservice=hub.base_url)
+
+
+def test_apiclient_class_attributes_are_honoured(ds, upstream, tmp_path, monkeypatch, old_api):
+    monkeypatch.chdir(tmp_path)
+    ctadata.APIClient.downloadservice = ds.base_url
+    ctadata.APIClient.certificateservice = ds.cert_base_url
+    ctadata.APIClient.token = TOKEN
+    ctadata.APIClient.chunk_size = 1024
+    assert ctadata.list_dir("lst/data/run1")[0]["href"] == "lst/data/run1/"
+    assert ctadata.fetch_and_save_file("lst/data/run1/a.bin") == len(A_BIN)
+    assert ctadata.stat("lst/data/run1/sub").is_dir          # new functions honour them too
+    (tmp_path / "pem").write_text(SAMPLE_PEM)
+    assert ctadata.upload_certificate("pem")["message"]
+    first = ctadata._client()
+    assert ctadata._client() is first                        # kept: connections reused
+    ctadata.APIClient.token = "bob-token"
+    assert ctadata._client() is not first
+    assert ctadata.upload_file("pem", "p")["path"] == "lst/users/bob/p"
+    # An instance, as the old CLI used it: its attributes win over the class's.
+    api = ctadata.APIClient()
+    api.token = TOKEN
+    assert api.upload_file(str(tmp_path / "pem"), "q")["path"] == AREA + "/q"
+    assert api.fetch_and_save_file("lst/data/run1/with%20space.txt") == 7
+    assert ctadata.APIClient.token == "bob-token"
+
+
+def test_old_exception_names():
+    from ctadata import direct
+    assert issubclass(ctadata.StorageException, ctadata.CtadataError)
+    assert issubclass(ctadata.CertificateError, ctadata.CtadataError)
+    assert ctadata.api.StorageException is ctadata.StorageException
+    assert direct.StorageException is ctadata.StorageException
+    assert direct.CertificateError is ctadata.CertificateError
+    assert ctadata.api.APIClient is ctadata.APIClient
+
+
+def test_default_client_follows_the_environment(ds, monkeypatch, tmp_path):
+    """A notebook may call ctadata before setting $CTADS_URL (the old client
+    read it once, at import)."""
+    monkeypatch.setenv("CTADATA_URL", "https://dcache.example.org:2880")
+    assert ctadata.default_client().service is None
+    monkeypatch.setenv("CTADS_URL", ds.base_url)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", TOKEN)
+    assert ctadata.default_client().service == ds.base_url.rstrip("/")
+    assert ctadata.list_dir("lst/data")[0]["href"] == "lst/data/"
+    mine = ctadata.Client(url="https://h:1", env={})
+    ctadata.set_default_client(mine)
+    monkeypatch.setenv("CTADS_URL", ds.base_url + "x/")
+    assert ctadata.default_client() is mine   # an explicit choice stays
+
+
+# The old client's README snippets, verbatim but for the URL/token values.
+# ctadata-readme-service-mode.txt, "Usage from within CTA CSCS JupyterHub platform":
+SNIPPET_PLATFORM = '''
+import ctadata
+
+for url in ctadata.list_dir("cta/DL1/20241114/v0.1/"):
+    if 'datacheck' not in url and '.0100' in url and '11111' in url:
+        print("stored", ctadata.fetch_and_save_file(url)/1024/1024, "Mb")
+        print("found keys", h5py.File(url.split("/")[-1]).keys())
+'''
+# "Uploading files" (both READMEs), then the fetch of the returned path.
+SNIPPET_UPLOAD = '''
+result = ctadata.upload_file("latest", "filelists/latest-file-list")
+print(result)
+ctadata.fetch_and_save_file("lst/users/volodymyr_savchenko_epfl_ch/filelists/latest-file-list")
+ctadata.upload_file("latest.txt", "your-folder/new-file-name.md")
+ctadata.upload_file("latest.txt", "your-folder/") # will autocomplete to `your-folder/latest.txt`
+ctadata.fetch_and_save_file_or_dir("lst/some-data-dir", recursive=True)
+ctadata.upload_certificate('yourcertificate.crt')
+'''
+# "From outside (possibly another jupyterhub)" (direct-mode era README, with CTACS_URL).
+SNIPPET_OUTSIDE = '''
+import os
+os.environ["CTADS_URL"] = "DATA-DISTRIBUTING-JUPYTERHUB/services/downloadservice/"
+os.environ["CTACS_URL"] = "DATA-DISTRIBUTING-JUPYTERHUB/services/certificateservice/"
+os.environ["JUPYTERHUB_API_TOKEN"] = "INSERT-YOUR-TOKEN-HERE"
+
+for url in ctadata.list_dir("cta/DL1/20241114/v0.1"):
+    if 'datacheck' not in url and '.0100' in url and '11111' in url:
+        print("stored", ctadata.fetch_and_save_file(url)/1024/1024, "Mb")
+        print("found keys", h5py.File(url.split("/")[-1]).keys())
+'''
+
+
+class _FakeH5File:
+    """h5py is not a test dependency; the snippets only open the file and list keys."""
+
+    def __init__(self, name):
+        with open(name, "rb") as f:
+            self._magic = f.read(4)
+
+    def keys(self):
+        return ["magic=%r" % self._magic]
+
+
+def run_snippet(code, **replace):
+    for old, new in replace.items():
+        assert old in code
+        code = code.replace(old, new)
+    namespace = {"ctadata": ctadata, "h5py": types.SimpleNamespace(File=_FakeH5File)}
+    exec(compile(code, "<old README snippet>", "exec"), namespace)
+    return namespace
+
+
+def test_old_readme_notebook_snippets_run_unchanged(ds, upstream, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latest").write_bytes(b"a file list\n")
+    (tmp_path / "latest.txt").write_bytes(b"latest\n")
+    (tmp_path / "yourcertificate.crt").write_text(SAMPLE_PEM)
+    want_h5 = "dl1_LST-1.Run11111.0100.h5"
+    # From outside: the snippet sets the environment itself (restored afterwards).
+    for name in ("CTADS_URL", "CTACS_URL", "JUPYTERHUB_API_TOKEN"):
+        monkeypatch.setenv(name, "")
+    run_snippet(SNIPPET_OUTSIDE, **{
+        "DATA-DISTRIBUTING-JUPYTERHUB/services/downloadservice/": ds.base_url,
+        "DATA-DISTRIBUTING-JUPYTERHUB/services/certificateservice/": ds.cert_base_url,
+        "INSERT-YOUR-TOKEN-HERE": "volodymyr-token"})
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["stored 2.0 Mb", "found keys [\"magic=b'\\\\x89HDF'\"]"]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["latest", "latest.txt", "yourcertificate.crt", want_h5])
+    assert (tmp_path / want_h5).read_bytes() == (upstream.root / "cta/DL1/20241114/v0.1" / want_h5).read_bytes()
+    # On the platform the hub sets the environment; the snippets use it as is.
+    os.remove(want_h5)
+    run_snippet(SNIPPET_PLATFORM)
+    assert capsys.readouterr().out.startswith("stored 2.0 Mb\n") and os.path.exists(want_h5)
+    run_snippet(SNIPPET_UPLOAD)
+    out = capsys.readouterr().out
+    assert out.strip() == str({"status": "uploaded",
+                               "path": "lst/users/volodymyr_savchenko_epfl_ch/filelists/latest-file-list",
+                               "total_written": 12})
+    assert (tmp_path / "latest-file-list").read_bytes() == b"a file list\n"
+    mine = upstream.root / "lst/users/volodymyr_savchenko_epfl_ch"
+    assert (mine / "your-folder/new-file-name.md").read_bytes() == b"latest\n"
+    assert (mine / "your-folder/latest.txt").read_bytes() == b"latest\n"
+    assert (tmp_path / "some-data-dir/sub/deeper.txt").read_bytes() == b"deeper\n"
+    assert [(c["kind"], c["certificate_key"]) for c in ds.certificates] == [("certificate", "cta")]
+
+
+# ctadata-readme-direct-mode.txt, "Basic usage" (direct mode, against nginx itself).
+SNIPPET_DIRECT = '''
+from ctadata import direct as ctadata
+for path in ctadata.list_dir("cta"):
+    print(path)
+# downloading single file
+ctadata.fetch_and_save_file_or_dir("lst/some-data-dir/some-data-file")
+# recursively downloading a directory
+ctadata.fetch_and_save_file_or_dir("lst/some-data-dir", recursive=True)
+ctadata.direct.upload_file("latest.txt", "your-folder/new-file-name.md")
+ctadata.direct.upload_file("latest.txt", "your-folder/") # will autocomplete to `your-folder/latest.txt`
+'''
+
+
+def test_old_readme_direct_snippet_runs_unchanged(upstream, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CTADATA_URL", upstream.url)
+    monkeypatch.setenv("BEARER_TOKEN", upstream.token)
+    (tmp_path / "latest.txt").write_bytes(b"latest\n")
+    run_snippet(SNIPPET_DIRECT)
+    assert capsys.readouterr().out.splitlines() == ["cta/DL1/"]
+    assert (tmp_path / "some-data-file").read_bytes() == b"some data\n"
+    assert (tmp_path / "some-data-dir/sub/deeper.txt").exists()
+    assert (upstream.root / "your-folder/new-file-name.md").read_bytes() == b"latest\n"
+    assert (upstream.root / "your-folder/latest.txt").exists()
+
+
 # ---- the CLI -------------------------------------------------------------------
 
 @pytest.fixture
@@ -453,7 +702,7 @@ def test_cli_service_ls_get_put(hub, upstream, tmp_path, run):
     assert out.splitlines() == sorted(["a.bin", "sub/", "with space.txt", ODD])
     code, out, _ = run("ls", "--service", hub.base_url, "-l", "lst/data/run1/sub")   # after, with URL
     assert code == 0 and out.splitlines()[0].endswith(" b.txt")
-    code, out, _ = run("ls", "lst/data")                              # the environment alone
+    code, out, _ = run("list", "lst/data")                            # old command name; env alone
     assert out.splitlines() == ["run1/"]
     code, out, _ = run("--service=" + hub.base_url, "ls", "-R", "lst/data/run1/sub")
     assert out.splitlines() == ["b.txt", "deeper/", "deeper/c.txt"]
@@ -505,6 +754,23 @@ def test_cli_help_mentions_service(run):
     assert code == 0 and "--service" in out and "upload-cert" in out
     code, out, _ = run("upload-cert", "--help")
     assert code == 0 and "--key" in out and "JUPYTERHUB_API_TOKEN" in out
+
+
+def test_cta_data_command_is_service_mode(hub, monkeypatch, capsys):
+    """`cta-data` was the old service-mode command: it still is (unless --url)."""
+    for argv, want in ((["cta-data", "ls", "lst/data"], "run1/\n"),
+                       (["cta-data", "--service", hub.base_url, "ls", "lst/data"], "run1/\n")):
+        monkeypatch.delenv("CTADS_URL")
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(ctadata, "SERVICE_URL", hub.base_url)
+        with pytest.raises(SystemExit) as ei:
+            ctadata._entry_service()
+        assert ei.value.code == 0 and capsys.readouterr().out == want
+        monkeypatch.setenv("CTADS_URL", hub.base_url)
+    monkeypatch.setattr(sys, "argv", ["cta-data", "--url", "ftp://x", "ls"])
+    with pytest.raises(SystemExit) as ei:
+        ctadata._entry_service()
+    assert ei.value.code == 2
 
 
 # ---- a big file through the service, in bounded memory -------------------------
