@@ -27,14 +27,12 @@ test-pypy: deps  ## the same suite under PyPy 3 (Debian's pypy3, pytest in a ven
 
 zipapp: dist/ctadata.pyz  ## build dist/ctadata.pyz, runnable as python3 dist/ctadata.pyz
 
-# The archive carries the source and, for the building Python's version, its
-# bytecode (unchecked-hash .pyc: zipimport cannot cache compiled code, and
-# compiling 2,500 lines on every start costs ~40 ms).  Other Python versions
-# see a bad magic number, ignore the .pyc and compile the source.
+# One file: the module and a __main__ that calls ctadata._entry (zipapp's own
+# generated __main__.py would drop main()'s exit status).  Source only (~50 KB
+# compressed): Python compiles it at start-up (zipimport cannot cache bytecode).
 dist/ctadata.pyz: ctadata.py Makefile
 	@rm -rf build/zipapp && mkdir -p build/zipapp dist
 	cp ctadata.py build/zipapp/
-	$(PYTHON) -c 'import py_compile as p; p.compile("build/zipapp/ctadata.py", cfile="build/zipapp/ctadata.pyc", dfile="ctadata.py", doraise=True, invalidation_mode=p.PycInvalidationMode.UNCHECKED_HASH)'
 	$(PYTHON) -m zipapp build/zipapp -o dist/ctadata.pyz -m "ctadata:_entry" -p "/usr/bin/env python3" -c
 	@ls -l dist/ctadata.pyz
 

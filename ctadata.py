@@ -2,8 +2,12 @@
 """ctadata: list, download and upload files on CTAO science data archives.
 
 One module, standard library only, Python 3.8+.  It speaks WebDAV to dCache
-(and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens, and
-can be used three ways:
+(and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
+"direct mode"), or goes through the CTA download service, a JupyterHub service
+that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
+Scripts written for the old ``ctadata`` client keep working: its functions,
+keyword arguments, ``APIClient`` class and exception names are all here.
+It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
   ``ctadata.upload_file(...)`` or an explicit ``ctadata.Client(...)``;
@@ -31,20 +35,30 @@ __version__ = "1.0.0"
 __all__ = [
     # client, settings and data classes
     "Client", "Settings", "Entry", "DEFAULT_URL", "DEV_URL", "TransferResult", "TransferSummary", "Progress",
+    "SERVICE_URL", "CERTIFICATE_SERVICE_URL",
     # module-level functions (thin wrappers over a default Client)
     "list_dir", "ls", "stat", "fetch_and_save_file", "fetch_and_save_file_or_dir",
     "upload_file", "upload_dir", "mkdir", "remove", "move", "checksum", "du",
+    "upload_certificate", "upload_personal_certificate", "upload_shared_certificate",
+    "webdav_client", "webdav4_client",
     "default_client", "set_default_client",
+    # the old client's class, for scripts that configure it
+    "APIClient",
     # errors
     "CtadataError", "ConfigError", "AuthError", "RemoteError", "NotFound",
     "TransferError", "ChecksumMismatch", "ProtocolError", "PartialFailure",
-    "StorageException",
+    "StorageException", "CertificateError",
     # CLI
     "main",
 ]
 
 DEFAULT_URL = "https://dcache.cta.cscs.ch:2880"
 DEV_URL = "https://dcache-dev.ctaodc.ch:2880"
+# The CTA download service (a JupyterHub service proxying the storage) and its
+# companion certificate service: the old client's defaults, PROTOCOL.md §1.
+SERVICE_URL = "https://platform.cta.cscs.ch/services/downloadservice/"
+CERTIFICATE_SERVICE_URL = "https://platform.cta.cscs.ch/services/certificateservice/"
+_CERTIFICATE_KEYS = ("cta", "lst", "arc")
 
 # Transfers move data in 1 MiB blocks: large enough that per-call Python
 # overhead vanishes next to the copy, small enough for 4 workers to stay far
@@ -184,12 +198,34 @@ class PartialFailure(CtadataError):
 StorageException = RemoteError
 
 
+def _error_text(body):
+    """The server's own words from an error body: the ``message`` of a JSON
+    object (the download service answers 401 with ``{"message": ...}``), else
+    the text up to any HTML page (the service passes upstream errors through as
+    ``Error: 404 <html>...``: an HTML page says nothing the status does not)."""
+    text = body.decode("utf-8", "replace").strip() if body else ""
+    if text.startswith("{"):
+        import json
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            found = [doc[k] for k in ("message", "error", "detail")
+                     if isinstance(doc.get(k), str)]
+            text = found[0] if found else ""
+    text = text.partition("<")[0]
+    if len(text) > 300:
+        text = ""
+    return " ".join(text.split())
+
+
 def _error_for_status(status, url, body=b"", what=None, auth=None):
     """Map an HTTP error status to the right exception (the one place that does)."""
-    text = body.decode("utf-8", "replace").strip() if body else ""
-    if text.startswith("<") or len(text) > 300:
-        text = ""  # an HTML error page says nothing the status does not
-    text = " ".join(text.split())
+    text = _error_text(body)
+    echo = "Error: %d" % status  # the download service's prefix to upstream errors
+    if text.startswith(echo):
+        text = text[len(echo):].strip()
     msg = "%s: HTTP %d" % (what, status) if what else "HTTP %d" % status
     if text:
         msg += " " + text
@@ -221,12 +257,16 @@ class _Auth:
     Discovery order (WLCG Bearer Token Discovery, plus our own sources):
     token= argument, token_file=, $CTADATA_TOKEN, $BEARER_TOKEN,
     $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID.
+    For the download service (*service*), a JupyterHub API token instead:
+    token= argument, token_file=, $JUPYTERHUB_API_TOKEN (a storage token
+    means nothing to the hub, and must not be sent there).
     The token itself never appears in repr(), str() or any message."""
 
-    def __init__(self, token=None, token_file=None, env=None):
+    def __init__(self, token=None, token_file=None, env=None, service=False):
         self._explicit = token
         self._token_file = token_file
         self._env = os.environ if env is None else env
+        self.service = service
         self._lock = _thread.allocate_lock()
         self._loaded = False
         self._token = None
@@ -244,6 +284,9 @@ class _Auth:
         if self._token_file:
             path = os.path.expanduser(self._token_file)
             yield "--token-file %s" % path, lambda: _read_token_file(path)
+        if self.service:
+            yield "$JUPYTERHUB_API_TOKEN", lambda: env.get("JUPYTERHUB_API_TOKEN")
+            return
         yield "$CTADATA_TOKEN", lambda: env.get("CTADATA_TOKEN")
         yield "$BEARER_TOKEN", lambda: env.get("BEARER_TOKEN")
         btf = env.get("BEARER_TOKEN_FILE")
@@ -338,6 +381,30 @@ class Settings:
     def __repr__(self):
         return "Settings(%s)" % ", ".join(
             "%s=%r" % (k, getattr(self, k)) for k in self.__slots__)
+
+
+def _service_url(url, dev, service, env):
+    """Decide the mode: return the download-service URL for service mode,
+    None for direct mode.
+
+    *service* is a URL, True/"" (the default service: $CTADS_URL, else
+    SERVICE_URL), False (direct mode) or None: then $CTADS_URL selects service
+    mode unless a storage *url* or *dev* was asked for explicitly."""
+    if service is None:
+        if url or dev or not env.get("CTADS_URL"):
+            return None
+        service = True
+    if service is False:
+        return None
+    if url:
+        raise ConfigError("a storage URL and the download service exclude each other "
+                          "(--url / --service)")
+    if dev:
+        raise ConfigError("no development download service is known: pass its URL "
+                          "(--service URL, downloadservice=URL)")
+    if service is True or service == "":
+        return env.get("CTADS_URL") or SERVICE_URL
+    return str(service)
 
 
 def _positive(value, default, name, kind, zero=False):
@@ -817,6 +884,7 @@ class _Transport:
         if expect:
             hdrs["Expect"] = "100-continue"
         for attempt in (0, 1):
+            cut = None
             conn, reused = self._conn(key, fresh=expect)
             try:
                 if conn.sock is None:
@@ -833,10 +901,15 @@ class _Transport:
                     resp = conn.getresponse()
                 else:
                     conn.endheaders()
-                    if body is not None:
-                        for block in body.chunks(self.cancel):
-                            conn.send(block)
-                    resp = conn.getresponse()
+                    cut = self._send_body(conn, body) if body is not None else None
+                    try:
+                        resp = conn.getresponse()
+                    except Exception:
+                        if cut is not None:
+                            raise cut
+                        raise
+                    if cut is not None and resp.status < 300:
+                        raise cut  # "fine" without the whole body is not fine
             except Exception as e:
                 self._drop(key, conn)
                 # A kept-alive connection the server has closed in the meantime
@@ -847,10 +920,20 @@ class _Transport:
             resp.ctadata_url = url
             resp.ctadata_key = key
             resp.ctadata_conn = conn
-            resp.ctadata_close = expect or resp.will_close
-            if not resp.ctadata_close or expect:
-                pass
+            resp.ctadata_close = expect or resp.will_close or cut is not None
             return resp
+
+    def _send_body(self, conn, body):
+        """Stream *body*; return None, or the error if the server stopped
+        taking it: it may have answered already without reading the body
+        (the download service does for 401/403), and that answer says more
+        than "broken pipe"."""
+        try:
+            for block in body.chunks(self.cancel):
+                conn.send(block)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            return e
+        return None
 
     def _expect_continue(self, conn, method, body):
         """Wait for the server's interim answer to "Expect: 100-continue";
@@ -1325,6 +1408,165 @@ def _iter_body(resp, size=_CHUNK):
 
 
 ############################################################################
+# Download-service protocol
+############################################################################
+
+# The CTA download service (PROTOCOL.md §1) is a Flask proxy in front of the
+# storage: GET {base}/list/{path} -> JSON, GET {base}/fetch/{path} -> bytes,
+# POST {base}/upload/{path} -> JSON; a JupyterHub API token as Bearer.  Paths
+# in URLs are relative to the storage root and never end with "/" (as the old
+# client sent them).  The functions here are pure, except _Service, which
+# sends requests through the one transport.
+
+class CertificateError(RemoteError):
+    """The certificate service refused a certificate, or could not be used
+    (the old client's name; ``status`` is the HTTP status)."""
+
+
+def _service_json(data, url):
+    """Decode a JSON answer of the service; ProtocolError when it is not JSON."""
+    import json
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("the download service sent something other than JSON "
+                            "(is the URL right?)", url)
+
+
+def _parse_service_listing(items, base, path="", on_self=None, warn=None):
+    """Turn the service's JSON listing of *path* into a list of Entry objects.
+
+    *items* is the decoded JSON list: one ``{"href", "type", "size",
+    "mtime", "url"}`` per entry, hrefs relative to the storage root and
+    percent-encoded as the upstream wrote them, the directory itself
+    included.  *path* is the decoded, normalised path that was listed;
+    *base* the service URL (no trailing slash).  The entry of *path* itself
+    goes to *on_self* (when given) instead of the result.  Dropped, with a
+    message to *warn*: anything that is not a direct child of *path*, and
+    names that could escape a destination folder ("..", "/", "\\", NUL).
+    Each Entry's ``url`` is the service URL that serves it,
+    ``{base}/fetch/{path}`` (directories end with "/")."""
+    from urllib.parse import quote, unquote
+    warn = warn or (lambda msg: None)
+    if not isinstance(items, list):
+        raise ProtocolError("the download service's listing is not a JSON list",
+                            base + "/list/" + quote(path))
+    want = [s for s in path.split("/") if s]
+    out = []
+    for item in items:
+        href = item.get("href") if isinstance(item, dict) else None
+        if not isinstance(href, str):
+            warn("skipping a listing entry without href: %r" % (item,))
+            continue
+        try:
+            segs = [unquote(s, errors="strict") for s in href.strip("/").split("/") if s]
+        except UnicodeDecodeError:
+            warn("skipping entry with malformed percent-encoding: %r" % href)
+            continue
+        is_self = segs == want
+        if not is_self:
+            if len(segs) != len(want) + 1 or segs[:-1] != want:
+                warn("skipping entry outside %s/: %s" % (path, "/".join(segs)))
+                continue
+            name = segs[-1]
+            if name in (".", "..") or any(c in name for c in "/\\\x00"):
+                warn("skipping entry with an unsafe name: %r" % name)
+                continue
+        is_dir = item.get("type") == "directory" or href.endswith("/")
+        size = item.get("size")
+        try:
+            size = int(size) if size not in (None, "") and not is_dir else None
+        except (TypeError, ValueError):
+            size = None
+        dpath = "/".join(segs)
+        raw_mtime = item.get("mtime")
+        mtime = _parse_http_date(raw_mtime) if isinstance(raw_mtime, str) else None
+        if raw_mtime and mtime is None:
+            warn("unparsable modification time %r for %s" % (raw_mtime, dpath))
+        url = "%s/fetch/%s%s" % (base, quote(dpath, safe="/"),
+                                 "/" if is_dir and dpath else "")
+        entry = Entry(segs[-1] if segs else "", dpath, url, is_dir, size, mtime)
+        if not is_self:
+            out.append(entry)
+        elif on_self is not None:
+            on_self(entry)
+    return out
+
+
+def _parse_upload_answer(data, url):
+    """The service's answer to an upload: ``{"status", "path",
+    "total_written"}``, checked; ProtocolError when it is anything else."""
+    answer = _service_json(data, url)
+    if not isinstance(answer, dict) or not isinstance(answer.get("path"), str) or \
+            not isinstance(answer.get("total_written"), int):
+        raise ProtocolError("unexpected answer of the download service to an upload: %r"
+                            % (answer,), url)
+    return answer
+
+
+def _read_body(tr, resp, url, what):
+    """Read a whole (JSON) answer; network errors become TransferError."""
+    try:
+        return resp.read()
+    except Exception as e:
+        if not _is_transient(e):
+            raise
+        raise _network_error(e, url, what)
+    finally:
+        tr.release(resp)
+
+
+class _Service:
+    """The requests of the download service, over the one transport.
+
+    Paths given here are decoded and normalised (no leading or trailing
+    "/"); the Client does that."""
+
+    def __init__(self, tr, base):
+        self.tr = tr
+        self.base = base.rstrip("/")
+
+    def url(self, endpoint, path):
+        """``{base}/{endpoint}/{path}``, percent-encoded."""
+        from urllib.parse import quote
+        return "%s/%s%s" % (self.base, endpoint, "/" + quote(path, safe="/") if path else "")
+
+    def list(self, path, on_self=None, warn=None):
+        """GET /list/{path}; return (the JSON list as sent, the child Entries)."""
+        url = self.url("list", path)
+        resp = self.tr.request("GET", url, {"Accept": "application/json"}, ok=(200,),
+                               what="list")
+        items = _service_json(_read_body(self.tr, resp, url, "list"), url)
+        return items, _parse_service_listing(items, self.base, path, on_self, warn)
+
+    def stat(self, path, warn=None):
+        """The Entry of *path*, from the listing of *path* itself (the service
+        has no stat: a file lists as itself, a directory with itself)."""
+        found = []
+        _items, children = self.list(path, found.append, warn)
+        if found:
+            return found[0]
+        if children:  # a listing without its own entry: still a directory
+            return Entry(path.rpartition("/")[2], path, self.url("fetch", path) + "/", True)
+        raise NotFound("no such file or directory", self.url("list", path), 404)
+
+
+def _post_certificate(tr, url, payload):
+    """POST a certificate (JSON) to the certificate service; return its JSON
+    answer.  Every refusal is a CertificateError with the service's message."""
+    import json
+    body = json.dumps(payload).encode("utf-8")
+    try:
+        resp = tr.request("POST", url, {"Content-Type": "application/json",
+                                        "Accept": "application/json"}, body,
+                          ok=(200, 201), what="certificate upload")
+    except (AuthError, RemoteError) as e:
+        raise CertificateError(e.message, e.url, e.status, e.hint)
+    answer = _service_json(_read_body(tr, resp, url, "certificate upload"), url)
+    return answer if isinstance(answer, dict) else {"message": answer}
+
+
+############################################################################
 # Transfer engine (plans, workers, progress)
 ############################################################################
 
@@ -1393,11 +1635,14 @@ class TransferSummary:
     """Outcome of a (possibly multi-file) transfer: ``results`` holds one
     TransferResult per file; counters ``files``, ``transferred``,
     ``skipped``, ``failed``, ``planned`` (dry run), ``bytes`` (moved over
-    the network), ``seconds``."""
+    the network), ``seconds``; for uploads ``remote_path``, where the file
+    or tree is on the storage (as the download service names it, in
+    service mode)."""
 
     def __init__(self, results, seconds):
         self.results = results
         self.seconds = seconds
+        self.remote_path = None
         self.files = len(results)
         self.transferred = sum(1 for r in results if r.status == "transferred")
         self.skipped = sum(1 for r in results if r.status == "skipped")
@@ -1422,6 +1667,7 @@ class TransferSummary:
         return {"files": self.files, "transferred": self.transferred,
                 "skipped": self.skipped, "failed": self.failed, "planned": self.planned,
                 "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "remote_path": self.remote_path,
                 "results": [r.to_dict() for r in self.results]}
 
 
@@ -1488,7 +1734,7 @@ def _local_error(e, path):
     return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
 
 
-def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
+def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume=True):
     """Download *url* to *dest* through ``dest.part`` (renamed on success).
 
     Resumes an existing .part with Range + If-Range; verifies size and the
@@ -1497,14 +1743,16 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
     time (one retry budget for the whole file).  A checksum mismatch deletes
     the .part and starts over once.  Returns a TransferResult; raises
     CtadataError on failure, leaving at most a .part file behind (never a
-    wrong file under the final name)."""
+    wrong file under the final name).  Without *resume* (the download
+    service ignores Range), every attempt starts from byte 0 and a failed
+    download leaves no .part either."""
     part = dest + ".part"
     mismatches = attempt = 0
     fetched = [0]
     while True:
         try:
             sums, mtime, size = _download_once(tr, url, part, entry, progress, cancel,
-                                               fetched)
+                                               fetched, resume)
         except ChecksumMismatch:
             _unlink(part)
             mismatches += 1
@@ -1514,6 +1762,8 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None):
         except CtadataError as e:
             delay = _retry_delay(tr.policy, attempt, e)
             if delay is None:
+                if not resume:
+                    _unlink(part)
                 raise
             _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(url), delay, e)
             tr._sleep(delay)
@@ -1551,13 +1801,13 @@ def _unlink(path):
         pass
 
 
-def _download_once(tr, url, part, entry, progress, cancel, fetched):
+def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True):
     """One GET attempt; returns (checksums, remote mtime, size).  Network errors
     become retryable TransferErrors; *fetched[0]* counts bytes received."""
     expected = entry.size if entry is not None else None
     known_sums = entry.checksums if entry is not None else {}
     try:
-        offset = os.path.getsize(part)
+        offset = os.path.getsize(part) if resume else 0
     except OSError:
         offset = 0
     if expected is not None and offset >= expected:
@@ -1811,6 +2061,36 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     return res
 
 
+class _ServiceResult(TransferResult):
+    """A TransferResult that keeps the download service's answer."""
+
+    __slots__ = ("answer",)
+
+
+def _upload_service_file(tr, local, url, size, progress=None):
+    """POST one local file, streamed, to the download service's /upload/ URL;
+    return a _ServiceResult whose ``remote_path`` is the path the service
+    reports (the file lands in the caller's own folder: that path is what
+    others pass to fetch).  The service's ``total_written`` must equal the
+    file's size, else TransferError."""
+    body = _FileBody(local, size)
+    resp = tr.request("POST", url, {"Content-Type": "application/octet-stream",
+                                    "Accept": "application/json"}, body,
+                      ok=(200, 201), what="upload")
+    answer = _parse_upload_answer(_read_body(tr, resp, url, "upload"), url)
+    if answer["total_written"] != size:
+        raise TransferError("the service stored %d of %d bytes" % (
+            answer["total_written"], size), url, expected=size,
+            received=answer["total_written"])
+    if progress is not None:
+        progress.advance(size)
+    res = _ServiceResult(local, url, size, "transferred", None,
+                         body.hashers.result() if body.hashers else {}, size,
+                         answer["path"])
+    res.answer = answer
+    return res
+
+
 def _try_delete(tr, url):
     try:
         tr.release(tr.request("DELETE", url, ok=(200, 202, 204, 404), retry=False))
@@ -1949,13 +2229,15 @@ def _selector(select=None, include=(), exclude=()):
 
 
 class _Task:
-    """One planned transfer; *check*: compare checksums first, skip if equal."""
+    """One planned transfer; *check*: compare checksums first, skip if
+    equal; *remote*: for uploads, the remote path asked for."""
 
-    __slots__ = ("source", "dest", "size", "entry", "check")
+    __slots__ = ("source", "dest", "size", "entry", "check", "remote")
 
-    def __init__(self, source, dest, size, entry=None, check=False):
+    def __init__(self, source, dest, size, entry=None, check=False, remote=None):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
         self.check = check
+        self.remote = remote
 
 
 def _same_sums(path, remote_sums):
@@ -1970,8 +2252,9 @@ def _same_sums(path, remote_sums):
     return _compare_sums(hashers.result(), remote_sums) is None
 
 
-def _summarize(results, started, raise_on_failure=True):
+def _summarize(results, started, raise_on_failure=True, remote_path=None):
     summary = TransferSummary(results, time.monotonic() - started)
+    summary.remote_path = remote_path
     if raise_on_failure and summary.failed:
         raise PartialFailure(summary)
     return summary
@@ -2011,30 +2294,51 @@ def _basename(path):
 
 
 class Client:
-    """A client of one storage endpoint (dCache or any WebDAV server).
+    """A client of one storage endpoint (dCache or any WebDAV server), or of
+    the CTA download service that proxies it.
 
     >>> c = Client(url="https://dcache.example.org:2880", token_file="~/tok")
     >>> for e in c.ls("lst/DL1"): print(e.name, e.size)
+    >>> hub = Client(service=True)      # $CTADS_URL or SERVICE_URL, $JUPYTERHUB_API_TOKEN
 
     Every module-level function exists as a method of the same name.  Remote
     paths are relative to *url*; a full http(s):// URL is accepted too.
     The token is found lazily (see README "Credentials") and sent only to
-    the origin of *url*.  A Client is safe to use from several threads."""
+    the origin of *url*.  A Client is safe to use from several threads.
+
+    *service* selects the service mode (see _service_url): a URL, True for
+    the default one, False to refuse it; None lets $CTADS_URL decide when no
+    *url* is given.  There, ``ls``, downloads and uploads go through the
+    service's /list, /fetch and /upload; remote paths are relative to the
+    storage root and may be percent-encoded, as the service lists them;
+    uploads land in the caller's own folder.  *certificate_service* is the
+    certificate service's URL (else $CTACS_URL, else CERTIFICATE_SERVICE_URL)."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
-                 cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None):
-        if dev and not url:
+                 cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None,
+                 service=None, certificate_service=None):
+        self._env = os.environ if env is None else env
+        service_url = _service_url(url, dev, service, self._env)
+        if service_url:
+            url = service_url
+        elif dev and not url:
             url = DEV_URL
         self.settings = Settings(url, timeout, retries, jobs, ca_file, ca_dir, insecure,
                                  cert, backoff, expect_threshold, env=env)
-        self._auth = _Auth(token, token_file, env)
+        self._auth = _Auth(token, token_file, env, service=bool(service_url))
         import threading
         self._cancel = threading.Event()
         self._tr = _Transport(self.settings, self._auth, self._cancel)
+        self._svc = _Service(self._tr, self.settings.url) if service_url else None
+        self._cert_url = certificate_service
+        self._hub = None  # (auth, certificate transport) for the JupyterHub services
+        self._hub_lock = threading.Lock()
         self.warnings = []
 
     def __repr__(self):
+        if self._svc is not None:
+            return "Client(service=%r)" % self.settings.url
         return "Client(url=%r)" % self.settings.url
 
     def __enter__(self):
@@ -2046,16 +2350,33 @@ class Client:
     def close(self):
         """Close this thread's kept-alive connections."""
         self._tr.close()
+        if self._hub is not None:
+            self._hub[1].close()
 
     @property
     def url(self):
+        """The storage URL (in service mode: the download service's URL)."""
         return self.settings.url
+
+    @property
+    def service(self):
+        """The download service's URL in service mode, else None."""
+        return self.settings.url if self._svc is not None else None
 
     # -- paths ---------------------------------------------------------------
 
     def url_for(self, path, collection=False):
-        """Absolute, percent-encoded URL of a remote *path* (or Entry, or URL)."""
-        if isinstance(path, Entry):
+        """Absolute, percent-encoded URL of a remote *path* (or Entry, or URL,
+        or an entry of the service's listing).  In service mode, the service
+        URL that serves it (``{service}/fetch/{path}``)."""
+        if isinstance(path, dict):
+            path = path.get("href") or ""
+        if self._svc is not None:
+            if isinstance(path, Entry):
+                url = path.url
+            else:
+                url = self._svc.url("fetch", self._svc_path(path))
+        elif isinstance(path, Entry):
             url = path.url
         elif "://" in str(path):
             url = str(path)
@@ -2067,6 +2388,38 @@ class Client:
         if collection and not url.endswith("/"):
             url += "/"
         return url
+
+    def _svc_path(self, target):
+        """The decoded, normalised storage path (no leading or trailing "/")
+        of a path, Entry, listing entry or service URL, in service mode.
+
+        Paths may be percent-encoded, as the service lists them (hrefs): a
+        valid %XX is decoded, anything else is taken literally, so
+        "with%20space" and "with space" name the same file."""
+        from urllib.parse import unquote
+        if isinstance(target, Entry):
+            return target.path
+        if isinstance(target, dict):
+            target = target.get("href") or ""
+        text = str(target or "")
+        if "://" in text:
+            text = text.partition("?")[0]
+            for endpoint in ("fetch", "list", "upload", "webdav"):
+                prefix = "%s/%s" % (self.settings.url, endpoint)
+                if text == prefix or text.startswith(prefix + "/"):
+                    text = text[len(prefix):]
+                    break
+            else:
+                raise ConfigError("in service mode remote paths are relative to the "
+                                  "storage root; not a URL of this service: %r"
+                                  % _safe_url(text))
+        return _normpath(unquote(text)).strip("/")
+
+    def _direct_only(self, what):
+        if self._svc is not None:
+            raise ConfigError("%s is not offered by the download service: use "
+                              "webdav_client() (writes only in your own folder) or "
+                              "direct mode" % what)
 
     def _warn(self, msg):
         self.warnings.append(msg)
@@ -2087,10 +2440,18 @@ class Client:
         finally:
             self._tr.release(resp)
 
+    def _children(self, target, on_self=None):
+        """The entries of one directory (path, Entry or URL), self to *on_self*."""
+        if self._svc is not None:
+            return iter(self._svc.list(self._svc_path(target), on_self, self._warn)[1])
+        return self._propfind(self.url_for(target), 1, on_self)
+
     def stat(self, path):
         """Return the Entry of a remote file or directory.
 
         Raises NotFound if it does not exist, AuthError, RemoteError."""
+        if self._svc is not None:
+            return self._svc.stat(self._svc_path(path), self._warn)
         found = []
         for _ in self._propfind(self.url_for(path), 0, found.append):
             pass
@@ -2100,10 +2461,11 @@ class Client:
 
     def iter_dir(self, path=""):
         """Yield the entries of one directory as the server sends them
-        (unsorted, in bounded memory).  For a file, yield its own entry."""
+        (unsorted, in bounded memory; the download service sends its listing
+        as one JSON document).  For a file, yield its own entry."""
         selfs = []
         n = 0
-        for entry in self._propfind(self.url_for(path), 1, selfs.append):
+        for entry in self._children(path, selfs.append):
             n += 1
             yield entry
         if not n and selfs and not selfs[0].is_dir:
@@ -2118,7 +2480,7 @@ class Client:
 
         def listing(p):
             selfs = []
-            children = sorted(self._propfind(p, 1, selfs.append), key=_entry_key)
+            children = sorted(self._children(p, selfs.append), key=_entry_key)
             return (selfs[0] if selfs else None), children
 
         with ThreadPoolExecutor(max_workers=jobs or self.settings.jobs) as ex:
@@ -2153,11 +2515,29 @@ class Client:
                 not e.is_dir and sel(_rel_path(root, e.url))))
         return out
 
-    def list_dir(self, path=""):
-        """Return the paths (relative to the storage URL) of the entries of
-        the directory *path*, directories ending with "/": what the old
-        client's ``list_dir`` returned and what ``fetch_and_save_file`` takes."""
-        return [e.path + "/" if e.is_dir else e.path for e in self.ls(path)]
+    def list_dir(self, path="", recursive=False):
+        """List a remote directory (with *recursive*, everything below it) the
+        way the old client did in this mode; what ``fetch_and_save_file`` takes.
+
+        Direct mode: a list of paths (str, relative to the storage URL),
+        directories ending with "/".  Service mode: the service's listing as
+        it sent it, a list of dicts ``{"href", "type", "size", "mtime",
+        "url"}`` (the directory itself included; hrefs percent-encoded) that
+        also act as their href for ``in``, ``.split()`` and the like, as the
+        old README's loops expect.  Raises NotFound, AuthError, RemoteError."""
+        if self._svc is not None:
+            return self._service_list_dir(self._svc_path(path), recursive)
+        return [e.path + "/" if e.is_dir else e.path for e in self.ls(path, recursive)]
+
+    def _service_list_dir(self, path, recursive):
+        items, children = self._svc.list(path, None, self._warn)
+        out = [_ListingEntry(i) if isinstance(i, dict) else i for i in items]
+        if recursive:
+            for e in children:
+                if e.is_dir:
+                    out.extend(i for i in self._service_list_dir(e.path, True)
+                               if _href_path(i) != e.path)
+        return out
 
     # -- downloads ---------------------------------------------------------------
 
@@ -2319,18 +2699,21 @@ class Client:
 
     def _download_worker(self, progress, checksum):
         tr, cancel = self._tr, self._cancel
+        resume = self._svc is None  # the download service ignores Range
 
         def work(t):
             if t.check and _same_sums(t.dest, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped")
-            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel)
+            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume)
         return work
 
     def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
         """Download one remote file; return the number of bytes written.
 
         *save_to_fn* defaults to the file's name in the current folder (as in
-        the old client).  Raises NotFound, AuthError, TransferError,
+        the old client).  In service mode the size is checked against the
+        service's listing (it answers 200 even when the storage failed
+        mid-way).  Raises NotFound, AuthError, TransferError,
         ChecksumMismatch."""
         summary = self.download(path, save_to_fn, overwrite=overwrite,
                                 raise_on_failure=False)
@@ -2342,7 +2725,10 @@ class Client:
                                    overwrite=False):
         """Download a file, or with *recursive* a directory tree (kept below
         ``<save_to or .>/<name>``); return the TransferSummary.  Raises
-        PartialFailure if any file failed."""
+        PartialFailure if any file failed.  ``(path, True)`` means
+        recursive, as in the old client, whose second argument it was."""
+        if isinstance(save_to, bool):
+            save_to, recursive = None, save_to
         if save_to is not None and recursive and not _into(save_to):
             save_to = save_to + "/"
         return self.download(path, save_to, recursive=recursive, overwrite=overwrite)
@@ -2362,14 +2748,24 @@ class Client:
         *overwrite*; *select* keeps only some files (as for download).
         *verify*: see _upload_file (True: Content-MD5 for every file; None:
         for files up to 1 MiB; False: never).  *dry_run*: plan only, send
-        nothing that changes the storage.  Returns a TransferSummary; raises
-        PartialFailure if any file failed, ConfigError for a bad local path."""
+        nothing that changes the storage.  In service mode everything lands
+        in the caller's own folder, and each result's ``remote_path`` (and the
+        summary's) is the path the service reports.  Returns a
+        TransferSummary; raises PartialFailure if any file failed,
+        ConfigError for a bad local path."""
         started = time.monotonic()
         progress = progress if progress is not None else Progress()
         self._cancel.clear()
         local = os.fspath(local)
         remote = str(remote or "")
-        if "://" not in remote:
+        if self._svc is not None:
+            if "://" in remote:
+                raise ConfigError("in service mode the destination is a path in your "
+                                  "own folder, not a URL: %r" % _safe_url(remote))
+            trailing = "/" if remote.endswith("/") else ""
+            remote = self._svc_path(remote)
+            remote = remote + trailing if remote else ""
+        elif "://" not in remote:
             remote = _normpath(remote) if remote.strip("/") else ""
         name = os.path.basename(os.path.normpath(local))
         if os.path.isdir(local):
@@ -2382,40 +2778,52 @@ class Client:
         if not os.path.isfile(local):
             raise ConfigError("no such local file: %s" % local)
         target = remote + name if _into(remote) else remote
-        url = self.url_for(target)
-        parent = target.rstrip("/").rpartition("/")[0] if "://" not in target else None
         size = os.path.getsize(local)
         progress.add_total(1, size)
         tr = self._tr
+        if self._svc is not None:
+            url = self._svc.url("upload", target)
 
-        def worker(t):
-            try:
-                return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
-            except NotFound:
-                raise
-            except RemoteError as e:
-                if e.status != 409 or not parent:
+            def worker(t):
+                return _upload_service_file(tr, t.source, t.dest, t.size, progress)
+        else:
+            url = self.url_for(target)
+            parent = target.rstrip("/").rpartition("/")[0] if "://" not in target else None
+
+            def worker(t):
+                try:
+                    return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
+                except NotFound:
                     raise
-            self.mkdir(parent, parents=True)  # 409: the parent folder is missing
-            return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
+                except RemoteError as e:
+                    if e.status != 409 or not parent:
+                        raise
+                self.mkdir(parent, parents=True)  # 409: the parent folder is missing
+                return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
 
         summary = self._execute([_Task(local, url, size)], worker, 1, progress, started,
                                 raise_on_failure, dry_run)
         for r in summary.results:
-            r.remote_path = target
+            if r.remote_path is None:
+                r.remote_path = target
+        summary.remote_path = summary.results[0].remote_path
         return summary
 
     def _upload_tree(self, local, target, verify, overwrite, checksum, sel, dry_run,
                      progress, jobs, started, raise_on_failure):
-        existing = {} if overwrite else self._remote_index(target)
+        svc = self._svc
+        # the service offers no listing of what is already there to skip
+        existing = {} if overwrite or svc is not None else self._remote_index(target)
         tr = self._tr
         base = target.rstrip("/")
         made = set()
+        area = []  # service mode: the caller's folder, as the service names it
 
         def ensure(rdir):
             # remote folders are made as needed, parents first (Apache does
-            # not create them on PUT); without a filter, empty ones too
-            if dry_run or rdir in made or not rdir:
+            # not create them on PUT); without a filter, empty ones too.  The
+            # download service makes them itself.
+            if dry_run or svc is not None or rdir in made or not rdir:
                 return
             parent = rdir.rpartition("/")[0]
             if parent and parent not in made and parent != base:
@@ -2443,7 +2851,7 @@ class Client:
                     try:
                         size = os.path.getsize(path)
                     except OSError as e:
-                        yield TransferResult(path, self.url_for(rpath), None, "failed",
+                        yield TransferResult(path, rpath, None, "failed",
                                              str(_local_error(e, path)))
                         continue
                     have = existing.get("/".join(rparts + [fn]))
@@ -2453,19 +2861,28 @@ class Client:
                                              remote_path=rpath)
                         continue
                     progress.add_total(1, size)
-                    yield _Task(path, self.url_for(rpath), size, have,
-                                check=have is not None and have.size == size)
+                    url = svc.url("upload", rpath) if svc is not None else self.url_for(rpath)
+                    yield _Task(path, url, size, have,
+                                check=have is not None and have.size == size, remote=rpath)
 
         def worker(t):
+            if svc is not None:
+                res = _upload_service_file(tr, t.source, t.dest, t.size, progress)
+                if not area and res.remote_path.endswith("/" + t.remote):
+                    area.append(res.remote_path[:-len(t.remote)])
+                return res
             if t.check and _same_sums(t.source, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped",
-                                      remote_path=_rel_path(self.settings.url, t.dest))
+                                      remote_path=t.remote)
             res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
-            res.remote_path = _rel_path(self.settings.url, t.dest)
+            res.remote_path = t.remote
             return res
 
-        return self._execute(tasks(), worker, jobs or self.settings.jobs, progress,
-                             started, raise_on_failure, dry_run)
+        summary = self._execute(tasks(), worker, jobs or self.settings.jobs, progress,
+                                started, raise_on_failure, dry_run)
+        summary.remote_path = (area[0] + base if area else None) if svc is not None \
+            else base
+        return summary
 
     def _remote_index(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
@@ -2482,13 +2899,18 @@ class Client:
         return index
 
     def upload_file(self, local, remote=""):
-        """Upload one file; return ``{"path", "status", "total_written"}`` like
-        the download service does.  A *remote* ending with "/" is a folder:
-        ``upload_file("latest.txt", "your-folder/")`` -> your-folder/latest.txt."""
+        """Upload one file; return ``{"path", "status", "total_written"}``: in
+        service mode the service's own answer (``path`` is in your folder:
+        what others pass to fetch), in direct mode a dict like it.  A *remote*
+        ending with "/" is a folder: ``upload_file("latest.txt",
+        "your-folder/")`` -> your-folder/latest.txt.  Raises ConfigError
+        (bad local file or remote path), AuthError, TransferError."""
         summary = self.upload(local, remote, raise_on_failure=False)
         if summary.failed:
             raise _reraise(summary.failures[0])
         r = summary.results[0]
+        if isinstance(r, _ServiceResult):
+            return dict(r.answer)
         return {"path": r.remote_path, "status": "uploaded", "total_written": r.size}
 
     def upload_dir(self, local, remote=""):
@@ -2501,6 +2923,7 @@ class Client:
     def mkdir(self, path, parents=False):
         """Create a remote directory (with *parents*, also missing parents;
         an existing directory is then fine).  Raises RemoteError."""
+        self._direct_only("mkdir")
         norm = _normpath(str(path)) if "://" not in str(path) else str(path)
         if not parents or "://" in norm:
             self._mkcol(self.url_for(norm, True), exist_ok=parents)
@@ -2520,6 +2943,7 @@ class Client:
         Returns the Entry objects deleted (with *dry_run*: that would be,
         nothing is deleted; a tree is listed in full).  Raises NotFound,
         ConfigError (a directory without *recursive*)."""
+        self._direct_only("remove")
         entry = self.stat(path)
         if entry.is_dir and not recursive:
             raise ConfigError("%s is a directory (use recursive=True / rm -r)" % entry.path)
@@ -2538,6 +2962,7 @@ class Client:
         A *dst* ending with "/" is a folder to move into.  Returns (source
         Entry, destination URL); *dry_run* only checks the source.  Raises
         NotFound, RemoteError (412 when *dst* exists and not *overwrite*)."""
+        self._direct_only("move")
         entry = self.stat(src)
         dst = str(dst)
         if dst.endswith("/"):
@@ -2592,6 +3017,7 @@ class Client:
 
         Asks with HEAD + Want-Digest (RFC 3230), falls back to dCache's
         Checksums property.  Empty dict when the server has none."""
+        self._direct_only("checksum")
         url = self.url_for(path)
         resp = self._tr.request("HEAD", url, {"Want-Digest": "adler32,md5;q=0.5"},
                                 ok=(200,), what="checksum")
@@ -2600,6 +3026,97 @@ class Client:
         if sums:
             return sums
         return self.stat(url).checksums
+
+
+    # -- the JupyterHub services: certificates, WebDAV pass-through ------------
+
+    def _hub_auth(self):
+        """(auth, transport of the certificate service), made on first use.
+        The hub token: this client's in service mode, else one found the
+        service way (token=, token_file=, $JUPYTERHUB_API_TOKEN), never a
+        storage token from the WLCG places."""
+        with self._hub_lock:
+            if self._hub is None:
+                auth = self._auth
+                if self._svc is None:
+                    auth = _Auth(self._auth._explicit, self._auth._token_file,
+                                 self._env, service=True)
+                url = self._cert_url or self._env.get("CTACS_URL") or CERTIFICATE_SERVICE_URL
+                s = self.settings
+                cs = Settings(url, s.timeout, s.retries, s.jobs, s.ca_file, s.ca_dir,
+                              s.insecure, s.cert, backoff=s.backoff, env=self._env)
+                self._hub = (auth, _Transport(cs, auth, self._cancel))
+            return self._hub
+
+    def _post_certificate(self, endpoint, path, fields):
+        try:
+            with open(os.fspath(path), "r", encoding="utf-8") as f:
+                pem = f.read(1 << 20)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("cannot read certificate file %s: %s"
+                              % (path, getattr(e, "strerror", None) or e))
+        _auth, tr = self._hub_auth()
+        payload = dict(fields, certificate=pem)
+        return _post_certificate(tr, tr.settings.url + "/" + endpoint, payload)
+
+    def upload_certificate(self, path, certificate_key="cta"):
+        """Upload your (proxy) certificate, a PEM file, to the certificate
+        service, so that the platform can reach the storage as you;
+        *certificate_key* says for which storage area: "cta", "lst" or
+        "arc".  Return the service's JSON answer (a dict with a
+        ``message``).  Raises ConfigError (unreadable file, unknown key:
+        nothing sent), CertificateError (refused; ``status`` and the
+        service's message), TransferError."""
+        if certificate_key not in _CERTIFICATE_KEYS:
+            raise ConfigError("certificate_key must be one of %s, not %r"
+                              % (", ".join(_CERTIFICATE_KEYS), certificate_key))
+        return self._post_certificate("certificate", path,
+                                      {"certificate_key": certificate_key})
+
+    def upload_shared_certificate(self, path):
+        """Upload the shared (robot) certificate used for data syncing to the
+        certificate service (its main certificate; for operators).  Return
+        the service's JSON answer.  Raises ConfigError, CertificateError,
+        TransferError."""
+        return self._post_certificate("main-certificate", path, {})
+
+    def _hub_service_url(self):
+        if self._svc is not None:
+            return self.settings.url
+        return (self._env.get("CTADS_URL") or SERVICE_URL).rstrip("/")
+
+    def webdav_client(self):
+        """Return a direct-mode Client on the download service's WebDAV
+        pass-through (``{service}/webdav/``), with the same hub token:
+        mkdir, rm, stat and the rest, writes only inside your own folder.
+        Without service mode, the service is $CTADS_URL or SERVICE_URL.
+        Raises ConfigError for a bad URL."""
+        s = self.settings
+        c = Client(url=self._hub_service_url() + "/webdav", timeout=s.timeout,
+                   retries=s.retries, jobs=s.jobs, ca_file=s.ca_file, ca_dir=s.ca_dir,
+                   insecure=s.insecure, cert=s.cert, env=self._env, service=False)
+        # The pass-through wants the hub token, not a storage token.
+        c._auth = c._tr.auth = self._hub_auth()[0]
+        return c
+
+    def webdav4_client(self):
+        """Return a ``webdav4.client.Client`` on the download service's WebDAV
+        pass-through, sending the hub token: the old client's function, for
+        those who have webdav4 installed (ctadata never needs it; see
+        webdav_client()).  Raises ConfigError when webdav4 is missing."""
+        try:
+            from webdav4.client import Client as WebDAV4Client
+        except ImportError:
+            raise ConfigError("webdav4_client() needs the webdav4 package "
+                              "(pip install webdav4); webdav_client() needs nothing")
+        auth = self._hub_auth()[0]
+
+        def bearer(request):  # an httpx auth callable
+            value = auth.header()
+            if value:
+                request.headers["Authorization"] = value
+            return request
+        return WebDAV4Client(self._hub_service_url() + "/webdav/", auth=bearer)
 
 
 def _entry_key(e):
@@ -2628,76 +3145,290 @@ def _reraise(result):
     return TransferError(result.error or "transfer failed", result.source)
 
 
+class _ListingEntry(dict):
+    """One entry of the download service's listing, exactly as it sent it
+    (``href``, ``type``, ``size``, ``mtime``, ``url``).  The old README loops
+    over list_dir() as if it gave path strings (``'.0100' in url``,
+    ``url.split("/")``, ``fetch_and_save_file(url)``), older code uses
+    dicts (``url["href"]``): both work.  ``in`` tests the keys, then the
+    href's text; str methods (split, endswith, ...) are those of the href."""
+
+    __slots__ = ()
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or (
+            isinstance(key, str) and key in str(self.get("href") or ""))
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(str(self.get("href") or ""), name)
+
+
+def _href_path(item):
+    """Decoded path of a service listing entry (no leading/trailing "/")."""
+    from urllib.parse import unquote
+    href = item.get("href") if isinstance(item, dict) else None
+    return unquote(href).strip("/") if isinstance(href, str) else None
+
+
 _default_client = None
+_default_key = None
+_default_explicit = False
+_compat = None  # (settings key, Client) of the last call with old-style settings
 _default_lock = _thread.allocate_lock()
+# What decides the default client.  A notebook that sets these after a first
+# call (as the old README does) gets a client that follows them.
+_ENV_KEYS = ("CTADATA_URL", "CTADS_URL", "CTACS_URL", "JUPYTERHUB_API_TOKEN")
+# The old client's keyword arguments, accepted by its functions.
+_OLD_OPTIONS = ("token", "downloadservice", "certificateservice", "chunk_size",
+                "dev_instance")
+
+
+def _env_key():
+    return tuple(os.environ.get(k) for k in _ENV_KEYS)
 
 
 def default_client():
     """Return the Client used by the module-level functions, creating it on
-    first use from the environment (CTADATA_URL, token discovery)."""
-    global _default_client
+    first use from the environment (CTADATA_URL, CTADS_URL, token discovery)
+    and again when those variables changed.  Raises ConfigError for a bad
+    URL in the environment."""
+    global _default_client, _default_key
+    key = _env_key()
     with _default_lock:
-        if _default_client is None:
+        if _default_client is None or (not _default_explicit and key != _default_key):
             _default_client = Client()
+            _default_key = key
         return _default_client
 
 
 def set_default_client(client):
     """Make *client* the one the module-level functions use (None: rebuild
-    from the environment on next use)."""
-    global _default_client
+    from the environment on next use).  Returns None."""
+    global _default_client, _default_explicit, _compat
     with _default_lock:
         _default_client = client
+        _default_explicit = client is not None
+        _compat = None
 
 
-def list_dir(path=""):
-    """Paths of the entries of a remote directory (see Client.list_dir)."""
-    return default_client().list_dir(path)
+def _client(options=None, func="function"):
+    """The Client for one module-level call: the default one, unless the old
+    client's keyword arguments (*options*) or APIClient's class attributes
+    ask for other settings; then a Client made for those (and kept for the
+    next call that asks the same).  Unknown keywords are a TypeError, as
+    Python would say."""
+    global _compat
+    wanted = {"token": APIClient.token, "downloadservice": APIClient.downloadservice,
+              "certificateservice": APIClient.certificateservice, "dev_instance": None}
+    for k, v in (options or {}).items():
+        if k not in _OLD_OPTIONS:
+            raise TypeError("%s() got an unexpected keyword argument %r" % (func, k))
+        if v is not None:  # as in the old client, None means "not given"
+            wanted[k] = v
+    wanted.pop("chunk_size", None)  # accepted, ignored: ctadata picks its block size
+    if not any(wanted.values()):
+        return default_client()
+    key = (tuple(sorted(wanted.items())), _env_key())
+    with _default_lock:
+        if _compat is None or _compat[0] != key:
+            _compat = (key, Client(token=wanted["token"],
+                                   service=wanted["downloadservice"] or None,
+                                   certificate_service=wanted["certificateservice"],
+                                   dev=bool(wanted["dev_instance"])))
+        return _compat[1]
+
+
+class APIClient:
+    """The old client's class, for scripts written for it.
+
+    Scripts set its class attributes and later module-level calls honour
+    them: ``ctadata.APIClient.downloadservice = url`` (service mode with that
+    service), ``certificateservice`` (the certificate service), ``token``
+    (the JupyterHub API token); ``chunk_size`` is accepted and ignored
+    (ctadata picks its own block size).  None, the default, means "from the
+    environment" ($CTADS_URL, $CTACS_URL, $JUPYTERHUB_API_TOKEN).
+
+    The old functions also take these as keyword arguments (``token=``,
+    ``downloadservice=``, ``certificateservice=``, ``chunk_size=``), and
+    ``dev_instance=True`` (the development storage, in direct mode).
+
+    An instance has the old methods; its attributes override the class's:
+    ``api = ctadata.APIClient(); api.token = "..."; api.list_dir("lst")``.
+    Importing or instantiating it reads nothing and creates nothing."""
+
+    downloadservice = None
+    certificateservice = None
+    token = None
+    chunk_size = None
+
+    def __init__(self, dev_instance=False):
+        self.dev_instance = dev_instance
+
+    def _client(self, options, func):
+        merged = {"token": self.token, "downloadservice": self.downloadservice,
+                  "certificateservice": self.certificateservice,
+                  "dev_instance": self.dev_instance}
+        for k, v in options.items():
+            if v is not None or k not in merged:
+                merged[k] = v
+        return _client(merged, func)
+
+    def list_dir(self, path="", recursive=False, n_threads=None, **options):
+        """As the module function list_dir()."""
+        return self._client(options, "list_dir").list_dir(path, recursive)
+
+    def fetch_and_save_file(self, path, save_to_fn=None, **options):
+        """As the module function fetch_and_save_file()."""
+        return self._client(options, "fetch_and_save_file").fetch_and_save_file(
+            path, save_to_fn)
+
+    def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, **options):
+        """As the module function fetch_and_save_file_or_dir()."""
+        return self._client(options, "fetch_and_save_file_or_dir") \
+            .fetch_and_save_file_or_dir(path, save_to, recursive)
+
+    def upload_file(self, local_fn, path="", **options):
+        """As the module function upload_file()."""
+        return self._client(options, "upload_file").upload_file(local_fn, path)
+
+    def upload_dir(self, local_dir, path="", **options):
+        """As the module function upload_dir()."""
+        return self._client(options, "upload_dir").upload_dir(local_dir, path)
+
+    def upload_certificate(self, path, certificate_key="cta", **options):
+        """As the module function upload_certificate()."""
+        return self._client(options, "upload_certificate").upload_certificate(
+            path, certificate_key)
+
+    upload_personal_certificate = upload_certificate
+
+    def upload_shared_certificate(self, path, **options):
+        """As the module function upload_shared_certificate()."""
+        return self._client(options, "upload_shared_certificate") \
+            .upload_shared_certificate(path)
+
+    def webdav_client(self, **options):
+        """As the module function webdav_client()."""
+        return self._client(options, "webdav_client").webdav_client()
+
+    def webdav4_client(self, **options):
+        """As the module function webdav4_client()."""
+        return self._client(options, "webdav4_client").webdav4_client()
+
+
+# The module-level functions.  Those of the old client also take its keyword
+# arguments (token=, downloadservice=, certificateservice=, chunk_size=,
+# dev_instance=; see APIClient).
+
+def list_dir(path="", recursive=False, n_threads=None, **options):
+    """List a remote directory (with *recursive*, everything below it).
+
+    Returns, as the old client did in each mode: direct mode, a list of
+    paths (str), directories ending with "/"; service mode, the service's
+    listing, a list of dicts with ``href``, ``type``, ``size``, ``mtime``,
+    ``url`` (see Client.list_dir).  *n_threads* (old) is ignored: listings
+    use the client's ``jobs``.  Raises NotFound, AuthError, RemoteError."""
+    return _client(options, "list_dir").list_dir(path, recursive)
 
 
 def ls(path="", recursive=False):
-    """Entry objects of a remote directory (see Client.ls)."""
-    return default_client().ls(path, recursive)
+    """Return the Entry objects of a remote directory (see Client.ls).
+    Raises NotFound, AuthError, RemoteError."""
+    return _client().ls(path, recursive)
 
 
 def stat(path):
-    """Entry of a remote file or directory (see Client.stat)."""
-    return default_client().stat(path)
+    """Return the Entry of a remote file or directory (see Client.stat).
+    Raises NotFound, AuthError, RemoteError."""
+    return _client().stat(path)
 
 
-def fetch_and_save_file(path, save_to_fn=None):
-    """Download one file; return bytes written (see Client.fetch_and_save_file)."""
-    return default_client().fetch_and_save_file(path, save_to_fn)
+def fetch_and_save_file(path, save_to_fn=None, **options):
+    """Download one file to *save_to_fn* (default: its name, here); return
+    the number of bytes written.  *path* may be an entry of list_dir().
+    Raises NotFound, AuthError, TransferError (also for a short download),
+    ChecksumMismatch (see Client.fetch_and_save_file)."""
+    return _client(options, "fetch_and_save_file").fetch_and_save_file(path, save_to_fn)
 
 
-def fetch_and_save_file_or_dir(path, save_to=None, recursive=False):
-    """Download a file or a tree (see Client.fetch_and_save_file_or_dir)."""
-    return default_client().fetch_and_save_file_or_dir(path, save_to, recursive)
+def fetch_and_save_file_or_dir(path, save_to=None, recursive=False, **options):
+    """Download a file, or with *recursive* a tree into ``<save_to or .>/<name>``;
+    return the TransferSummary.  ``(path, True)`` means recursive, as in the
+    old client.  Raises PartialFailure, NotFound, AuthError (see
+    Client.fetch_and_save_file_or_dir)."""
+    return _client(options, "fetch_and_save_file_or_dir").fetch_and_save_file_or_dir(
+        path, save_to, recursive)
 
 
-def upload_file(local, remote=""):
-    """Upload one file; return {"path", "status", "total_written"} (see Client.upload_file)."""
-    return default_client().upload_file(local, remote)
+def upload_file(local, remote="", **options):
+    """Upload one file; return {"path", "status", "total_written"}: in service
+    mode the service's answer, whose ``path`` (in your own folder) is what
+    others pass to fetch_and_save_file.  Raises ConfigError, AuthError,
+    TransferError (see Client.upload_file)."""
+    return _client(options, "upload_file").upload_file(local, remote)
 
 
-def upload_dir(local, remote=""):
-    """Upload a directory tree; return a TransferSummary (see Client.upload_dir)."""
-    return default_client().upload_dir(local, remote)
+def upload_dir(local, remote="", **options):
+    """Upload a directory tree (into *remote* when it ends with "/", else as
+    *remote*); return the TransferSummary (``remote_path``: where the tree
+    is).  Raises PartialFailure, ConfigError (see Client.upload_dir)."""
+    return _client(options, "upload_dir").upload_dir(local, remote)
+
+
+def upload_certificate(path, certificate_key="cta", **options):
+    """Upload your (proxy) certificate PEM file to the certificate service
+    for the storage area *certificate_key* ("cta", "lst" or "arc"); return
+    the service's answer (dict).  Raises ConfigError, CertificateError,
+    TransferError (see Client.upload_certificate)."""
+    return _client(options, "upload_certificate").upload_certificate(path, certificate_key)
+
+
+def upload_personal_certificate(path, certificate_key="cta", **options):
+    """The old name of upload_certificate(): returns the service's answer
+    (dict); raises ConfigError, CertificateError, TransferError."""
+    return _client(options, "upload_personal_certificate").upload_certificate(
+        path, certificate_key)
+
+
+def upload_shared_certificate(path, **options):
+    """Upload the shared (robot) certificate to the certificate service;
+    return its answer (dict).  Raises ConfigError, CertificateError,
+    TransferError (see Client.upload_shared_certificate)."""
+    return _client(options, "upload_shared_certificate").upload_shared_certificate(path)
+
+
+def webdav_client(**options):
+    """Return a ctadata Client on the download service's WebDAV pass-through
+    (``{service}/webdav/``) with the hub token.  Raises ConfigError (see
+    Client.webdav_client)."""
+    return _client(options, "webdav_client").webdav_client()
+
+
+def webdav4_client(**options):
+    """Return a webdav4 Client on the download service's WebDAV pass-through
+    (only if webdav4 is installed; ctadata does not need it).  Raises
+    ConfigError when it is missing (see Client.webdav4_client)."""
+    return _client(options, "webdav4_client").webdav4_client()
 
 
 def mkdir(path, parents=False):
-    """Create a remote directory (see Client.mkdir)."""
-    return default_client().mkdir(path, parents)
+    """Create a remote directory (see Client.mkdir); return None.  Raises
+    RemoteError, ConfigError (service mode)."""
+    return _client().mkdir(path, parents)
 
 
 def remove(path, recursive=False):
-    """Delete a remote file or tree (see Client.remove)."""
-    return default_client().remove(path, recursive)
+    """Delete a remote file or tree (see Client.remove); return None.  Raises
+    NotFound, ConfigError."""
+    return _client().remove(path, recursive)
 
 
 def move(src, dst, overwrite=False):
-    """Move/rename on the server (see Client.move)."""
-    return default_client().move(src, dst, overwrite)
+    """Move/rename on the server (see Client.move); return None.  Raises
+    NotFound, RemoteError, ConfigError (service mode)."""
+    return _client().move(src, dst, overwrite)
 
 
 def du(path="", select=None):
@@ -2706,8 +3437,9 @@ def du(path="", select=None):
 
 
 def checksum(path):
-    """Server-side checksums of a file (see Client.checksum)."""
-    return default_client().checksum(path)
+    """Return the server-side checksums of a file, {algorithm: hex} (see
+    Client.checksum).  Raises RemoteError, ConfigError (service mode)."""
+    return _client().checksum(path)
 
 
 ############################################################################
@@ -2784,10 +3516,17 @@ def _add_common(parser, suppress):
                         "(env CTADATA_URL; default %s)" % DEFAULT_URL)
     g.add_argument("--dev", action="store_true", default=d or False,
                    help="use the development storage %s" % DEV_URL)
+    g.add_argument("--service", nargs="?", const="", default=d, metavar="URL",
+                   help="go through the CTA download service (JupyterHub) instead: "
+                        "URL, else env CTADS_URL (which alone selects this mode), "
+                        "else %s; token from --token-file, else "
+                        "$JUPYTERHUB_API_TOKEN. A URL must say http(s)://, or use "
+                        "--service=URL" % SERVICE_URL)
     g.add_argument("--token-file", default=d, metavar="FILE",
                    help="read the bearer token from FILE (else $CTADATA_TOKEN, "
                         "$BEARER_TOKEN, $BEARER_TOKEN_FILE, "
-                        "$XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID)")
+                        "$XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID; with --service "
+                        "$JUPYTERHUB_API_TOKEN)")
     g.add_argument("-j", "--jobs", type=int, default=d, metavar="N",
                    help="parallel transfers and listings (default %d)" % _DEFAULT_JOBS)
     g.add_argument("--timeout", type=float, default=d, metavar="S",
@@ -2816,6 +3555,8 @@ examples:
   ctadata ls -l -h lst/some-dir
   ctadata get -r lst/some-dir ./data/
   ctadata put -r results/ your-folder/
+  ctadata --service put results.txt your-folder/     # prints where it landed
+  ctadata upload-cert --key lst ~/x509up.pem
 exit status: 0 success, 1 a failure, 2 bad usage, 130 interrupted.
 """
 
@@ -2826,7 +3567,8 @@ def _build_parser():
     p = argparse.ArgumentParser(
         prog="ctadata", formatter_class=fmt, epilog=_EPILOG,
         description="List, download and upload files on CTAO data archives "
-                    "(dCache WebDAV with bearer tokens).")
+                    "(dCache WebDAV with bearer tokens), directly or through the "
+                    "CTA download service (--service).")
     _add_common(p, suppress=False)
     p.add_argument("--version", action="version", version="ctadata " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -2856,7 +3598,7 @@ def _build_parser():
         g.add_argument("--jsonl", action="store_true",
                        help="JSON lines: one object per line (streams)")
 
-    sp = cmd("ls", _cmd_ls, "list a remote directory", add_help=False,
+    sp = cmd("ls", _cmd_ls, "list a remote directory", add_help=False, aliases=("list",),
              description="List a remote directory: names one per line, sorted, "
                          "directories ending with '/'.")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
@@ -2964,6 +3706,20 @@ def _build_parser():
                          "  eval \"$(ctadata completion bash)\"   # in ~/.bashrc\n"
                          "  eval \"$(ctadata completion zsh)\"    # in ~/.zshrc")
     sp.add_argument("shell", choices=("bash", "zsh"))
+    sp = cmd("upload-cert", _cmd_upload_cert, "upload a certificate to the platform",
+             description="Upload your (proxy) certificate, a PEM file, to the CTA "
+                         "certificate service, so that the platform can reach the "
+                         "storage as you. Token from --token-file, else "
+                         "$JUPYTERHUB_API_TOKEN.")
+    sp.add_argument("path", help="PEM file")
+    sp.add_argument("--key", choices=_CERTIFICATE_KEYS, default="cta",
+                    help="the storage area the certificate is for (default cta)")
+    sp.add_argument("--shared", action="store_true",
+                    help="upload the shared robot certificate instead (operators)")
+    sp.add_argument("--cert-service", metavar="URL", default=None,
+                    help="certificate service URL (env CTACS_URL; default %s)"
+                         % CERTIFICATE_SERVICE_URL)
+    sp.add_argument("--json", action="store_true", help="print the answer as JSON")
     return p
 
 
@@ -2980,7 +3736,9 @@ def _client_from_args(args):
                   dev=_opt(args, "dev", False), timeout=_opt(args, "timeout"),
                   retries=_opt(args, "retries"), jobs=_opt(args, "jobs"),
                   ca_file=_opt(args, "ca_file"), ca_dir=_opt(args, "ca_dir"),
-                  insecure=_opt(args, "insecure", False), cert=_opt(args, "cert"))
+                  insecure=_opt(args, "insecure", False), cert=_opt(args, "cert"),
+                  service=_opt(args, "service"),
+                  certificate_service=_opt(args, "cert_service"))
 
 
 def _out(text):
@@ -3222,9 +3980,13 @@ def _cmd_put(client, args):
                                 raise_on_failure=False)
     finally:
         progress.close()
-    if not args.recursive and summary.transferred and not (args.json or args.jsonl) \
-            and not _opt(args, "quiet"):
-        _out("%s\n" % summary.results[0].remote_path)
+    if summary.transferred and not (args.json or args.jsonl) and not _opt(args, "quiet"):
+        # In service mode the files land in your own folder: say where, since
+        # that path is what others pass to get.
+        if not args.recursive:
+            _out("%s\n" % summary.results[0].remote_path)
+        elif client.service and summary.remote_path:
+            _out("%s/\n" % summary.remote_path)
     return _report(args, "put", summary)
 
 
@@ -3312,6 +4074,31 @@ complete -o default -o bashdefault -F _ctadata ctadata cta-data cta-data-direct 
     return 0
 
 
+def _cmd_upload_cert(client, args):
+    if args.shared:
+        answer = client.upload_shared_certificate(args.path)
+    else:
+        answer = client.upload_certificate(args.path, args.key)
+    if args.json:
+        import json
+        _out(json.dumps(answer, indent=1) + "\n")
+    elif not _opt(args, "quiet"):
+        _out("%s\n" % (answer.get("message") or "certificate uploaded"))
+    return 0
+
+
+def _service_flag(argv):
+    """``--service`` takes an optional URL: a following argument is its value
+    only if it says "://", so ``--service ls x`` still means the ls command."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == "--service" and (i + 1 == len(out) or "://" not in out[i + 1]):
+            out[i] = "--service="
+    return out
+
+
 def _setup_logging(args):
     import logging
     logger = logging.getLogger("ctadata")
@@ -3338,7 +4125,7 @@ def main(argv=None):
         return 0
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_service_flag(argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     _setup_logging(args)
@@ -3374,6 +4161,16 @@ def _entry():
     """Console-script and zipapp entry point (zipapp's generated __main__.py
     drops the return value, hence this wrapper)."""
     sys.exit(main())
+
+
+def _entry_service():
+    """The ``cta-data`` command: the old client's service-mode command, so
+    service mode unless --url, --dev or --service says otherwise."""
+    argv = sys.argv[1:]
+    if not any(a in ("--url", "--dev", "--service") or a.startswith(("--url=", "--service="))
+               for a in argv):
+        argv = ["--service="] + argv
+    sys.exit(main(argv))
 
 
 if __name__ == "__main__":
