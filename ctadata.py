@@ -718,6 +718,13 @@ def _response_class():
     import http.client
 
     class _Response(http.client.HTTPResponse):
+        def __init__(self, sock, debuglevel=0, method=None, url=None):
+            http.client.HTTPResponse.__init__(self, sock, debuglevel, method, url)
+            # A 64 KiB read buffer instead of 8 KiB: status line, headers and
+            # a small file's body arrive in one recv() instead of three.
+            self.fp.close()
+            self.fp = sock.makefile("rb", 1 << 16)
+
         def begin(self):
             # http.client.HTTPResponse.begin, with _Headers for the headers
             if self.headers is not None:
@@ -768,6 +775,8 @@ class _Transport:
         self.settings = settings
         self.auth = auth
         self.auth_origin = _origin(settings.url)
+        from urllib.parse import urlsplit
+        self._prefix = "%s://%s" % urlsplit(settings.url)[:2]  # scheme://netloc
         self.policy = _RetryPolicy(settings.retries, settings.backoff)
         # compute checksums of downloads even when the server has none to
         # compare with (for manifests)
@@ -860,11 +869,17 @@ class _Transport:
 
     def _send(self, method, url, headers, body, expect):
         """Send one request to exactly *url* (no redirects, no retries)."""
-        from urllib.parse import urlsplit
         import socket
-        key = _origin(url)
-        p = urlsplit(url)
-        target = (p.path or "/") + ("?" + p.query if p.query else "")
+        prefix = self._prefix
+        if url.startswith(prefix) and url[len(prefix):len(prefix) + 1] == "/" and \
+                "#" not in url:
+            # the storage's own URLs (nearly all of them): no parsing
+            key, target = self.auth_origin, url[len(prefix):]
+        else:
+            from urllib.parse import urlsplit
+            key = _origin(url)
+            p = urlsplit(url)
+            target = (p.path or "/") + ("?" + p.query if p.query else "")
         hdrs = {"User-Agent": self._ua}
         if key == self.auth_origin:
             # Authorization only ever goes to the origin the user configured:
@@ -1775,11 +1790,6 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume
             raise _local_error(e, dest)
         if size > _CHUNK:
             _unlink(part + ".meta")
-        if mtime is not None:
-            try:
-                os.utime(dest, (mtime, mtime))
-            except OSError:
-                pass
         res = TransferResult(url, dest, size, "transferred", None, sums, fetched[0])
         res.mtime = mtime
         return res
@@ -1874,6 +1884,14 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True)
                 if not _is_transient(e):
                     raise
                 raise _network_error(e, url, "download")
+            if mtime is not None:
+                # the server's modification time, set through the open file
+                # (no second path lookup); os.replace keeps it
+                try:
+                    os.utime(f.fileno() if os.utime in os.supports_fd else part,
+                             (mtime, mtime))
+                except OSError:
+                    pass
         received = offset + got
         if expected is not None and received != expected:
             raise TransferError("short download: %d of %d bytes" % (received, expected),
