@@ -793,6 +793,8 @@ CLIENT_SCRIPT = textwrap.dedent('''
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     base, token, src, dst = sys.argv[1:5]
     c = ctadata.Client(service=base, token=token, env={}, retries=0, timeout=120)
+    c.stat("")  # connections, TLS and listing code loaded: the baseline
+    base_kb = peak_kb()
     t0 = time.monotonic()
     up = c.upload(src, "big/")
     t1 = time.monotonic()
@@ -802,7 +804,7 @@ CLIENT_SCRIPT = textwrap.dedent('''
                       "sent_adler32": up.results[0].checksums["adler32"],
                       "got_adler32": down.results[0].checksums.get("adler32"),
                       "got": down.results[0].size,
-                      "maxrss_kb": peak_kb()}))
+                      "maxrss_kb": peak_kb(), "base_kb": base_kb}))
 ''')
 
 
@@ -852,7 +854,10 @@ def test_service_1_5_gb_streamed_upload_and_download_in_bounded_memory(ds, upstr
                 s.seek(offset)
                 d.seek(offset)
                 assert s.read(len(data)) == data == d.read(len(data))
-        assert report["maxrss_kb"] < 100 * 1024, report   # far below the file's 1.5 GB
+        # far below the file's 1.5 GB: what the transfers add is a few buffers
+        assert report["maxrss_kb"] - report["base_kb"] < 64 * 1024, report
+        if sys.implementation.name == "cpython":
+            assert report["maxrss_kb"] < 100 * 1024, report
         assert not list(tmp_path.glob("*.part"))
     finally:
         for p in (src, dst, upstream.root / AREA / "big"):
