@@ -66,6 +66,11 @@ _DRAIN_LIMIT = 1 << 16
 # RFC 9110 §15: statuses worth retrying (rclone's retryErrorCodes).
 _RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
 
+# A PROPFIND answer streams through the parser; what it buffers is bounded:
+# one text node, and the element nesting (a multistatus needs about 8 levels).
+_XML_TEXT_LIMIT = 1 << 16
+_XML_MAX_DEPTH = 64
+
 _PROPFIND_BODY = (
     b'<?xml version="1.0" encoding="utf-8"?>\n'
     b'<propfind xmlns="DAV:" xmlns:dc="http://www.dcache.org/2013/webdav"'
@@ -1718,6 +1723,7 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
     cur = {}
     ps = {}
     text = []
+    size = [0]  # characters in *text*: one text node is bounded, like the nesting
 
     def refuse(*_args):
         raise ProtocolError("refusing XML with a document type declaration",
@@ -1725,6 +1731,9 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
 
     def start(name, attrs):
         stack.append(name)
+        if len(stack) > _XML_MAX_DEPTH:
+            raise ProtocolError("PROPFIND answer nested deeper than %d elements"
+                                % _XML_MAX_DEPTH, request_url)
         if name == "DAV: response":
             cur.clear()
             cur["props"] = {}
@@ -1734,9 +1743,14 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
                 stack[-2] == "DAV: resourcetype":
             ps["is_dir"] = True
         del text[:]
+        size[0] = 0
 
     def chars(data):
         text.append(data)
+        size[0] += len(data)
+        if size[0] > _XML_TEXT_LIMIT:
+            raise ProtocolError("PROPFIND answer with a text of more than %d characters"
+                                % _XML_TEXT_LIMIT, request_url)
 
     def end(name):
         stack.pop()
@@ -1760,6 +1774,7 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
             else:
                 out.append(entry)
         del text[:]
+        size[0] = 0
 
     def make(href, props):
         if not href:
@@ -1784,11 +1799,14 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
             if on_self is None:
                 return None, False
         elif len(segs) != req_nsegs + 1 or not dpath.startswith(req_dprefix):
-            warn("skipping entry outside %s: %s" % (req_dprefix, dpath))
+            warn("skipping entry outside %r: %r" % (req_dprefix, dpath))
             return None, False
         name = unquote(segs[-1], errors="strict")
+        # Control characters (C0, DEL, C1) are refused too: they would become
+        # file names and terminal escapes ("ls" prints names as they are).
         if not is_self and (name in ("", ".", "..") or
-                            any(c in name for c in "/\\\x00")):
+                            any(c in "/\\" or c < " " or "\x7f" <= c <= "\x9f"
+                                for c in name)):
             warn("skipping entry with an unsafe name: %r" % name)
             return None, False
         path = dpath[len(base_path):] if dpath.startswith(base_path) else dpath
@@ -2463,7 +2481,7 @@ class Client:
         def listing(p):
             selfs = []
             children = sorted(self._propfind(p, 1, selfs.append), key=_entry_key)
-            return (selfs[0] if selfs else None), children
+            return (selfs[0] if selfs else None), self._unique(children)
 
         with ThreadPoolExecutor(max_workers=jobs or self.settings.jobs) as ex:
             queue = deque([ex.submit(listing, self.url_for(path, collection=True))])
@@ -2477,6 +2495,17 @@ class Client:
             finally:
                 for fut in queue:
                     fut.cancel()
+
+    def _unique(self, entries):
+        """Drop repeated names from a sorted listing (two downloads into one
+        file would race), with a warning."""
+        out = []
+        for e in entries:
+            if out and out[-1].name == e.name:
+                self._warn("skipping a second entry named %r in one listing" % e.name)
+            else:
+                out.append(e)
+        return out
 
     def ls(self, path="", recursive=False):
         """Return a list of Entry objects below *path*, sorted by name (with
