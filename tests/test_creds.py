@@ -292,7 +292,6 @@ def test_login_device_flow_then_private_store(idp, capsys):
     idp.device_script = ["authorization_pending", "ok"]
     assert ctadata.main(["login", "--issuer", idp.issuer]) == 0
     err = capsys.readouterr().err
-    code = idp.device_requests and idp.token_requests[-1]
     assert idp.verification_uri in err and "user_code=" in err
     assert "logged in as alice" in err and store().path in err
     assert idp.device_requests[0] == {"client_id": "dcache-cta-cscs-ch-users",
@@ -306,8 +305,9 @@ def test_login_device_flow_then_private_store(idp, capsys):
     rec = json.loads(Path(store().path).read_text())
     assert idp.is_valid(rec["access_token"]) and rec["refresh_token"]
     assert rec["token_endpoint"] == idp.token_endpoint and "client_secret" not in rec
-    assert code  # the device code travelled in a form body, never in a URL
-    assert all("device_code" not in path for _m, path, _h in idp.requests)
+    # the device code travelled in form bodies, never in a URL
+    assert idp.token_requests[-1]["device_code"]
+    assert all("code" not in path and "token=" not in path for _m, path, _h in idp.requests)
     # the store is now a token source (and refreshable)
     auth = ctadata.Client(url="https://h.invalid")._auth
     assert auth.load().source == "login store " + store().path
@@ -528,6 +528,7 @@ def test_parallel_download_refreshes_once_when_the_token_expires(oidc_folder, tm
     before = idp.refresh_count
 
     def wait_for_the_refresh_window():
+        idp.access_lifetime = 300  # the next token lasts: one refresh, however slow
         time.sleep(max(0.0, exp - 1.7 - time.time()))
 
     c = ctadata.Client(url=srv.url, jobs=6, retries=0)
