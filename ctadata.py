@@ -84,6 +84,10 @@ _DRAIN_LIMIT = 1 << 16
 # RFC 9110 §15: statuses worth retrying (rclone's retryErrorCodes).
 _RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
 
+# A PROPFIND answer streams through the parser; what it buffers is bounded:
+# one text node (the parser keeps no element stack of its own).
+_XML_TEXT_LIMIT = 1 << 16
+
 _PROPFIND_BODY = (
     b'<?xml version="1.0" encoding="utf-8"?>\n'
     b'<propfind xmlns="DAV:" xmlns:dc="http://www.dcache.org/2013/webdav"'
@@ -109,6 +113,13 @@ def _safe_url(url):
         return "<unparsable URL>"
     netloc = p.netloc.rpartition("@")[2]
     return urlunsplit((p.scheme, netloc, p.path, "", ""))
+
+
+def _printable(text, limit=300):
+    """Text from a server, fit for a message: no control characters (no
+    terminal escapes), one line, bounded."""
+    text = " ".join(str(text).split())
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
 
 
 class CtadataError(Exception):
@@ -226,6 +237,9 @@ def _error_for_status(status, url, body=b"", what=None, auth=None):
     echo = "Error: %d" % status  # the download service's prefix to upstream errors
     if text.startswith(echo):
         text = text[len(echo):].strip()
+    if auth is not None:
+        text = auth.redact(text)  # a server may echo the Authorization it got
+    text = _printable(text)
     msg = "%s: HTTP %d" % (what, status) if what else "HTTP %d" % status
     if text:
         msg += " " + text
@@ -246,93 +260,684 @@ def _error_for_status(status, url, body=b"", what=None, auth=None):
 # Settings & credentials
 ############################################################################
 
-def _read_token_file(path):
-    with open(path, "r", encoding="utf-8") as f:
-        return f.read(65536).strip()
+# `ctadata login` defaults: the CTA Keycloak realm and the client the old
+# client registered with oidc-agent; --dev is its development pair.
+_DEFAULT_ISSUER = "https://keycloak.cta.cscs.ch/realms/master/"
+_DEFAULT_CLIENT_ID = "dcache-cta-cscs-ch-users"
+_DEV_CLIENT_ID = "dcache-dev"
+_LOGIN_SCOPE = "openid offline_access"
+# Refresh a token this long before it expires (PROTOCOL.md §3); a token that
+# lives less than twice as long is refreshed after half its lifetime.
+_REFRESH_MARGIN = 60.0
+_REFRESH_RETRY = 10.0
+# Token files, oidc-token output and identity-provider answers are read
+# whole, never more than this.
+_SECRET_FILE_LIMIT = 1 << 16
+_JSON_LIMIT = 1 << 20
+_OIDC_TOKEN_TIMEOUT = 60
+# Where the WLCG and grid conventions put per-user files (bt_u$UID,
+# x509up_u$UID).  A variable so that tests never touch the real /tmp.
+_SYSTEM_TMP = "/tmp"
+_AUTH_MODES = ("auto", "token", "x509")
+
+
+def _uid():
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
+def _home(env):
+    return env.get("HOME") or os.path.expanduser("~")
+
+
+def _when(ts):
+    """Epoch seconds -> local time for messages ("2025-01-31 14:05:09 CET")."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts)).strip()
+
+
+def _is_loopback(host):
+    if host.lower() == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_secure_url(url, what):
+    """Credentials travel only over https (plain http only to this machine)."""
+    from urllib.parse import urlsplit
+    p = urlsplit(url)
+    if p.scheme == "https" or (p.scheme == "http" and _is_loopback(p.hostname or "")):
+        return
+    raise ConfigError("refusing %s %s: credentials go only over https" % (what, _safe_url(url)))
+
+
+def _jwt_claims(token):
+    """The payload of a JWT as a dict, or None for anything else (macaroons,
+    opaque tokens: they are used as they are).  JWT segments are base64url
+    *without* padding (RFC 7515 §2); the old client decoded them as standard
+    base64 plus one "=" and so rejected about a third of valid tokens."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    import base64
+    import binascii
+    import json
+    seg = parts[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)))
+    except (binascii.Error, ValueError):  # incl. UnicodeDecodeError, JSONDecodeError
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _claim_time(claims, name):
+    value = (claims or {}).get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _private_problem(st, path):
+    """Why a file holding a secret must not be trusted, or None."""
+    import stat
+    if os.name != "posix" or not stat.S_ISREG(st.st_mode):
+        return None  # pipes (--token-file <(...)) and devices are fine
+    if st.st_mode & 0o077:
+        return "group or others can access %s (mode %04o)" % (path, st.st_mode & 0o777)
+    if st.st_uid != _uid():
+        return "%s belongs to another user (uid %d)" % (path, st.st_uid)
+    return None
+
+
+def _read_private(path, what="token file"):
+    """Read a small file holding a secret; return its text, or None when it
+    does not exist.  Refuses a file that group or others can access, or that
+    another user owns (PROTOCOL.md §3): someone else could read the token,
+    or plant theirs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError("cannot read %s %s: %s" % (what, path, e.strerror))
+    with os.fdopen(fd, "rb") as f:
+        problem = _private_problem(os.fstat(f.fileno()), path)
+        if problem:
+            import shlex
+            raise ConfigError("refusing to read %s: %s" % (what, problem),
+                              hint="chmod 600 %s" % shlex.quote(path))
+        data = f.read(_SECRET_FILE_LIMIT + 1)
+    if len(data) > _SECRET_FILE_LIMIT:
+        raise ConfigError("%s %s is too large to hold a token" % (what, path))
+    return data.decode("utf-8", "replace")
+
+
+def _write_private(path, data):
+    """Write *data* to *path* readable by us only: a fresh 0600 file
+    (O_EXCL, so never someone else's), then os.replace over the old one."""
+    import secrets
+    tmp = os.path.join(os.path.dirname(path), ".%s.%s.tmp" % (
+        os.path.basename(path), secrets.token_hex(6)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _Secrets:
+    """Every secret this client has handled (tokens, refresh tokens, client
+    secrets), so that text coming back from a server can be scrubbed of
+    them before it goes into a message."""
+
+    def __init__(self):
+        self._items = set()
+        self._lock = _thread.allocate_lock()
+
+    def __repr__(self):
+        return "<ctadata secrets: %d>" % len(self._items)
+
+    def add(self, *values):
+        with self._lock:
+            self._items.update(v for v in values if isinstance(v, str) and len(v) >= 6)
+
+    def redact(self, text):
+        with self._lock:
+            items = sorted(self._items, key=len, reverse=True)
+        for s in items:
+            if s in text:
+                text = text.replace(s, "<redacted>")
+        return text
+
+
+class _Token:
+    """A bearer token and what we know about it; repr() shows only where it
+    came from.  *refresh* is None or ``refresh(self, forced) -> _Token``."""
+
+    __slots__ = ("value", "source", "claims", "exp", "margin", "refresh")
+
+    def __init__(self, value, source, refresh=None, exp=None):
+        value = (value or "").strip()
+        # RFC 6750 §2.1: a b64token.  A space or line break inside would split
+        # the header (and http.client would quote the value in its error).
+        if not value or any(not ("!" <= c <= "~") for c in value):
+            raise ConfigError("the token from %s is not one line of printable ASCII"
+                              % source, hint="a token file holds the token and nothing else")
+        self.value, self.source, self.refresh = value, source, refresh
+        self.claims = _jwt_claims(value)
+        self.exp = _claim_time(self.claims, "exp") or exp
+        iat = _claim_time(self.claims, "iat")
+        life = self.exp - iat if self.exp and iat and self.exp > iat else None
+        self.margin = min(_REFRESH_MARGIN, life / 2.0) if life else _REFRESH_MARGIN
+
+    def __repr__(self):
+        return "<ctadata token from %s>" % self.source
+
+
+class _TokenStore:
+    """What `ctadata login` obtained (access + refresh token, issuer, client):
+    one JSON file in $XDG_CONFIG_HOME/ctadata/ (default ~/.config/ctadata/),
+    the folder 0700, the file 0600 and replaced atomically.  Processes
+    sharing it refresh under an advisory lock, so that a rotated refresh
+    token is never spent twice."""
+
+    def __init__(self, env, profile="default"):
+        base = env.get("XDG_CONFIG_HOME")
+        if not base or not os.path.isabs(base):
+            base = os.path.join(_home(env), ".config")
+        self.dir = os.path.join(base, "ctadata")
+        name = "tokens.json" if profile == "default" else "tokens-%s.json" % profile
+        self.path = os.path.join(self.dir, name)
+
+    def __repr__(self):
+        return "<ctadata token store %s>" % self.path
+
+    def load(self):
+        """The stored record (a dict), or None when not logged in."""
+        import json
+        text = _read_private(self.path, "login store")
+        if text is None:
+            return None
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("access_token"), str):
+            raise ConfigError("the login store %s is damaged" % self.path,
+                              hint="run `ctadata login` again")
+        return rec
+
+    def save(self, rec):
+        import json
+        self._make_dir()
+        _write_private(self.path, (json.dumps(rec, indent=1, sort_keys=True) + "\n")
+                       .encode("utf-8"))
+
+    def _make_dir(self):
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        st = os.stat(self.dir)
+        if os.name == "posix" and st.st_mode & 0o077 and st.st_uid == _uid():
+            os.chmod(self.dir, 0o700)
+
+    def remove(self):
+        """Delete the stored tokens; return True if there were any."""
+        existed = os.path.exists(self.path)
+        _unlink_quietly(self.path)
+        _unlink_quietly(self.path + ".lock")
+        return existed
+
+    def locked(self):
+        """A context manager holding an exclusive lock between processes."""
+        return _FileLock(self.path + ".lock", self._make_dir)
+
+
+class _FileLock:
+    __slots__ = ("path", "prepare", "fd")
+
+    def __init__(self, path, prepare):
+        self.path, self.prepare, self.fd = path, prepare, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: threads are still serialised by _Auth
+            return self
+        self.prepare()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                          0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def _oidc_token(account, min_valid):
+    """Ask oidc-agent for an access token valid for at least *min_valid*
+    seconds.  Only the account name goes on oidc-token's command line; the
+    token comes back on its stdout."""
+    import subprocess
+    argv = ["oidc-token", "--time=%d" % min_valid, account]
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=_OIDC_TOKEN_TIMEOUT)
+    except FileNotFoundError:
+        raise AuthError("oidc-token (oidc-agent) is not installed",
+                        hint="use `ctadata login` instead of --oidc-agent") from None
+    except subprocess.TimeoutExpired:
+        raise AuthError("oidc-token %s gave no answer in %d s"
+                        % (account, _OIDC_TOKEN_TIMEOUT)) from None
+    if r.returncode != 0:
+        why = r.stderr.decode("utf-8", "replace").strip() or "exit status %d" % r.returncode
+        raise AuthError("oidc-token %s failed: %s" % (account, _printable(why, 200)),
+                        hint="is oidc-agent running and the account loaded (oidc-add)?")
+    return r.stdout[:_SECRET_FILE_LIMIT].decode("utf-8", "replace")
 
 
 class _Auth:
-    """Finds the bearer token once, lazily, and hands out the header value.
+    """The credentials of one Client: finds the bearer token once, lazily,
+    hands out the Authorization value per request, refreshes it.
 
-    Discovery order (WLCG Bearer Token Discovery, plus our own sources):
-    token= argument, token_file=, $CTADATA_TOKEN, $BEARER_TOKEN,
-    $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID.
-    For the download service (*service*), a JupyterHub API token instead:
-    token= argument, token_file=, $JUPYTERHUB_API_TOKEN (a storage token
-    means nothing to the hub, and must not be sent there).
-    The token itself never appears in repr(), str() or any message."""
+    Discovery order (README "Credentials"): token=, token_file=,
+    $CTADATA_TOKEN, the WLCG order ($BEARER_TOKEN, $BEARER_TOKEN_FILE,
+    $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID), the `ctadata login` store,
+    oidc-agent (oidc_agent= / $CTADATA_OIDC_AGENT), the old client's
+    ~/.config/cta-data/token.  A token from the store or oidc-agent is
+    refreshed shortly before it expires, by one thread while the others
+    wait; an expired one that cannot be refreshed fails before anything is
+    sent.  *mode* "x509" skips tokens (client certificate only), "token"
+    requires one.  For the download service (*service*), a JupyterHub API
+    token instead: token=, token_file=, $JUPYTERHUB_API_TOKEN (a storage
+    token means nothing to the hub, and must not be sent there).  Neither
+    the token nor any other secret appears in repr(), str() or any message."""
 
-    def __init__(self, token=None, token_file=None, env=None, service=False):
+    def __init__(self, token=None, token_file=None, env=None, oidc_agent=None,
+                 mode=None, cert=None, profile="default", oidc=None, service=False):
         self._explicit = token
         self._token_file = token_file
-        self._env = os.environ if env is None else env
         self.service = service
-        self._lock = _thread.allocate_lock()
+        self._env = os.environ if env is None else env
+        self._oidc_agent = oidc_agent or self._env.get("CTADATA_OIDC_AGENT") or None
+        self.mode = mode or "auto"
+        if self.mode not in _AUTH_MODES:
+            raise ConfigError("auth must be one of %s, not %r" % (", ".join(_AUTH_MODES), mode))
+        if self.mode == "token" and cert:
+            raise ConfigError("a client certificate makes no sense with auth 'token'")
+        self._cert = cert
+        self.profile = profile
+        self.store = _TokenStore(self._env, profile)
+        self.oidc = oidc
+        self.secrets = _Secrets()
+        self.secrets.add(token)
+        self._lock = _thread.allocate_lock()          # discovery
+        self._refresh_lock = _thread.allocate_lock()  # one refresher at a time
         self._loaded = False
-        self._token = None
-        self.source = None
-        self.looked = []
+        self._cred = None
+        self._failed = None    # the _Token whose refresh failed last
+        self._failure = None   # why (redacted)
+        self._retry_at = 0.0
+        self._forced = None    # the _Token a 401 made us fetch (no second try)
+        self.refreshes = 0
+        self.looked = []       # [(source, what was found there)]
 
     def __repr__(self):
-        return "<ctadata auth source=%r>" % (self.source,)
+        return "<ctadata auth %s source=%r>" % (
+            self.mode, self._cred.source if self._cred else None)
 
-    def _candidates(self):
-        env = self._env
-        uid = os.getuid() if hasattr(os, "getuid") else 0
-        if self._explicit:
-            yield "token argument", lambda: self._explicit
-        if self._token_file:
+    @property
+    def source(self):
+        return self._cred.source if self._cred else None
+
+    # -- discovery ---------------------------------------------------------
+
+    def _sources(self):
+        """[(label, loader)] in discovery order.  A loader returns a _Token or
+        a short note on why there is none; an empty value means "next"."""
+        env, uid = self._env, _uid()
+
+        def value(v, label, none="not set"):
+            if not v:
+                return none
+            return _Token(v, label) if v.strip() else "empty"
+
+        def from_file(path, label):
+            text = _read_private(path)
+            if text is None:
+                return "no such file"
+            return _Token(text, label) if text.strip() else "empty"
+
+        def token_file():
+            if not self._token_file:
+                return "not given"
             path = os.path.expanduser(self._token_file)
-            yield "--token-file %s" % path, lambda: _read_token_file(path)
+            text = _read_private(path)
+            if text is None:
+                raise ConfigError("cannot read token file %s: no such file" % path)
+            return _Token(text, "--token-file %s" % path)
+
+        out = [("token argument", lambda: value(self._explicit, "token argument", "not given")),
+               ("--token-file", token_file)]
         if self.service:
-            yield "$JUPYTERHUB_API_TOKEN", lambda: env.get("JUPYTERHUB_API_TOKEN")
-            return
-        yield "$CTADATA_TOKEN", lambda: env.get("CTADATA_TOKEN")
-        yield "$BEARER_TOKEN", lambda: env.get("BEARER_TOKEN")
+            return out + [("$JUPYTERHUB_API_TOKEN", lambda: value(
+                env.get("JUPYTERHUB_API_TOKEN"), "$JUPYTERHUB_API_TOKEN"))]
+        out += [("$CTADATA_TOKEN", lambda: value(env.get("CTADATA_TOKEN"), "$CTADATA_TOKEN")),
+               ("$BEARER_TOKEN", lambda: value(env.get("BEARER_TOKEN"), "$BEARER_TOKEN"))]
+
+        def file_source(path, label):
+            out.append((label, lambda: from_file(path, label)))
+
         btf = env.get("BEARER_TOKEN_FILE")
         if btf:
-            yield "$BEARER_TOKEN_FILE (%s)" % btf, lambda: _read_token_file(btf)
+            file_source(btf, "$BEARER_TOKEN_FILE (%s)" % btf)
         else:
-            self.looked.append("$BEARER_TOKEN_FILE")
+            out.append(("$BEARER_TOKEN_FILE", lambda: "not set"))
         xdg = env.get("XDG_RUNTIME_DIR")
         if xdg:
-            p = os.path.join(xdg, "bt_u%d" % uid)
-            yield p, lambda: _read_token_file(p) if os.path.exists(p) else None
-        p2 = "/tmp/bt_u%d" % uid
-        yield p2, lambda: _read_token_file(p2) if os.path.exists(p2) else None
+            file_source(os.path.join(xdg, "bt_u%d" % uid), os.path.join(xdg, "bt_u%d" % uid))
+        else:
+            out.append(("$XDG_RUNTIME_DIR/bt_u%d" % uid, lambda: "$XDG_RUNTIME_DIR not set"))
+        tmp = os.path.join(_SYSTEM_TMP, "bt_u%d" % uid)
+        file_source(tmp, tmp)
+        out.append(("login store %s" % self.store.path, self._from_store))
+        out.append(("oidc-agent", self._from_oidc_agent))
+        old = os.path.join(_home(env), ".config", "cta-data",
+                           "token-dev" if self.profile == "dev" else "token")
+        file_source(old, "old client's token %s" % old)
+        return out
+
+    def _from_store(self):
+        rec = self.store.load()
+        if rec is None:
+            return "not logged in (ctadata login)"
+        self.secrets.add(rec.get("refresh_token"), rec.get("client_secret"))
+        label = "login store %s" % self.store.path
+        refresh = None
+        if rec.get("refresh_token") and self.oidc is not None:
+            refresh = self._store_refresher(label)
+        return _Token(rec["access_token"], label, refresh, rec.get("expires_at"))
+
+    def _store_refresher(self, label):
+        store, oidc, secrets = self.store, self.oidc, self.secrets
+
+        def refresh(used, forced):
+            with store.locked():
+                rec = store.load() or {}
+                current = rec.get("access_token")
+                if current and current != used.value:
+                    # Another process refreshed meanwhile: take its token.
+                    tok = _Token(current, label, refresh, rec.get("expires_at"))
+                    if tok.exp is None or tok.exp > time.time():
+                        return tok
+                if not rec.get("refresh_token"):
+                    raise AuthError("the login store has no refresh token")
+                new = oidc.refresh(rec)
+                secrets.add(new.get("access_token"), new.get("refresh_token"))
+                try:
+                    store.save(new)
+                except OSError as e:  # the new tokens still serve this process
+                    _log(30, "could not save the refreshed tokens in %s: %s", store.path,
+                         e.strerror or e)
+            return _Token(new["access_token"], label, refresh, new.get("expires_at"))
+        return refresh
+
+    def _from_oidc_agent(self):
+        account = self._oidc_agent
+        if not account:
+            return "not configured (--oidc-agent / $CTADATA_OIDC_AGENT)"
+        label = "oidc-agent account %s" % account
+
+        def refresh(used, forced):
+            margin = used.margin if used is not None else _REFRESH_MARGIN
+            value = _oidc_token(account, int(2 * margin) + 1)
+            self.secrets.add(value.strip())
+            return _Token(value, label, refresh)
+        return refresh(None, False)
 
     def load(self):
-        """Run discovery (once); return the token or None."""
+        """Run discovery (once); return the _Token found, or None."""
         with self._lock:
             if self._loaded:
-                return self._token
-            self.looked = []
-            for where, get in self._candidates():
-                try:
-                    value = (get() or "").strip()
-                except OSError as e:
-                    if where.startswith("--token-file"):
-                        raise ConfigError("cannot read token file: %s" % e.strerror,
-                                          hint=where)
-                    value = ""
-                self.looked.append(where)
-                if value:
-                    self._token, self.source = value, where
-                    break
+                return self._cred
+            looked = self.looked = []
+            cred = None
+            if self.mode != "x509":
+                for label, loader in self._sources():
+                    found = loader()
+                    if isinstance(found, _Token):
+                        looked.append((label, "found"))
+                        cred = found
+                        break
+                    looked.append((label, found))
+            if cred is not None:
+                self.secrets.add(cred.value)
+            self._cred = cred
             self._loaded = True
-            return self._token
+            return cred
+
+    def client_cert(self):
+        """Path of the client certificate (+ key) to present, or None:
+        cert=, else (auth "x509", or "auto" without a token)
+        $X509_USER_PROXY or /tmp/x509up_u$UID.  The file must be private."""
+        path = self._cert
+        if not path and self.mode != "token" and (self.mode == "x509" or self.load() is None):
+            for path in (self._env.get("X509_USER_PROXY"),
+                         os.path.join(_SYSTEM_TMP, "x509up_u%d" % _uid())):
+                if path and os.path.exists(path):
+                    break
+            else:
+                path = None
+        if not path:
+            if self.mode == "x509":
+                raise ConfigError("no client certificate: give --cert or set $X509_USER_PROXY"
+                                  " (looked also for %s)"
+                                  % os.path.join(_SYSTEM_TMP, "x509up_u%d" % _uid()))
+            return None
+        path = os.path.expanduser(path)
+        try:
+            problem = _private_problem(os.stat(path), path)
+        except OSError as e:
+            raise ConfigError("cannot read client certificate %s: %s" % (path, e.strerror))
+        if problem:
+            raise ConfigError("refusing client certificate: %s (its key must be private)"
+                              % problem, hint="chmod 600 %s" % path)
+        return path
+
+    # -- per request -------------------------------------------------------
 
     def header(self):
-        token = self._token if self._loaded else self.load()
-        return "Bearer " + token if token else None
+        """The Authorization value for the next request, or None.  Refreshes
+        a refreshable token that expires within its margin; raises AuthError
+        for an expired one (or none at all with auth "token") before
+        anything is sent."""
+        cred = self._cred if self._loaded else self.load()
+        if cred is None:
+            if self.mode == "token":
+                raise AuthError("no token found", hint=self.hint())
+            return None
+        return "Bearer " + self._fresh(cred).value
+
+    def _fresh(self, cred):
+        if cred.exp is None:
+            return cred
+        now = time.time()
+        left = cred.exp - now
+        if cred.refresh is not None and left < cred.margin and (
+                self._failed is not cred or now >= self._retry_at):
+            return self._refresh(cred, False)
+        if left <= 0:
+            raise self._expired(cred)
+        return cred
+
+    def _refresh(self, used, forced):
+        """Replace *used* by a fresh token and return it; only one thread at
+        a time, and a thread that waited here reuses what the first one got.
+        After a failure, nobody asks again for _REFRESH_RETRY seconds."""
+        with self._refresh_lock:
+            current = self._cred
+            if current is not used:
+                return current
+            if self._failed is not used or time.time() >= self._retry_at:
+                try:
+                    new = used.refresh(used, forced)
+                except CtadataError as e:
+                    new = None
+                    self._failure = self.secrets.redact(str(e))
+                    _log(30, "could not refresh the token from %s: %s", used.source,
+                         self._failure)
+                if new is not None:
+                    self.secrets.add(new.value)
+                    if new.value != used.value:
+                        return self._replace(new, forced)
+                    self._failure = "%s had no newer token" % used.source
+                self._failed, self._retry_at = used, time.time() + _REFRESH_RETRY
+            if forced or (used.exp is not None and used.exp > time.time()):
+                return used
+            raise self._expired(used)
+
+    def _replace(self, new, forced):
+        self.refreshes += 1
+        _log(20, "refreshed the token from %s (valid until %s)", new.source,
+             _when(new.exp) if new.exp else "unknown")
+        self._cred = new
+        if forced:
+            self._forced = new
+        return new
+
+    def on_unauthorized(self, used):
+        """The server answered 401 to a request sent with Authorization
+        *used*.  Return True when repeating it is worth it: the token was
+        replaced meanwhile, or a forced refresh got a new one (at most once
+        in a row, so a server that refuses every token costs one refresh)."""
+        cred = self._cred
+        if cred is None or not used:
+            return False
+        if "Bearer " + cred.value != used:
+            return True
+        if cred.refresh is None or self._forced is cred:
+            return False
+        return self._refresh(cred, True) is not cred
+
+    def _expired(self, cred):
+        msg = "token expired at %s (source: %s)" % (_when(cred.exp), cred.source)
+        if self._failed is cred and self._failure:
+            msg += "; refreshing it failed: " + self._failure
+        if cred.refresh is not None or cred.source.startswith("login store"):
+            hint = "run `ctadata login` again"
+        else:
+            hint = "get a new token, or use `ctadata login` (refreshed automatically)"
+        return AuthError(msg, hint=hint)
+
+    # -- explanations --------------------------------------------------------
+
+    def redact(self, text):
+        return self.secrets.redact(text)
 
     def hint(self):
         """Say where a token came from or was looked for (never the token)."""
+        if self.mode == "x509":
+            return "the client certificate was refused (or this server wants a token)"
         if not self._loaded:
             self.load()
-        if self._token:
-            return "the token from %s was refused (expired or not valid here?)" % self.source
-        return "no token found; looked in: " + ", ".join(self.looked)
+        cred = self._cred
+        if cred:
+            if self._failed is cred and self._failure:
+                extra = "; refreshing it failed: " + self._failure
+            elif self._forced is cred:
+                extra = " even after refreshing it"
+            else:
+                extra = " (expired or not valid here?)"
+            return "the token from %s was refused%s" % (cred.source, extra)
+        return "no token found; looked in: " + ", ".join(label for label, _ in self.looked)
+
+    def explain(self):
+        """Lines saying where discovery looked and what it found, for
+        `ctadata token --explain`.  Never the token itself."""
+        lines = []
+        error = None
+        try:
+            cred = self.load()
+        except CtadataError as e:
+            cred, error = None, e
+        if self.mode == "x509":
+            lines.append("tokens: not used (--auth x509)")
+        else:
+            lines.append("token discovery, first match wins:")
+            notes = dict(self.looked)
+            for label, _ in self._sources():
+                lines.append("  %-46s %s" % (label, notes.get(label, "not consulted")))
+            if error is not None:
+                lines.append("  stopped by an error: %s" % error)
+        if cred is not None:
+            lines.append("using the token from %s:" % cred.source)
+            lines.extend("  " + line for line in _describe_token(cred))
+        elif self.mode != "x509" and error is None:
+            lines.append("no token found")
+        try:
+            cert = self.client_cert()
+        except CtadataError as e:
+            cert = "error: %s" % e
+        lines.append("client certificate: %s" % (cert or "none"))
+        return lines
+
+
+def _describe_token(cred):
+    claims = cred.claims
+    if claims is None:
+        kind = "not a JWT (a macaroon or opaque token): sent as it is"
+    else:
+        kind = "JWT" + "".join(", %s %s" % (k, _printable(claims[k], 80))
+                               for k in ("iss", "sub", "scope") if claims.get(k))
+    out = ["type: " + kind]
+    if cred.exp is None:
+        out.append("expires: unknown")
+    else:
+        left = cred.exp - time.time()
+        out.append("%s %s (%s)" % ("expires" if left > 0 else "EXPIRED at", _when(cred.exp),
+                                    "in %d min %d s" % divmod(int(left), 60) if left > 0
+                                    else "%d s ago" % -left))
+    out.append("refreshed automatically: %s" % (
+        "yes, %d s before it expires" % cred.margin if cred.refresh else "no"))
+    return out
+
+
+class _NoAuth:
+    """Credentials of a transport that never sends any (the identity
+    provider gets the client's credentials in the form body)."""
+
+    def __init__(self, secrets):
+        self.secrets = secrets
+
+    def header(self):
+        return None
+
+    def hint(self):
+        return None
+
+    def on_unauthorized(self, used):
+        return False
+
+    def client_cert(self):
+        return None
+
+    def redact(self, text):
+        return self.secrets.redact(text)
 
 
 class Settings:
@@ -793,6 +1398,9 @@ class _Transport:
         self.auth_origin = _origin(settings.url)
         from urllib.parse import urlsplit
         self._prefix = "%s://%s" % urlsplit(settings.url)[:2]  # scheme://netloc
+        # A token crosses the network only encrypted: over plain http it goes
+        # to this machine only (test servers, tunnels), never elsewhere.
+        self._auth_ok = self.auth_origin[0] == "https" or _is_loopback(self.auth_origin[1])
         self.policy = _RetryPolicy(settings.retries, settings.backoff)
         # compute checksums of downloads even when the server has none to
         # compare with (for manifests)
@@ -827,8 +1435,9 @@ class _Transport:
                 ctx.load_verify_locations(cafile=s.ca_file)
             if s.ca_dir and os.path.isdir(s.ca_dir):
                 ctx.load_verify_locations(capath=s.ca_dir)
-            if s.cert:
-                ctx.load_cert_chain(s.cert)
+            cert = self.auth.client_cert()
+            if cert:
+                ctx.load_cert_chain(cert)
         except (OSError, ssl.SSLError) as e:
             raise ConfigError("TLS setup failed: %s" % e)
         if s.insecure:
@@ -897,9 +1506,11 @@ class _Transport:
             p = urlsplit(url)
             target = (p.path or "/") + ("?" + p.query if p.query else "")
         hdrs = {"User-Agent": self._ua}
-        if key == self.auth_origin:
+        value = None
+        if key == self.auth_origin and self._auth_ok:
             # Authorization only ever goes to the origin the user configured:
             # dCache pools authenticate the transfer by its single-use UUID.
+            # The auth object is asked per request: it refreshes when needed.
             value = self.auth.header()
             if value:
                 hdrs["Authorization"] = value
@@ -950,6 +1561,7 @@ class _Transport:
                 raise
             resp.ctadata_url = url
             resp.ctadata_key = key
+            resp.ctadata_auth = value
             resp.ctadata_conn = conn
             resp.ctadata_close = expect or resp.will_close or cut is not None
             return resp
@@ -999,6 +1611,7 @@ class _Transport:
         status to, or TransferError for network failures."""
         headers = headers or {}
         attempt = 0
+        auth_retried = False
         while True:
             try:
                 resp = self._follow(method, url, headers, body, expect)
@@ -1019,6 +1632,13 @@ class _Transport:
                 return resp
             err_body = _read_limited(resp)
             self.release(resp)
+            if resp.status == 401 and not auth_retried and \
+                    resp.ctadata_key == self.auth_origin and \
+                    self.auth.on_unauthorized(resp.ctadata_auth):
+                # A token can die before its "exp" (revoked, server clock):
+                # one refresh, then the same request again.
+                auth_retried = True
+                continue
             delay = None
             if retry:
                 delay = _should_retry(self.policy, attempt, status=resp.status,
@@ -1026,6 +1646,8 @@ class _Transport:
             if delay is None:
                 err = _error_for_status(resp.status, resp.ctadata_url, err_body, what,
                                         self.auth)
+                if resp.status == 401 and not self._auth_ok:
+                    err.hint = "no token is sent over plain http to another machine: use https"
                 err.retry_after = resp.getheader("Retry-After")
                 raise err
             _log(20, "retrying %s %s in %.1fs after HTTP %d", method, _safe_url(url),
@@ -1129,6 +1751,201 @@ def _network_error(exc, url, what=None):
     if isinstance(exc, TransferError):
         return exc
     return TransferError("%s%s" % (what + ": " if what else "", text), url)
+
+
+############################################################################
+# OpenID Connect (device login, refresh)
+############################################################################
+
+_DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+class _OIDC:
+    """Talks to an OpenID provider through our own _Transport (one per
+    issuer origin, never sending Authorization: client credentials go in
+    the form body): discovery, the device authorization grant (RFC 8628)
+    and the refresh_token grant with rotation.  Forms and answers are never
+    logged; answers are read up to _JSON_LIMIT.  *sleep* waits between
+    device-code polls (tests pass their own)."""
+
+    def __init__(self, settings, secrets, sleep=None):
+        self.settings = settings
+        self.secrets = secrets
+        self.sleep = sleep or time.sleep
+        self._transports = {}
+        self._lock = _thread.allocate_lock()
+
+    def __repr__(self):
+        return "<ctadata OIDC client>"
+
+    def _transport(self, url):
+        _check_secure_url(url, "identity provider URL")
+        key = _origin(url)
+        with self._lock:
+            tr = self._transports.get(key)
+            if tr is None:
+                s = self.settings
+                st = Settings(url, s.timeout, min(s.retries, 3), 1, s.ca_file, s.ca_dir,
+                              s.insecure, None, backoff=s.backoff, env={})
+                tr = self._transports[key] = _Transport(st, _NoAuth(self.secrets))
+            return tr
+
+    def _call(self, url, form=None, ok=(200,), what=None):
+        """GET *url*, or POST *form* urlencoded; return (status, JSON object)."""
+        import json
+        tr = self._transport(url)
+        headers = {"Accept": "application/json"}
+        body = None
+        if form is not None:
+            from urllib.parse import urlencode
+            self.secrets.add(form.get("client_secret"), form.get("refresh_token"),
+                             form.get("device_code"))
+            body = urlencode(form).encode("utf-8")
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        resp = tr.request("POST" if form is not None else "GET", url, headers, body,
+                          ok=ok, what=what)
+        try:
+            data = resp.read(_JSON_LIMIT + 1)
+        except Exception as e:
+            raise _network_error(e, url, what)
+        finally:
+            tr.release(resp)
+        if len(data) > _JSON_LIMIT:
+            raise ProtocolError("%s: answer larger than %d bytes" % (what, _JSON_LIMIT), url)
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise ProtocolError("%s: HTTP %d without a JSON object" % (what, resp.status), url)
+        for key in ("access_token", "refresh_token", "id_token"):
+            self.secrets.add(doc.get(key))
+        return resp.status, doc
+
+    def discover(self, issuer):
+        """The issuer's discovery document (OpenID Connect Discovery 1.0)."""
+        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        _, doc = self._call(url, what="OIDC discovery")
+        for key in ("device_authorization_endpoint", "token_endpoint"):
+            if not isinstance(doc.get(key), str):
+                raise ProtocolError("the identity provider does not offer %s" % key, url)
+            _check_secure_url(doc[key], key)
+        return doc
+
+    def device_login(self, issuer, client_id, secret=None, scope=_LOGIN_SCOPE, show=None):
+        """Run the device authorization grant (RFC 8628): *show(uri, code,
+        complete_uri, expires_in)* is called once with what the user must
+        open; then poll until the user has logged in.  Returns the record
+        for _TokenStore.save; raises AuthError when denied or expired."""
+        doc = self.discover(issuer)
+        form = {"client_id": client_id, "scope": scope}
+        if secret:
+            form["client_secret"] = secret
+        status, dev = self._call(doc["device_authorization_endpoint"], form,
+                                 ok=(200, 400, 401), what="device authorization")
+        if status != 200:
+            raise AuthError("the identity provider refused to start a login: %s"
+                            % self._error(dev), status=status,
+                            hint="check --client-id and the client secret")
+        code, uri = dev.get("device_code"), dev.get("verification_uri") or \
+            dev.get("verification_url")
+        user_code = dev.get("user_code")
+        if not all(isinstance(v, str) and v for v in (code, uri, user_code)):
+            raise ProtocolError("device authorization answer without device_code, "
+                                "user_code or verification_uri",
+                                doc["device_authorization_endpoint"])
+        complete = dev.get("verification_uri_complete")
+        if show is not None:
+            show(_printable(uri), _printable(user_code),
+                 _printable(complete) if isinstance(complete, str) else None,
+                 _number(dev.get("expires_in"), 600))
+        interval = min(max(_number(dev.get("interval"), 5), 1), 60)
+        deadline = time.monotonic() + _number(dev.get("expires_in"), 600)
+        poll = {"grant_type": _DEVICE_GRANT, "device_code": code, "client_id": client_id}
+        if secret:
+            poll["client_secret"] = secret
+        while True:
+            self.sleep(interval)
+            if time.monotonic() > deadline:
+                raise AuthError("the login code expired before the login was finished",
+                                hint="run `ctadata login` again")
+            status, ans = self._call(doc["token_endpoint"], poll, ok=(200, 400, 401, 403),
+                                     what="login")
+            if status == 200:
+                return self._record(issuer, doc, client_id, secret, scope, ans)
+            error = ans.get("error")
+            if error == "authorization_pending":
+                continue
+            if error == "slow_down":
+                interval += 5  # RFC 8628 §3.5: for this and all later polls
+                continue
+            if error == "access_denied":
+                raise AuthError("the login was denied in the browser")
+            if error == "expired_token":
+                raise AuthError("the login code expired before the login was finished",
+                                hint="run `ctadata login` again")
+            raise AuthError("login failed: %s" % self._error(ans), status=status)
+
+    def _error(self, answer):
+        return self.secrets.redact(_oauth_error(answer))
+
+    def _record(self, issuer, doc, client_id, secret, scope, ans):
+        access = ans.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise ProtocolError("the identity provider answered without an access token",
+                                doc["token_endpoint"])
+        now = time.time()
+        rec = {"version": 1, "issuer": issuer, "token_endpoint": doc["token_endpoint"],
+               "client_id": client_id, "scope": scope, "access_token": access,
+               "obtained_at": now}
+        if isinstance(ans.get("refresh_token"), str):
+            rec["refresh_token"] = ans["refresh_token"]
+        if ans.get("expires_in") is not None:
+            rec["expires_at"] = now + _number(ans.get("expires_in"), 0)
+        if secret:
+            rec["client_secret"] = secret
+        return rec
+
+    def refresh(self, rec):
+        """Use the refresh token of a store record; return the new record
+        (the rotated refresh token, when the provider sent one, replaces
+        the old one, which is spent).  Raises AuthError when refused."""
+        url = rec.get("token_endpoint")
+        if not isinstance(url, str):
+            raise AuthError("the login store has no token endpoint",
+                            hint="run `ctadata login` again")
+        form = {"grant_type": "refresh_token", "refresh_token": rec["refresh_token"],
+                "client_id": rec.get("client_id") or ""}
+        if rec.get("client_secret"):
+            form["client_secret"] = rec["client_secret"]
+        status, ans = self._call(url, form, ok=(200, 400, 401), what="token refresh")
+        if status != 200:
+            raise AuthError("the identity provider refused the refresh: %s"
+                            % self._error(ans), status=status,
+                            hint="run `ctadata login` again")
+        new = dict(rec)
+        new.update(self._record(rec.get("issuer"), {"token_endpoint": url},
+                                rec.get("client_id"), rec.get("client_secret"),
+                                rec.get("scope"), ans))
+        if "refresh_token" not in ans:
+            new["refresh_token"] = rec["refresh_token"]
+        if ans.get("expires_in") is None:
+            new.pop("expires_at", None)
+        return new
+
+
+def _number(value, default):
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return default
+
+
+def _oauth_error(answer):
+    """RFC 6749 §5.2 error of a JSON answer, fit for a message."""
+    error = _printable(answer.get("error") or "unknown error", 80)
+    desc = answer.get("error_description")
+    return error + (" (%s)" % _printable(desc, 200) if isinstance(desc, str) and desc else "")
 
 
 ############################################################################
@@ -1305,6 +2122,9 @@ def _walk_events(events, state, ctx):
     for ev in events:
         if _NS not in ev:
             text += ev          # text (expat merges it unless a tag intervenes)
+            if len(text) > _XML_TEXT_LIMIT:
+                raise ProtocolError("PROPFIND answer with a text of more than %d "
+                                    "characters" % _XML_TEXT_LIMIT, ctx.request_url)
             continue
         key = prop_keys.get(ev)
         if key is not None:
@@ -1330,6 +2150,10 @@ def _walk_events(events, state, ctx):
         text = ""
     state[:] = [href, props, ps, status, text]
     return out
+
+
+def _has_control(name):
+    return any(c < " " or "\x7f" <= c <= "\x9f" for c in name)
 
 
 class _HrefContext:
@@ -1390,12 +2214,15 @@ class _HrefContext:
             if self.on_self is None:
                 return None
         elif nsegs != self.nsegs + 1 or not dpath.startswith(self.dprefix):
-            self.warn("skipping entry outside %s: %s" % (self.dprefix, dpath))
+            self.warn("skipping entry outside %r: %r" % (self.dprefix, dpath))
             return None
         name = dpath[dpath.rfind("/") + 1:]
-        if not is_self and (name in ("", ".", "..") or "\\" in name or "\x00" in name
-                            or len(name) != len(dpath) - len(self.dprefix)):
-            # a decoded "/" makes the name longer than its raw segment allows
+        # a decoded "/" makes the name shorter than the rest of the path;
+        # control characters (C0, DEL, C1) would become file names and
+        # terminal escapes ("ls" prints names as they are)
+        if not is_self and (name in ("", ".", "..") or "\\" in name
+                            or len(name) != len(dpath) - len(self.dprefix)
+                            or not name.isprintable() and _has_control(name)):
             self.warn("skipping entry with an unsafe name: %r" % name)
             return None
         base = self.base_path
@@ -2339,8 +3166,12 @@ class Client:
 
     Every module-level function exists as a method of the same name.  Remote
     paths are relative to *url*; a full http(s):// URL is accepted too.
-    The token is found lazily (see README "Credentials") and sent only to
-    the origin of *url*.  A Client is safe to use from several threads.
+    The token is found lazily (see README "Credentials"), refreshed when it
+    came from `ctadata login` or oidc-agent (*oidc_agent*: account name),
+    and sent only to the origin of *url*.  *auth*: "auto" (default: a token,
+    else an X.509 proxy), "token" or "x509" (client certificate *cert*,
+    $X509_USER_PROXY or /tmp/x509up_u$UID).  A Client is safe to use from
+    several threads.
 
     *service* selects the service mode (see _service_url): a URL, True for
     the default one, False to refuse it; None lets $CTADS_URL decide when no
@@ -2353,7 +3184,7 @@ class Client:
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
                  cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None,
-                 service=None, certificate_service=None):
+                 service=None, certificate_service=None, auth=None, oidc_agent=None):
         self._env = os.environ if env is None else env
         service_url = _service_url(url, dev, service, self._env)
         if service_url:
@@ -2362,14 +3193,17 @@ class Client:
             url = DEV_URL
         self.settings = Settings(url, timeout, retries, jobs, ca_file, ca_dir, insecure,
                                  cert, backoff, expect_threshold, env=env)
-        self._auth = _Auth(token, token_file, env, service=bool(service_url))
+        profile = "dev" if dev or self.settings.url == DEV_URL else "default"
+        self._auth = _Auth(token, token_file, env, oidc_agent, auth, cert, profile,
+                           service=bool(service_url))
+        self._oidc = self._auth.oidc = _OIDC(self.settings, self._auth.secrets)
         import threading
         self._cancel = threading.Event()
         self._tr = _Transport(self.settings, self._auth, self._cancel)
         self._svc = _Service(self._tr, self.settings.url) if service_url else None
         self._cert_url = certificate_service
         self._hub = None  # (auth, certificate transport) for the JupyterHub services
-        self._hub_lock = threading.Lock()
+        self._hub_lock = _thread.allocate_lock()
         self.warnings = []
 
     def __repr__(self):
@@ -2517,7 +3351,7 @@ class Client:
         def listing(p):
             selfs = []
             children = sorted(self._children(p, selfs.append), key=_entry_key)
-            return (selfs[0] if selfs else None), children
+            return (selfs[0] if selfs else None), self._unique(children)
 
         with ThreadPoolExecutor(max_workers=jobs or self.settings.jobs) as ex:
             queue = deque([ex.submit(listing, self.url_for(path, collection=True))])
@@ -2531,6 +3365,17 @@ class Client:
             finally:
                 for fut in queue:
                     fut.cancel()
+
+    def _unique(self, entries):
+        """Drop repeated names from a sorted listing (two downloads into one
+        file would race), with a warning."""
+        out = []
+        for e in entries:
+            if out and out[-1].name == e.name:
+                self._warn("skipping a second entry named %r in one listing" % e.name)
+            else:
+                out.append(e)
+        return out
 
     def ls(self, path="", recursive=False, select=None):
         """Return a list of Entry objects below *path*, sorted by name (with
@@ -3558,11 +4403,6 @@ def _add_common(parser, suppress):
                         "else %s; token from --token-file, else "
                         "$JUPYTERHUB_API_TOKEN. A URL must say http(s)://, or use "
                         "--service=URL" % SERVICE_URL)
-    g.add_argument("--token-file", default=d, metavar="FILE",
-                   help="read the bearer token from FILE (else $CTADATA_TOKEN, "
-                        "$BEARER_TOKEN, $BEARER_TOKEN_FILE, "
-                        "$XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID; with --service "
-                        "$JUPYTERHUB_API_TOKEN)")
     g.add_argument("-j", "--jobs", type=int, default=d, metavar="N",
                    help="parallel transfers and listings (default %d)" % _DEFAULT_JOBS)
     g.add_argument("--timeout", type=float, default=d, metavar="S",
@@ -3575,15 +4415,37 @@ def _add_common(parser, suppress):
     g.add_argument("--ca-dir", default=d, metavar="DIR",
                    help="extra CA directory (env X509_CERT_DIR; default "
                         "/etc/grid-security/certificates when it exists)")
-    g.add_argument("--cert", default=d, metavar="PEM",
-                   help="client certificate + key (e.g. an X.509 proxy)")
     g.add_argument("--insecure", action="store_true", default=d or False,
                    help="do NOT verify TLS certificates (warns every time)")
     g.add_argument("-q", "--quiet", action="store_true", default=d or False,
                    help="print only errors")
     g.add_argument("-v", "--verbose", action="count", default=d or 0,
                    help="log requests (never credentials) to stderr")
+    g = parser.add_argument_group("credentials", _CREDENTIALS_HELP)
+    g.add_argument("--token-file", default=d, metavar="FILE",
+                   help="read the bearer token from FILE (must be private: chmod 600)")
+    g.add_argument("--token", default=d, metavar="TOKEN",
+                   help="the bearer token itself. DISCOURAGED: every user of this machine "
+                        "can read a command line with `ps`; use --token-file or "
+                        "`ctadata login`")
+    g.add_argument("--oidc-agent", default=d, metavar="ACCOUNT",
+                   help="get tokens from oidc-agent (`oidc-token ACCOUNT`; env "
+                        "CTADATA_OIDC_AGENT)")
+    g.add_argument("--auth", default=d, choices=_AUTH_MODES,
+                   help="auto (default): a token, else an X.509 proxy; token: a token "
+                        "or fail; x509: the client certificate only")
+    g.add_argument("--cert", default=d, metavar="PEM",
+                   help="client certificate + key in one file, e.g. an X.509 proxy "
+                        "(default with --auth x509 or without a token: "
+                        "$X509_USER_PROXY, /tmp/x509up_u$UID)")
 
+
+_CREDENTIALS_HELP = """\
+The first token found is used: --token, --token-file, $CTADATA_TOKEN,
+$BEARER_TOKEN, $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID,
+the `ctadata login` store, oidc-agent, the old client's ~/.config/cta-data/token.
+`ctadata token --explain` shows where it looked. A token is sent only to the
+storage URL's origin, over https (or to this machine)."""
 
 _EPILOG = """\
 examples:
@@ -3756,6 +4618,50 @@ def _build_parser():
                     help="certificate service URL (env CTACS_URL; default %s)"
                          % CERTIFICATE_SERVICE_URL)
     sp.add_argument("--json", action="store_true", help="print the answer as JSON")
+    def login_options(sp):
+        sp.add_argument("--issuer", default=None, metavar="URL",
+                        help="OpenID provider (default %s)" % _DEFAULT_ISSUER)
+        sp.add_argument("--client-id", default=None, metavar="ID",
+                        help="OIDC client (default %s; with --dev %s)"
+                             % (_DEFAULT_CLIENT_ID, _DEV_CLIENT_ID))
+        sp.add_argument("--scope", default=_LOGIN_SCOPE,
+                        help="scopes to ask for (default %(default)r; offline_access "
+                             "brings the refresh token)")
+
+    login_help = "log in with your browser (OIDC device flow) and keep the tokens"
+    login_description = """\
+Log in once per machine: prints an address and a code to enter in any browser,
+waits for you, then keeps an access and a refresh token in ~/.config/ctadata/
+(folder 0700, file 0600). Later commands refresh the access token themselves
+shortly before it expires: no agent, no daemon.
+The client secret, if the client has one, comes from $CTADATA_CLIENT_SECRET,
+the old client's ~/.config/cta-data/secret or a prompt that does not echo;
+never from the command line."""
+    login_options(cmd("login", _cmd_login, login_help, description=login_description))
+    cmd("logout", _cmd_logout, "forget the tokens of `ctadata login`",
+        description="Delete the tokens `ctadata login` stored (the --dev ones with --dev).")
+    sp = cmd("token", _cmd_token, "print the bearer token, or where it comes from",
+             description="Print the bearer token that would be used (refreshed if it "
+                         "was about to expire), e.g. for curl; with --explain, where "
+                         "it was looked for and what was found, without the token.")
+    sp.add_argument("--explain", action="store_true",
+                    help="say where the token was looked for and what was found "
+                         "(never prints the token)")
+
+    # The old client's command names (no help line: they are not advertised).
+    def alias(name, new, func):
+        sp = sub.add_parser(name, description="Old name of `ctadata %s`." % new,
+                            formatter_class=fmt)
+        _add_common(sp, suppress=True)
+        sp.set_defaults(func=func, alias_of=new)
+        return sp
+
+    sp = alias("start-agent", "login", _cmd_login)
+    login_options(sp)
+    sp.add_argument("-s", "--secret", default=None, help=argparse.SUPPRESS)
+    alias("print-token", "token", _cmd_token).set_defaults(explain=False)
+    alias("stop-agent", "logout", _cmd_logout)
+    alias("reset-config", "logout", _cmd_logout)
     return p
 
 
@@ -3774,7 +4680,9 @@ def _client_from_args(args):
                   ca_file=_opt(args, "ca_file"), ca_dir=_opt(args, "ca_dir"),
                   insecure=_opt(args, "insecure", False), cert=_opt(args, "cert"),
                   service=_opt(args, "service"),
-                  certificate_service=_opt(args, "cert_service"))
+                  certificate_service=_opt(args, "cert_service"),
+                  token=_opt(args, "token"), auth=_opt(args, "auth"),
+                  oidc_agent=_opt(args, "oidc_agent"))
 
 
 def _out(text):
@@ -4133,6 +5041,87 @@ def _service_flag(argv):
         if arg == "--service" and (i + 1 == len(out) or "://" not in out[i + 1]):
             out[i] = "--service="
     return out
+def _note(args, text):
+    if not _opt(args, "quiet"):
+        sys.stderr.write("ctadata: %s\n" % text)
+
+
+def _client_secret(client_id):
+    """The OIDC client secret: $CTADATA_CLIENT_SECRET, else the file the old
+    client kept it in (for its own client id), else a prompt that does not
+    echo (on a terminal).  Never from the command line."""
+    secret = os.environ.get("CTADATA_CLIENT_SECRET", "").strip()
+    if secret:
+        return secret
+    if client_id in (_DEFAULT_CLIENT_ID, _DEV_CLIENT_ID):
+        old = os.path.join(_home(os.environ), ".config", "cta-data",
+                           "secret-dev" if client_id == _DEV_CLIENT_ID else "secret")
+        text = (_read_private(old, "client secret file") or "").strip()
+        if text:
+            return text.splitlines()[0].strip()
+    if sys.stdin is not None and sys.stdin.isatty():
+        import getpass
+        return getpass.getpass("Client secret of %s (Enter if it has none): "
+                               % client_id).strip() or None
+    return None
+
+
+def _cmd_login(client, args):
+    if getattr(args, "secret", None):
+        raise ConfigError("the client secret is not taken from the command line: every "
+                          "user of this machine can read it with `ps`",
+                          hint="set $CTADATA_CLIENT_SECRET or answer the prompt")
+    dev = _opt(args, "dev", False)
+    issuer = args.issuer or _DEFAULT_ISSUER
+    client_id = args.client_id or (_DEV_CLIENT_ID if dev else _DEFAULT_CLIENT_ID)
+    secret = _client_secret(client_id)
+
+    def show(uri, code, complete, expires_in):
+        err = sys.stderr
+        if complete:
+            err.write("To log in, open this address in a browser, on any device:\n\n"
+                      "    %s\n\n(or open %s and enter the code %s)\n" % (complete, uri, code))
+        else:
+            err.write("To log in, open %s in a browser, on any device, and enter the "
+                      "code\n\n    %s\n\n" % (uri, code))
+        err.write("Waiting for you (the code is valid for %d min)...\n"
+                  % max(1, expires_in // 60))
+        err.flush()
+
+    rec = client._oidc.device_login(issuer, client_id, secret, args.scope, show)
+    store = client._auth.store
+    try:
+        store.save(rec)
+    except OSError as e:
+        raise ConfigError("cannot keep the tokens in %s: %s" % (store.path, e.strerror or e))
+    claims = _jwt_claims(rec["access_token"]) or {}
+    who = claims.get("preferred_username") or claims.get("sub")
+    _note(args, "logged in%s; tokens kept in %s (%s)" % (
+        " as %s" % _printable(who, 80) if who else "", store.path,
+        "refreshed automatically; `ctadata logout` forgets them"
+        if rec.get("refresh_token") else "no refresh token: log in again when it expires"))
+    return 0
+
+
+def _cmd_logout(client, args):
+    store = client._auth.store
+    if store.remove():
+        _note(args, "logged out: removed %s" % store.path)
+    else:
+        _note(args, "not logged in (no %s)" % store.path)
+    return 0
+
+
+def _cmd_token(client, args):
+    auth = client._auth
+    if args.explain:
+        _out("".join(line + "\n" for line in auth.explain()))
+        return 0 if auth.source or auth.mode == "x509" else 1
+    value = auth.header()
+    if value is None:
+        raise AuthError("no token found", hint=auth.hint())
+    _out(value[len("Bearer "):] + "\n")
+    return 0
 
 
 def _setup_logging(args):
@@ -4165,12 +5154,18 @@ def main(argv=None):
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     _setup_logging(args)
+    if getattr(args, "alias_of", None):
+        sys.stderr.write("ctadata: note: `%s` is now `ctadata %s`\n"
+                         % (args.command, args.alias_of))
     try:
         client = _client_from_args(args)
         return args.func(client, args) or 0
     except KeyboardInterrupt:
-        sys.stderr.write("\nctadata: interrupted (partial downloads kept as .part "
-                         "files; run the same command again to resume)\n")
+        if args.command == "get":
+            sys.stderr.write("\nctadata: interrupted (partial downloads kept as .part "
+                             "files; run the same command again to resume)\n")
+        else:
+            sys.stderr.write("\nctadata: interrupted\n")
         return 130
     except CtadataError as e:
         sys.stderr.write("ctadata: error: %s\n" % e)

@@ -178,7 +178,8 @@ def dav(request: pytest.FixtureRequest) -> Iterator[DavTarget]:
 
 _TOKEN_ENV = ("CTADATA_TOKEN", "BEARER_TOKEN", "BEARER_TOKEN_FILE", "XDG_RUNTIME_DIR",
               "CTADATA_URL", "X509_CERT_DIR", "X509_CERT_FILE", "CTADS_URL",
-              "JUPYTERHUB_API_TOKEN", "CTADATA_PROFILE", "CTADATA_OIDC_AGENT")
+              "JUPYTERHUB_API_TOKEN", "CTADATA_PROFILE", "CTADATA_OIDC_AGENT",
+              "CTADATA_CLIENT_SECRET", "X509_USER_PROXY", "XDG_CONFIG_HOME")
 
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
@@ -192,6 +193,9 @@ def _clean_env(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     import ctadata
+    # /tmp/bt_u$UID and /tmp/x509up_u$UID: a private "tmp" per test, never the real one
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setattr(ctadata, "_SYSTEM_TMP", str(tmp_path / "tmp"))
     ctadata.set_default_client(None)
     yield
     ctadata.set_default_client(None)

@@ -3,7 +3,9 @@
 Serves discovery, the OAuth 2.0 device authorization grant (RFC 8628) with a
 scripted sequence of answers, and refresh with refresh-token rotation.  Access
 tokens are unsigned JWTs (base64url without padding, dummy signature) that a
-WebDAV test server can check with ``provider.is_valid(token)``.
+WebDAV test server can check with ``provider.is_valid(token)``, or over HTTP
+at ``provider.userinfo_endpoint`` (GET with ``Authorization: Bearer``: 200 and
+the claims for a valid token, else 401), e.g. from nginx ``auth_request``.
 
     with OIDCProvider() as idp:
         idp.device_script = ["authorization_pending", "slow_down", "ok"]
@@ -128,6 +130,10 @@ class OIDCProvider(ServerDouble):
     @property
     def token_endpoint(self):
         return self.issuer + "/protocol/openid-connect/token"
+
+    @property
+    def userinfo_endpoint(self):
+        return self.issuer + "/protocol/openid-connect/userinfo"
 
     @property
     def verification_uri(self):
@@ -258,6 +264,7 @@ class _Handler(DoubleHandler):
             realm + "/protocol/openid-connect/auth/device": ("POST", self._device),
             realm + "/protocol/openid-connect/token": ("POST", self._token),
             realm + "/device": ("GET", self._device_page),
+            realm + "/protocol/openid-connect/userinfo": ("GET", self._userinfo),
         }
         if path not in routes:
             return self.send(404, "Not Found")
@@ -275,11 +282,20 @@ class _Handler(DoubleHandler):
             "authorization_endpoint": idp.issuer + "/protocol/openid-connect/auth",
             "device_authorization_endpoint": idp.device_authorization_endpoint,
             "token_endpoint": idp.token_endpoint,
+            "userinfo_endpoint": idp.userinfo_endpoint,
             "jwks_uri": idp.issuer + "/protocol/openid-connect/certs",
             "grant_types_supported": ["authorization_code", "refresh_token", DEVICE_GRANT],
             "scopes_supported": ["openid", "offline_access", "profile", "email"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         })
+
+    def _userinfo(self):
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not self.double.is_valid(token.strip()):
+            return self.send_json(401, _error("invalid_token", "Token verification failed"),
+                                  headers=[("WWW-Authenticate", 'Bearer error="invalid_token"')])
+        claims = jwt_claims(token.strip())
+        self.send_json(200, {k: claims[k] for k in ("sub", "preferred_username") if k in claims})
 
     def _device_page(self):
         self.send(200, "<html><body>Enter the code shown by your device.</body></html>",

@@ -5,6 +5,12 @@ Servers
 * ``start_nginx(root, token, workdir)``            nginx + http_dav + dav-ext (PROPFIND/OPTIONS)
 * ``start_nginx(..., tls=True)``                   the same over HTTPS (self-signed CA in workdir)
 * ``start_nginx(..., static_only=True)``           plain static GET/HEAD server, *no* token required
+* ``start_nginx(..., auth_url=URL)``               token checked by ``auth_request`` against URL
+                                                   (e.g. an OIDC userinfo endpoint) instead of ``token``
+* ``start_nginx(..., tls=True, client_certs=True)`` also accepts a client certificate signed by
+                                                   the test CA instead of the token
+                                                   (``make_client_cert``)
+* ``start_nginx(..., limit_rate="100k")``          slow downloads (bytes/s per connection)
 * ``start_apache(root, token, workdir)``           Apache httpd + mod_dav + mod_dav_fs
 
 Every server listens on 127.0.0.1 on an ephemeral port, runs in the foreground
@@ -149,6 +155,8 @@ __all__ = [
     "have_apache",
     "nginx_missing_reason",
     "apache_missing_reason",
+    "make_test_ca",
+    "make_client_cert",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -625,7 +633,8 @@ def _nginx_dav_ext_module() -> Optional[str]:
     return None
 
 
-def nginx_missing_reason(*, static_only: bool = False, tls: bool = False) -> Optional[str]:
+def nginx_missing_reason(*, static_only: bool = False, tls: bool = False,
+                         auth_request: bool = False) -> Optional[str]:
     """None if nginx (with what the variant needs) is usable, else why not."""
     if not _nginx_binary():
         return "nginx binary not found (install nginx / nginx-light)"
@@ -642,6 +651,11 @@ def nginx_missing_reason(*, static_only: bool = False, tls: bool = False) -> Opt
             return "nginx is built without http_ssl_module"
         if not shutil.which("openssl"):
             return "openssl CLI not found"
+    if auth_request:
+        if "--with-http_auth_request_module" not in conf:
+            return "nginx is built without http_auth_request_module"
+        if "--without-http_proxy_module" in conf:
+            return "nginx is built without http_proxy_module"
     return None
 
 
@@ -713,6 +727,48 @@ def make_test_ca(directory: PathLike) -> "tuple[str, str, str]":
     return str(ca), str(crt), str(key)
 
 
+_CLIENT_EXT = """\
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+"""
+
+
+def make_client_cert(ca_dir: PathLike, out: PathLike, cn: str = "ctadata test user") -> str:
+    """Sign a client certificate with the CA ``make_test_ca(ca_dir)`` made and
+    write certificate + key into one PEM file ``out`` (mode 0600, laid out
+    like an X.509 proxy file); return its path."""
+    d = Path(ca_dir)
+    ca, _, _ = make_test_ca(d)
+    out = Path(out)
+    key, csr, crt = out.with_suffix(".key"), out.with_suffix(".csr"), out.with_suffix(".crt")
+    ext = out.with_suffix(".ext")
+    ext.write_text(_CLIENT_EXT)
+    env = dict(os.environ, OPENSSL_CONF=str(d / "openssl.cnf"))
+    cmds = [
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=" + cn],
+        ["openssl", "x509", "-req", "-in", str(csr), "-CA", ca, "-CAkey", str(d / "ca.key"),
+         "-set_serial", "0x" + secrets.token_hex(8), "-days", "30", "-sha256",
+         "-extfile", str(ext), "-extensions", "client", "-out", str(crt)],
+    ]
+    for argv in cmds:
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, env=env)
+        if r.returncode != 0:
+            raise ServerStartError(
+                "openssl failed: %s\n%s" % (" ".join(argv), r.stdout.decode(errors="replace")))
+    fd = os.open(str(out), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(crt.read_bytes() + key.read_bytes())
+    for p in (key, csr, crt, ext):
+        p.unlink()
+    return str(out)
+
+
 def _nginx_conf(
     *,
     port: int,
@@ -721,6 +777,9 @@ def _nginx_conf(
     workdir: Path,
     static_only: bool,
     tls: Optional["tuple[str, str]"],
+    auth_url: Optional[str] = None,
+    client_ca: Optional[str] = None,
+    limit_rate: Optional[str] = None,
 ) -> str:
     q = _conf_quote
     conf = _nginx_configure()
@@ -764,12 +823,23 @@ def _nginx_conf(
     ):
         if "--without-http_%s_module" % mod not in conf:
             lines.append("    %s %s;" % (directive, q(tmp / mod)))
-    if not static_only:
+    if not static_only and client_ca:
+        lines += [
+            '    map "$ssl_client_verify|$http_authorization" $ctadata_authorized {',
+            "        default 0;",
+            '        "~^SUCCESS\\|" 1;',
+            '        "~\\|Bearer %s$" 1;' % token,
+            "    }",
+        ]
+    elif not static_only:
         lines += [
             "    map $http_authorization $ctadata_authorized {",
             "        default 0;",
             '        "Bearer %s" 1;' % token,
             "    }",
+        ]
+    if not static_only:
+        lines += [
             "    map $status $ctadata_www_authenticate {",
             "        default \"\";",
             "        401 'Bearer realm=\"ctadata\"';",
@@ -789,15 +859,36 @@ def _nginx_conf(
             "        ssl_protocols TLSv1.2 TLSv1.3;",
             "        ssl_session_cache shared:ctadata:1m;",
         ]
+        if client_ca:
+            lines += [
+                "        ssl_client_certificate %s;" % q(client_ca),
+                "        ssl_verify_client optional;",
+            ]
+    if limit_rate:
+        lines.append("        limit_rate %s;" % limit_rate)
     if static_only:
         lines += [
             "        if ($request_method !~ ^(GET|HEAD)$) { return 405; }",
             "        location / { }",
         ]
     else:
+        lines.append("        add_header WWW-Authenticate $ctadata_www_authenticate always;")
+        if auth_url:
+            # The token is checked by the URL (200: valid, 401: not), e.g. an
+            # OIDC provider's userinfo endpoint, for every request.
+            lines += [
+                "        auth_request /_ctadata_auth;",
+                "        location = /_ctadata_auth {",
+                "            internal;",
+                "            proxy_pass %s;" % auth_url,
+                "            proxy_method GET;",
+                "            proxy_pass_request_body off;",
+                '            proxy_set_header Content-Length "";',
+                "        }",
+            ]
+        else:
+            lines.append("        if ($ctadata_authorized = 0) { return 401; }")
         lines += [
-            "        add_header WWW-Authenticate $ctadata_www_authenticate always;",
-            "        if ($ctadata_authorized = 0) { return 401; }",
             "        location / {",
             "            dav_methods PUT DELETE MKCOL COPY MOVE;",
             "            dav_ext_methods PROPFIND OPTIONS;",
@@ -822,15 +913,25 @@ def start_nginx(
     *,
     static_only: bool = False,
     tls: bool = False,
+    auth_url: Optional[str] = None,
+    client_certs: bool = False,
+    limit_rate: Optional[str] = None,
 ) -> RunningServer:
     """Start nginx serving ``root``; see the module docstring for the variants.
 
     ``static_only``: plain GET/HEAD file server, no token check (``token`` is
     kept on the returned object but not enforced).
     ``tls``: WebDAV over https with a fresh CA in ``workdir``
-    (``RunningServer.ca_file``).
+    (``RunningServer.ca_file``; the CA key is next to it, for
+    ``make_client_cert(Path(ca_file).parent, ...)``).
+    ``auth_url``: instead of comparing with ``token``, ask this URL (nginx
+    ``auth_request``, the client's Authorization forwarded) for every request.
+    ``client_certs`` (with ``tls``): a client certificate signed by the test CA
+    is accepted instead of the token.
+    ``limit_rate``: nginx ``limit_rate`` for responses (e.g. ``"100k"``).
     """
-    reason = nginx_missing_reason(static_only=static_only, tls=tls)
+    reason = nginx_missing_reason(static_only=static_only, tls=tls,
+                                  auth_request=auth_url is not None)
     if reason:
         raise ServerStartError(reason)
     _check_token(token)
@@ -847,6 +948,8 @@ def start_nginx(
     if tls:
         ca_file, crt, key = make_test_ca(workdir / "tls")
         tls_files = (crt, key)
+    if client_certs and not tls:
+        raise ValueError("client_certs needs tls=True")
     name = "nginx-static" if static_only else ("nginx-tls" if tls else "nginx")
     conf_path = workdir / "nginx.conf"
     pidfile = workdir / "nginx.pid"
@@ -857,7 +960,9 @@ def start_nginx(
         port = _free_port()
         conf_path.write_text(
             _nginx_conf(port=port, root=root, token=token, workdir=workdir,
-                        static_only=static_only, tls=tls_files)
+                        static_only=static_only, tls=tls_files, auth_url=auth_url,
+                        client_ca=ca_file if client_certs else None,
+                        limit_rate=limit_rate)
         )
         argv = [
             _nginx_binary() or "nginx",

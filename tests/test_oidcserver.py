@@ -245,3 +245,16 @@ def test_stop_closes_idle_connections():
     with pytest.raises((OSError, http.client.HTTPException)):
         conn.request("GET", "/realms/cta/.well-known/openid-configuration")
         conn.getresponse()
+
+
+def test_userinfo_checks_the_bearer_token(idp):
+    tokens = idp.issue_tokens()
+    status, claims, _ = call(idp, "GET", idp.userinfo_endpoint,
+                             headers={"Authorization": "Bearer " + tokens["access_token"]})
+    assert status == 200 and claims["sub"] == "alice"
+    assert call(idp, "GET", idp.userinfo_endpoint)[0] == 401
+    idp.revoke_access_tokens()
+    status, answer, headers = call(idp, "GET", idp.userinfo_endpoint,
+                                   headers={"Authorization": "Bearer " + tokens["access_token"]})
+    assert status == 401 and answer["error"] == "invalid_token"
+    assert headers["WWW-Authenticate"].startswith("Bearer")
