@@ -940,6 +940,51 @@ class _NoAuth:
         return self.secrets.redact(text)
 
 
+# Profiles: sections of $XDG_CONFIG_HOME/ctadata/config.ini (default
+# ~/.config/ctadata/config.ini), chosen with --profile / profile= /
+# $CTADATA_PROFILE; [default] applies when none is chosen; --dev is the
+# built-in profile "dev" (a [dev] section can amend it).  What a profile may
+# set, and the environment variable that overrides it:
+_PROFILE_KEYS = {
+    "url": "CTADATA_URL", "service": "CTADS_URL", "cert_service": "CTACS_URL",
+    "issuer": None, "client_id": None, "jobs": None, "timeout": None, "retries": None,
+    "ca_dir": "X509_CERT_DIR", "ca_file": "X509_CERT_FILE", "token_file": None,
+    "oidc_agent": "CTADATA_OIDC_AGENT", "auth": None, "cert": None,
+}
+_BUILTIN_PROFILES = {"default": {}, "dev": {"url": DEV_URL, "client_id": _DEV_CLIENT_ID}}
+
+
+def _config_file(env):
+    base = env.get("XDG_CONFIG_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(_home(env), ".config")
+    return os.path.join(base, "ctadata", "config.ini")
+
+
+def _load_profile(name, env):
+    """{key: (value, where it comes from)} of profile *name*: the built-in
+    values, amended by the config file's section.  Raises ConfigError for
+    an unknown profile or setting (a token never goes in this file)."""
+    import configparser
+    out = {k: (v, "built-in profile %s" % name)
+           for k, v in _BUILTIN_PROFILES.get(name, {}).items()}
+    path = _config_file(env)
+    cp = configparser.ConfigParser(interpolation=None, default_section="\x00none")
+    try:
+        cp.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ConfigError("cannot read %s: %s" % (path, str(e).splitlines()[0]))
+    if cp.has_section(name):
+        for key, value in cp.items(name):
+            if key not in _PROFILE_KEYS:
+                raise ConfigError("unknown setting %r in [%s] of %s (known: %s)" % (
+                    key, name, path, ", ".join(sorted(_PROFILE_KEYS))))
+            out[key] = (value.strip(), "profile %s (%s)" % (name, path))
+    elif name not in _BUILTIN_PROFILES:
+        raise ConfigError("no profile [%s] in %s" % (name, path))
+    return out
+
+
 class Settings:
     """Validated options of one :class:`Client`.
 
@@ -3184,17 +3229,48 @@ class Client:
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
                  cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None,
-                 service=None, certificate_service=None, auth=None, oidc_agent=None):
-        self._env = os.environ if env is None else env
-        service_url = _service_url(url, dev, service, self._env)
+                 service=None, certificate_service=None, auth=None, oidc_agent=None,
+                 profile=None, issuer=None, client_id=None):
+        self._env = env = os.environ if env is None else env
+        # flag/argument > environment > profile > built-in default
+        name = profile or ("dev" if dev else None) or env.get("CTADATA_PROFILE") or "default"
+        given = {"url": url, "service": service, "cert_service": certificate_service,
+                 "issuer": issuer, "client_id": client_id, "jobs": jobs,
+                 "timeout": timeout, "retries": retries, "ca_dir": ca_dir,
+                 "ca_file": ca_file, "token_file": token_file, "oidc_agent": oidc_agent,
+                 "auth": auth, "cert": cert}
+        prof = _load_profile(name, env)
+        self.sources = {"profile": "argument" if profile else "--dev/dev=" if dev else
+                        "$CTADATA_PROFILE" if env.get("CTADATA_PROFILE") else
+                        "built-in default"}
+        for key, value in given.items():
+            var = _PROFILE_KEYS[key]
+            if value is not None:
+                self.sources[key] = "argument"
+            elif var and env.get(var):
+                self.sources[key] = "$" + var
+            elif key in prof and not (key == "service" and url is not None) and \
+                    not (key == "url" and service not in (None, False)):
+                # (an explicit storage URL or download service beats the
+                # profile's choice of the other)
+                given[key], self.sources[key] = prof[key]
+        self.profile = name
+        url, service, certificate_service = given["url"], given["service"], given["cert_service"]
+        jobs, timeout, retries = given["jobs"], given["timeout"], given["retries"]
+        ca_dir, ca_file, token_file = given["ca_dir"], given["ca_file"], given["token_file"]
+        oidc_agent, auth, cert = given["oidc_agent"], given["auth"], given["cert"]
+        self.issuer = given["issuer"] or _DEFAULT_ISSUER
+        self.client_id = given["client_id"] or _DEFAULT_CLIENT_ID
+        service_url = _service_url(url, dev and self.sources.get("url") is None, service,
+                                   env)
         if service_url:
             url = service_url
         elif dev and not url:
             url = DEV_URL
         self.settings = Settings(url, timeout, retries, jobs, ca_file, ca_dir, insecure,
                                  cert, backoff, expect_threshold, env=env)
-        profile = "dev" if dev or self.settings.url == DEV_URL else "default"
-        self._auth = _Auth(token, token_file, env, oidc_agent, auth, cert, profile,
+        store = "dev" if name == "dev" or self.settings.url == DEV_URL else name
+        self._auth = _Auth(token, token_file, env, oidc_agent, auth, cert, store,
                            service=bool(service_url))
         self._oidc = self._auth.oidc = _OIDC(self.settings, self._auth.secrets)
         import threading
@@ -3210,6 +3286,41 @@ class Client:
         if self._svc is not None:
             return "Client(service=%r)" % self.settings.url
         return "Client(url=%r)" % self.settings.url
+
+    def config(self):
+        """The effective settings: a list of (name, value, where it came
+        from: "argument", "$VARIABLE", "profile NAME (file)", "built-in
+        default", ...).  Never a secret: the token is described by its
+        source only."""
+        s = self.settings
+        rows = [("profile", self.profile, self.sources["profile"])]
+
+        def row(key, value, default="built-in default"):
+            rows.append((key, value, self.sources.get(key, default)))
+        if self._svc is not None:
+            row("service", s.url)
+        else:
+            row("url", s.url)
+        row("jobs", s.jobs)
+        row("timeout", s.timeout)
+        row("retries", s.retries)
+        row("ca_file", s.ca_file)
+        row("ca_dir", s.ca_dir, "built-in default (if it exists)")
+        row("cert", self._auth._cert)
+        row("auth", self._auth.mode)
+        row("token_file", self._auth._token_file)
+        row("oidc_agent", self._auth._oidc_agent)
+        row("issuer", self.issuer)
+        row("client_id", self.client_id)
+        row("cert_service", self._cert_url)
+        try:
+            self._auth.load()   # discovery only: the token itself is not shown
+        except CtadataError as e:
+            rows.append(("token", "error", str(e)))
+        else:
+            rows.append(("token", "found" if self._auth.source else "none found",
+                         self._auth.source or "see `ctadata token --explain`"))
+        return rows
 
     def __enter__(self):
         return self
@@ -4396,7 +4507,11 @@ def _add_common(parser, suppress):
                    help="storage URL; remote paths are relative to it "
                         "(env CTADATA_URL; default %s)" % DEFAULT_URL)
     g.add_argument("--dev", action="store_true", default=d or False,
-                   help="use the development storage %s" % DEV_URL)
+                   help="use the development storage %s (the built-in profile "
+                        "'dev')" % DEV_URL)
+    g.add_argument("--profile", default=d, metavar="NAME",
+                   help="settings from section [NAME] of ~/.config/ctadata/config.ini "
+                        "(env CTADATA_PROFILE; default [default]); see `ctadata config`")
     g.add_argument("--service", nargs="?", const="", default=d, metavar="URL",
                    help="go through the CTA download service (JupyterHub) instead: "
                         "URL, else env CTADS_URL (which alone selects this mode), "
@@ -4598,6 +4713,13 @@ def _build_parser():
     sp.add_argument("--algo", choices=("adler32", "md5"), default=None,
                     help="only this algorithm")
 
+    cmd("config", _cmd_config, "show the effective settings and where each comes from",
+        description="Show the effective settings (storage or service URL, jobs, "
+                    "timeouts, CAs, credentials...) and where each came from: the "
+                    "command line, an environment variable, a profile of %s, or "
+                    "the built-in default. Never shows a secret. Precedence: command "
+                    "line > environment > profile > default." % "~/.config/ctadata/config.ini")
+
     sp = cmd("completion", _cmd_completion, "print a shell completion script",
              description="Print a completion script for bash or zsh, generated from "
                          "these very options. Enable it with\n"
@@ -4682,7 +4804,8 @@ def _client_from_args(args):
                   service=_opt(args, "service"),
                   certificate_service=_opt(args, "cert_service"),
                   token=_opt(args, "token"), auth=_opt(args, "auth"),
-                  oidc_agent=_opt(args, "oidc_agent"))
+                  oidc_agent=_opt(args, "oidc_agent"), profile=_opt(args, "profile"),
+                  issuer=_opt(args, "issuer"), client_id=_opt(args, "client_id"))
 
 
 def _out(text):
@@ -4972,6 +5095,16 @@ def _cmd_sum(client, args):
     return 0
 
 
+def _cmd_config(client, args):
+    rows = client.config()
+    width = max(len(k) for k, _v, _s in rows)
+    for key, value, source in rows:
+        where = "command line" if source == "argument" else source
+        _out("%-*s  %-40s  %s\n" % (width, key, "-" if value is None else value, where))
+    _out("%-*s  %s\n" % (width, "config file", _config_file(client._env)))
+    return 0
+
+
 def _completion_words(parser):
     """{subcommand: [option strings]} and the global options, read from
     the argparse tree itself (never a hand-written copy)."""
@@ -5071,9 +5204,7 @@ def _cmd_login(client, args):
         raise ConfigError("the client secret is not taken from the command line: every "
                           "user of this machine can read it with `ps`",
                           hint="set $CTADATA_CLIENT_SECRET or answer the prompt")
-    dev = _opt(args, "dev", False)
-    issuer = args.issuer or _DEFAULT_ISSUER
-    client_id = args.client_id or (_DEV_CLIENT_ID if dev else _DEFAULT_CLIENT_ID)
+    issuer, client_id = client.issuer, client.client_id   # flag > profile > default
     secret = _client_secret(client_id)
 
     def show(uri, code, complete, expires_in):

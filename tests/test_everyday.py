@@ -206,3 +206,49 @@ def test_completion_scripts_are_valid_shell(capsys):
                        capture_output=True, text=True)
     script_file.unlink()
     assert r.stdout.split() == ["--from-list"]
+
+
+def _config(tmp_path, text):
+    d = tmp_path / "xdg" / "ctadata"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.ini").write_text(text)
+    return str(tmp_path / "xdg")
+
+
+def test_profile_precedence_flag_env_profile_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CONFIG_HOME", _config(tmp_path, (
+        "[default]\njobs = 8\n\n[lab]\nurl = https://lab.example:2880\nretries = 2\n"
+        "timeout = 7\nissuer = https://idp.example/realms/lab/\n"
+        "[dev]\njobs = 3\n")))
+    c = ctadata.Client()
+    assert (c.url, c.settings.jobs) == (ctadata.DEFAULT_URL, 8)           # [default]
+    c = ctadata.Client(profile="lab")
+    assert (c.url, c.settings.retries, c.settings.timeout) == ("https://lab.example:2880", 2, 7)
+    assert c.settings.jobs == 4 and c.issuer == "https://idp.example/realms/lab/"
+    monkeypatch.setenv("CTADATA_URL", "https://env.example")
+    c = ctadata.Client(profile="lab")
+    assert c.url == "https://env.example" and c.sources["url"] == "$CTADATA_URL"
+    c = ctadata.Client(profile="lab", url="https://flag.example", retries=9)
+    assert (c.url, c.settings.retries) == ("https://flag.example", 9)       # flag wins
+    monkeypatch.delenv("CTADATA_URL")
+    monkeypatch.setenv("CTADATA_PROFILE", "lab")
+    assert ctadata.Client().url == "https://lab.example:2880"
+    c = ctadata.Client(dev=True)                                            # built-in + [dev]
+    assert (c.url, c.settings.jobs, c.client_id) == (ctadata.DEV_URL, 3, "dcache-dev")
+    with pytest.raises(ctadata.ConfigError, match="no profile"):
+        ctadata.Client(profile="nope")
+    # the CLI shows it all, with sources, and never a secret
+    monkeypatch.setenv("BEARER_TOKEN", "very-secret-value")
+    assert ctadata.main(["--profile", "lab", "config", "--retries", "5"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert "https://lab.example:2880" in rows["url"] and "profile lab" in rows["url"]
+    assert rows["retries"].split()[1] == "5" and "command line" in rows["retries"]
+    assert "built-in default" in rows["jobs"]
+    assert "very-secret-value" not in out and "$BEARER_TOKEN" in rows["token"]
+
+
+def test_unknown_profile_settings_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", _config(tmp_path, "[default]\ntoken = abc\n"))
+    with pytest.raises(ctadata.ConfigError, match="unknown setting 'token'"):
+        ctadata.Client()
