@@ -2886,6 +2886,9 @@ def _copy_body(resp, f, hashers, progress, cancel, path, fetched, length=None):
                 update(block)
             got += n
             fetched[0] += n
+            if length is not None and got > length:
+                raise TransferError("the server sent more than the %d bytes it announced"
+                                    % length, retryable=False)
             if _PYPY:
                 _pypy_gc(n)
             if advance is not None:
@@ -3584,6 +3587,7 @@ class Client:
                 local_dir = _safe_join(target, rel)
                 files = [e for e in children if not e.is_dir and (
                     sel is None or sel("/".join(rel + [e.name])))]
+                files = self._no_part_clash(files)
                 # without a filter the tree is mirrored, empty folders too
                 if not dry_run and local_dir not in made and (files or sel is None):
                     _makedirs(local_dir)
@@ -3595,6 +3599,21 @@ class Client:
         return self._execute(tasks(), self._download_worker(progress, checksum),
                              jobs or self.settings.jobs, progress, started,
                              raise_on_failure, dry_run)
+
+    def _no_part_clash(self, files):
+        """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
+        downloading x goes through x.part, which would mix the two files."""
+        names = set(e.name for e in files)
+        keep = []
+        for e in files:
+            stem = e.name[:-5] if e.name.endswith(".part") else \
+                e.name[:-10] if e.name.endswith(".part.meta") else None
+            if stem is not None and stem in names:
+                self._warn("skipping %r: it would clash with the partial download of %r"
+                           % (e.name, stem))
+            else:
+                keep.append(e)
+        return keep
 
     def _execute(self, tasks, worker, jobs, progress, started, raise_on_failure, dry_run):
         """Run planned tasks on the worker pool (or, for a dry run, only

@@ -279,3 +279,28 @@ def test_ls_unsorted_of_a_million_entries_in_bounded_memory():
     print("ls -U: max RSS %.1f MB for an empty listing, %.1f MB for 1e6 entries"
           % (base, rss))
     assert rss - base < 16  # a few 1 MiB read buffers, not 1e6 entries
+
+
+def test_a_listed_x_part_cannot_pollute_the_download_of_x(hostile, capsys):
+    body = multistatus(resp("/dir/", collection=True), resp("/dir/ok.txt", size=13),
+                       resp("/dir/ok.txt.part", size=13))
+    hostile.add_fault("hostile_propfind", method="PROPFIND", path="/dir", times=None,
+                      body=body)
+    assert ctadata.main(["--url", hostile.url, "get", "-r", "dir", "dest/"]) == 0
+    assert "clash with the partial download of 'ok.txt'" in capsys.readouterr().err
+    assert (hostile.tmp / "work/dest/dir/ok.txt").read_bytes() == b"the good file"
+    assert not (hostile.tmp / "work/dest/dir/ok.txt.part").exists()
+
+
+def test_a_download_stops_at_the_announced_size(tmp_path):
+    # a chunked body (no Content-Length) that runs past the listed size: what a
+    # misbehaving proxy could send; the engine stops instead of filling the disk
+    class Endless:
+        def readinto(self, buf):
+            buf[:4] = b"more"
+            return 4
+    with open(str(tmp_path / "f.part"), "wb") as f:
+        with pytest.raises(ctadata.TransferError, match="more than the 10 bytes"):
+            ctadata._copy_body(Endless(), f, ctadata._Hashers(()), None, None,
+                               str(tmp_path / "f.part"), [0], 10)
+    assert (tmp_path / "f.part").stat().st_size <= 12
