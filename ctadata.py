@@ -3010,24 +3010,47 @@ def _try_delete(tr, url):
 
 
 def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
-    """Run ``worker(task)`` for every task from the iterable *tasks* on a pool
-    of *jobs* threads; return the TransferResults in completion order.
+    """Run ``worker(task)`` for every task from the iterable *tasks* on
+    *jobs* threads; return the TransferResults in the order of *tasks*.
 
-    Tasks are pulled lazily (listing of the next directory overlaps with the
-    transfers of this one) with at most ``jobs * 8`` in flight, so memory
-    stays bounded.  A worker's CtadataError becomes a failed result; the
-    others go on.  On KeyboardInterrupt the *cancel* event stops the workers
-    at their next block, *abort* wakes those blocked on the network, and the
-    interrupt propagates (partial downloads stay as .part files)."""
-    from concurrent.futures import ThreadPoolExecutor
-    results = []
+    Each worker pulls its next task from *tasks* itself (under a lock), so
+    the listing of the next directory overlaps with the transfers of this
+    one, memory stays bounded, and no dispatcher thread hands tasks over:
+    with many small files, every hand-over between threads is a GIL switch
+    and futex calls (measured: 68 futex calls per file with an executor).
+    A worker's CtadataError becomes a failed result; the others go on; an
+    error of *tasks* itself (a listing failed) is raised after the workers
+    stop.  On KeyboardInterrupt the *cancel* event stops the workers at their
+    next block, *abort* wakes those blocked on the network, and the interrupt
+    propagates (partial downloads stay as .part files)."""
     import threading
-    lock = threading.Lock()
-    slots = threading.Semaphore(jobs * 8)
+    it = iter(tasks)
+    take = threading.Lock()
+    state = {"n": 0, "done": False, "error": None}
+    outs = [[] for _ in range(jobs)]
+
+    def next_task():
+        with take:
+            if state["done"]:
+                return None, None
+            try:
+                task = next(it)
+            except StopIteration:
+                state["done"] = True
+                if progress is not None:
+                    progress.planned()
+                return None, None
+            except BaseException as e:  # the listing behind *tasks* failed
+                state["done"], state["error"] = True, e
+                return None, None
+            state["n"] += 1
+            return state["n"], task
 
     def run(task):
+        if isinstance(task, TransferResult):  # decided without a transfer
+            return task
         try:
-            res = worker(task)
+            return worker(task)
         except CtadataError as e:
             res = TransferResult(task.source, task.dest, task.size, "failed", str(e))
             res.exception = e
@@ -3035,36 +3058,38 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
             err = _local_error(e, task.dest)
             res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
             res.exception = err
-        finally:
-            slots.release()
-        with lock:
-            results.append(res)
-        if progress is not None:
-            progress.file_done(res)
         return res
 
-    ex = ThreadPoolExecutor(max_workers=jobs)
+    def loop(out):
+        while cancel is None or not cancel.is_set():
+            idx, task = next_task()
+            if task is None:
+                return
+            res = run(task)
+            out.append((idx, res))
+            if progress is not None:
+                progress.file_done(res)
+
+    threads = [threading.Thread(target=loop, args=(out,), name="ctadata-%d" % i,
+                                daemon=True) for i, out in enumerate(outs)]
     try:
-        for task in tasks:
-            if isinstance(task, TransferResult):  # decided without a transfer
-                results.append(task)
-                if progress is not None:
-                    progress.file_done(task)
-                continue
-            while not slots.acquire(timeout=0.2):
-                pass  # wake up regularly so Ctrl-C is seen promptly
-            ex.submit(run, task)
-        if progress is not None:
-            progress.planned()
-        ex.shutdown(wait=True)
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # wake up regularly so that Ctrl-C is seen at once
     except BaseException:
         if cancel is not None:
             cancel.set()
         if abort is not None:
             abort()
-        ex.shutdown(wait=True)
+        for t in threads:
+            t.join()
         raise
-    return results
+    if state["error"] is not None:
+        raise state["error"]
+    return [res for _idx, res in sorted((r for out in outs for r in out),
+                                        key=lambda r: r[0])]
 
 
 def _glob_regex(pattern):
