@@ -373,7 +373,10 @@ class Bench:
         timeout = TIMEOUTS[task][1 if self.args.quick else 0]
         gave_up = set()
         for rep in range(reps):
-            for name, argv, env, prepare, verify in tools:  # A B A B: interleaved per repetition
+            # interleaved (A B C, then B C A, ...): no tool always runs first,
+            # after the same neighbour, in the same state of the page cache
+            k = rep % len(tools)
+            for name, argv, env, prepare, verify in tools[k:] + tools[:k]:
                 tr = res["tools"][name]
                 if tr["missing"] or name in gave_up:
                     continue
