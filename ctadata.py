@@ -1272,7 +1272,8 @@ class _FileBody:
         second thread for large files)."""
         self.hashers = _Hashers(self.hash_algos)
         self.sent = 0
-        pipe = _HashPipe(self.hashers) if self.size >= _PIPE_THRESHOLD else None
+        pipe = _HashPipe(self.hashers) if self.hashers.active and \
+            self.size >= _PIPE_THRESHOLD else None
         try:
             with open(self.path, "rb", buffering=0) as f:
                 buf = None if pipe else bytearray(_CHUNK)
@@ -1291,7 +1292,7 @@ class _FileBody:
                         _pypy_gc(n)
                     if pipe:
                         pipe.submit(buf, n)
-                    else:
+                    elif self.hashers.active:
                         self.hashers.update(memoryview(buf)[:n])
                     self.sent += n
             if pipe:
@@ -1456,6 +1457,8 @@ class _Transport:
         # compute checksums of downloads even when the server has none to
         # compare with (for manifests)
         self.record_sums = False
+        # does this server answer uploads with a Digest? None: not known yet
+        self.put_digests = None
         self.cancel = cancel
         self._local = _thread._local()
         self._ctx = None
@@ -2923,6 +2926,10 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     import hashlib
     headers = {"Want-Digest": "adler32,md5;q=0.5"}
     local_md5 = None
+    # A server that answered an upload without a Digest (nginx, Apache) will
+    # not check this one either: no adler32 work then, unless a manifest
+    # wants the value.
+    algos = () if tr.put_digests is False and not tr.record_sums else ("adler32",)
     if size <= _SMALL_BODY:
         try:
             with open(local, "rb") as f:
@@ -2932,8 +2939,9 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
         if len(body) != size:
             raise TransferError("local file changed size during upload: %s" % local,
                                 expected=size, received=len(body), retryable=False)
-        hashers = _Hashers(("adler32",))
-        hashers.update(body)
+        hashers = _Hashers(algos)
+        if algos:
+            hashers.update(body)
         if verify is not False:
             local_md5 = hashlib.md5(body)
     else:
@@ -2945,7 +2953,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
                         local_md5.update(block)
             except OSError as e:
                 raise _local_error(e, local)
-        body = _FileBody(local, size, ("adler32",))
+        body = _FileBody(local, size, algos)
     if local_md5 is not None:
         headers["Content-MD5"] = base64.b64encode(local_md5.digest()).decode()
     expect = size >= tr.settings.expect_threshold
@@ -2961,6 +2969,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
         raise
     remote_sums = _parse_digest(resp.getheader("Digest"))
     tr.release(resp)
+    tr.put_digests = bool(remote_sums) or bool(tr.put_digests)
     sums = (body.hashers if isinstance(body, _FileBody) else hashers).result()
     if local_md5 is not None:
         sums["md5"] = local_md5.hexdigest()
@@ -5089,6 +5098,8 @@ def _cmd_get(client, args):
 
 
 def _cmd_put(client, args):
+    if args.manifest:
+        client._tr.record_sums = True   # checksums in the manifest even without Digest
     progress = _make_progress(args, "put")
     try:
         summary = client.upload(args.source, args.dest, recursive=args.recursive,
