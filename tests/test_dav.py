@@ -217,9 +217,10 @@ def test_tls_verified_by_default(nginx_tls_server, tmp_path):
 
 def test_uploads_stop_hashing_once_the_server_shows_it_sends_no_digest(client, dav, tmp_path):
     # nginx and Apache answer a PUT without a Digest: after the first upload
-    # there is nothing to compare an adler32 with, so none is computed
+    # there is nothing to compare an adler32 with, so none is computed (small
+    # files still carry Content-MD5, computed from memory)
     src = make_tree(tmp_path / "s", {"a": b"1" * 10, "b": b"2" * 10, "c": b"3" * 10})
     s = client.upload(str(src), "up", recursive=True, jobs=1)
     sums = [r.checksums for r in s.results]
-    assert sums[0].get("adler32") and sums[1:] == [{}, {}]
+    assert sums[0].get("adler32") and all("adler32" not in x for x in sums[1:])
     assert client._tr.put_digests is False
