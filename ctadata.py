@@ -4924,9 +4924,13 @@ def _cmd_ls(client, args):
     out = _Out(args)
     if args.unsorted and not args.recursive:
         # Constant memory however big the folder: print as entries parse.
+        structured = out.json or out.jsonl
         for e in client.iter_dir(args.path):
             if sel is None or (not e.is_dir and sel(e.name)):
-                out.item(e.to_dict(), _entry_line(e, args.long, args.human, e.name))
+                if structured:
+                    out.item(e.to_dict())
+                else:
+                    out.item(None, _entry_line(e, args.long, args.human, e.name))
         out.close()
         return 0
     if args.recursive:
