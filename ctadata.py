@@ -1761,9 +1761,7 @@ class _Transport:
             if length is not None and length <= _DRAIN_LIMIT:
                 resp.read()
                 return
-            if length is None and not resp.chunked:
-                pass
-            elif resp.chunked:
+            if resp.chunked:  # a small chunked rest is drained too
                 left = _DRAIN_LIMIT
                 while left > 0:
                     b = resp.read(min(left, 8192))
@@ -1771,7 +1769,7 @@ class _Transport:
                         return
                     left -= len(b)
         except Exception:
-            pass
+            pass  # a broken rest: the connection is dropped just below
         resp.close()
         self._drop(resp.ctadata_key, resp.ctadata_conn)
 
