@@ -41,7 +41,8 @@ lint:  ## syntax for Python 3.8, pyflakes-style checks with the stdlib only
 	$(PYTHON) -m py_compile ctadata.py
 	$(PYTHON) -W error -c 'import ctadata'
 
-bench:  ## benchmark against curl, davix and rclone (TASKS="get_big ls_wide" for a subset)
+bench: deps  ## benchmark against curl, davix and rclone (TASKS="get_big ls_wide" for a subset)
+	@bash tests/bench/install-peers.sh
 	$(PYTHON) tests/bench/run.py $(if $(TASKS),--tasks "$(TASKS)")
 
 clean:
