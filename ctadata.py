@@ -2644,7 +2644,8 @@ def _local_error(e, path):
     return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
 
 
-def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume=True):
+def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume=True,
+                   fresh=False):
     """Download *url* to *dest* through ``dest.part`` (renamed on success).
 
     Resumes an existing .part with Range + If-Range; verifies size and the
@@ -2655,14 +2656,16 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume
     CtadataError on failure, leaving at most a .part file behind (never a
     wrong file under the final name).  Without *resume* (the download
     service ignores Range), every attempt starts from byte 0 and a failed
-    download leaves no .part either."""
+    download leaves no .part either.  *fresh*: *dest*'s folder was just
+    created, so the first attempt need not look for a .part."""
     part = dest + ".part"
     mismatches = attempt = 0
     fetched = [0]
     while True:
         try:
+            look = resume and not (fresh and attempt == 0 and not mismatches)
             sums, mtime, size = _download_once(tr, url, part, entry, progress, cancel,
-                                               fetched, resume)
+                                               fetched, look)
         except ChecksumMismatch:
             _unlink(part)
             mismatches += 1
@@ -3182,12 +3185,13 @@ class _Task:
     """One planned transfer; *check*: compare checksums first, skip if
     equal; *remote*: for uploads, the remote path asked for."""
 
-    __slots__ = ("source", "dest", "size", "entry", "check", "remote")
+    __slots__ = ("source", "dest", "size", "entry", "check", "remote", "fresh")
 
     def __init__(self, source, dest, size, entry=None, check=False, remote=None):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
         self.check = check
         self.remote = remote
+        self.fresh = False  # downloads: into a folder this run created
 
 
 def _same_sums(path, remote_sums):
@@ -3628,12 +3632,16 @@ class Client:
                     sel is None or sel("/".join(rel + [e.name])))]
                 files = self._no_part_clash(files)
                 # without a filter the tree is mirrored, empty folders too
+                fresh = False
                 if not dry_run and local_dir not in made and (files or sel is None):
+                    # a folder this run creates holds no file or .part yet: its
+                    # downloads skip two stat() calls each
+                    fresh = not os.path.isdir(local_dir)
                     _makedirs(local_dir)
                     made.add(local_dir)
                 for e in files:
                     yield self._download_task(e, _safe_join(local_dir, [e.name]),
-                                              overwrite, checksum, progress)
+                                              overwrite, checksum, progress, fresh)
 
         return self._execute(tasks(), self._download_worker(progress, checksum),
                              jobs or self.settings.jobs, progress, started,
@@ -3731,9 +3739,9 @@ class Client:
         return self._execute(tasks(), work, jobs or self.settings.jobs, progress, started,
                              raise_on_failure, dry_run)
 
-    def _download_task(self, entry, dest, overwrite, checksum, progress):
+    def _download_task(self, entry, dest, overwrite, checksum, progress, fresh=False):
         check = False
-        if not overwrite and entry.size is not None:
+        if not overwrite and not fresh and entry.size is not None:
             try:
                 same_size = os.stat(dest).st_size == entry.size
             except OSError:
@@ -3745,7 +3753,9 @@ class Client:
                     return res
                 check = True  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
-        return _Task(entry.url, dest, entry.size, entry, check)
+        task = _Task(entry.url, dest, entry.size, entry, check)
+        task.fresh = fresh
+        return task
 
     def _download_worker(self, progress, checksum):
         tr, cancel = self._tr, self._cancel
@@ -3754,7 +3764,8 @@ class Client:
         def work(t):
             if t.check and _same_sums(t.dest, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped")
-            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume)
+            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
+                                  t.fresh)
         return work
 
     def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
