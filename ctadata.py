@@ -3105,11 +3105,12 @@ class _Task:
 
     __slots__ = ("source", "dest", "size", "entry", "check", "remote", "fresh")
 
-    def __init__(self, source, dest, size, entry=None, check=False, remote=None):
+    def __init__(self, source, dest, size, entry=None, check=False, remote=None,
+                 fresh=False):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
         self.check = check
         self.remote = remote
-        self.fresh = False  # downloads: into a folder this run created
+        self.fresh = fresh  # downloads: into a folder this run created
 
 
 def _same_sums(path, remote_sums):
@@ -3159,10 +3160,6 @@ def _normpath(path):
 def _into(dest):
     """True when a destination names a folder to put things *into*."""
     return dest in ("", ".", "..") or dest.endswith(("/", os.sep))
-
-
-def _basename(path):
-    return path.rstrip("/").rpartition("/")[2]
 
 
 class Client:
@@ -3671,9 +3668,7 @@ class Client:
                     return res
                 check = True  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
-        task = _Task(entry.url, dest, entry.size, entry, check)
-        task.fresh = fresh
-        return task
+        return _Task(entry.url, dest, entry.size, entry, check, fresh=fresh)
 
     def _download_worker(self, progress, checksum):
         tr, cancel = self._tr, self._cancel
