@@ -2995,32 +2995,60 @@ def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
             res.exception = err
         return res
 
-    def loop(out):
-        while cancel is None or not cancel.is_set():
-            idx, task = next_task()
-            if task is None:
-                return
-            res = run(task)
-            out.append((idx, res))
-            if progress is not None:
-                progress.file_done(res)
+    live = [jobs]
+    stopped = threading.Event()
 
+    def loop(out):
+        try:
+            while cancel is None or not cancel.is_set():
+                idx, task = next_task()
+                if task is None:
+                    return
+                res = run(task)
+                out.append((idx, res))
+                if progress is not None:
+                    progress.file_done(res)
+        except KeyboardInterrupt:
+            pass  # cancelled: the main thread reports the interrupt
+        except BaseException as e:  # a bug: raised in the caller's thread
+            with take:
+                state["done"] = True
+                if state["error"] is None:
+                    state["error"] = e
+        finally:
+            with take:
+                live[0] -= 1
+                if not live[0]:
+                    stopped.set()
+
+    # The main thread waits on *stopped*, never in Thread.join(timeout):
+    # a Ctrl-C that interrupts join() can mark a running thread as finished
+    # (CPython gh-90882), and a daemon thread still running at interpreter
+    # exit can abort the process.
     threads = [threading.Thread(target=loop, args=(out,), name="ctadata-%d" % i,
                                 daemon=True) for i, out in enumerate(outs)]
+    started = 0
     try:
         for t in threads:
             t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)  # wake up regularly so that Ctrl-C is seen at once
+            started += 1
+        while not stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
+            pass
     except BaseException:
         if cancel is not None:
             cancel.set()
         if abort is not None:
             abort()
-        for t in threads:
-            t.join()
+        with take:
+            state["done"] = True
+            live[0] -= jobs - started  # threads that never started
+            if not live[0]:
+                stopped.set()
+        while not stopped.wait(0.2):
+            pass
         raise
+    for t in threads:
+        t.join()
     if state["error"] is not None:
         raise state["error"]
     return [res for _idx, res in sorted((r for out in outs for r in out),
@@ -5313,7 +5341,23 @@ direct = api = sys.modules[__name__]
 def _entry():
     """Console-script and zipapp entry point (zipapp's generated __main__.py
     drops the return value, hence this wrapper)."""
-    sys.exit(main())
+    _exit(main())
+
+
+def _exit(code):
+    """Exit with *code*.  After a Ctrl-C, a worker thread that has not
+    noticed yet must not run into interpreter shutdown (CPython can abort
+    then): flush and leave at once."""
+    threading = sys.modules.get("threading")
+    if code == 130 and threading is not None and any(
+            t.daemon and t.is_alive() for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def _entry_service():
@@ -5323,7 +5367,7 @@ def _entry_service():
     if not any(a in ("--url", "--dev", "--service") or a.startswith(("--url=", "--service="))
                for a in argv):
         argv = ["--service="] + argv
-    sys.exit(main(argv))
+    _exit(main(argv))
 
 
 if __name__ == "__main__":
