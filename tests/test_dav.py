@@ -5,6 +5,7 @@ Python API and through the CLI (ctadata.main in-process)."""
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,20 @@ def test_tls_verified_by_default(nginx_tls_server, tmp_path):
     untrusted = ctadata.Client(url=srv.url, token=srv.token, env={}, retries=0)
     with pytest.raises(ctadata.TransferError, match="certificate verification failed"):
         untrusted.stat("tls.txt")
+
+
+def test_a_large_first_upload_is_hashed_only_when_the_answer_can_confirm_it(
+        client, dav, tmp_path):
+    # nginx and Apache send no Digest: a file over 1 MiB is not hashed at
+    # all (no adler32 on the sending thread), unless a manifest wants it
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+    r = client.upload(str(src), "big.bin").results[0]
+    assert r.status == "transferred" and "adler32" not in r.checksums
+    assert (dav.root / "big.bin").read_bytes() == src.read_bytes()
+    client._tr.record_sums = True
+    r = client.upload(str(src), "big2.bin").results[0]
+    assert r.checksums["adler32"] == "%08x" % zlib.adler32(src.read_bytes())
 
 
 def test_uploads_stop_hashing_once_the_server_shows_it_sends_no_digest(client, dav, tmp_path):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -272,6 +273,28 @@ def test_upload_with_wrong_digest_is_deleted_and_fails(fs, tmp_path):
         mkclient(fs).upload_file(str(src), "f.bin")
     assert fs.count(method="DELETE", path="/f.bin") == 1
     assert not (fs.root / "f.bin").exists()
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_large_upload_with_wrong_digest_is_deleted_and_fails(fs, tmp_path, known):
+    # before the first answer (known=False) a large file is hashed after it
+    # is sent, once the server has shown it sends a Digest while it is sent:
+    # a wrong Digest is caught either way
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(BIG))
+    c = mkclient(fs)
+    if known:
+        (tmp_path / "first.txt").write_bytes(b"x" * 100)
+        c.upload_file(str(tmp_path / "first.txt"), "first.txt")
+        assert c._tr.put_digests is True
+    fs.add_fault("wrong_digest", method="PUT", path="/f.bin")
+    with pytest.raises(ctadata.ChecksumMismatch, match="adler32 checksum mismatch"):
+        c.upload_file(str(src), "f.bin")
+    assert fs.count(method="DELETE", path="/f.bin") == 1
+    assert not (fs.root / "f.bin").exists()
+    fs.clear_faults()
+    r = c.upload(str(src), "f.bin")
+    assert r.results[0].checksums["adler32"] == "%08x" % zlib.adler32(src.read_bytes())
 
 
 def test_507_on_put_fails_without_retry(fs, tmp_path, capsys, monkeypatch):
