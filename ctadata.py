@@ -101,6 +101,13 @@ _PROPFIND_BODY = (
     b"<resourcetype/><getcontentlength/><getlastmodified/><getetag/>"
     b"<dc:Checksums/><srm:FileLocality/></prop></propfind>"
 )
+# Names and types only (``ls`` without -l): a smaller answer to parse (3.6 MB
+# instead of 5.9 MB for 20,000 entries on nginx), and dCache need not look
+# up checksums and tape locality for every file.
+_PROPFIND_NAMES_BODY = (
+    b'<?xml version="1.0" encoding="utf-8"?>\n'
+    b'<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>'
+)
 
 
 ############################################################################
@@ -3416,9 +3423,10 @@ class Client:
 
     # -- listing ---------------------------------------------------------------
 
-    def _propfind(self, url, depth, on_self=None):
+    def _propfind(self, url, depth, on_self=None, details=True):
         headers = {"Depth": str(depth), "Content-Type": 'application/xml; charset="utf-8"'}
-        resp = self._tr.request("PROPFIND", url, headers, _PROPFIND_BODY,
+        resp = self._tr.request("PROPFIND", url, headers,
+                                _PROPFIND_BODY if details else _PROPFIND_NAMES_BODY,
                                 ok=(200, 207), what="list")
         try:
             if resp.status != 207:
@@ -3429,11 +3437,12 @@ class Client:
         finally:
             self._tr.release(resp)
 
-    def _children(self, target, on_self=None):
-        """The entries of one directory (path, Entry or URL), self to *on_self*."""
+    def _children(self, target, on_self=None, details=True):
+        """The entries of one directory (path, Entry or URL), self to *on_self*;
+        without *details*, only names and types are asked for."""
         if self._svc is not None:
             return iter(self._svc.list(self._svc_path(target), on_self, self._warn)[1])
-        return self._propfind(self.url_for(target), 1, on_self)
+        return self._propfind(self.url_for(target), 1, on_self, details)
 
     def stat(self, path):
         """Return the Entry of a remote file or directory.
@@ -3448,28 +3457,32 @@ class Client:
             raise NotFound("no such file or directory", self.url_for(path))
         return found[0]
 
-    def iter_dir(self, path=""):
+    def iter_dir(self, path="", details=True):
         """Yield the entries of one directory as the server sends them
         (unsorted, in bounded memory; the download service sends its listing
-        as one JSON document).  For a file, yield its own entry."""
+        as one JSON document).  For a file, yield its own entry.
+        ``details=False`` asks the server for names and types only (faster;
+        on dCache it also spares the checksum and tape-locality lookups):
+        size, mtime, etag, checksums and locality are then left empty."""
         selfs = []
         n = 0
-        for entry in self._children(path, selfs.append):
+        for entry in self._children(path, selfs.append, details):
             n += 1
             yield entry
         if not n and selfs and not selfs[0].is_dir:
             yield selfs[0]
 
-    def walk(self, path="", jobs=None):
+    def walk(self, path="", jobs=None, details=True):
         """Yield (entry of a directory, sorted list of its entries) for *path*
         and every directory below it, depth first.  Directory listings run
-        ahead in parallel (*jobs* threads); the order is deterministic."""
+        ahead in parallel (*jobs* threads); the order is deterministic.
+        *details*: as for iter_dir."""
         from concurrent.futures import ThreadPoolExecutor
         from collections import deque
 
         def listing(p):
             selfs = []
-            children = sorted(self._children(p, selfs.append), key=_entry_key)
+            children = sorted(self._children(p, selfs.append, details), key=_entry_key)
             return (selfs[0] if selfs else None), self._unique(children)
 
         with ThreadPoolExecutor(max_workers=jobs or self.settings.jobs) as ex:
@@ -3496,21 +3509,21 @@ class Client:
                 out.append(e)
         return out
 
-    def ls(self, path="", recursive=False, select=None):
+    def ls(self, path="", recursive=False, select=None, details=True):
         """Return a list of Entry objects below *path*, sorted by name (with
         *recursive*, every descendant, depth first).  For a file, a list
         holding its own entry.  *select* (a glob, list of globs, compiled
         regex or callable over the path relative to *path*) keeps only the
-        files it accepts (and no directories).  Raises NotFound, AuthError,
-        RemoteError."""
+        files it accepts (and no directories).  ``details=False``: names and
+        types only (see iter_dir).  Raises NotFound, AuthError, RemoteError."""
         sel = _selector(select)
         if not recursive:
-            return sorted((e for e in self.iter_dir(path)
+            return sorted((e for e in self.iter_dir(path, details)
                            if sel is None or (not e.is_dir and sel(e.name))),
                           key=_entry_key)
         root = self.url_for(path, collection=True)
         out = []
-        for _top, children in self.walk(path):
+        for _top, children in self.walk(path, details=details):
             out.extend(e for e in children if sel is None or (
                 not e.is_dir and sel(_rel_path(root, e.url))))
         return out
@@ -3527,7 +3540,8 @@ class Client:
         old README's loops expect.  Raises NotFound, AuthError, RemoteError."""
         if self._svc is not None:
             return self._service_list_dir(self._svc_path(path), recursive)
-        return [e.path + "/" if e.is_dir else e.path for e in self.ls(path, recursive)]
+        return [e.path + "/" if e.is_dir else e.path
+                for e in self.ls(path, recursive, details=False)]
 
     def _service_list_dir(self, path, recursive):
         items, children = self._svc.list(path, None, self._warn)
@@ -4645,7 +4659,9 @@ def _build_parser():
 
     sp = cmd("ls", _cmd_ls, "list a remote directory", add_help=False, aliases=("list",),
              description="List a remote directory: names one per line, sorted, "
-                         "directories ending with '/'.")
+                         "directories ending with '/'.  Without -l, --json or "
+                         "--jsonl only names and types are asked of the server "
+                         "(faster, and no checksum or tape lookups on dCache).")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
     sp.add_argument("-l", dest="long", action="store_true",
                     help="long format: type, size, modification time (UTC), name")
@@ -4894,10 +4910,12 @@ def _cli_selector(args):
 def _cmd_ls(client, args):
     sel = _cli_selector(args)
     out = _Out(args)
+    # names only: ask the server for nothing else
+    details = bool(args.long or out.json or out.jsonl)
     if args.unsorted and not args.recursive:
         # Constant memory however big the folder: print as entries parse.
         structured = out.json or out.jsonl
-        for e in client.iter_dir(args.path):
+        for e in client.iter_dir(args.path, details):
             if sel is None or (not e.is_dir and sel(e.name)):
                 if structured:
                     out.item(e.to_dict())
@@ -4908,14 +4926,14 @@ def _cmd_ls(client, args):
     if args.recursive:
         root = client.url_for(args.path, collection=True)
         rows = []
-        for _top, children in client.walk(args.path):
+        for _top, children in client.walk(args.path, details=details):
             for e in children:
                 rel = _rel_path(root, e.url)
                 if sel is None or (not e.is_dir and sel(rel)):
                     rows.append((rel, e))
         rows.sort(key=lambda r: r[0])
     else:
-        rows = [(e.name, e) for e in client.ls(args.path, select=sel)]
+        rows = [(e.name, e) for e in client.ls(args.path, select=sel, details=details)]
     if out.json or out.jsonl:
         for _n, e in rows:
             out.item(e.to_dict())

@@ -57,6 +57,22 @@ def test_ls_stat_and_list_dir(client, dav, tmp_path):
     assert [e.name for e in client.ls("d/a.txt")] == ["a.txt"]   # a file lists itself
 
 
+def test_names_only_listing_gives_the_same_names_and_types(client, dav, cli):
+    # `ls` without -l asks for <resourcetype/> only: the real servers then
+    # leave out sizes and dates, and the names and types are the same
+    make_tree(dav.root, {"d/a.txt": b"abc", "d/sub/b.txt": b"12345", "d/é x#.dat": b"z"})
+    full = client.ls("d", recursive=True)
+    bare = client.ls("d", recursive=True, details=False)
+    assert [(e.path, e.is_dir) for e in bare] == [(e.path, e.is_dir) for e in full]
+    assert all(e.size is None and e.mtime is None for e in bare)
+    assert {e.path: e.size for e in full if not e.is_dir} == {
+        "d/a.txt": 3, "d/sub/b.txt": 5, "d/é x#.dat": 1}
+    assert [e.name for e in client.iter_dir("d", details=False)] != []
+    assert cli("ls", "d")[1] == "a.txt\nsub/\né x#.dat\n"
+    assert cli("ls", "-U", "-R", "d")[1].count("\n") == 4
+    assert cli("ls", "-l", "d")[1].split("\n")[0].split()[1] == "3"
+
+
 def test_mkdir_rm_mv(client, dav):
     client.mkdir("x/y/z", parents=True)
     assert (dav.root / "x/y/z").is_dir()
