@@ -671,24 +671,21 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass
                     return
-                left = size
-                while left:
-                    data = self.rfile.read(self._read_size(left, split_at))
-                    if not data:
-                        raise _Abort()
-                    left -= len(data)
-                    self._rec.body_len += len(data)
-                    yield data
+                yield from self._read_exactly(size, split_at)
                 self.rfile.readline(3)
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left > 0:
-                data = self.rfile.read(self._read_size(left, split_at))
-                if not data:
-                    raise _Abort()
-                left -= len(data)
-                self._rec.body_len += len(data)
-                yield data
+            yield from self._read_exactly(int(self.headers.get("Content-Length") or 0),
+                                          split_at)
+
+    def _read_exactly(self, left, split_at):
+        """Yield *left* body bytes as they arrive, counting them; hang up on EOF."""
+        while left > 0:
+            data = self.rfile.read(self._read_size(left, split_at))
+            if not data:
+                raise _Abort()
+            left -= len(data)
+            self._rec.body_len += len(data)
+            yield data
 
     def _read_size(self, left, split_at):
         n = min(left, _CHUNK)

@@ -599,11 +599,16 @@ _NGINX_MODULE_DIRS = [
 ]
 
 
-def _nginx_binary() -> Optional[str]:
-    env = os.environ.get("CTADATA_TEST_NGINX")
+def _server_binary(env_var: str, names: List[str]) -> Optional[str]:
+    """$env_var if set (and executable), else the first of *names* found."""
+    env = os.environ.get(env_var)
     if env:
         return env if os.access(env, os.X_OK) else None
-    return _which(["nginx"], _SBIN)
+    return _which(names, _SBIN)
+
+
+def _nginx_binary() -> Optional[str]:
+    return _server_binary("CTADATA_TEST_NGINX", ["nginx"])
 
 
 def _nginx_configure() -> str:
@@ -1002,10 +1007,7 @@ _APACHE_MODULE_DIRS = [
 
 
 def _apache_binary() -> Optional[str]:
-    env = os.environ.get("CTADATA_TEST_APACHE")
-    if env:
-        return env if os.access(env, os.X_OK) else None
-    return _which(["apache2", "httpd"], _SBIN)
+    return _server_binary("CTADATA_TEST_APACHE", ["apache2", "httpd"])
 
 
 def _apache_compiled_in() -> "set[str]":
