@@ -859,12 +859,12 @@ class _Handler(DoubleHandler):
         if self.command == "OPTIONS":
             return self.send(200, b"", headers=[("DAV", "1, 2"),
                                                 ("Allow", "OPTIONS, GET, HEAD, PROPFIND")])
-        if self.command not in ("GET", "HEAD", "PROPFIND"):
-            return self.send(405, "Method not allowed",
-                             headers=[("Allow", "OPTIONS, GET, HEAD, PROPFIND")])
         local = None if rel is None else tape._local(rel)
         if local is None or not os.path.lexists(local):
             return self.send(404, "Not Found")
+        if self.command not in ("GET", "HEAD", "PROPFIND"):
+            return self.send(405, "Method not allowed",
+                             headers=[("Allow", "OPTIONS, GET, HEAD, PROPFIND")])
         if self.command == "PROPFIND":
             return self._propfind(rel, local)
         if os.path.isdir(local):
