@@ -106,6 +106,7 @@ dict with lower-case names and the Authorization value replaced by its scheme +
 ``status``, ``locality`` of a door GET/HEAD target at request time, ``time``
 emulated).  ``find(method=None, path=None, listener=None)``, ``count(...)``,
 ``tape_only_gets()`` (door GETs of a file that was not on disk), ``reset_log()``.
+``tape.errors``: tracebacks of stand-in bugs (answered 500; should stay []).
 ``tape.recalls``: tape reads done (``path``, ``start``, ``end``, ``ok``).
 ``makespan(request_ids=None)``: emulated seconds from the first of these stage
 requests' submission to the last of their files finished (None while one is
@@ -123,6 +124,7 @@ import random
 import re
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections import deque
@@ -689,6 +691,17 @@ class _Handler(DoubleHandler):
                             tape.clock.now())
             tape.requests.append(record)
         self._record = record
+        try:
+            self._route(authorized)
+        except Exception:
+            with tape.lock:
+                tape.errors.append(traceback.format_exc())
+            self.close_connection = True
+            if record.status is None:
+                self.send(500, "stand-in error (see tape.errors)")
+
+    def _route(self, authorized):
+        tape, role = self.tape, self.double.role
         try:
             if self.upath == WELL_KNOWN:
                 return self._well_known()

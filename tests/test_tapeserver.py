@@ -5,6 +5,7 @@ states are checked at exact emulated times without sleeping; the makespan and
 blocking-GET tests run the clock faster than real time.
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -68,10 +69,14 @@ def tree(tmp_path):
     return tmp_path
 
 
+@contextlib.contextmanager
 def tape_server(root, **kwargs):
+    """A started TapeServer on a stopped clock; no stand-in error at the end."""
     kwargs.setdefault("token", TOKEN)
     kwargs.setdefault("clock", Clock(speed=0))
-    return TapeServer(root, **kwargs)
+    with TapeServer(root, **kwargs) as tape:
+        yield tape
+    assert tape.errors == []
 
 
 def stage(tape, paths, lifetime=None, expect=201):
