@@ -81,7 +81,6 @@ matching outcome with uses left applies to an attempt) -> an ``Outcome``
 the handler or the copy workers; should stay []).
 """
 
-import datetime
 import fnmatch
 import hashlib
 import http.client
@@ -124,8 +123,7 @@ FAILED_JOB_REASON = "One or more files failed. Please have a look at the details
 
 
 def _utc(t=None):
-    t = time.time() if t is None else t
-    return datetime.datetime.utcfromtimestamp(t).strftime("%Y-%m-%dT%H:%M:%S")
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
 
 
 class Outcome(object):

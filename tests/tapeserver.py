@@ -28,7 +28,8 @@ disk_lifetime=3600, default_locality="NEARLINE", speed=1.0, clock=None,
 api_origin=False, api_path="/api/v1/tape", dav_prefix="", tape_prefix=None,
 report="state", shuffle=True, seed=0, archiveinfo_limit=None, max_files=1000,
 request_ttl=None, timestamps="s", nearline_get_timeout=1.0,
-nearline_get_status=503, sitename="ctadata-test-tape")``.  Every option is a
+nearline_get_status=503, sitename="ctadata-test-tape",
+cancelled_state="CANCELLED")``.  Every option is a
 plain attribute, read when used (so a test may change ``report`` or
 ``archiveinfo_limit`` between two polls).  ``token=None``: no token checked.
 ``start()``/``stop()`` or the context manager.  Durations are in emulated seconds.
@@ -65,7 +66,9 @@ Tape emulation.
   on disk: COMPLETED at once.  Missing, a directory, an empty file: FAILED at once
   (the spec's "file-specific error").  LOST / UNAVAILABLE files take their drive
   time, then FAILED.  ``report="onDisk"``: files carry ``onDisk`` (whether the
-  file is on disk now) instead of ``state`` (the spec allows either).  File order
+  file is on disk now) instead of ``state`` (the spec allows either);
+  ``cancelled_state="CANCELED"`` spells that state the American way, as clients
+  should also accept (PROTOCOL.md).  File order
   in answers is shuffled (``shuffle``; seeded by ``seed``).
 * cancel: SUBMITTED/STARTED -> CANCELLED (a read nobody waits for any more is
   dropped, its drive freed); COMPLETED stays COMPLETED but loses its pin.  Paths
@@ -263,7 +266,8 @@ class TapeServer(object):
                  api_path="/api/v1/tape", dav_prefix="", tape_prefix=None, report="state",
                  shuffle=True, seed=0, archiveinfo_limit=None, max_files=1000,
                  request_ttl=None, timestamps="s", nearline_get_timeout=1.0,
-                 nearline_get_status=503, sitename="ctadata-test-tape"):
+                 nearline_get_status=503, sitename="ctadata-test-tape",
+                 cancelled_state="CANCELLED"):
         self.root = os.path.abspath(os.fspath(root))
         self.token = token
         self.drives = drives
@@ -285,6 +289,7 @@ class TapeServer(object):
         self.nearline_get_timeout = nearline_get_timeout
         self.nearline_get_status = nearline_get_status
         self.sitename = sitename
+        self.cancelled_state = cancelled_state
         self.lock = threading.RLock()
         self.requests = []
         self.recalls = []
@@ -625,7 +630,8 @@ class TapeServer(object):
                 item["onDisk"] = bool(entry.rel is not None and entry.error is None
                                       and self._on_disk(entry.rel))
             else:
-                item["state"] = entry.state
+                item["state"] = (self.cancelled_state if entry.state == "CANCELLED"
+                                 else entry.state)
                 if entry.started is not None:
                     item["startedAt"] = self._ts(entry.started)
                 if entry.finished is not None:

@@ -351,6 +351,8 @@ def test_cancel_pending_files_and_free_the_drive(tree):
         assert states(doc)["/raw/c.fits"] == "COMPLETED" and "completedAt" in doc
         assert [r["path"] for r in tape.recalls] == ["/raw/c.fits"]
         assert not tape.on_disk("/raw/a.fits")
+        tape.cancelled_state = "CANCELED"
+        assert states(status(tape, rid))["/raw/b.fits"] == "CANCELED"
         is_problem(call(tape.api_url, "POST", "/stage/nope/cancel",
                         {"paths": ["/raw/a.fits"]}), 404)
 
