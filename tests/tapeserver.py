@@ -33,6 +33,9 @@ cancelled_state="CANCELLED")``.  Every option is a
 plain attribute, read when used (so a test may change ``report`` or
 ``archiveinfo_limit`` between two polls).  ``token=None``: no token checked.
 ``start()``/``stop()`` or the context manager.  Durations are in emulated seconds.
+``clock``: a ``Clock`` to share or drive (``speed`` is then ignored).  Helpers:
+``dav_url(rel)`` (door URL of a file), ``api_name(rel)`` (its API path),
+``well_known_url``, ``now()`` (emulated time).
 
 Paths.  A file ``root/raw/a`` has the relative path ``/raw/a``; the door serves it
 at URL path ``dav_prefix + "/raw/a"`` and the API knows it as ``tape_prefix +
@@ -68,8 +71,8 @@ Tape emulation.
   time, then FAILED.  ``report="onDisk"``: files carry ``onDisk`` (whether the
   file is on disk now) instead of ``state`` (the spec allows either);
   ``cancelled_state="CANCELED"`` spells that state the American way, as clients
-  should also accept (PROTOCOL.md).  File order
-  in answers is shuffled (``shuffle``; seeded by ``seed``).
+  should also accept (PROTOCOL.md).  File order in answers is shuffled
+  (``shuffle``; seeded by ``seed``).
 * cancel: SUBMITTED/STARTED -> CANCELLED (a read nobody waits for any more is
   dropped, its drive freed); COMPLETED stays COMPLETED but loses its pin.  Paths
   not in the request -> 400, nothing changed (spec p. 17).  DELETE: cancel, then
