@@ -25,8 +25,12 @@ token -> subject, used as ``user_dn``) -> method "oauth2"; a wrong token -> 403
 ``Invalid credentials``.  With ``tls=(certfile, keyfile)`` and ``client_ca=``
 a client certificate signed by that CA is accepted (method "certificate",
 ``user_dn`` "/CN=..."); real FTS also needs a delegated proxy before it accepts
-a job from a certificate user (``require_delegation=True`` emulates the 419 it
-then answers; the delegation API itself is not emulated).  Nothing -> 401
+a job from a certificate user: with ``require_delegation=True`` a submission
+needs ``fts.delegate(user_dn, seconds)`` first (else 419 "No delegation found",
+"...expired...", "...less than one hour left", as fts-rest), and ``GET
+/delegation/{delegation_id}`` answers ``{"termination_time", "voms_attrs"}`` or
+``null`` (making a delegation, i.e. signing the server's CSR with the proxy, is
+not emulated: the Python standard library cannot sign one).  Nothing -> 401
 ``A valid X509 certificate or proxy is needed``.  Errors are
 ``{"status": "<code> <name>", "message": ...}`` as fts-rest-flask sends them.
 
@@ -37,7 +41,7 @@ adds those file fields; several ids -> a list, 207 if one fails);
 ``GET /jobs/{id}/files``; ``GET /jobs/{id}/files/{file_id}/retries``;
 ``DELETE /jobs/{id}[,...]`` (cancel: the job with job_state CANCELED, or its
 terminal state and ``http_status`` "304 Not Modified"); ``DELETE
-/jobs/{id}/files/{file_id}[,...]``; ``GET /whoami``.  Field names are the ones
+/jobs/{id}/files/{file_id}[,...]``; ``GET /whoami``; ``GET /delegation/{id}``.  Field names are the ones
 fts-rest-flask serialises (``job_state``, ``file_state``, ``source_surl``,
 ``dest_surl``, ``filesize``, ``user_filesize``, ``checksum``, ``reason``,
 ``retry``, ``verify_checksum`` ("b"/"t"/"s"/"d"/"n"), ``overwrite_flag``, times
@@ -177,6 +181,7 @@ class FTSServer(ServerDouble):
         self.transfers = []
         self.errors = []
         self.outcomes = []
+        self.delegations = {}       # user_dn -> expiry (epoch seconds)
         self._files = {}            # file_id -> row
         self._retries = {}          # file_id -> [retry log rows]
         self._queue = deque()       # (ready_at, file_id)
@@ -218,6 +223,11 @@ class FTSServer(ServerDouble):
         with self.lock:
             self.outcomes.append(outcome)
         return outcome
+
+    def delegate(self, user_dn, seconds=12 * 3600):
+        """Record a delegated proxy for ``user_dn`` valid ``seconds`` from now."""
+        with self.lock:
+            self.delegations[user_dn] = time.time() + seconds
 
     def wait(self, job_id, timeout=10.0):
         """The job (a copy of its dict) once it reached a terminal state."""
@@ -801,6 +811,9 @@ class _Handler(DoubleHandler):
         try:
             if parts == ["whoami"] and self.command == "GET":
                 return self._whoami()
+            if len(parts) == 2 and parts[0] == "delegation" and self.command == "GET":
+                with fts.lock:
+                    return self._delegation(parts[1])
             if parts[0] != "jobs":
                 raise _HTTPError(404, "The resource could not be found")
             with fts.lock:
@@ -885,9 +898,31 @@ class _Handler(DoubleHandler):
         except ValueError:
             raise _HTTPError(400, "Badly formatted JSON request")
         if self.user["method"] == "certificate" and fts.require_delegation:
-            raise _HTTPError(419, 'No delegation found for "%s"' % self.user["user_dn"])
+            self._check_delegation()
         job_id = fts._submit(self.user, doc)
         self.send_json(200, {"job_id": job_id})
+
+    def _check_delegation(self):
+        """fts-rest's checks of the delegated credential of a certificate user."""
+        user = self.user
+        expiry = self.double.delegations.get(user["user_dn"])
+        if expiry is None:
+            raise _HTTPError(419, 'No delegation found for "%s"' % user["user_dn"])
+        left = expiry - time.time()
+        if left <= 0:
+            raise _HTTPError(419, "The delegated credentials expired %d seconds ago (%s)"
+                             % (-left, user["delegation_id"]))
+        if left < 3600:
+            raise _HTTPError(419, "The delegated credentials has less than one hour left "
+                                  "(%s)" % user["delegation_id"])
+
+    def _delegation(self, dlg_id):
+        if dlg_id != self.user["delegation_id"]:
+            raise _HTTPError(403, "The requested ID and the credentials ID do not match")
+        expiry = self.double.delegations.get(self.user["user_dn"])
+        if expiry is None:
+            return self.send_json(200, None)
+        self.send_json(200, {"termination_time": _utc(expiry), "voms_attrs": [""]})
 
     def _get_one(self, job_id):
         job = self._own_job(job_id)

@@ -406,10 +406,28 @@ def test_client_certificate_over_tls(tmp_path, src, dst):
         assert dst.read("cert.bin") == b"via certificate"
         plain = ssl.create_default_context(cafile=ca)
         assert call(fts.url, "GET", "/whoami", headers={}, context=plain).status == 401
+        # real FTS wants a delegated proxy from certificate users
         fts.require_delegation = True
-        r = call(fts.url, "POST", "/jobs", {"files": [{"sources": [url],
-                 "destinations": [dst.file_url("cert2.bin")]}]}, headers={}, context=ctx)
+        job = {"files": [{"sources": [url], "destinations": [dst.file_url("cert2.bin")]}]}
+        r = call(fts.url, "POST", "/jobs", job, headers={}, context=ctx)
         assert r.status == 419 and "No delegation found" in r.json["message"]
+        dlg = call(fts.url, "GET", "/delegation/" + me["delegation_id"], headers={}, context=ctx)
+        assert dlg.status == 200 and dlg.json is None
+        fts.delegate("/CN=Jane Doe", seconds=600)
+        r = call(fts.url, "POST", "/jobs", job, headers={}, context=ctx)
+        assert r.status == 419 and "less than one hour left" in r.json["message"]
+        fts.delegate("/CN=Jane Doe", seconds=-5)
+        r = call(fts.url, "POST", "/jobs", job, headers={}, context=ctx)
+        assert r.status == 419 and "expired" in r.json["message"]
+        fts.delegate("/CN=Jane Doe")
+        dlg = call(fts.url, "GET", "/delegation/" + me["delegation_id"], headers={}, context=ctx)
+        assert set(dlg.json) == {"termination_time", "voms_attrs"}
+        assert call(fts.url, "GET", "/delegation/0123456789abcdef", headers={},
+                    context=ctx).status == 403
+        r = call(fts.url, "POST", "/jobs", job, headers={}, context=ctx)
+        assert fts.wait(r.json["job_id"])["job_state"] == "FINISHED"
+        # token users need no delegation
+        assert call(fts.url, "POST", "/jobs", job, context=ctx).status == 200
 
 
 def test_https_storage_is_verified_with_its_ca(nginx_tls_server, dst):
