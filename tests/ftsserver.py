@@ -41,13 +41,13 @@ adds those file fields; several ids -> a list, 207 if one fails);
 ``GET /jobs/{id}/files``; ``GET /jobs/{id}/files/{file_id}/retries``;
 ``DELETE /jobs/{id}[,...]`` (cancel: the job with job_state CANCELED, or its
 terminal state and ``http_status`` "304 Not Modified"); ``DELETE
-/jobs/{id}/files/{file_id}[,...]``; ``GET /whoami``; ``GET /delegation/{id}``.  Field names are the ones
-fts-rest-flask serialises (``job_state``, ``file_state``, ``source_surl``,
-``dest_surl``, ``filesize``, ``user_filesize``, ``checksum``, ``reason``,
-``retry``, ``verify_checksum`` ("b"/"t"/"s"/"d"/"n"), ``overwrite_flag``, times
-as ``YYYY-MM-DDTHH:MM:SS`` UTC...).  FTS3 has no limit on files per job, nor
+/jobs/{id}/files/{file_id}[,...]``; ``GET /whoami``; ``GET /delegation/{id}``.
+Field names are the ones fts-rest-flask serialises (``job_state``,
+``file_state``, ``source_surl``, ``dest_surl``, ``filesize``, ``user_filesize``,
+``checksum``, ``reason``, ``retry``, ``verify_checksum`` ("b"/"t"/"s"/"d"/"n"),
+``overwrite_flag``, times as ``YYYY-MM-DDTHH:MM:SS`` UTC...).  FTS3 has no limit on files per job, nor
 has this stand-in.  Multiple sources per file (replica jobs), multihop,
-staging (``bring_online``) and the delegation API are not emulated
+staging (``bring_online``) and making delegations are not emulated
 (multi-source submissions -> 400 saying so).
 
 Transfers.  Files run in submission order, ``max_active`` at a time, each:
