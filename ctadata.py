@@ -26,6 +26,7 @@ import time
 # argparse, logging, urllib) is imported where it is used: `import ctadata`
 # and `ctadata --version` stay about as fast as starting Python itself.
 
+
 ############################################################################
 # Constants & version
 ############################################################################
@@ -269,148 +270,14 @@ def _error_for_status(status, url, body=b"", what=None, auth=None):
     return RemoteError(msg, url, status)
 
 
-############################################################################
-# Settings & credentials
-############################################################################
-
-# `ctadata login` defaults: the CTA Keycloak realm and the client the old
-# client registered with oidc-agent; --dev is its development pair.
-_DEFAULT_ISSUER = "https://keycloak.cta.cscs.ch/realms/master/"
-_DEFAULT_CLIENT_ID = "dcache-cta-cscs-ch-users"
-_DEV_CLIENT_ID = "dcache-dev"
-_LOGIN_SCOPE = "openid offline_access"
-# Refresh a token this long before it expires (PROTOCOL.md §3); a token that
-# lives less than twice as long is refreshed after half its lifetime.
-_REFRESH_MARGIN = 60.0
-_REFRESH_RETRY = 10.0
-# Token files, oidc-token output and identity-provider answers are read
-# whole, never more than this.
-_SECRET_FILE_LIMIT = 1 << 16
-_JSON_LIMIT = 1 << 20
-_OIDC_TOKEN_TIMEOUT = 60
-# Where the WLCG and grid conventions put per-user files (bt_u$UID,
-# x509up_u$UID).  A variable so that tests never touch the real /tmp.
-_SYSTEM_TMP = "/tmp"
-_AUTH_MODES = ("auto", "token", "x509")
+def _log(level, msg, *args):
+    import logging
+    logging.getLogger("ctadata").log(level, msg, *args)
 
 
-def _uid():
-    return os.getuid() if hasattr(os, "getuid") else 0
-
-
-def _home(env):
-    return env.get("HOME") or os.path.expanduser("~")
-
-
-def _when(ts):
-    """Epoch seconds -> local time for messages ("2025-01-31 14:05:09 CET")."""
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts)).strip()
-
-
-def _is_loopback(host):
-    if host.lower() == "localhost":
-        return True
-    import ipaddress
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_secure_url(url, what):
-    """Credentials travel only over https (plain http only to this machine)."""
-    from urllib.parse import urlsplit
-    p = urlsplit(url)
-    if p.scheme == "https" or (p.scheme == "http" and _is_loopback(p.hostname or "")):
-        return
-    raise ConfigError("refusing %s %s: credentials go only over https" % (what, _safe_url(url)))
-
-
-def _jwt_claims(token):
-    """The payload of a JWT as a dict, or None for anything else (macaroons,
-    opaque tokens: they are used as they are).  JWT segments are base64url
-    *without* padding (RFC 7515 §2); the old client decoded them as standard
-    base64 plus one "=" and so rejected about a third of valid tokens."""
-    parts = token.split(".")
-    if len(parts) != 3 or not parts[1]:
-        return None
-    import base64
-    import binascii
-    import json
-    seg = parts[1]
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)))
-    except (binascii.Error, ValueError):  # incl. UnicodeDecodeError, JSONDecodeError
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def _claim_time(claims, name):
-    value = (claims or {}).get(name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _private_problem(st, path):
-    """Why a file holding a secret must not be trusted, or None."""
-    import stat
-    if os.name != "posix" or not stat.S_ISREG(st.st_mode):
-        return None  # pipes (--token-file <(...)) and devices are fine
-    if st.st_mode & 0o077:
-        return "group or others can access %s (mode %04o)" % (path, st.st_mode & 0o777)
-    if st.st_uid != _uid():
-        return "%s belongs to another user (uid %d)" % (path, st.st_uid)
-    return None
-
-
-def _read_private(path, what="token file"):
-    """Read a small file holding a secret; return its text, or None when it
-    does not exist.  Refuses a file that group or others can access, or that
-    another user owns (PROTOCOL.md §3): someone else could read the token,
-    or plant theirs."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise ConfigError("cannot read %s %s: %s" % (what, path, e.strerror))
-    with os.fdopen(fd, "rb") as f:
-        problem = _private_problem(os.fstat(f.fileno()), path)
-        if problem:
-            import shlex
-            raise ConfigError("refusing to read %s: %s" % (what, problem),
-                              hint="chmod 600 %s" % shlex.quote(path))
-        data = f.read(_SECRET_FILE_LIMIT + 1)
-    if len(data) > _SECRET_FILE_LIMIT:
-        raise ConfigError("%s %s is too large to hold a token" % (what, path))
-    return data.decode("utf-8", "replace")
-
-
-def _write_private(path, data):
-    """Write *data* to *path* readable by us only: a fresh 0600 file
-    (O_EXCL, so never someone else's), then os.replace over the old one."""
-    import secrets
-    tmp = os.path.join(os.path.dirname(path), ".%s.%s.tmp" % (
-        os.path.basename(path), secrets.token_hex(6)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _debug_enabled():
+    import logging
+    return logging.getLogger("ctadata").isEnabledFor(logging.DEBUG)
 
 
 class _Secrets:
@@ -438,519 +305,226 @@ class _Secrets:
         return text
 
 
-class _Token:
-    """A bearer token and what we know about it; repr() shows only where it
-    came from.  *refresh* is None or ``refresh(self, forced) -> _Token``."""
+############################################################################
+# Paths & names
+############################################################################
 
-    __slots__ = ("value", "source", "claims", "exp", "margin", "refresh")
-
-    def __init__(self, value, source, refresh=None, exp=None):
-        value = (value or "").strip()
-        # RFC 6750 §2.1: a b64token.  A space or line break inside would split
-        # the header (and http.client would quote the value in its error).
-        if not value or any(not ("!" <= c <= "~") for c in value):
-            raise ConfigError("the token from %s is not one line of printable ASCII"
-                              % source, hint="a token file holds the token and nothing else")
-        self.value, self.source, self.refresh = value, source, refresh
-        self.claims = _jwt_claims(value)
-        self.exp = _claim_time(self.claims, "exp") or exp
-        iat = _claim_time(self.claims, "iat")
-        life = self.exp - iat if self.exp and iat and self.exp > iat else None
-        self.margin = min(_REFRESH_MARGIN, life / 2.0) if life else _REFRESH_MARGIN
-
-    def __repr__(self):
-        return "<ctadata token from %s>" % self.source
+def _has_control(name):
+    return any(c < " " or "\x7f" <= c <= "\x9f" for c in name)
 
 
-class _TokenStore:
-    """What `ctadata login` obtained (access + refresh token, issuer, client):
-    one JSON file in $XDG_CONFIG_HOME/ctadata/ (default ~/.config/ctadata/),
-    the folder 0700, the file 0600 and replaced atomically.  Processes
-    sharing it refresh under an advisory lock, so that a rotated refresh
-    token is never spent twice."""
-
-    def __init__(self, env, profile="default"):
-        base = env.get("XDG_CONFIG_HOME")
-        if not base or not os.path.isabs(base):
-            base = os.path.join(_home(env), ".config")
-        self.dir = os.path.join(base, "ctadata")
-        name = "tokens.json" if profile == "default" else "tokens-%s.json" % profile
-        self.path = os.path.join(self.dir, name)
-
-    def __repr__(self):
-        return "<ctadata token store %s>" % self.path
-
-    def load(self):
-        """The stored record (a dict), or None when not logged in."""
-        import json
-        text = _read_private(self.path, "login store")
-        if text is None:
-            return None
-        try:
-            rec = json.loads(text)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict) or not isinstance(rec.get("access_token"), str):
-            raise ConfigError("the login store %s is damaged" % self.path,
-                              hint="run `ctadata login` again")
-        return rec
-
-    def save(self, rec):
-        import json
-        self._make_dir()
-        _write_private(self.path, (json.dumps(rec, indent=1, sort_keys=True) + "\n")
-                       .encode("utf-8"))
-
-    def _make_dir(self):
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        st = os.stat(self.dir)
-        if os.name == "posix" and st.st_mode & 0o077 and st.st_uid == _uid():
-            os.chmod(self.dir, 0o700)
-
-    def remove(self):
-        """Delete the stored tokens; return True if there were any."""
-        existed = os.path.exists(self.path)
-        _unlink_quietly(self.path)
-        _unlink_quietly(self.path + ".lock")
-        return existed
-
-    def locked(self):
-        """A context manager holding an exclusive lock between processes."""
-        return _FileLock(self.path + ".lock", self._make_dir)
+def _safe_join(root, rel_parts):
+    """Join remote path segments below a local *root*, refusing anything
+    that could land outside it (the parser already drops such names; this
+    is the second lock on the door).  Segments that are neither empty, "."
+    nor "..", and hold no separator or NUL, cannot leave *root*."""
+    for part in rel_parts:
+        if part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part \
+                or (os.sep != "/" and os.sep in part) or (os.altsep and os.altsep in part):
+            raise ProtocolError("refusing unsafe remote name %r" % part)
+    return os.path.join(root, *rel_parts)
 
 
-class _FileLock:
-    __slots__ = ("path", "prepare", "fd")
-
-    def __init__(self, path, prepare):
-        self.path, self.prepare, self.fd = path, prepare, None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: threads are still serialised by _Auth
-            return self
-        self.prepare()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                          0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
-            self.fd = None
+def _normpath(path):
+    """Normalise a remote path like a URL library would (RFC 3986 §5.2.4
+    dot-segment removal), keeping a trailing slash; refuse to climb above
+    the storage root."""
+    import posixpath
+    trailing = path.endswith("/")
+    parts = []
+    for seg in path.split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if not parts:
+                raise ConfigError("path climbs above the storage root: %r" % path)
+            parts.pop()
+        else:
+            parts.append(seg)
+    out = posixpath.join(*parts) if parts else ""
+    return out + "/" if trailing and out else out
 
 
-def _oidc_token(account, min_valid):
-    """Ask oidc-agent for an access token valid for at least *min_valid*
-    seconds.  Only the account name goes on oidc-token's command line; the
-    token comes back on its stdout."""
-    import subprocess
-    argv = ["oidc-token", "--time=%d" % min_valid, account]
+def _into(dest):
+    """True when a destination names a folder to put things *into*."""
+    return dest in ("", ".", "..") or dest.endswith(("/", os.sep))
+
+
+def _rel_parts(base_url, url):
+    """Decoded path segments of *url* below *base_url*."""
+    from urllib.parse import urlsplit, unquote
+    b = urlsplit(base_url).path.rstrip("/") + "/"
+    p = urlsplit(url).path
+    if not (p.rstrip("/") + "/").startswith(b):
+        raise ProtocolError("listing left the requested tree", url)
+    rest = p[len(b):].strip("/")
+    return [unquote(s) for s in rest.split("/")] if rest else []
+
+
+def _rel_path(base_url, url):
+    return "/".join(_rel_parts(base_url, url))
+
+
+def _unlink(path):
     try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=_OIDC_TOKEN_TIMEOUT)
+        os.unlink(path)
     except FileNotFoundError:
-        raise AuthError("oidc-token (oidc-agent) is not installed",
-                        hint="use `ctadata login` instead of --oidc-agent") from None
-    except subprocess.TimeoutExpired:
-        raise AuthError("oidc-token %s gave no answer in %d s"
-                        % (account, _OIDC_TOKEN_TIMEOUT)) from None
-    if r.returncode != 0:
-        why = r.stderr.decode("utf-8", "replace").strip() or "exit status %d" % r.returncode
-        raise AuthError("oidc-token %s failed: %s" % (account, _printable(why, 200)),
-                        hint="is oidc-agent running and the account loaded (oidc-add)?")
-    return r.stdout[:_SECRET_FILE_LIMIT].decode("utf-8", "replace")
+        pass
 
 
-class _Auth:
-    """The credentials of one Client: finds the bearer token once, lazily,
-    hands out the Authorization value per request, refreshes it.
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
-    Discovery order (README "Credentials"): token=, token_file=,
-    $CTADATA_TOKEN, the WLCG order ($BEARER_TOKEN, $BEARER_TOKEN_FILE,
-    $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID), the `ctadata login` store,
-    oidc-agent (oidc_agent= / $CTADATA_OIDC_AGENT), the old client's
-    ~/.config/cta-data/token.  A token from the store or oidc-agent is
-    refreshed shortly before it expires, by one thread while the others
-    wait; an expired one that cannot be refreshed fails before anything is
-    sent.  *mode* "x509" skips tokens (client certificate only), "token"
-    requires one.  For the download service (*service*), a JupyterHub API
-    token instead: token=, token_file=, $JUPYTERHUB_API_TOKEN (a storage
-    token means nothing to the hub, and must not be sent there).  Neither
-    the token nor any other secret appears in repr(), str() or any message."""
 
-    def __init__(self, token=None, token_file=None, env=None, oidc_agent=None,
-                 mode=None, cert=None, profile="default", oidc=None, service=False):
-        self._explicit = token
-        self._token_file = token_file
-        self.service = service
-        self._env = os.environ if env is None else env
-        self._oidc_agent = oidc_agent or self._env.get("CTADATA_OIDC_AGENT") or None
-        self.mode = mode or "auto"
-        if self.mode not in _AUTH_MODES:
-            raise ConfigError("auth must be one of %s, not %r" % (", ".join(_AUTH_MODES), mode))
-        if self.mode == "token" and cert:
-            raise ConfigError("a client certificate makes no sense with auth 'token'")
-        self._cert = cert
-        self.profile = profile
-        self.store = _TokenStore(self._env, profile)
-        self.oidc = oidc
-        self.secrets = _Secrets()
-        self.secrets.add(token)
-        self._lock = _thread.allocate_lock()          # discovery
-        self._refresh_lock = _thread.allocate_lock()  # one refresher at a time
-        self._loaded = False
-        self._cred = None
-        self._failed = None    # the _Token whose refresh failed last
-        self._failure = None   # why (redacted)
-        self._retry_at = 0.0
-        self._forced = None    # the _Token a 401 made us fetch (no second try)
-        self.refreshes = 0
-        self.looked = []       # [(source, what was found there)]
+############################################################################
+# Checksums
+############################################################################
 
-    def __repr__(self):
-        return "<ctadata auth %s source=%r>" % (
-            self.mode, self._cred.source if self._cred else None)
-
-    @property
-    def source(self):
-        return self._cred.source if self._cred else None
-
-    # -- discovery ---------------------------------------------------------
-
-    def _sources(self):
-        """[(label, loader)] in discovery order.  A loader returns a _Token or
-        a short note on why there is none; an empty value means "next"."""
-        env, uid = self._env, _uid()
-
-        def value(v, label, none="not set"):
-            if not v:
-                return none
-            return _Token(v, label) if v.strip() else "empty"
-
-        def from_file(path, label):
-            text = _read_private(path)
-            if text is None:
-                return "no such file"
-            return _Token(text, label) if text.strip() else "empty"
-
-        def token_file():
-            if not self._token_file:
-                return "not given"
-            path = os.path.expanduser(self._token_file)
-            text = _read_private(path)
-            if text is None:
-                raise ConfigError("cannot read token file %s: no such file" % path)
-            return _Token(text, "--token-file %s" % path)
-
-        out = [("token argument", lambda: value(self._explicit, "token argument", "not given")),
-               ("--token-file", token_file)]
-        if self.service:
-            return out + [("$JUPYTERHUB_API_TOKEN", lambda: value(
-                env.get("JUPYTERHUB_API_TOKEN"), "$JUPYTERHUB_API_TOKEN"))]
-        out += [("$CTADATA_TOKEN", lambda: value(env.get("CTADATA_TOKEN"), "$CTADATA_TOKEN")),
-               ("$BEARER_TOKEN", lambda: value(env.get("BEARER_TOKEN"), "$BEARER_TOKEN"))]
-
-        def file_source(path, label):
-            out.append((label, lambda: from_file(path, label)))
-
-        btf = env.get("BEARER_TOKEN_FILE")
-        if btf:
-            file_source(btf, "$BEARER_TOKEN_FILE (%s)" % btf)
-        else:
-            out.append(("$BEARER_TOKEN_FILE", lambda: "not set"))
-        xdg = env.get("XDG_RUNTIME_DIR")
-        if xdg:
-            file_source(os.path.join(xdg, "bt_u%d" % uid), os.path.join(xdg, "bt_u%d" % uid))
-        else:
-            out.append(("$XDG_RUNTIME_DIR/bt_u%d" % uid, lambda: "$XDG_RUNTIME_DIR not set"))
-        tmp = os.path.join(_SYSTEM_TMP, "bt_u%d" % uid)
-        file_source(tmp, tmp)
-        out.append(("login store %s" % self.store.path, self._from_store))
-        out.append(("oidc-agent", self._from_oidc_agent))
-        old = os.path.join(_home(env), ".config", "cta-data",
-                           "token-dev" if self.profile == "dev" else "token")
-        file_source(old, "old client's token %s" % old)
-        return out
-
-    def _from_store(self):
-        rec = self.store.load()
-        if rec is None:
-            return "not logged in (ctadata login)"
-        self.secrets.add(rec.get("refresh_token"), rec.get("client_secret"))
-        label = "login store %s" % self.store.path
-        refresh = None
-        if rec.get("refresh_token") and self.oidc is not None:
-            refresh = self._store_refresher(label)
-        return _Token(rec["access_token"], label, refresh, rec.get("expires_at"))
-
-    def _store_refresher(self, label):
-        store, oidc, secrets = self.store, self.oidc, self.secrets
-
-        def refresh(used, forced):
-            with store.locked():
-                rec = store.load() or {}
-                current = rec.get("access_token")
-                if current and current != used.value:
-                    # Another process refreshed meanwhile: take its token.
-                    tok = _Token(current, label, refresh, rec.get("expires_at"))
-                    if tok.exp is None or tok.exp > time.time():
-                        return tok
-                if not rec.get("refresh_token"):
-                    raise AuthError("the login store has no refresh token")
-                new = oidc.refresh(rec)
-                secrets.add(new.get("access_token"), new.get("refresh_token"))
-                try:
-                    store.save(new)
-                except OSError as e:  # the new tokens still serve this process
-                    _log(30, "could not save the refreshed tokens in %s: %s", store.path,
-                         e.strerror or e)
-            return _Token(new["access_token"], label, refresh, new.get("expires_at"))
-        return refresh
-
-    def _from_oidc_agent(self):
-        account = self._oidc_agent
-        if not account:
-            return "not configured (--oidc-agent / $CTADATA_OIDC_AGENT)"
-        label = "oidc-agent account %s" % account
-
-        def refresh(used, forced):
-            margin = used.margin if used is not None else _REFRESH_MARGIN
-            value = _oidc_token(account, int(2 * margin) + 1)
-            self.secrets.add(value.strip())
-            return _Token(value, label, refresh)
-        return refresh(None, False)
-
-    def load(self):
-        """Run discovery (once); return the _Token found, or None."""
-        with self._lock:
-            if self._loaded:
-                return self._cred
-            looked = self.looked = []
-            cred = None
-            if self.mode != "x509":
-                for label, loader in self._sources():
-                    found = loader()
-                    if isinstance(found, _Token):
-                        looked.append((label, "found"))
-                        cred = found
-                        break
-                    looked.append((label, found))
-            if cred is not None:
-                self.secrets.add(cred.value)
-            self._cred = cred
-            self._loaded = True
-            return cred
-
-    def client_cert(self):
-        """Path of the client certificate (+ key) to present, or None:
-        cert=, else (auth "x509", or "auto" without a token)
-        $X509_USER_PROXY or /tmp/x509up_u$UID.  The file must be private."""
-        path = self._cert
-        if not path and self.mode != "token" and (self.mode == "x509" or self.load() is None):
-            for path in (self._env.get("X509_USER_PROXY"),
-                         os.path.join(_SYSTEM_TMP, "x509up_u%d" % _uid())):
-                if path and os.path.exists(path):
-                    break
-            else:
-                path = None
-        if not path:
-            if self.mode == "x509":
-                raise ConfigError("no client certificate: give --cert or set $X509_USER_PROXY"
-                                  " (looked also for %s)"
-                                  % os.path.join(_SYSTEM_TMP, "x509up_u%d" % _uid()))
-            return None
-        path = os.path.expanduser(path)
+def _parse_digest(text):
+    """Parse an RFC 3230 ``Digest`` header (or dCache's Checksums property)
+    into {algorithm: lowercase hex}.  adler32/crc32c are hex (padded to 8);
+    md5, sha, sha-256, sha-512 are base64 of the raw digest (a 32-hex md5,
+    as old DPM sends, is tolerated).  Unknown or malformed values are dropped."""
+    import base64
+    import binascii
+    out = {}
+    for part in (text or "").split(","):
+        algo, sep, value = part.strip().partition("=")
+        algo, value = algo.strip().lower(), value.strip()
+        if not sep or not algo or not value:
+            continue
+        if algo in ("adler32", "crc32c"):
+            if 1 <= len(value) <= 8 and all(c in "0123456789abcdefABCDEF" for c in value):
+                out[algo] = value.lower().rjust(8, "0")
+            continue
+        if algo == "md5" and len(value) == 32 and all(
+                c in "0123456789abcdefABCDEF" for c in value):
+            out[algo] = value.lower()
+            continue
         try:
-            problem = _private_problem(os.stat(path), path)
-        except OSError as e:
-            raise ConfigError("cannot read client certificate %s: %s" % (path, e.strerror))
-        if problem:
-            raise ConfigError("refusing client certificate: %s (its key must be private)"
-                              % problem, hint="chmod 600 %s" % path)
-        return path
-
-    # -- per request -------------------------------------------------------
-
-    def header(self):
-        """The Authorization value for the next request, or None.  Refreshes
-        a refreshable token that expires within its margin; raises AuthError
-        for an expired one (or none at all with auth "token") before
-        anything is sent."""
-        cred = self._cred if self._loaded else self.load()
-        if cred is None:
-            if self.mode == "token":
-                raise AuthError("no token found", hint=self.hint())
-            return None
-        return "Bearer " + self._fresh(cred).value
-
-    def _fresh(self, cred):
-        if cred.exp is None:
-            return cred
-        now = time.time()
-        left = cred.exp - now
-        if cred.refresh is not None and left < cred.margin and (
-                self._failed is not cred or now >= self._retry_at):
-            return self._refresh(cred, False)
-        if left <= 0:
-            raise self._expired(cred)
-        return cred
-
-    def _refresh(self, used, forced):
-        """Replace *used* by a fresh token and return it; only one thread at
-        a time, and a thread that waited here reuses what the first one got.
-        After a failure, nobody asks again for _REFRESH_RETRY seconds."""
-        with self._refresh_lock:
-            current = self._cred
-            if current is not used:
-                return current
-            if self._failed is not used or time.time() >= self._retry_at:
-                try:
-                    new = used.refresh(used, forced)
-                except CtadataError as e:
-                    new = None
-                    self._failure = self.secrets.redact(str(e))
-                    _log(30, "could not refresh the token from %s: %s", used.source,
-                         self._failure)
-                if new is not None:
-                    self.secrets.add(new.value)
-                    if new.value != used.value:
-                        return self._replace(new, forced)
-                    self._failure = "%s had no newer token" % used.source
-                self._failed, self._retry_at = used, time.time() + _REFRESH_RETRY
-            if forced or (used.exp is not None and used.exp > time.time()):
-                return used
-            raise self._expired(used)
-
-    def _replace(self, new, forced):
-        self.refreshes += 1
-        _log(20, "refreshed the token from %s (valid until %s)", new.source,
-             _when(new.exp) if new.exp else "unknown")
-        self._cred = new
-        if forced:
-            self._forced = new
-        return new
-
-    def on_unauthorized(self, used):
-        """The server answered 401 to a request sent with Authorization
-        *used*.  Return True when repeating it is worth it: the token was
-        replaced meanwhile, or a forced refresh got a new one (at most once
-        in a row, so a server that refuses every token costs one refresh)."""
-        cred = self._cred
-        if cred is None or not used:
-            return False
-        if "Bearer " + cred.value != used:
-            return True
-        if cred.refresh is None or self._forced is cred:
-            return False
-        return self._refresh(cred, True) is not cred
-
-    def _expired(self, cred):
-        msg = "token expired at %s (source: %s)" % (_when(cred.exp), cred.source)
-        if self._failed is cred and self._failure:
-            msg += "; refreshing it failed: " + self._failure
-        if cred.refresh is not None or cred.source.startswith("login store"):
-            hint = "run `ctadata login` again"
-        else:
-            hint = "get a new token, or use `ctadata login` (refreshed automatically)"
-        return AuthError(msg, hint=hint)
-
-    # -- explanations --------------------------------------------------------
-
-    def redact(self, text):
-        return self.secrets.redact(text)
-
-    def hint(self):
-        """Say where a token came from or was looked for (never the token)."""
-        if self.mode == "x509":
-            return "the client certificate was refused (or this server wants a token)"
-        if not self._loaded:
-            self.load()
-        cred = self._cred
-        if cred:
-            if self._failed is cred and self._failure:
-                extra = "; refreshing it failed: " + self._failure
-            elif self._forced is cred:
-                extra = " even after refreshing it"
-            else:
-                extra = " (expired or not valid here?)"
-            return "the token from %s was refused%s" % (cred.source, extra)
-        return "no token found; looked in: " + ", ".join(label for label, _ in self.looked)
-
-    def explain(self):
-        """Lines saying where discovery looked and what it found, for
-        `ctadata token --explain`.  Never the token itself."""
-        lines = []
-        error = None
-        try:
-            cred = self.load()
-        except CtadataError as e:
-            cred, error = None, e
-        if self.mode == "x509":
-            lines.append("tokens: not used (--auth x509)")
-        else:
-            lines.append("token discovery, first match wins:")
-            notes = dict(self.looked)
-            for label, _ in self._sources():
-                lines.append("  %-46s %s" % (label, notes.get(label, "not consulted")))
-            if error is not None:
-                lines.append("  stopped by an error: %s" % error)
-        if cred is not None:
-            lines.append("using the token from %s:" % cred.source)
-            lines.extend("  " + line for line in _describe_token(cred))
-        elif self.mode != "x509" and error is None:
-            lines.append("no token found")
-        try:
-            cert = self.client_cert()
-        except CtadataError as e:
-            cert = "error: %s" % e
-        lines.append("client certificate: %s" % (cert or "none"))
-        return lines
-
-
-def _describe_token(cred):
-    claims = cred.claims
-    if claims is None:
-        kind = "not a JWT (a macaroon or opaque token): sent as it is"
-    else:
-        kind = "JWT" + "".join(", %s %s" % (k, _printable(claims[k], 80))
-                               for k in ("iss", "sub", "scope") if claims.get(k))
-    out = ["type: " + kind]
-    if cred.exp is None:
-        out.append("expires: unknown")
-    else:
-        left = cred.exp - time.time()
-        out.append("%s %s (%s)" % ("expires" if left > 0 else "EXPIRED at", _when(cred.exp),
-                                    "in %d min %d s" % divmod(int(left), 60) if left > 0
-                                    else "%d s ago" % -left))
-    out.append("refreshed automatically: %s" % (
-        "yes, %d s before it expires" % cred.margin if cred.refresh else "no"))
+            raw = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        out[algo] = raw.hex()
     return out
 
 
-class _NoAuth:
-    """Credentials of a transport that never sends any (the identity
-    provider gets the client's credentials in the form body)."""
+class _Hashers:
+    """Running checksums, updated as blocks stream by (never a second read).
+    adler32 is always cheap (zlib, several GB/s); md5 only when asked for."""
 
-    def __init__(self, secrets):
-        self.secrets = secrets
+    __slots__ = ("adler", "md5", "_adler32", "active")
 
-    def header(self):
-        return None
+    def __init__(self, algos=("adler32",)):
+        import zlib
+        self._adler32 = zlib.adler32
+        self.adler = 1 if "adler32" in algos else None
+        self.md5 = None
+        if "md5" in algos:
+            import hashlib
+            self.md5 = hashlib.md5()
+        self.active = bool(algos)
 
-    def hint(self):
-        return None
+    def update(self, block):
+        if self.adler is not None:
+            self.adler = self._adler32(block, self.adler)
+        if self.md5 is not None:
+            self.md5.update(block)
 
-    def on_unauthorized(self, used):
+    def result(self):
+        out = {}
+        if self.adler is not None:
+            out["adler32"] = "%08x" % (self.adler & 0xFFFFFFFF)
+        if self.md5 is not None:
+            out["md5"] = self.md5.hexdigest()
+        return out
+
+
+def _compare_sums(local, remote):
+    """Return (algorithm, remote value, local value) of the first algorithm
+    both sides know that differs, or None when all common ones agree."""
+    for algo in ("adler32", "md5", "sha-256", "sha"):
+        if algo in local and algo in remote and local[algo] != remote[algo]:
+            return algo, remote[algo], local[algo]
+    return None
+
+
+def _algos_for(remote_sums, always=True):
+    """Which checksums to compute locally: what the server can confirm,
+    preferring the cheap adler32.  When the server has none: adler32 if
+    *always* (a manifest wants it), else nothing (nothing to verify)."""
+    if "adler32" in remote_sums:
+        return ("adler32",)
+    if "md5" in remote_sums:
+        return ("md5",)
+    return ("adler32",) if always else ()
+
+
+def _hash_file(f, length, hashers):
+    f.seek(0)
+    buf = bytearray(_CHUNK)
+    left = length
+    while left > 0:
+        n = f.readinto(buf)
+        if not n:
+            break
+        n = min(n, left)
+        hashers.update(memoryview(buf)[:n])
+        left -= n
+
+
+def _same_sums(path, remote_sums):
+    """True when the local file's checksums (those the server has, adler32
+    preferred) equal the server's."""
+    hashers = _Hashers(_algos_for(remote_sums))
+    try:
+        with open(path, "rb", buffering=0) as f:
+            _hash_file(f, os.fstat(f.fileno()).st_size, hashers)
+    except OSError:
+        return False
+    return _compare_sums(hashers.result(), remote_sums) is None
+
+
+############################################################################
+# Settings
+############################################################################
+
+# `ctadata login` defaults: the CTA Keycloak realm and the client the old
+# client registered with oidc-agent; --dev is its development pair.
+_DEFAULT_ISSUER = "https://keycloak.cta.cscs.ch/realms/master/"
+_DEFAULT_CLIENT_ID = "dcache-cta-cscs-ch-users"
+_DEV_CLIENT_ID = "dcache-dev"
+_LOGIN_SCOPE = "openid offline_access"
+
+
+def _uid():
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
+def _home(env):
+    return env.get("HOME") or os.path.expanduser("~")
+
+
+def _is_loopback(host):
+    if host.lower() == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
         return False
 
-    def client_cert(self):
-        return None
 
-    def redact(self, text):
-        return self.secrets.redact(text)
+def _check_secure_url(url, what):
+    """Credentials travel only over https (plain http only to this machine)."""
+    from urllib.parse import urlsplit
+    p = urlsplit(url)
+    if p.scheme == "https" or (p.scheme == "http" and _is_loopback(p.hostname or "")):
+        return
+    raise ConfigError("refusing %s %s: credentials go only over https" % (what, _safe_url(url)))
 
 
 # Profiles: sections of $XDG_CONFIG_HOME/ctadata/config.ini (default
@@ -1100,16 +674,6 @@ def _origin(url):
             port or (443 if scheme == "https" else 80))
 
 
-def _log(level, msg, *args):
-    import logging
-    logging.getLogger("ctadata").log(level, msg, *args)
-
-
-def _debug_enabled():
-    import logging
-    return logging.getLogger("ctadata").isEnabledFor(logging.DEBUG)
-
-
 class _RetryPolicy:
     """How often and how long to retry: bounded attempts, exponential
     backoff with full jitter, Retry-After honoured (capped)."""
@@ -1156,37 +720,6 @@ def _is_transient(exc):
         return True
     return isinstance(exc, OSError) and getattr(exc, "errno", None) in (
         104, 110, 111, 113, 32)  # reset, timed out, refused, no route, broken pipe
-
-
-class _Hashers:
-    """Running checksums, updated as blocks stream by (never a second read).
-    adler32 is always cheap (zlib, several GB/s); md5 only when asked for."""
-
-    __slots__ = ("adler", "md5", "_adler32", "active")
-
-    def __init__(self, algos=("adler32",)):
-        import zlib
-        self._adler32 = zlib.adler32
-        self.adler = 1 if "adler32" in algos else None
-        self.md5 = None
-        if "md5" in algos:
-            import hashlib
-            self.md5 = hashlib.md5()
-        self.active = bool(algos)
-
-    def update(self, block):
-        if self.adler is not None:
-            self.adler = self._adler32(block, self.adler)
-        if self.md5 is not None:
-            self.md5.update(block)
-
-    def result(self):
-        out = {}
-        if self.adler is not None:
-            out["adler32"] = "%08x" % (self.adler & 0xFFFFFFFF)
-        if self.md5 is not None:
-            out["md5"] = self.md5.hexdigest()
-        return out
 
 
 # PyPy copies a buffer handed to socket/file/zlib calls into raw memory that
@@ -1744,10 +1277,44 @@ def _network_error(exc, url, what=None):
     return TransferError("%s%s" % (what + ": " if what else "", text), url)
 
 
+class _NoAuth:
+    """Credentials of a transport that never sends any (the identity
+    provider gets the client's credentials in the form body)."""
+
+    def __init__(self, secrets):
+        self.secrets = secrets
+
+    def header(self):
+        return None
+
+    def hint(self):
+        return None
+
+    def on_unauthorized(self, used):
+        return False
+
+    def client_cert(self):
+        return None
+
+    def redact(self, text):
+        return self.secrets.redact(text)
+
+
+def _iter_body(resp, size=_CHUNK):
+    """Yield a response body in blocks."""
+    while True:
+        block = resp.read1(size) if hasattr(resp, "read1") else resp.read(size)
+        if not block:
+            return
+        yield block
+
+
 ############################################################################
 # OpenID Connect (device login, refresh)
 ############################################################################
 
+# Identity-provider answers are read whole, never more than this.
+_JSON_LIMIT = 1 << 20
 _DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
@@ -1940,7 +1507,601 @@ def _oauth_error(answer):
 
 
 ############################################################################
-# WebDAV protocol (pure parsing)
+# Credentials (tokens, login store, oidc-agent)
+############################################################################
+
+# Refresh a token this long before it expires (PROTOCOL.md §3); a token that
+# lives less than twice as long is refreshed after half its lifetime.
+_REFRESH_MARGIN = 60.0
+_REFRESH_RETRY = 10.0
+# Token files and oidc-token output are read whole, never more than this.
+_SECRET_FILE_LIMIT = 1 << 16
+_OIDC_TOKEN_TIMEOUT = 60
+# Where the WLCG and grid conventions put per-user files (bt_u$UID,
+# x509up_u$UID).  A variable so that tests never touch the real /tmp.
+_SYSTEM_TMP = "/tmp"
+_AUTH_MODES = ("auto", "token", "x509")
+
+
+def _jwt_claims(token):
+    """The payload of a JWT as a dict, or None for anything else (macaroons,
+    opaque tokens: they are used as they are).  JWT segments are base64url
+    *without* padding (RFC 7515 §2); the old client decoded them as standard
+    base64 plus one "=" and so rejected about a third of valid tokens."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    import base64
+    import binascii
+    import json
+    seg = parts[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)))
+    except (binascii.Error, ValueError):  # incl. UnicodeDecodeError, JSONDecodeError
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _claim_time(claims, name):
+    value = (claims or {}).get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _private_problem(st, path):
+    """Why a file holding a secret must not be trusted, or None."""
+    import stat
+    if os.name != "posix" or not stat.S_ISREG(st.st_mode):
+        return None  # pipes (--token-file <(...)) and devices are fine
+    if st.st_mode & 0o077:
+        return "group or others can access %s (mode %04o)" % (path, st.st_mode & 0o777)
+    if st.st_uid != _uid():
+        return "%s belongs to another user (uid %d)" % (path, st.st_uid)
+    return None
+
+
+def _read_private(path, what="token file"):
+    """Read a small file holding a secret; return its text, or None when it
+    does not exist.  Refuses a file that group or others can access, or that
+    another user owns (PROTOCOL.md §3): someone else could read the token,
+    or plant theirs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError("cannot read %s %s: %s" % (what, path, e.strerror))
+    with os.fdopen(fd, "rb") as f:
+        problem = _private_problem(os.fstat(f.fileno()), path)
+        if problem:
+            import shlex
+            raise ConfigError("refusing to read %s: %s" % (what, problem),
+                              hint="chmod 600 %s" % shlex.quote(path))
+        data = f.read(_SECRET_FILE_LIMIT + 1)
+    if len(data) > _SECRET_FILE_LIMIT:
+        raise ConfigError("%s %s is too large to hold a token" % (what, path))
+    return data.decode("utf-8", "replace")
+
+
+def _write_private(path, data):
+    """Write *data* to *path* readable by us only: a fresh 0600 file
+    (O_EXCL, so never someone else's), then os.replace over the old one."""
+    import secrets
+    tmp = os.path.join(os.path.dirname(path), ".%s.%s.tmp" % (
+        os.path.basename(path), secrets.token_hex(6)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+class _Token:
+    """A bearer token and what we know about it; repr() shows only where it
+    came from.  *refresh* is None or ``refresh(self, forced) -> _Token``."""
+
+    __slots__ = ("value", "source", "claims", "exp", "margin", "refresh")
+
+    def __init__(self, value, source, refresh=None, exp=None):
+        value = (value or "").strip()
+        # RFC 6750 §2.1: a b64token.  A space or line break inside would split
+        # the header (and http.client would quote the value in its error).
+        if not value or any(not ("!" <= c <= "~") for c in value):
+            raise ConfigError("the token from %s is not one line of printable ASCII"
+                              % source, hint="a token file holds the token and nothing else")
+        self.value, self.source, self.refresh = value, source, refresh
+        self.claims = _jwt_claims(value)
+        self.exp = _claim_time(self.claims, "exp") or exp
+        iat = _claim_time(self.claims, "iat")
+        life = self.exp - iat if self.exp and iat and self.exp > iat else None
+        self.margin = min(_REFRESH_MARGIN, life / 2.0) if life else _REFRESH_MARGIN
+
+    def __repr__(self):
+        return "<ctadata token from %s>" % self.source
+
+
+class _TokenStore:
+    """What `ctadata login` obtained (access + refresh token, issuer, client):
+    one JSON file in $XDG_CONFIG_HOME/ctadata/ (default ~/.config/ctadata/),
+    the folder 0700, the file 0600 and replaced atomically.  Processes
+    sharing it refresh under an advisory lock, so that a rotated refresh
+    token is never spent twice."""
+
+    def __init__(self, env, profile="default"):
+        base = env.get("XDG_CONFIG_HOME")
+        if not base or not os.path.isabs(base):
+            base = os.path.join(_home(env), ".config")
+        self.dir = os.path.join(base, "ctadata")
+        name = "tokens.json" if profile == "default" else "tokens-%s.json" % profile
+        self.path = os.path.join(self.dir, name)
+
+    def __repr__(self):
+        return "<ctadata token store %s>" % self.path
+
+    def load(self):
+        """The stored record (a dict), or None when not logged in."""
+        import json
+        text = _read_private(self.path, "login store")
+        if text is None:
+            return None
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("access_token"), str):
+            raise ConfigError("the login store %s is damaged" % self.path,
+                              hint="run `ctadata login` again")
+        return rec
+
+    def save(self, rec):
+        import json
+        self._make_dir()
+        _write_private(self.path, (json.dumps(rec, indent=1, sort_keys=True) + "\n")
+                       .encode("utf-8"))
+
+    def _make_dir(self):
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        st = os.stat(self.dir)
+        if os.name == "posix" and st.st_mode & 0o077 and st.st_uid == _uid():
+            os.chmod(self.dir, 0o700)
+
+    def remove(self):
+        """Delete the stored tokens; return True if there were any."""
+        existed = os.path.exists(self.path)
+        _unlink_quietly(self.path)
+        _unlink_quietly(self.path + ".lock")
+        return existed
+
+    def locked(self):
+        """A context manager holding an exclusive lock between processes."""
+        return _FileLock(self.path + ".lock", self._make_dir)
+
+
+class _FileLock:
+    __slots__ = ("path", "prepare", "fd")
+
+    def __init__(self, path, prepare):
+        self.path, self.prepare, self.fd = path, prepare, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: threads are still serialised by _Auth
+            return self
+        self.prepare()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                          0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def _oidc_token(account, min_valid):
+    """Ask oidc-agent for an access token valid for at least *min_valid*
+    seconds.  Only the account name goes on oidc-token's command line; the
+    token comes back on its stdout."""
+    import subprocess
+    argv = ["oidc-token", "--time=%d" % min_valid, account]
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=_OIDC_TOKEN_TIMEOUT)
+    except FileNotFoundError:
+        raise AuthError("oidc-token (oidc-agent) is not installed",
+                        hint="use `ctadata login` instead of --oidc-agent") from None
+    except subprocess.TimeoutExpired:
+        raise AuthError("oidc-token %s gave no answer in %d s"
+                        % (account, _OIDC_TOKEN_TIMEOUT)) from None
+    if r.returncode != 0:
+        why = r.stderr.decode("utf-8", "replace").strip() or "exit status %d" % r.returncode
+        raise AuthError("oidc-token %s failed: %s" % (account, _printable(why, 200)),
+                        hint="is oidc-agent running and the account loaded (oidc-add)?")
+    return r.stdout[:_SECRET_FILE_LIMIT].decode("utf-8", "replace")
+
+
+class _Auth:
+    """The credentials of one Client: finds the bearer token once, lazily,
+    hands out the Authorization value per request, refreshes it.
+
+    Discovery order (README "Credentials"): token=, token_file=,
+    $CTADATA_TOKEN, the WLCG order ($BEARER_TOKEN, $BEARER_TOKEN_FILE,
+    $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID), the `ctadata login` store,
+    oidc-agent (oidc_agent= / $CTADATA_OIDC_AGENT), the old client's
+    ~/.config/cta-data/token.  A token from the store or oidc-agent is
+    refreshed shortly before it expires, by one thread while the others
+    wait; an expired one that cannot be refreshed fails before anything is
+    sent.  *mode* "x509" skips tokens (client certificate only), "token"
+    requires one.  For the download service (*service*), a JupyterHub API
+    token instead: token=, token_file=, $JUPYTERHUB_API_TOKEN (a storage
+    token means nothing to the hub, and must not be sent there).  Neither
+    the token nor any other secret appears in repr(), str() or any message."""
+
+    def __init__(self, token=None, token_file=None, env=None, oidc_agent=None,
+                 mode=None, cert=None, profile="default", oidc=None, service=False):
+        self._explicit = token
+        self._token_file = token_file
+        self.service = service
+        self._env = os.environ if env is None else env
+        self._oidc_agent = oidc_agent or self._env.get("CTADATA_OIDC_AGENT") or None
+        self.mode = mode or "auto"
+        if self.mode not in _AUTH_MODES:
+            raise ConfigError("auth must be one of %s, not %r" % (", ".join(_AUTH_MODES), mode))
+        if self.mode == "token" and cert:
+            raise ConfigError("a client certificate makes no sense with auth 'token'")
+        self._cert = cert
+        self.profile = profile
+        self.store = _TokenStore(self._env, profile)
+        self.oidc = oidc
+        self.secrets = _Secrets()
+        self.secrets.add(token)
+        self._lock = _thread.allocate_lock()          # discovery
+        self._refresh_lock = _thread.allocate_lock()  # one refresher at a time
+        self._loaded = False
+        self._cred = None
+        self._failed = None    # the _Token whose refresh failed last
+        self._failure = None   # why (redacted)
+        self._retry_at = 0.0
+        self._forced = None    # the _Token a 401 made us fetch (no second try)
+        self.refreshes = 0
+        self.looked = []       # [(source, what was found there)]
+
+    def __repr__(self):
+        return "<ctadata auth %s source=%r>" % (
+            self.mode, self._cred.source if self._cred else None)
+
+    @property
+    def source(self):
+        return self._cred.source if self._cred else None
+
+    # -- discovery ---------------------------------------------------------
+
+    def _sources(self):
+        """[(label, loader)] in discovery order.  A loader returns a _Token or
+        a short note on why there is none; an empty value means "next"."""
+        env, uid = self._env, _uid()
+
+        def value(v, label, none="not set"):
+            if not v:
+                return none
+            return _Token(v, label) if v.strip() else "empty"
+
+        def from_file(path, label):
+            text = _read_private(path)
+            if text is None:
+                return "no such file"
+            return _Token(text, label) if text.strip() else "empty"
+
+        def token_file():
+            if not self._token_file:
+                return "not given"
+            path = os.path.expanduser(self._token_file)
+            text = _read_private(path)
+            if text is None:
+                raise ConfigError("cannot read token file %s: no such file" % path)
+            return _Token(text, "--token-file %s" % path)
+
+        out = [("token argument", lambda: value(self._explicit, "token argument", "not given")),
+               ("--token-file", token_file)]
+        if self.service:
+            return out + [("$JUPYTERHUB_API_TOKEN", lambda: value(
+                env.get("JUPYTERHUB_API_TOKEN"), "$JUPYTERHUB_API_TOKEN"))]
+        out += [("$CTADATA_TOKEN", lambda: value(env.get("CTADATA_TOKEN"), "$CTADATA_TOKEN")),
+               ("$BEARER_TOKEN", lambda: value(env.get("BEARER_TOKEN"), "$BEARER_TOKEN"))]
+
+        def file_source(path, label):
+            out.append((label, lambda: from_file(path, label)))
+
+        btf = env.get("BEARER_TOKEN_FILE")
+        if btf:
+            file_source(btf, "$BEARER_TOKEN_FILE (%s)" % btf)
+        else:
+            out.append(("$BEARER_TOKEN_FILE", lambda: "not set"))
+        xdg = env.get("XDG_RUNTIME_DIR")
+        if xdg:
+            file_source(os.path.join(xdg, "bt_u%d" % uid), os.path.join(xdg, "bt_u%d" % uid))
+        else:
+            out.append(("$XDG_RUNTIME_DIR/bt_u%d" % uid, lambda: "$XDG_RUNTIME_DIR not set"))
+        tmp = os.path.join(_SYSTEM_TMP, "bt_u%d" % uid)
+        file_source(tmp, tmp)
+        out.append(("login store %s" % self.store.path, self._from_store))
+        out.append(("oidc-agent", self._from_oidc_agent))
+        old = os.path.join(_home(env), ".config", "cta-data",
+                           "token-dev" if self.profile == "dev" else "token")
+        file_source(old, "old client's token %s" % old)
+        return out
+
+    def _from_store(self):
+        rec = self.store.load()
+        if rec is None:
+            return "not logged in (ctadata login)"
+        self.secrets.add(rec.get("refresh_token"), rec.get("client_secret"))
+        label = "login store %s" % self.store.path
+        refresh = None
+        if rec.get("refresh_token") and self.oidc is not None:
+            refresh = self._store_refresher(label)
+        return _Token(rec["access_token"], label, refresh, rec.get("expires_at"))
+
+    def _store_refresher(self, label):
+        store, oidc, secrets = self.store, self.oidc, self.secrets
+
+        def refresh(used, forced):
+            with store.locked():
+                rec = store.load() or {}
+                current = rec.get("access_token")
+                if current and current != used.value:
+                    # Another process refreshed meanwhile: take its token.
+                    tok = _Token(current, label, refresh, rec.get("expires_at"))
+                    if tok.exp is None or tok.exp > time.time():
+                        return tok
+                if not rec.get("refresh_token"):
+                    raise AuthError("the login store has no refresh token")
+                new = oidc.refresh(rec)
+                secrets.add(new.get("access_token"), new.get("refresh_token"))
+                try:
+                    store.save(new)
+                except OSError as e:  # the new tokens still serve this process
+                    _log(30, "could not save the refreshed tokens in %s: %s", store.path,
+                         e.strerror or e)
+            return _Token(new["access_token"], label, refresh, new.get("expires_at"))
+        return refresh
+
+    def _from_oidc_agent(self):
+        account = self._oidc_agent
+        if not account:
+            return "not configured (--oidc-agent / $CTADATA_OIDC_AGENT)"
+        label = "oidc-agent account %s" % account
+
+        def refresh(used, forced):
+            margin = used.margin if used is not None else _REFRESH_MARGIN
+            value = _oidc_token(account, int(2 * margin) + 1)
+            self.secrets.add(value.strip())
+            return _Token(value, label, refresh)
+        return refresh(None, False)
+
+    def load(self):
+        """Run discovery (once); return the _Token found, or None."""
+        with self._lock:
+            if self._loaded:
+                return self._cred
+            looked = self.looked = []
+            cred = None
+            if self.mode != "x509":
+                for label, loader in self._sources():
+                    found = loader()
+                    if isinstance(found, _Token):
+                        looked.append((label, "found"))
+                        cred = found
+                        break
+                    looked.append((label, found))
+            if cred is not None:
+                self.secrets.add(cred.value)
+            self._cred = cred
+            self._loaded = True
+            return cred
+
+    def client_cert(self):
+        """Path of the client certificate (+ key) to present, or None:
+        cert=, else (auth "x509", or "auto" without a token)
+        $X509_USER_PROXY or /tmp/x509up_u$UID.  The file must be private."""
+        path = self._cert
+        if not path and self.mode != "token" and (self.mode == "x509" or self.load() is None):
+            for path in (self._env.get("X509_USER_PROXY"),
+                         os.path.join(_SYSTEM_TMP, "x509up_u%d" % _uid())):
+                if path and os.path.exists(path):
+                    break
+            else:
+                path = None
+        if not path:
+            if self.mode == "x509":
+                raise ConfigError("no client certificate: give --cert or set $X509_USER_PROXY"
+                                  " (looked also for %s)"
+                                  % os.path.join(_SYSTEM_TMP, "x509up_u%d" % _uid()))
+            return None
+        path = os.path.expanduser(path)
+        try:
+            problem = _private_problem(os.stat(path), path)
+        except OSError as e:
+            raise ConfigError("cannot read client certificate %s: %s" % (path, e.strerror))
+        if problem:
+            raise ConfigError("refusing client certificate: %s (its key must be private)"
+                              % problem, hint="chmod 600 %s" % path)
+        return path
+
+    # -- per request -------------------------------------------------------
+
+    def header(self):
+        """The Authorization value for the next request, or None.  Refreshes
+        a refreshable token that expires within its margin; raises AuthError
+        for an expired one (or none at all with auth "token") before
+        anything is sent."""
+        cred = self._cred if self._loaded else self.load()
+        if cred is None:
+            if self.mode == "token":
+                raise AuthError("no token found", hint=self.hint())
+            return None
+        return "Bearer " + self._fresh(cred).value
+
+    def _fresh(self, cred):
+        if cred.exp is None:
+            return cred
+        now = time.time()
+        left = cred.exp - now
+        if cred.refresh is not None and left < cred.margin and (
+                self._failed is not cred or now >= self._retry_at):
+            return self._refresh(cred, False)
+        if left <= 0:
+            raise self._expired(cred)
+        return cred
+
+    def _refresh(self, used, forced):
+        """Replace *used* by a fresh token and return it; only one thread at
+        a time, and a thread that waited here reuses what the first one got.
+        After a failure, nobody asks again for _REFRESH_RETRY seconds."""
+        with self._refresh_lock:
+            current = self._cred
+            if current is not used:
+                return current
+            if self._failed is not used or time.time() >= self._retry_at:
+                try:
+                    new = used.refresh(used, forced)
+                except CtadataError as e:
+                    new = None
+                    self._failure = self.secrets.redact(str(e))
+                    _log(30, "could not refresh the token from %s: %s", used.source,
+                         self._failure)
+                if new is not None:
+                    self.secrets.add(new.value)
+                    if new.value != used.value:
+                        return self._replace(new, forced)
+                    self._failure = "%s had no newer token" % used.source
+                self._failed, self._retry_at = used, time.time() + _REFRESH_RETRY
+            if forced or (used.exp is not None and used.exp > time.time()):
+                return used
+            raise self._expired(used)
+
+    def _replace(self, new, forced):
+        self.refreshes += 1
+        _log(20, "refreshed the token from %s (valid until %s)", new.source,
+             _when(new.exp) if new.exp else "unknown")
+        self._cred = new
+        if forced:
+            self._forced = new
+        return new
+
+    def on_unauthorized(self, used):
+        """The server answered 401 to a request sent with Authorization
+        *used*.  Return True when repeating it is worth it: the token was
+        replaced meanwhile, or a forced refresh got a new one (at most once
+        in a row, so a server that refuses every token costs one refresh)."""
+        cred = self._cred
+        if cred is None or not used:
+            return False
+        if "Bearer " + cred.value != used:
+            return True
+        if cred.refresh is None or self._forced is cred:
+            return False
+        return self._refresh(cred, True) is not cred
+
+    def _expired(self, cred):
+        msg = "token expired at %s (source: %s)" % (_when(cred.exp), cred.source)
+        if self._failed is cred and self._failure:
+            msg += "; refreshing it failed: " + self._failure
+        if cred.refresh is not None or cred.source.startswith("login store"):
+            hint = "run `ctadata login` again"
+        else:
+            hint = "get a new token, or use `ctadata login` (refreshed automatically)"
+        return AuthError(msg, hint=hint)
+
+    # -- explanations --------------------------------------------------------
+
+    def redact(self, text):
+        return self.secrets.redact(text)
+
+    def hint(self):
+        """Say where a token came from or was looked for (never the token)."""
+        if self.mode == "x509":
+            return "the client certificate was refused (or this server wants a token)"
+        if not self._loaded:
+            self.load()
+        cred = self._cred
+        if cred:
+            if self._failed is cred and self._failure:
+                extra = "; refreshing it failed: " + self._failure
+            elif self._forced is cred:
+                extra = " even after refreshing it"
+            else:
+                extra = " (expired or not valid here?)"
+            return "the token from %s was refused%s" % (cred.source, extra)
+        return "no token found; looked in: " + ", ".join(label for label, _ in self.looked)
+
+    def explain(self):
+        """Lines saying where discovery looked and what it found, for
+        `ctadata token --explain`.  Never the token itself."""
+        lines = []
+        error = None
+        try:
+            cred = self.load()
+        except CtadataError as e:
+            cred, error = None, e
+        if self.mode == "x509":
+            lines.append("tokens: not used (--auth x509)")
+        else:
+            lines.append("token discovery, first match wins:")
+            notes = dict(self.looked)
+            for label, _ in self._sources():
+                lines.append("  %-46s %s" % (label, notes.get(label, "not consulted")))
+            if error is not None:
+                lines.append("  stopped by an error: %s" % error)
+        if cred is not None:
+            lines.append("using the token from %s:" % cred.source)
+            lines.extend("  " + line for line in _describe_token(cred))
+        elif self.mode != "x509" and error is None:
+            lines.append("no token found")
+        try:
+            cert = self.client_cert()
+        except CtadataError as e:
+            cert = "error: %s" % e
+        lines.append("client certificate: %s" % (cert or "none"))
+        return lines
+
+
+def _describe_token(cred):
+    claims = cred.claims
+    if claims is None:
+        kind = "not a JWT (a macaroon or opaque token): sent as it is"
+    else:
+        kind = "JWT" + "".join(", %s %s" % (k, _printable(claims[k], 80))
+                               for k in ("iss", "sub", "scope") if claims.get(k))
+    out = ["type: " + kind]
+    if cred.exp is None:
+        out.append("expires: unknown")
+    else:
+        left = cred.exp - time.time()
+        out.append("%s %s (%s)" % ("expires" if left > 0 else "EXPIRED at", _when(cred.exp),
+                                    "in %d min %d s" % divmod(int(left), 60) if left > 0
+                                    else "%d s ago" % -left))
+    out.append("refreshed automatically: %s" % (
+        "yes, %d s before it expires" % cred.margin if cred.refresh else "no"))
+    return out
+
+
+def _when(ts):
+    """Epoch seconds -> local time for messages ("2025-01-31 14:05:09 CET")."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts)).strip()
+
+
+############################################################################
+# WebDAV protocol
 ############################################################################
 
 class Entry:
@@ -2010,35 +2171,6 @@ def _parse_http_date(text):
     if dt is None:
         return None
     return dt.timestamp()
-
-
-def _parse_digest(text):
-    """Parse an RFC 3230 ``Digest`` header (or dCache's Checksums property)
-    into {algorithm: lowercase hex}.  adler32/crc32c are hex (padded to 8);
-    md5, sha, sha-256, sha-512 are base64 of the raw digest (a 32-hex md5,
-    as old DPM sends, is tolerated).  Unknown or malformed values are dropped."""
-    import base64
-    import binascii
-    out = {}
-    for part in (text or "").split(","):
-        algo, sep, value = part.strip().partition("=")
-        algo, value = algo.strip().lower(), value.strip()
-        if not sep or not algo or not value:
-            continue
-        if algo in ("adler32", "crc32c"):
-            if 1 <= len(value) <= 8 and all(c in "0123456789abcdefABCDEF" for c in value):
-                out[algo] = value.lower().rjust(8, "0")
-            continue
-        if algo == "md5" and len(value) == 32 and all(
-                c in "0123456789abcdefABCDEF" for c in value):
-            out[algo] = value.lower()
-            continue
-        try:
-            raw = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        out[algo] = raw.hex()
-    return out
 
 
 # Element names as expat reports them with namespace_separator "\x01": a
@@ -2143,10 +2275,6 @@ def _walk_events(events, state, ctx):
     return out
 
 
-def _has_control(name):
-    return any(c < " " or "\x7f" <= c <= "\x9f" for c in name)
-
-
 class _HrefContext:
     """What entries of one PROPFIND answer are checked against."""
 
@@ -2247,17 +2375,15 @@ class _HrefContext:
         return e
 
 
-def _iter_body(resp, size=_CHUNK):
-    """Yield a response body in blocks."""
-    while True:
-        block = resp.read1(size) if hasattr(resp, "read1") else resp.read(size)
-        if not block:
-            return
-        yield block
+def _try_delete(tr, url):
+    try:
+        tr.release(tr.request("DELETE", url, ok=(200, 202, 204, 404), retry=False))
+    except CtadataError:
+        pass
 
 
 ############################################################################
-# Download-service protocol
+# Download service & JupyterHub services
 ############################################################################
 
 # The CTA download service (PROTOCOL.md §1) is a Flask proxy in front of the
@@ -2266,6 +2392,7 @@ def _iter_body(resp, size=_CHUNK):
 # in URLs are relative to the storage root and never end with "/" (as the old
 # client sent them).  The functions here are pure, except _Service, which
 # sends requests through the one transport.
+
 
 class CertificateError(RemoteError):
     """The certificate service refused a certificate, or could not be used
@@ -2415,29 +2542,36 @@ def _post_certificate(tr, url, payload):
     return answer if isinstance(answer, dict) else {"message": answer}
 
 
+class _ListingEntry(dict):
+    """One entry of the download service's listing, exactly as it sent it
+    (``href``, ``type``, ``size``, ``mtime``, ``url``).  The old README loops
+    over list_dir() as if it gave path strings (``'.0100' in url``,
+    ``url.split("/")``, ``fetch_and_save_file(url)``), older code uses
+    dicts (``url["href"]``): both work.  ``in`` tests the keys, then the
+    href's text; str methods (split, endswith, ...) are those of the href."""
+
+    __slots__ = ()
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or (
+            isinstance(key, str) and key in str(self.get("href") or ""))
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(str(self.get("href") or ""), name)
+
+
+def _href_path(item):
+    """Decoded path of a service listing entry (no leading/trailing "/")."""
+    from urllib.parse import unquote
+    href = item.get("href") if isinstance(item, dict) else None
+    return unquote(href).strip("/") if isinstance(href, str) else None
+
+
 ############################################################################
 # Transfer engine (plans, workers, progress)
 ############################################################################
-
-def _compare_sums(local, remote):
-    """Return (algorithm, remote value, local value) of the first algorithm
-    both sides know that differs, or None when all common ones agree."""
-    for algo in ("adler32", "md5", "sha-256", "sha"):
-        if algo in local and algo in remote and local[algo] != remote[algo]:
-            return algo, remote[algo], local[algo]
-    return None
-
-
-def _algos_for(remote_sums, always=True):
-    """Which checksums to compute locally: what the server can confirm,
-    preferring the cheap adler32.  When the server has none: adler32 if
-    *always* (a manifest wants it), else nothing (nothing to verify)."""
-    if "adler32" in remote_sums:
-        return ("adler32",)
-    if "md5" in remote_sums:
-        return ("md5",)
-    return ("adler32",) if always else ()
-
 
 class TransferResult:
     """What happened to one file.
@@ -2559,18 +2693,6 @@ class Progress:
         pass
 
 
-def _safe_join(root, rel_parts):
-    """Join remote path segments below a local *root*, refusing anything
-    that could land outside it (the parser already drops such names; this
-    is the second lock on the door).  Segments that are neither empty, "."
-    nor "..", and hold no separator or NUL, cannot leave *root*."""
-    for part in rel_parts:
-        if part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part \
-                or (os.sep != "/" and os.sep in part) or (os.altsep and os.altsep in part):
-            raise ProtocolError("refusing unsafe remote name %r" % part)
-    return os.path.join(root, *rel_parts)
-
-
 def _makedirs(path):
     try:
         os.makedirs(path, exist_ok=True)
@@ -2639,13 +2761,6 @@ def _retry_delay(policy, attempt, err):
     if isinstance(err, TransferError):
         return _should_retry(policy, attempt, exc=err)
     return None
-
-
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True):
@@ -2786,19 +2901,6 @@ def _content_range_start(resp):
     unit, _, rng = cr.partition(" ")
     first = rng.partition("-")[0]
     return int(first) if unit == "bytes" and first.isdigit() else None
-
-
-def _hash_file(f, length, hashers):
-    f.seek(0)
-    buf = bytearray(_CHUNK)
-    left = length
-    while left > 0:
-        n = f.readinto(buf)
-        if not n:
-            break
-        n = min(n, left)
-        hashers.update(memoryview(buf)[:n])
-        left -= n
 
 
 def _copy_body(resp, f, hashers, progress, cancel, path, fetched, length=None):
@@ -2961,13 +3063,6 @@ def _upload_service_file(tr, local, url, size, progress=None):
                          answer["path"])
     res.answer = answer
     return res
-
-
-def _try_delete(tr, url):
-    try:
-        tr.release(tr.request("DELETE", url, ok=(200, 202, 204, 404), retry=False))
-    except CtadataError:
-        pass
 
 
 def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
@@ -3167,18 +3262,6 @@ class _Task:
         self.fresh = fresh  # downloads: into a folder this run created
 
 
-def _same_sums(path, remote_sums):
-    """True when the local file's checksums (those the server has, adler32
-    preferred) equal the server's."""
-    hashers = _Hashers(_algos_for(remote_sums))
-    try:
-        with open(path, "rb", buffering=0) as f:
-            _hash_file(f, os.fstat(f.fileno()).st_size, hashers)
-    except OSError:
-        return False
-    return _compare_sums(hashers.result(), remote_sums) is None
-
-
 def _summarize(results, started, raise_on_failure=True, remote_path=None):
     summary = TransferSummary(results, time.monotonic() - started)
     summary.remote_path = remote_path
@@ -3187,34 +3270,80 @@ def _summarize(results, started, raise_on_failure=True, remote_path=None):
     return summary
 
 
+def _reraise(result):
+    """The exception of a failed single-file result."""
+    if result.exception is not None:
+        return result.exception
+    return TransferError(result.error or "transfer failed", result.source)
+
+
 ############################################################################
-# Public function API
+# Progress displays (terminal)
 ############################################################################
 
-def _normpath(path):
-    """Normalise a remote path like a URL library would (RFC 3986 §5.2.4
-    dot-segment removal), keeping a trailing slash; refuse to climb above
-    the storage root."""
-    import posixpath
-    trailing = path.endswith("/")
-    parts = []
-    for seg in path.split("/"):
-        if seg in ("", "."):
-            continue
-        if seg == "..":
-            if not parts:
-                raise ConfigError("path climbs above the storage root: %r" % path)
-            parts.pop()
-        else:
-            parts.append(seg)
-    out = posixpath.join(*parts) if parts else ""
-    return out + "/" if trailing and out else out
+def _human(n):
+    """1234567 -> '1.2M' (binary units, like ls -h)."""
+    if n is None:
+        return "-"
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1024 or unit == "P":
+            return ("%d%s" % (n, unit)) if unit == "" else ("%.1f%s" % (n, unit))
+        n /= 1024.0
 
 
-def _into(dest):
-    """True when a destination names a folder to put things *into*."""
-    return dest in ("", ".", "..") or dest.endswith(("/", os.sep))
+def _human_bytes(n):
+    h = _human(n)
+    return h + "B" if h[-1:].isdigit() else h + "iB"
 
+
+class _TermProgress(Progress):
+    """Progress that draws one live status line on a terminal (files
+    done/total, bytes, rate, ETA), at most 5 times a second."""
+
+    def __init__(self, stream, label):
+        Progress.__init__(self)
+        self.stream, self.label = stream, label
+        self._last = 0.0
+        self._drawn = False
+
+    def advance(self, nbytes):
+        Progress.advance(self, nbytes)
+        self._tick()
+
+    def file_done(self, result):
+        Progress.file_done(self, result)
+        self._tick()
+
+    def _tick(self):
+        now = time.monotonic()
+        if now - self._last < 0.2:
+            return
+        self._last = now
+        with self.lock:
+            elapsed = max(now - self.started, 1e-6)
+            rate = self.done_bytes / elapsed
+            left = self.total_bytes - self.done_bytes
+            eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 and left > 0 else "-"
+            more = "+" if self.planning else ""  # still listing
+            line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
+                self.label, self.done_files, self.total_files, more,
+                _human_bytes(self.done_bytes), _human_bytes(self.total_bytes), more,
+                _human_bytes(rate), eta if not more else "-")
+            if self.failed:
+                line += "  %d failed" % self.failed
+        self.stream.write("\r" + line[:200] + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self):
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+############################################################################
+# Client
+############################################################################
 
 class Client:
     """A client of one storage endpoint (dCache or any WebDAV server), or of
@@ -4161,54 +4290,9 @@ def _entry_key(e):
     return e.name
 
 
-def _rel_parts(base_url, url):
-    """Decoded path segments of *url* below *base_url*."""
-    from urllib.parse import urlsplit, unquote
-    b = urlsplit(base_url).path.rstrip("/") + "/"
-    p = urlsplit(url).path
-    if not (p.rstrip("/") + "/").startswith(b):
-        raise ProtocolError("listing left the requested tree", url)
-    rest = p[len(b):].strip("/")
-    return [unquote(s) for s in rest.split("/")] if rest else []
-
-
-def _rel_path(base_url, url):
-    return "/".join(_rel_parts(base_url, url))
-
-
-def _reraise(result):
-    """The exception of a failed single-file result."""
-    if result.exception is not None:
-        return result.exception
-    return TransferError(result.error or "transfer failed", result.source)
-
-
-class _ListingEntry(dict):
-    """One entry of the download service's listing, exactly as it sent it
-    (``href``, ``type``, ``size``, ``mtime``, ``url``).  The old README loops
-    over list_dir() as if it gave path strings (``'.0100' in url``,
-    ``url.split("/")``, ``fetch_and_save_file(url)``), older code uses
-    dicts (``url["href"]``): both work.  ``in`` tests the keys, then the
-    href's text; str methods (split, endswith, ...) are those of the href."""
-
-    __slots__ = ()
-
-    def __contains__(self, key):
-        return dict.__contains__(self, key) or (
-            isinstance(key, str) and key in str(self.get("href") or ""))
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(str(self.get("href") or ""), name)
-
-
-def _href_path(item):
-    """Decoded path of a service listing entry (no leading/trailing "/")."""
-    from urllib.parse import unquote
-    href = item.get("href") if isinstance(item, dict) else None
-    return unquote(href).strip("/") if isinstance(href, str) else None
-
+############################################################################
+# Public functions
+############################################################################
 
 _default_client = None
 _default_key = None
@@ -4360,6 +4444,7 @@ class APIClient:
 # arguments (token=, downloadservice=, certificateservice=, chunk_size=,
 # dev_instance=; see APIClient).
 
+
 def list_dir(path="", recursive=False, n_threads=None, **options):
     """List a remote directory (with *recursive*, everything below it).
 
@@ -4483,66 +4568,6 @@ def checksum(path):
 ############################################################################
 # CLI
 ############################################################################
-
-def _human(n):
-    """1234567 -> '1.2M' (binary units, like ls -h)."""
-    if n is None:
-        return "-"
-    for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1024 or unit == "P":
-            return ("%d%s" % (n, unit)) if unit == "" else ("%.1f%s" % (n, unit))
-        n /= 1024.0
-
-
-def _human_bytes(n):
-    h = _human(n)
-    return h + "B" if h[-1:].isdigit() else h + "iB"
-
-
-class _TermProgress(Progress):
-    """Progress that draws one live status line on a terminal (files
-    done/total, bytes, rate, ETA), at most 5 times a second."""
-
-    def __init__(self, stream, label):
-        Progress.__init__(self)
-        self.stream, self.label = stream, label
-        self._last = 0.0
-        self._drawn = False
-
-    def advance(self, nbytes):
-        Progress.advance(self, nbytes)
-        self._tick()
-
-    def file_done(self, result):
-        Progress.file_done(self, result)
-        self._tick()
-
-    def _tick(self):
-        now = time.monotonic()
-        if now - self._last < 0.2:
-            return
-        self._last = now
-        with self.lock:
-            elapsed = max(now - self.started, 1e-6)
-            rate = self.done_bytes / elapsed
-            left = self.total_bytes - self.done_bytes
-            eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 and left > 0 else "-"
-            more = "+" if self.planning else ""  # still listing
-            line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
-                self.label, self.done_files, self.total_files, more,
-                _human_bytes(self.done_bytes), _human_bytes(self.total_bytes), more,
-                _human_bytes(rate), eta if not more else "-")
-            if self.failed:
-                line += "  %d failed" % self.failed
-        self.stream.write("\r" + line[:200] + "\x1b[K")
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self):
-        if self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
 
 def _add_common(parser, suppress):
     """Options every subcommand accepts (before or after its name)."""
@@ -5230,6 +5255,8 @@ def _service_flag(argv):
         if arg == "--service" and (i + 1 == len(out) or "://" not in out[i + 1]):
             out[i] = "--service="
     return out
+
+
 def _note(args, text):
     if not _opt(args, "quiet"):
         sys.stderr.write("ctadata: %s\n" % text)
