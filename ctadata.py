@@ -309,18 +309,32 @@ class _Secrets:
 # Paths & names
 ############################################################################
 
+# One rule for what a name from a server may be, used by both listing
+# parsers (WebDAV, download service), by _safe_join before anything is
+# written, and by whatever serves files (the same rule on both sides, so
+# they cannot drift apart).  pip's join_within_directory is the model of
+# the second check: never trust that the first one ran.
+
 def _has_control(name):
+    """True for C0 controls (NUL, ESC...), DEL and C1 controls: in a file
+    name they make terminal escapes of ``ls`` output and awkward files."""
     return any(c < " " or "\x7f" <= c <= "\x9f" for c in name)
 
 
+def _is_safe_name(name):
+    """True when *name* can be one path segment on every system without
+    escaping its folder or the terminal: not empty, "." or "..", no "/" or
+    "\\", no control character."""
+    return not (name in ("", ".", "..") or "/" in name or "\\" in name
+                or not name.isprintable() and _has_control(name))
+
+
 def _safe_join(root, rel_parts):
-    """Join remote path segments below a local *root*, refusing anything
-    that could land outside it (the parser already drops such names; this
-    is the second lock on the door).  Segments that are neither empty, "."
-    nor "..", and hold no separator or NUL, cannot leave *root*."""
+    """Join remote path segments below a local *root*, refusing any that is
+    not a safe name (the parsers drop such entries already; this is the
+    second lock on the door)."""
     for part in rel_parts:
-        if part in ("", ".", "..") or "/" in part or "\\" in part or "\x00" in part \
-                or (os.sep != "/" and os.sep in part) or (os.altsep and os.altsep in part):
+        if not _is_safe_name(part):
             raise ProtocolError("refusing unsafe remote name %r" % part)
     return os.path.join(root, *rel_parts)
 
@@ -345,7 +359,7 @@ def _normpath(path):
     return out + "/" if trailing and out else out
 
 
-def _into(dest):
+def _names_folder(dest):
     """True when a destination names a folder to put things *into*."""
     return dest in ("", ".", "..") or dest.endswith(("/", os.sep))
 
@@ -365,7 +379,7 @@ def _rel_path(base_url, url):
     return "/".join(_rel_parts(base_url, url))
 
 
-def _unlink(path):
+def _unlink_missing_ok(path):
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -443,7 +457,7 @@ class _Hashers:
         return out
 
 
-def _compare_sums(local, remote):
+def _first_mismatch(local, remote):
     """Return (algorithm, remote value, local value) of the first algorithm
     both sides know that differs, or None when all common ones agree."""
     for algo in ("adler32", "md5", "sha-256", "sha"):
@@ -463,7 +477,7 @@ def _algos_for(remote_sums, always=True):
     return ("adler32",) if always else ()
 
 
-def _hash_file(f, length, hashers):
+def _hash_head(f, length, hashers):
     f.seek(0)
     buf = bytearray(_CHUNK)
     left = length
@@ -476,16 +490,16 @@ def _hash_file(f, length, hashers):
         left -= n
 
 
-def _same_sums(path, remote_sums):
+def _file_matches(path, remote_sums):
     """True when the local file's checksums (those the server has, adler32
     preferred) equal the server's."""
     hashers = _Hashers(_algos_for(remote_sums))
     try:
         with open(path, "rb", buffering=0) as f:
-            _hash_file(f, os.fstat(f.fileno()).st_size, hashers)
+            _hash_head(f, os.fstat(f.fileno()).st_size, hashers)
     except OSError:
         return False
-    return _compare_sums(hashers.result(), remote_sums) is None
+    return _first_mismatch(hashers.result(), remote_sums) is None
 
 
 ############################################################################
@@ -971,12 +985,15 @@ class _Transport:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    def _conn(self, key, fresh=False):
+    def _conn(self, key, single_use=False):
+        """This thread's kept-alive connection to *key*, and whether it was
+        used before; *single_use*: a new one, not kept (dCache closes the
+        connection of an Expect: 100-continue PUT after the redirect)."""
         import http.client
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
-        conn = None if fresh else conns.get(key)
+        conn = None if single_use else conns.get(key)
         if conn is not None:
             return conn, True
         scheme, host, port = key
@@ -988,7 +1005,7 @@ class _Transport:
             conn = http.client.HTTPConnection(
                 host, port, timeout=self.settings.timeout, blocksize=_CHUNK)
         conn.response_class = _response_class()
-        if not fresh:
+        if not single_use:
             conns[key] = conn
         self._open.add(conn)
         return conn, False
@@ -1053,7 +1070,7 @@ class _Transport:
             hdrs["Expect"] = "100-continue"
         for attempt in (0, 1):
             cut = None
-            conn, reused = self._conn(key, fresh=expect)
+            conn, reused = self._conn(key, single_use=expect)
             try:
                 if conn.sock is None:
                     conn.connect()
@@ -1949,9 +1966,9 @@ class _Auth:
             if self.mode == "token":
                 raise AuthError("no token found", hint=self.hint())
             return None
-        return "Bearer " + self._fresh(cred).value
+        return "Bearer " + self._usable(cred).value
 
-    def _fresh(self, cred):
+    def _usable(self, cred):
         if cred.exp is None:
             return cred
         now = time.time()
@@ -2197,8 +2214,8 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
     Each href is percent-decoded and resolved against *request_url*; the
     collection itself is passed to *on_self* (when given) instead of being
     yielded; dropped is anything that is not a direct child of it, is on
-    another origin, or has a name that could escape a destination folder
-    ("..", "/", "\\", NUL).  *warn* is called with a message for every entry
+    another origin, or has a name that is not safe (_is_safe_name: "..",
+    "\\", an encoded "/", control characters).  *warn* is called with a message for every entry
     dropped.  Document type declarations are refused: a multistatus never
     needs one, and entity expansion is an attack surface.
 
@@ -2336,12 +2353,9 @@ class _HrefContext:
             self.warn("skipping entry outside %r: %r" % (self.dprefix, dpath))
             return None
         name = dpath[dpath.rfind("/") + 1:]
-        # a decoded "/" makes the name shorter than the rest of the path;
-        # control characters (C0, DEL, C1) would become file names and
-        # terminal escapes ("ls" prints names as they are)
-        if not is_self and (name in ("", ".", "..") or "\\" in name
-                            or len(name) != len(dpath) - len(self.dprefix)
-                            or not name.isprintable() and _has_control(name)):
+        # a decoded "/" (%2F) makes the name shorter than the rest of the path
+        if not is_self and (len(name) != len(dpath) - len(self.dprefix)
+                            or not _is_safe_name(name)):
             self.warn("skipping entry with an unsafe name: %r" % name)
             return None
         base = self.base_path
@@ -2419,8 +2433,8 @@ def _parse_service_listing(items, base, path="", on_self=None, warn=None):
     *base* the service URL (no trailing slash).  The entry of *path* itself
     goes to *on_self* (when given) instead of the result.  Dropped, with a
     message to *warn*: anything that is not a direct child of *path*, and
-    names that could escape a destination folder ("..", "/", "\\", NUL).
-    Each Entry's ``url`` is the service URL that serves it,
+    names that are not safe (_is_safe_name: "..", "/", "\\", control
+    characters).  Each Entry's ``url`` is the service URL that serves it,
     ``{base}/fetch/{path}`` (directories end with "/")."""
     from urllib.parse import quote, unquote
     warn = warn or (lambda msg: None)
@@ -2442,10 +2456,10 @@ def _parse_service_listing(items, base, path="", on_self=None, warn=None):
         is_self = segs == want
         if not is_self:
             if len(segs) != len(want) + 1 or segs[:-1] != want:
-                warn("skipping entry outside %s/: %s" % (path, "/".join(segs)))
+                warn("skipping entry outside %r: %r" % (path + "/", "/".join(segs)))
                 continue
             name = segs[-1]
-            if name in (".", "..") or any(c in name for c in "/\\\x00"):
+            if not _is_safe_name(name):
                 warn("skipping entry with an unsafe name: %r" % name)
                 continue
         is_dir = item.get("type") == "directory" or href.endswith("/")
@@ -2477,6 +2491,10 @@ def _parse_upload_answer(data, url):
             not isinstance(answer.get("total_written"), int):
         raise ProtocolError("unexpected answer of the download service to an upload: %r"
                             % (answer,), url)
+    # `put` prints this path: the names in it follow the rule of listings
+    if not all(_is_safe_name(s) for s in answer["path"].split("/") if s):
+        raise ProtocolError("the download service reported an unsafe path: %r"
+                            % answer["path"], url)
     return answer
 
 
@@ -2728,7 +2746,7 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume
             sums, mtime, size = _download_once(tr, url, part, entry, progress, cancel,
                                                fetched, look)
         except ChecksumMismatch:
-            _unlink(part)
+            _unlink_missing_ok(part)
             mismatches += 1
             if mismatches > 1:
                 raise
@@ -2737,7 +2755,7 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume
             delay = _retry_delay(tr.policy, attempt, e)
             if delay is None:
                 if not resume:
-                    _unlink(part)
+                    _unlink_missing_ok(part)
                 raise
             _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(url), delay, e)
             tr._sleep(delay)
@@ -2748,7 +2766,7 @@ def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume
         except OSError as e:
             raise _local_error(e, dest)
         if size > _SMALL_BODY:
-            _unlink(part + ".meta")
+            _unlink_missing_ok(part + ".meta")
         res = TransferResult(url, dest, size, "transferred", None, sums, fetched[0])
         res.mtime = mtime
         return res
@@ -2797,7 +2815,7 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True)
         if resp.status == 206:
             start = _content_range_start(resp)
             if start != offset:
-                _unlink(part)
+                _unlink_missing_ok(part)
                 raise TransferError("server sent bytes from %s instead of %d" % (
                     start, offset), url)
         else:
@@ -2822,7 +2840,7 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True)
                 # The running checksum must cover the whole file: hash what is
                 # already there once, then append.
                 if hashers.active:
-                    _hash_file(f, offset, hashers)
+                    _hash_head(f, offset, hashers)
                 f.seek(offset)
                 f.truncate()
                 if progress is not None:
@@ -2849,7 +2867,7 @@ def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True)
             raise TransferError("short download: %d of %d bytes" % (received, expected),
                                 url, expected=expected, received=received)
         sums = hashers.result()
-        bad = _compare_sums(sums, remote_sums)
+        bad = _first_mismatch(sums, remote_sums)
         if bad:
             raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s"
                                    % bad, url, *bad)
@@ -2878,7 +2896,7 @@ def _write_part_meta(part, url, resp):
     validator = etag if etag and not etag.startswith("W/") else \
         resp.getheader("Last-Modified")
     if not validator:
-        _unlink(part + ".meta")
+        _unlink_missing_ok(part + ".meta")
         return
     try:
         with open(part + ".meta", "w", encoding="utf-8") as f:
@@ -3016,11 +3034,11 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
         hashers = _Hashers(_algos_for(remote_sums))
         try:
             with open(local, "rb", buffering=0) as f:
-                _hash_file(f, size, hashers)
+                _hash_head(f, size, hashers)
         except OSError as e:
             raise _local_error(e, local)
         sums.update(hashers.result())
-    bad = _compare_sums(sums, remote_sums)
+    bad = _first_mismatch(sums, remote_sums)
     if bad:
         _try_delete(tr, url)
         raise ChecksumMismatch("%s checksum mismatch after upload: server has %s, "
@@ -3270,7 +3288,7 @@ def _summarize(results, started, raise_on_failure=True, remote_path=None):
     return summary
 
 
-def _reraise(result):
+def _failure_exception(result):
     """The exception of a failed single-file result."""
     if result.exception is not None:
         return result.exception
@@ -3712,7 +3730,7 @@ class Client:
         if not entry.is_dir:
             if dest is None:
                 dest = entry.name
-            elif _into(dest) or os.path.isdir(dest):
+            elif _names_folder(dest) or os.path.isdir(dest):
                 if not dry_run:
                     _makedirs(dest)
                 dest = os.path.join(dest, entry.name)
@@ -3721,7 +3739,7 @@ class Client:
                                  progress, started, raise_on_failure, dry_run)
         if not recursive:
             raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
-        if dest is None or _into(dest):
+        if dest is None or _names_folder(dest):
             target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
         else:
             target = dest
@@ -3865,7 +3883,7 @@ class Client:
         resume = self._svc is None  # the download service ignores Range
 
         def work(t):
-            if t.check and _same_sums(t.dest, t.entry.checksums):
+            if t.check and _file_matches(t.dest, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped")
             return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
                                   t.fresh)
@@ -3882,7 +3900,7 @@ class Client:
         summary = self.download(path, save_to_fn, overwrite=overwrite,
                                 raise_on_failure=False)
         if summary.failed:
-            raise _reraise(summary.failures[0])
+            raise _failure_exception(summary.failures[0])
         return sum(r.size or 0 for r in summary.results)
 
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False,
@@ -3893,7 +3911,7 @@ class Client:
         recursive, as in the old client, whose second argument it was."""
         if isinstance(save_to, bool):
             save_to, recursive = None, save_to
-        if save_to is not None and recursive and not _into(save_to):
+        if save_to is not None and recursive and not _names_folder(save_to):
             save_to = save_to + "/"
         return self.download(path, save_to, recursive=recursive, overwrite=overwrite)
 
@@ -3935,13 +3953,13 @@ class Client:
         if os.path.isdir(local):
             if not recursive:
                 raise ConfigError("%s is a directory (use recursive=True / put -r)" % local)
-            target = remote + name if _into(remote) else remote
+            target = remote + name if _names_folder(remote) else remote
             return self._upload_tree(local, target, verify, overwrite, checksum,
                                      _selector(select), dry_run, progress, jobs, started,
                                      raise_on_failure)
         if not os.path.isfile(local):
             raise ConfigError("no such local file: %s" % local)
-        target = remote + name if _into(remote) else remote
+        target = remote + name if _names_folder(remote) else remote
         size = os.path.getsize(local)
         progress.add_total(1, size)
         tr = self._tr
@@ -4035,7 +4053,7 @@ class Client:
                 if not area and res.remote_path.endswith("/" + t.remote):
                     area.append(res.remote_path[:-len(t.remote)])
                 return res
-            if t.check and _same_sums(t.source, t.entry.checksums):
+            if t.check and _file_matches(t.source, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped",
                                       remote_path=t.remote)
             res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
@@ -4071,7 +4089,7 @@ class Client:
         (bad local file or remote path), AuthError, TransferError."""
         summary = self.upload(local, remote, raise_on_failure=False)
         if summary.failed:
-            raise _reraise(summary.failures[0])
+            raise _failure_exception(summary.failures[0])
         r = summary.results[0]
         if isinstance(r, _ServiceResult):
             return dict(r.answer)
@@ -4894,7 +4912,7 @@ def _entry_line(e, long, human, name):
                             name + ("/" if e.is_dir else ""))
 
 
-class _Out:
+class _RecordWriter:
     """Writes a listing as text lines, one JSON document or JSON lines, in
     batches (20,000 lines cost one write, not 20,000)."""
 
@@ -4934,7 +4952,7 @@ def _cli_selector(args):
 
 def _cmd_ls(client, args):
     sel = _cli_selector(args)
-    out = _Out(args)
+    out = _RecordWriter(args)
     # names only: ask the server for nothing else
     details = bool(args.long or out.json or out.jsonl)
     if args.unsorted and not args.recursive:
@@ -4997,7 +5015,7 @@ def _cmd_du(client, args):
         import json
         _out(json.dumps(report, indent=1) + "\n")
         return 0
-    out = _Out(args)
+    out = _RecordWriter(args)
     total = {k: report[k] for k in ("path", "files", "dirs", "bytes")}
     for c in report["children"]:
         out.item(c, "%10s  %8d files %6d dirs  %s%s" % (
@@ -5040,7 +5058,7 @@ def _report(args, verb, summary):
     if args.json:
         _out(json.dumps(summary.to_dict(), indent=1) + "\n")
     elif getattr(args, "jsonl", False):
-        out = _Out(args)
+        out = _RecordWriter(args)
         for r in summary.results:
             out.item(r.to_dict())
         d = summary.to_dict()

@@ -867,3 +867,27 @@ def test_service_1_5_gb_streamed_upload_and_download_in_bounded_memory(ds, upstr
         for p in (src, dst, upstream.root / AREA / "big"):
             shutil.rmtree(str(p), ignore_errors=True) if p.is_dir() else \
                 p.unlink() if p.exists() else None
+
+
+
+def test_service_listing_with_a_terminal_escape_in_a_name_is_refused(apache_server, tmp_path,
+                                                                     monkeypatch, capsys):
+    # The case: a listing href like "dir/%1B%5B31mred" must not reach
+    # the terminal: the entry is skipped with a warning, as on WebDAV.  (Apache
+    # upstream: it percent-encodes control characters in hrefs, nginx writes
+    # them raw into the XML.)
+    folder = "svc-" + secrets.token_hex(6)
+    root = make_tree(apache_server.root / folder, {"dir/a.bin": b"a", "dir/\x1b[31mred": b"x"})
+    apache_server.grant_access(root)
+    try:
+        with DownloadService(apache_server.url + "/" + folder, apache_server.token,
+                             users=USERS) as ds:
+            items = raw_listing(ds, "dir")
+            assert any("%1B" in i["href"].upper() for i in items)  # the service sends it
+            monkeypatch.setenv("JUPYTERHUB_API_TOKEN", TOKEN)
+            code = ctadata.main(["--service", ds.base_url, "ls", "dir"])
+    finally:
+        shutil.rmtree(str(root), ignore_errors=True)
+    out, err = capsys.readouterr()
+    assert code == 0 and out == "a.bin\n", (out, err)
+    assert "\x1b" not in err and "unsafe name" in err
