@@ -397,6 +397,10 @@ def _unlink_quietly(path):
 # Checksums
 ############################################################################
 
+# Asking for a checksum: adler32 (what dCache keeps), else md5 (RFC 3230).
+_WANT_DIGEST = "adler32,md5;q=0.5"
+
+
 def _parse_digest(text):
     """Parse an RFC 3230 ``Digest`` header (or dCache's Checksums property)
     into {algorithm: lowercase hex}.  adler32/crc32c are hex (padded to 8);
@@ -478,6 +482,8 @@ def _algos_for(remote_sums, always=True):
 
 
 def _hash_head(f, length, hashers):
+    """Hash the first *length* bytes of the open file *f* into *hashers*
+    (anything with ``update``)."""
     f.seek(0)
     buf = bytearray(_CHUNK)
     left = length
@@ -669,6 +675,76 @@ def _positive(value, default, name, kind, zero=False):
         raise ConfigError("%s must be %s, not %r" % (
             name, "zero or more" if zero else "positive", value))
     return v
+
+
+class _Options:
+    """The options of one Client after precedence: argument > environment >
+    profile > built-in default.  ``values`` {key of _PROFILE_KEYS: value or
+    None}, ``sources`` {key: "argument", "$VARIABLE", "profile NAME
+    (file)"...}, ``profile`` (its name), ``service_url`` (None: direct
+    mode), ``settings`` (a Settings), ``store`` (the profile whose login
+    store holds the tokens), ``issuer``, ``client_id``.  The environment
+    variables themselves are read where they are used (Settings, _Auth)."""
+
+    def __init__(self, given, profile=None, dev=False, env=None, insecure=False,
+                 backoff=0.5, expect_threshold=_EXPECT_THRESHOLD):
+        env = os.environ if env is None else env
+        name = profile or ("dev" if dev else None) or env.get("CTADATA_PROFILE") or "default"
+        self.profile, self.env = name, env
+        self.sources = {"profile": "argument" if profile else "--dev/dev=" if dev else
+                        "$CTADATA_PROFILE" if env.get("CTADATA_PROFILE") else
+                        "built-in default"}
+        self.values = v = self._apply(dict(given), _load_profile(name, env))
+        self.issuer = v["issuer"] or _DEFAULT_ISSUER
+        self.client_id = v["client_id"] or _DEFAULT_CLIENT_ID
+        url = v["url"]
+        self.service_url = _service_url(url, dev and self.sources.get("url") is None,
+                                        v["service"], env)
+        if self.service_url:
+            url = self.service_url
+        elif dev and not url:
+            url = DEV_URL
+        self.settings = Settings(url, v["timeout"], v["retries"], v["jobs"], v["ca_file"],
+                                 v["ca_dir"], insecure, v["cert"], backoff, expect_threshold,
+                                 env=env)
+        self.store = "dev" if name == "dev" or self.settings.url == DEV_URL else name
+
+    def _apply(self, given, prof):
+        for key, value in given.items():
+            var = _PROFILE_KEYS[key]
+            if value is not None:
+                self.sources[key] = "argument"
+            elif var and self.env.get(var):
+                self.sources[key] = "$" + var
+            elif key in prof and not (key == "service" and given["url"] is not None) and \
+                    not (key == "url" and given["service"] not in (None, False)):
+                # (an explicit storage URL or download service beats the
+                # profile's choice of the other)
+                given[key], self.sources[key] = prof[key]
+        return given
+
+    def rows(self):
+        """(name, value, where it came from) of each setting: what
+        Client.config() shows (the token row aside)."""
+        s, v = self.settings, self.values
+        rows = [("profile", self.profile, self.sources["profile"])]
+
+        def row(key, value, default="built-in default"):
+            rows.append((key, value, self.sources.get(key, default)))
+        row("service" if self.service_url else "url", s.url)
+        row("jobs", s.jobs)
+        row("timeout", s.timeout)
+        row("retries", s.retries)
+        row("ca_file", s.ca_file)
+        row("ca_dir", s.ca_dir, "built-in default (if it exists)")
+        row("cert", v["cert"])
+        row("auth", v["auth"] or "auto")
+        row("token_file", v["token_file"])
+        row("oidc_agent", v["oidc_agent"] or self.env.get("CTADATA_OIDC_AGENT") or None)
+        row("issuer", self.issuer)
+        row("client_id", self.client_id)
+        row("cert_service", v["cert_service"])
+        return rows
 
 
 ############################################################################
@@ -1037,17 +1113,42 @@ class _Transport:
 
     def _send(self, method, url, headers, body, expect):
         """Send one request to exactly *url* (no redirects, no retries)."""
-        import socket
         prefix = self._prefix
         if url.startswith(prefix) and url[len(prefix):len(prefix) + 1] == "/" and \
                 "#" not in url:
             # the storage's own URLs (nearly all of them): no parsing
             key, target = self.auth_origin, url[len(prefix):]
         else:
-            from urllib.parse import urlsplit
-            key = _origin(url)
-            p = urlsplit(url)
-            target = (p.path or "/") + ("?" + p.query if p.query else "")
+            key, target = self._split(url)
+        hdrs, data, value = self._headers(key, headers, body, expect)
+        for attempt in (0, 1):
+            conn, reused = self._conn(key, single_use=expect)
+            try:
+                resp, cut = self._exchange(conn, method, target, hdrs, body, data, expect)
+            except Exception as e:
+                self._drop(key, conn)
+                # A kept-alive connection the server has closed in the meantime
+                # fails on first use: that is not a failure of the request.
+                if reused and attempt == 0 and _is_stale(e):
+                    continue
+                raise
+            resp.ctadata_url = url
+            resp.ctadata_key = key
+            resp.ctadata_auth = value
+            resp.ctadata_conn = conn
+            resp.ctadata_close = expect or resp.will_close or cut is not None
+            return resp
+
+    @staticmethod
+    def _split(url):
+        """(origin key, request target) of any absolute URL."""
+        from urllib.parse import urlsplit
+        p = urlsplit(url)
+        return _origin(url), (p.path or "/") + ("?" + p.query if p.query else "")
+
+    def _headers(self, key, headers, body, expect):
+        """(request headers, body to send with them or None, the
+        Authorization value sent or None)."""
         hdrs = {"User-Agent": self._ua}
         value = None
         if key == self.auth_origin and self._auth_ok:
@@ -1068,46 +1169,35 @@ class _Transport:
                 data = body.read_all()
         if expect:
             hdrs["Expect"] = "100-continue"
-        for attempt in (0, 1):
-            cut = None
-            conn, reused = self._conn(key, single_use=expect)
-            try:
-                if conn.sock is None:
-                    conn.connect()
-                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.putrequest(method, target, skip_accept_encoding=True)
-                for k, v in hdrs.items():
-                    conn.putheader(k, v)
-                if expect:
-                    conn.endheaders()
-                    resp = self._expect_continue(conn, method, body)
-                elif data is not None:
-                    conn.endheaders(data)
-                    resp = conn.getresponse()
-                else:
-                    conn.endheaders()
-                    cut = self._send_body(conn, body) if body is not None else None
-                    try:
-                        resp = conn.getresponse()
-                    except Exception:
-                        if cut is not None:
-                            raise cut
-                        raise
-                    if cut is not None and resp.status < 300:
-                        raise cut  # "fine" without the whole body is not fine
-            except Exception as e:
-                self._drop(key, conn)
-                # A kept-alive connection the server has closed in the meantime
-                # fails on first use: that is not a failure of the request.
-                if reused and attempt == 0 and _is_stale(e):
-                    continue
-                raise
-            resp.ctadata_url = url
-            resp.ctadata_key = key
-            resp.ctadata_auth = value
-            resp.ctadata_conn = conn
-            resp.ctadata_close = expect or resp.will_close or cut is not None
-            return resp
+        return hdrs, data, value
+
+    def _exchange(self, conn, method, target, hdrs, body, data, expect):
+        """Send the request on *conn* and read the answer's head; return
+        (response, the error that cut the body short or None)."""
+        if conn.sock is None:
+            import socket
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for k, v in hdrs.items():
+            conn.putheader(k, v)
+        if expect:
+            conn.endheaders()
+            return self._expect_continue(conn, method, body), None
+        if data is not None or body is None:
+            conn.endheaders(data)
+            return conn.getresponse(), None
+        conn.endheaders()
+        cut = self._send_body(conn, body)
+        try:
+            resp = conn.getresponse()
+        except Exception:
+            if cut is not None:
+                raise cut
+            raise
+        if cut is not None and resp.status < 300:
+            raise cut  # "fine" without the whole body is not fine
+        return resp, cut
 
     def _send_body(self, conn, body):
         """Stream *body*; return None, or the error if the server stopped
@@ -1168,7 +1258,7 @@ class _Transport:
                     raise _network_error(e, url, what)
                 _log(20, "retrying %s %s in %.1fs after: %s", method, _safe_url(url),
                      delay, e)
-                self._sleep(delay)
+                self.sleep(delay)
                 attempt += 1
                 continue
             if resp.status in ok:
@@ -1195,10 +1285,11 @@ class _Transport:
                 raise err
             _log(20, "retrying %s %s in %.1fs after HTTP %d", method, _safe_url(url),
                  delay, resp.status)
-            self._sleep(delay)
+            self.sleep(delay)
             attempt += 1
 
-    def _sleep(self, delay):
+    def sleep(self, delay):
+        """Wait *delay* seconds; KeyboardInterrupt at once when cancelled."""
         if self.cancel is not None:
             if self.cancel.wait(delay):
                 raise KeyboardInterrupt
@@ -2160,6 +2251,10 @@ class Entry:
         return d
 
 
+def _entry_key(e):
+    return e.name
+
+
 def _iso(ts):
     if ts is None:
         return None
@@ -2390,10 +2485,125 @@ class _HrefContext:
 
 
 def _try_delete(tr, url):
+    """DELETE *url*, once, ignoring any failure (cleaning up after a failed
+    upload: the error being reported is the upload's)."""
     try:
         tr.release(tr.request("DELETE", url, ok=(200, 202, 204, 404), retry=False))
     except CtadataError:
         pass
+
+
+class _DAV:
+    """The WebDAV requests of one storage, over the one transport: PROPFIND
+    (listing, stat), MKCOL, DELETE, MOVE and HEAD (checksum), RFC 4918.
+
+    The direct-mode backend of a Client (_Service is the other one): remote
+    paths are relative to *base_url*; a full http(s) URL or an Entry is
+    taken as it is.  *warn* receives a message for every listing entry
+    dropped."""
+
+    kind = "url"          # what Client(...) calls the base URL
+    service_url = None
+    resumable = True      # GET honours Range
+
+    def __init__(self, tr, base_url, warn):
+        self.tr, self.base_url, self.warn = tr, base_url, warn
+
+    def url_for(self, path, collection=False):
+        """Absolute, percent-encoded URL of a remote path, Entry, URL or
+        listing entry (a dict with "href")."""
+        if isinstance(path, dict):
+            path = path.get("href") or ""
+        if isinstance(path, Entry):
+            url = path.url
+        elif "://" in str(path):
+            url = str(path)
+            if not url.lower().startswith(("http://", "https://")):
+                raise ConfigError("only http(s):// URLs are supported: %r" % _safe_url(url))
+        else:
+            from urllib.parse import quote
+            url = self.base_url + "/" + quote(_normpath(str(path or "")), safe="/")
+        if collection and not url.endswith("/"):
+            url += "/"
+        return url
+
+    def webdav(self, what):
+        """The _DAV that does *what* (mkdir, remove, ...): this one."""
+        return self
+
+    # -- PROPFIND --------------------------------------------------------------
+
+    def propfind(self, url, depth, on_self=None, details=True):
+        """Yield the Entry objects of a PROPFIND (see _parse_multistatus);
+        *details* False asks for names and types only."""
+        headers = {"Depth": str(depth), "Content-Type": 'application/xml; charset="utf-8"'}
+        resp = self.tr.request("PROPFIND", url, headers,
+                               _PROPFIND_BODY if details else _PROPFIND_NAMES_BODY,
+                               ok=(200, 207), what="list")
+        try:
+            if resp.status != 207:
+                raise ProtocolError("the server does not speak WebDAV (PROPFIND "
+                                    "answered %d)" % resp.status, url)
+            yield from _parse_multistatus(_iter_body(resp), resp.ctadata_url,
+                                          self.base_url, on_self, self.warn)
+        finally:
+            self.tr.release(resp)
+
+    def children(self, target, on_self=None, details=True):
+        """The entries of one directory (path, Entry or URL); its own entry
+        goes to *on_self*."""
+        return self.propfind(self.url_for(target), 1, on_self, details)
+
+    def stat(self, target):
+        """The Entry of a remote file or directory; NotFound if none."""
+        found = []
+        for _ in self.propfind(self.url_for(target), 0, found.append):
+            pass
+        if not found:
+            raise NotFound("no such file or directory", self.url_for(target))
+        return found[0]
+
+    def list_dir(self, target, recursive, ls):
+        """The old client's listing in this mode: paths relative to the
+        base URL, directories ending with "/" (*ls* is Client.ls)."""
+        return [e.path + "/" if e.is_dir else e.path
+                for e in ls(target, recursive, details=False)]
+
+    # -- changes -----------------------------------------------------------------
+
+    def mkcol(self, url, exist_ok):
+        # 405: the name exists (a collection, or a file: then the next MKCOL
+        # below it or the PUT fails with 409, which is reported).
+        ok = (200, 201, 405) if exist_ok else (200, 201)
+        self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
+
+    def mkdir(self, path, parents=False):
+        """MKCOL *path*; with *parents*, each missing folder on the way too
+        (an existing one is then fine)."""
+        norm = _normpath(str(path)) if "://" not in str(path) else str(path)
+        if not parents or "://" in norm:
+            self.mkcol(self.url_for(norm, True), exist_ok=parents)
+            return
+        segs = norm.strip("/").split("/")
+        for i in range(1, len(segs) + 1):
+            self.mkcol(self.url_for("/".join(segs[:i]), True), exist_ok=True)
+
+    def delete(self, url):
+        self.tr.release(self.tr.request("DELETE", url, ok=(200, 202, 204), what="remove"))
+
+    def move(self, url, target, overwrite=False):
+        headers = {"Destination": target, "Overwrite": "T" if overwrite else "F"}
+        self.tr.release(self.tr.request("MOVE", url, headers, ok=(201, 204), what="move"))
+
+    def checksum(self, target):
+        """The server's checksums of a file: HEAD + Want-Digest (RFC 3230),
+        else dCache's Checksums property; {} when it has none."""
+        url = self.url_for(target)
+        resp = self.tr.request("HEAD", url, {"Want-Digest": _WANT_DIGEST}, ok=(200,),
+                               what="checksum")
+        sums = _parse_digest(resp.getheader("Digest"))
+        self.tr.release(resp)
+        return sums or self.stat(url).checksums
 
 
 ############################################################################
@@ -2404,8 +2614,8 @@ def _try_delete(tr, url):
 # storage: GET {base}/list/{path} -> JSON, GET {base}/fetch/{path} -> bytes,
 # POST {base}/upload/{path} -> JSON; a JupyterHub API token as Bearer.  Paths
 # in URLs are relative to the storage root and never end with "/" (as the old
-# client sent them).  The functions here are pure, except _Service, which
-# sends requests through the one transport.
+# client sent them).  The functions here are pure, except _Service and _Hub,
+# which send requests through the one transport.
 
 
 class CertificateError(RemoteError):
@@ -2510,56 +2720,6 @@ def _read_body(tr, resp, url, what):
         tr.release(resp)
 
 
-class _Service:
-    """The requests of the download service, over the one transport.
-
-    Paths given here are decoded and normalised (no leading or trailing
-    "/"); the Client does that."""
-
-    def __init__(self, tr, base):
-        self.tr = tr
-        self.base = base.rstrip("/")
-
-    def url(self, endpoint, path):
-        """``{base}/{endpoint}/{path}``, percent-encoded."""
-        from urllib.parse import quote
-        return "%s/%s%s" % (self.base, endpoint, "/" + quote(path, safe="/") if path else "")
-
-    def list(self, path, on_self=None, warn=None):
-        """GET /list/{path}; return (the JSON list as sent, the child Entries)."""
-        url = self.url("list", path)
-        resp = self.tr.request("GET", url, {"Accept": "application/json"}, ok=(200,),
-                               what="list")
-        items = _service_json(_read_body(self.tr, resp, url, "list"), url)
-        return items, _parse_service_listing(items, self.base, path, on_self, warn)
-
-    def stat(self, path, warn=None):
-        """The Entry of *path*, from the listing of *path* itself (the service
-        has no stat: a file lists as itself, a directory with itself)."""
-        found = []
-        _items, children = self.list(path, found.append, warn)
-        if found:
-            return found[0]
-        if children:  # a listing without its own entry: still a directory
-            return Entry(path.rpartition("/")[2], path, self.url("fetch", path) + "/", True)
-        raise NotFound("no such file or directory", self.url("list", path), 404)
-
-
-def _post_certificate(tr, url, payload):
-    """POST a certificate (JSON) to the certificate service; return its JSON
-    answer.  Every refusal is a CertificateError with the service's message."""
-    import json
-    body = json.dumps(payload).encode("utf-8")
-    try:
-        resp = tr.request("POST", url, {"Content-Type": "application/json",
-                                        "Accept": "application/json"}, body,
-                          ok=(200, 201), what="certificate upload")
-    except (AuthError, RemoteError) as e:
-        raise CertificateError(e.message, e.url, e.status, e.hint)
-    answer = _service_json(_read_body(tr, resp, url, "certificate upload"), url)
-    return answer if isinstance(answer, dict) else {"message": answer}
-
-
 class _ListingEntry(dict):
     """One entry of the download service's listing, exactly as it sent it
     (``href``, ``type``, ``size``, ``mtime``, ``url``).  The old README loops
@@ -2585,6 +2745,161 @@ def _href_path(item):
     from urllib.parse import unquote
     href = item.get("href") if isinstance(item, dict) else None
     return unquote(href).strip("/") if isinstance(href, str) else None
+
+
+class _Service:
+    """The requests of the download service, over the one transport: the
+    service-mode backend of a Client (_DAV is the other one).
+
+    Remote paths are relative to the storage root and may be
+    percent-encoded, as the service lists them; ``path_of`` decodes and
+    normalises them (no leading or trailing "/")."""
+
+    kind = "service"      # what Client(...) calls the base URL
+    resumable = False     # /fetch ignores Range
+
+    def __init__(self, tr, base, warn):
+        self.tr, self.warn = tr, warn
+        self.base = self.service_url = base.rstrip("/")
+
+    def url(self, endpoint, path):
+        """``{base}/{endpoint}/{path}``, percent-encoded."""
+        from urllib.parse import quote
+        return "%s/%s%s" % (self.base, endpoint, "/" + quote(path, safe="/") if path else "")
+
+    def path_of(self, target):
+        """The decoded, normalised storage path of a path, Entry, listing
+        entry or service URL.  A valid %XX is decoded, anything else taken
+        literally, so "with%20space" and "with space" name the same file."""
+        from urllib.parse import unquote
+        if isinstance(target, Entry):
+            return target.path
+        if isinstance(target, dict):
+            target = target.get("href") or ""
+        text = str(target or "")
+        if "://" in text:
+            text = text.partition("?")[0]
+            for endpoint in ("fetch", "list", "upload", "webdav"):
+                prefix = "%s/%s" % (self.base, endpoint)
+                if text == prefix or text.startswith(prefix + "/"):
+                    text = text[len(prefix):]
+                    break
+            else:
+                raise ConfigError("in service mode remote paths are relative to the "
+                                  "storage root; not a URL of this service: %r"
+                                  % _safe_url(text))
+        return _normpath(unquote(text)).strip("/")
+
+    def url_for(self, target, collection=False):
+        """The service URL that serves *target* (``{base}/fetch/{path}``)."""
+        url = target.url if isinstance(target, Entry) else self.url("fetch", self.path_of(target))
+        return url + "/" if collection and not url.endswith("/") else url
+
+    def webdav(self, what):
+        raise ConfigError("%s is not offered by the download service: use "
+                          "webdav_client() (writes only in your own folder) or "
+                          "direct mode" % what)
+
+    def list(self, path, on_self=None):
+        """GET /list/{path}; return (the JSON list as sent, the child Entries)."""
+        url = self.url("list", path)
+        resp = self.tr.request("GET", url, {"Accept": "application/json"}, ok=(200,),
+                               what="list")
+        items = _service_json(_read_body(self.tr, resp, url, "list"), url)
+        return items, _parse_service_listing(items, self.base, path, on_self, self.warn)
+
+    def children(self, target, on_self=None, details=True):
+        """The entries of one directory (the service always sends details)."""
+        return iter(self.list(self.path_of(target), on_self)[1])
+
+    def stat(self, target):
+        """The Entry of *target*, from the listing of *target* itself (the
+        service has no stat: a file lists as itself, a directory with itself)."""
+        path = self.path_of(target)
+        found = []
+        _items, children = self.list(path, found.append)
+        if found:
+            return found[0]
+        if children:  # a listing without its own entry: still a directory
+            return Entry(path.rpartition("/")[2], path, self.url("fetch", path) + "/", True)
+        raise NotFound("no such file or directory", self.url("list", path), 404)
+
+    def list_dir(self, target, recursive, ls=None):
+        """The service's listing as it sent it (_ListingEntry dicts, the
+        directory itself included), with *recursive* that of every folder
+        below too."""
+        return self._list_dir(self.path_of(target), recursive)
+
+    def _list_dir(self, path, recursive):
+        items, children = self.list(path)
+        out = [_ListingEntry(i) if isinstance(i, dict) else i for i in items]
+        if recursive:
+            for e in children:
+                if e.is_dir:
+                    out.extend(i for i in self._list_dir(e.path, True)
+                               if _href_path(i) != e.path)
+        return out
+
+
+def _post_certificate(tr, url, payload):
+    """POST a certificate (JSON) to the certificate service; return its JSON
+    answer.  Every refusal is a CertificateError with the service's message."""
+    import json
+    body = json.dumps(payload).encode("utf-8")
+    try:
+        resp = tr.request("POST", url, {"Content-Type": "application/json",
+                                        "Accept": "application/json"}, body,
+                          ok=(200, 201), what="certificate upload")
+    except (AuthError, RemoteError) as e:
+        raise CertificateError(e.message, e.url, e.status, e.hint)
+    answer = _service_json(_read_body(tr, resp, url, "certificate upload"), url)
+    return answer if isinstance(answer, dict) else {"message": answer}
+
+
+class _Hub:
+    """The JupyterHub services beside the download service: the certificate
+    service (POST a PEM for a storage area) and the download service's WebDAV
+    pass-through (``{service}/webdav/``).  Both want the hub token: *auth*
+    (the Client's own in service mode, else one found the service way:
+    token=, token_file=, $JUPYTERHUB_API_TOKEN, never a storage token).
+    The certificate service's transport is made on first use."""
+
+    def __init__(self, auth, settings, env, cert_url, service_url, cancel):
+        self.auth, self.settings, self.env = auth, settings, env
+        self.cert_url = cert_url or env.get("CTACS_URL") or CERTIFICATE_SERVICE_URL
+        self.service_url = service_url.rstrip("/")
+        self.cancel = cancel
+        self._tr = None
+        self._lock = _thread.allocate_lock()
+
+    def transport(self):
+        with self._lock:
+            if self._tr is None:
+                s = self.settings
+                cs = Settings(self.cert_url, s.timeout, s.retries, s.jobs, s.ca_file,
+                              s.ca_dir, s.insecure, s.cert, backoff=s.backoff, env=self.env)
+                self._tr = _Transport(cs, self.auth, self.cancel)
+            return self._tr
+
+    def close(self):
+        if self._tr is not None:
+            self._tr.close()
+
+    def post_certificate(self, endpoint, path, fields):
+        """Read the PEM file *path* and POST it with *fields* to
+        ``{certificate service}/{endpoint}``; return the service's answer."""
+        try:
+            with open(os.fspath(path), "r", encoding="utf-8") as f:
+                pem = f.read(1 << 20)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("cannot read certificate file %s: %s"
+                              % (path, getattr(e, "strerror", None) or e))
+        tr = self.transport()
+        return _post_certificate(tr, tr.settings.url + "/" + endpoint,
+                                 dict(fields, certificate=pem))
+
+    def webdav_url(self):
+        return self.service_url + "/webdav"
 
 
 ############################################################################
@@ -2724,50 +3039,189 @@ def _local_error(e, path):
 
 
 def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume=True,
-                   fresh=False):
-    """Download *url* to *dest* through ``dest.part`` (renamed on success).
+                   new_folder=False):
+    """Download *url* to *dest* through ``dest.part`` (renamed on success);
+    return a TransferResult.  See _Download; *new_folder*: *dest*'s folder
+    was just created, so the first attempt need not look for a .part."""
+    return _Download(tr, url, dest, entry, progress, cancel, resume, new_folder).run()
 
-    Resumes an existing .part with Range + If-Range; verifies size and the
-    server's checksum (from the Digest header, else from the listing);
-    retries transient failures per the transport's policy, resuming each
-    time (one retry budget for the whole file).  A checksum mismatch deletes
-    the .part and starts over once.  Returns a TransferResult; raises
-    CtadataError on failure, leaving at most a .part file behind (never a
+
+class _Download:
+    """One file downloaded to *dest* through ``dest.part``, in the steps of
+    pip's network/download.py and httpie's downloads.py: decide what to
+    resume, ask (Range + If-Range), check the answer's range (one
+    Content-Range parser), stream into the part, verify (size, the
+    server's checksum from the Digest header, else from the listing), and
+    commit (rename).
+
+    Transient failures are retried per the transport's policy, resuming
+    each time (one retry budget for the whole file).  A checksum mismatch
+    deletes the .part and starts over once.  run() returns a TransferResult
+    or raises CtadataError, leaving at most a .part file behind (never a
     wrong file under the final name).  Without *resume* (the download
     service ignores Range), every attempt starts from byte 0 and a failed
-    download leaves no .part either.  *fresh*: *dest*'s folder was just
-    created, so the first attempt need not look for a .part."""
-    part = dest + ".part"
-    mismatches = attempt = 0
-    fetched = [0]
-    while True:
+    download leaves no .part either."""
+
+    def __init__(self, tr, url, dest, entry=None, progress=None, cancel=None, resume=True,
+                 new_folder=False):
+        self.tr, self.url, self.dest, self.part = tr, url, dest, dest + ".part"
+        self.entry, self.progress, self.cancel = entry, progress, cancel
+        self.resume, self.new_folder = resume, new_folder
+        self.fetched = [0]  # bytes received over the network, all attempts
+
+    def run(self):
+        mismatches = attempt = 0
+        while True:
+            look = self.resume and not (self.new_folder and attempt == 0 and not mismatches)
+            try:
+                sums, mtime, size = self.attempt(look)
+            except ChecksumMismatch:
+                _unlink_missing_ok(self.part)
+                mismatches += 1
+                if mismatches > 1:
+                    raise
+                continue
+            except CtadataError as e:
+                delay = _retry_delay(self.tr.policy, attempt, e)
+                if delay is None:
+                    if not self.resume:
+                        _unlink_missing_ok(self.part)
+                    raise
+                _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(self.url),
+                     delay, e)
+                self.tr.sleep(delay)
+                attempt += 1
+                continue
+            return self.commit(sums, mtime, size)
+
+    def attempt(self, look):
+        """One GET; return (checksums, remote mtime, size).  *look*: resume
+        from a .part if there is one.  Network errors become retryable
+        TransferErrors."""
+        entry = self.entry
+        expected = entry.size if entry is not None else None
+        offset, headers = self.resume_headers(self.resume_offset(look, expected))
+        resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="download",
+                               retry=False)
         try:
-            look = resume and not (fresh and attempt == 0 and not mismatches)
-            sums, mtime, size = _download_once(tr, url, part, entry, progress, cancel,
-                                               fetched, look)
-        except ChecksumMismatch:
-            _unlink_missing_ok(part)
-            mismatches += 1
-            if mismatches > 1:
-                raise
-            continue
-        except CtadataError as e:
-            delay = _retry_delay(tr.policy, attempt, e)
-            if delay is None:
-                if not resume:
-                    _unlink_missing_ok(part)
-                raise
-            _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(url), delay, e)
-            tr._sleep(delay)
-            attempt += 1
-            continue
+            offset, total = self.check_range(resp, offset)
+            if total is not None:
+                expected = total  # the server's word (the file may have changed)
+            remote_sums = _parse_digest(resp.getheader("Digest")) or (
+                entry.checksums if entry is not None else {})
+            hashers = _Hashers(_algos_for(remote_sums, self.tr.record_sums))
+            mtime = entry.mtime if entry is not None and entry.mtime is not None else \
+                _parse_http_date(resp.getheader("Last-Modified"))
+            received = offset + self.stream(resp, offset, expected, hashers, mtime)
+            return self.verify(received, expected, hashers, remote_sums), mtime, received
+        finally:
+            self.tr.release(resp)
+
+    def resume_offset(self, look, expected):
+        """Where the .part ends (what is there to resume), or 0."""
         try:
-            os.replace(part, dest)
+            offset = os.path.getsize(self.part) if look else 0
+        except OSError:
+            offset = 0
+        if expected is not None and offset >= expected:
+            offset = 0  # nothing to resume (or a stale, longer part): start over
+        return offset
+
+    def resume_headers(self, offset):
+        """(offset, request headers): Range + If-Range when a part of
+        *offset* bytes can be resumed, else offset 0."""
+        headers = {"Want-Digest": _WANT_DIGEST}
+        if not offset:
+            return 0, headers
+        # The validator saved when this .part was started is the one that
+        # says the bytes in it are still current; else the listing's.
+        validator = _read_part_meta(self.part, self.url)
+        entry = self.entry
+        if validator is None and entry is not None:
+            if entry.etag and not entry.etag.startswith("W/"):
+                validator = entry.etag
+            elif entry.mtime is not None:
+                import email.utils
+                validator = email.utils.formatdate(entry.mtime, usegmt=True)
+        if not validator:
+            return 0, headers  # nothing says the part is current: start over
+        # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
+        headers["Range"] = "bytes=%d-" % offset
+        headers["If-Range"] = validator
+        return offset, headers
+
+    def check_range(self, resp, offset):
+        """(offset the body starts at, total size or None) of the answer;
+        a 206 must start where the part ends.  A 200 starts a new part
+        (whose validator is remembered when it is large)."""
+        first, total = _content_range(resp)
+        if resp.status == 206:
+            if first != offset:
+                _unlink_missing_ok(self.part)
+                raise TransferError("server sent bytes from %s instead of %d" % (
+                    first, offset), self.url)
+            return offset, total
+        if total is not None and total > _SMALL_BODY:
+            _write_part_meta(self.part, self.url, resp)
+        return 0, total
+
+    def stream(self, resp, offset, expected, hashers, mtime):
+        """Write the body into the part after its first *offset* bytes (which
+        are hashed first: the checksum covers the whole file); return the
+        bytes received.  The part gets the server's modification time."""
+        try:
+            f = open(self.part, "r+b" if offset else "wb", buffering=0)
         except OSError as e:
-            raise _local_error(e, dest)
+            raise _local_error(e, self.part)
+        with f:
+            if offset:
+                if hashers.active:
+                    _hash_head(f, offset, hashers)
+                f.seek(offset)
+                f.truncate()
+                if self.progress is not None:
+                    self.progress.advance(offset)
+            try:
+                got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
+                                 self.fetched, None if expected is None else expected - offset)
+            except TransferError:
+                raise
+            except Exception as e:
+                if not _is_transient(e):
+                    raise
+                raise _network_error(e, self.url, "download")
+            if mtime is not None:
+                # set through the open file (no second path lookup); os.replace keeps it
+                try:
+                    os.utime(f.fileno() if os.utime in os.supports_fd else self.part,
+                             (mtime, mtime))
+                except OSError:
+                    pass
+        return got
+
+    def verify(self, received, expected, hashers, remote_sums):
+        """The part's size and checksums against the server's; return the
+        checksums."""
+        if expected is not None and received != expected:
+            raise TransferError("short download: %d of %d bytes" % (received, expected),
+                                self.url, expected=expected, received=received)
+        sums = hashers.result()
+        bad = _first_mismatch(sums, remote_sums)
+        if bad:
+            raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s"
+                                   % bad, self.url, *bad)
+        return sums
+
+    def commit(self, sums, mtime, size):
+        """Give the verified part its final name."""
+        try:
+            os.replace(self.part, self.dest)
+        except OSError as e:
+            raise _local_error(e, self.dest)
         if size > _SMALL_BODY:
-            _unlink_missing_ok(part + ".meta")
-        res = TransferResult(url, dest, size, "transferred", None, sums, fetched[0])
+            _unlink_missing_ok(self.part + ".meta")
+        res = TransferResult(self.url, self.dest, size, "transferred", None, sums,
+                             self.fetched[0])
         res.mtime = mtime
         return res
 
@@ -2779,101 +3233,6 @@ def _retry_delay(policy, attempt, err):
     if isinstance(err, TransferError):
         return _should_retry(policy, attempt, exc=err)
     return None
-
-
-def _download_once(tr, url, part, entry, progress, cancel, fetched, resume=True):
-    """One GET attempt; returns (checksums, remote mtime, size).  Network errors
-    become retryable TransferErrors; *fetched[0]* counts bytes received."""
-    expected = entry.size if entry is not None else None
-    known_sums = entry.checksums if entry is not None else {}
-    try:
-        offset = os.path.getsize(part) if resume else 0
-    except OSError:
-        offset = 0
-    if expected is not None and offset >= expected:
-        offset = 0  # nothing to resume (or a stale, longer part): start over
-    headers = {"Want-Digest": "adler32,md5;q=0.5"}
-    if offset:
-        # The validator saved when this .part was started is the one that
-        # says the bytes in it are still current; else the listing's.
-        validator = _read_part_meta(part, url)
-        if validator is None and entry is not None:
-            if entry.etag and not entry.etag.startswith("W/"):
-                validator = entry.etag
-            elif entry.mtime is not None:
-                import email.utils
-                validator = email.utils.formatdate(entry.mtime, usegmt=True)
-        if validator:
-            # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
-            headers["Range"] = "bytes=%d-" % offset
-            headers["If-Range"] = validator
-        else:
-            offset = 0  # nothing says the part is current: start over
-    resp = tr.request("GET", url, headers, ok=(200, 206), what="download", retry=False)
-    try:
-        total = _content_total(resp)
-        if resp.status == 206:
-            start = _content_range_start(resp)
-            if start != offset:
-                _unlink_missing_ok(part)
-                raise TransferError("server sent bytes from %s instead of %d" % (
-                    start, offset), url)
-        else:
-            offset = 0
-            if total is not None and total > _SMALL_BODY:
-                _write_part_meta(part, url, resp)
-        if expected is None:
-            expected = total
-        elif total is not None and total != expected:
-            expected = total  # the file changed since it was listed
-        remote_sums = _parse_digest(resp.getheader("Digest")) or known_sums
-        hashers = _Hashers(_algos_for(remote_sums, tr.record_sums))
-        mtime = entry.mtime if entry is not None and entry.mtime is not None else \
-            _parse_http_date(resp.getheader("Last-Modified"))
-        try:
-            f = open(part, "r+b" if offset else "wb", buffering=0)
-        except OSError as e:
-            raise _local_error(e, part)
-        got = 0
-        with f:
-            if offset:
-                # The running checksum must cover the whole file: hash what is
-                # already there once, then append.
-                if hashers.active:
-                    _hash_head(f, offset, hashers)
-                f.seek(offset)
-                f.truncate()
-                if progress is not None:
-                    progress.advance(offset)
-            try:
-                got = _copy_body(resp, f, hashers, progress, cancel, part, fetched,
-                                 None if expected is None else expected - offset)
-            except TransferError:
-                raise
-            except Exception as e:
-                if not _is_transient(e):
-                    raise
-                raise _network_error(e, url, "download")
-            if mtime is not None:
-                # the server's modification time, set through the open file
-                # (no second path lookup); os.replace keeps it
-                try:
-                    os.utime(f.fileno() if os.utime in os.supports_fd else part,
-                             (mtime, mtime))
-                except OSError:
-                    pass
-        received = offset + got
-        if expected is not None and received != expected:
-            raise TransferError("short download: %d of %d bytes" % (received, expected),
-                                url, expected=expected, received=received)
-        sums = hashers.result()
-        bad = _first_mismatch(sums, remote_sums)
-        if bad:
-            raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s"
-                                   % bad, url, *bad)
-        return sums, mtime, received
-    finally:
-        tr.release(resp)
 
 
 def _read_part_meta(part, url):
@@ -2905,20 +3264,25 @@ def _write_part_meta(part, url, resp):
         pass  # resume will fall back to the listing's validator
 
 
-def _content_total(resp):
+def _content_range(resp):
+    """(first byte, total size) of a GET answer, each None when unknown:
+    from ``Content-Range: bytes FIRST-LAST/TOTAL`` (RFC 9110 §14.4; TOTAL
+    may be "*"), else, for a 200, (0, Content-Length)."""
     cr = resp.getheader("Content-Range")
-    if cr and "/" in cr:
-        tail = cr.rpartition("/")[2].strip()
-        return int(tail) if tail.isdigit() else None
-    length = resp.getheader("Content-Length")
-    return int(length) if resp.status == 200 and length and length.isdigit() else None
+    if cr is not None:
+        unit, _, rng = cr.strip().partition(" ")
+        span, _, total = rng.partition("/")
+        first = _count(span.partition("-")[0]) if unit.lower() == "bytes" else None
+        return first, _count(total)
+    if resp.status == 200:
+        return 0, _count(resp.getheader("Content-Length"))
+    return None, None
 
 
-def _content_range_start(resp):
-    cr = (resp.getheader("Content-Range") or "").strip()
-    unit, _, rng = cr.partition(" ")
-    first = rng.partition("-")[0]
-    return int(first) if unit == "bytes" and first.isdigit() else None
+def _count(text):
+    """A non-negative decimal integer as an int, else None."""
+    text = (text or "").strip()
+    return int(text) if text and not text.strip("0123456789") else None
 
 
 def _copy_body(resp, f, hashers, progress, cancel, path, fetched, length=None):
@@ -2960,57 +3324,80 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     """PUT one local file to *url*; returns a TransferResult.
 
     Checksums: adler32 (computed while sending, or afterwards from the
-    file, see below) is compared with the ``Digest`` of the server's answer
-    (asked for with ``Want-Digest``); on a mismatch the remote copy is
-    deleted and ChecksumMismatch raised.  Files up
-    to 1 MiB are read into memory anyway, so they also carry ``Content-MD5``
-    (free there, and adler32 is weak on short inputs); larger files carry it
-    only with *verify* (it costs a second read of the file, before sending).
-    *verify* False never sends it.  Large files say "Expect: 100-continue" so
-    that dCache redirects them to a pool instead of proxying every byte
-    through the door."""
-    import base64
+    file, see _put_algos) is compared with the ``Digest`` of the server's
+    answer (asked for with ``Want-Digest``); on a mismatch the remote copy
+    is deleted and ChecksumMismatch raised.  Files up to 1 MiB are read into
+    memory anyway, so they also carry ``Content-MD5`` (free there, and
+    adler32 is weak on short inputs); larger files carry it only with
+    *verify* (it costs a second read of the file, before sending).  *verify*
+    False never sends it.  Large files say "Expect: 100-continue" so that
+    dCache redirects them to a pool instead of proxying every byte through
+    the door."""
+    body, sums_of, local_md5 = _upload_body(local, size, _put_algos(tr, size), verify)
+    headers = {"Want-Digest": _WANT_DIGEST}
+    if local_md5 is not None:
+        import base64
+        headers["Content-MD5"] = base64.b64encode(local_md5.digest()).decode()
+    remote_sums = _put(tr, url, headers, body, size >= tr.settings.expect_threshold)
+    sums = sums_of()
+    if local_md5 is not None:
+        sums["md5"] = local_md5.hexdigest()
+    _verify_upload(tr, url, local, size, sums, remote_sums)
+    if progress is not None:
+        progress.advance(size)
+    res = TransferResult(local, url, size, "transferred", None, sums, size)
+    try:
+        res.mtime = os.stat(local).st_mtime
+    except OSError:
+        pass
+    return res
+
+
+def _put_algos(tr, size):
+    """What to hash while sending.  Only the server's answer tells whether it
+    checks a Digest (dCache does, nginx and Apache don't).  Hash while
+    sending when that is known, or when a manifest wants the value, or for
+    small files (cheap); a large file sent before the first answer is hashed
+    afterwards, and only if the answer has a Digest: adler32 on the sending
+    thread costs ~0.45 s per GiB, for nothing on a server that never answers
+    one."""
+    if tr.record_sums or tr.put_digests or (size <= _SMALL_BODY and tr.put_digests is None):
+        return ("adler32",)
+    return ()
+
+
+def _upload_body(local, size, algos, verify):
+    """(the body to send, a function returning the checksums computed on
+    the way, the md5 to send as Content-MD5 or None).  A small file is read
+    whole (and its md5 is free); a large one streams as a _FileBody, its md5
+    only with *verify* (a first read of its own)."""
     import hashlib
-    headers = {"Want-Digest": "adler32,md5;q=0.5"}
-    local_md5 = None
-    # Only the server's answer tells whether it checks a Digest (dCache does,
-    # nginx and Apache don't).  Hash while sending when that is known, or
-    # when a manifest wants the value, or for small files (cheap); a large
-    # file sent before the first answer is hashed afterwards, and only if
-    # the answer has a Digest: adler32 on the sending thread costs ~0.45 s
-    # per GiB, for nothing on a server that never answers one.
-    if tr.record_sums or tr.put_digests or (size <= _SMALL_BODY and
-                                            tr.put_digests is None):
-        algos = ("adler32",)
-    else:
-        algos = ()
-    if size <= _SMALL_BODY:
-        try:
-            with open(local, "rb") as f:
-                body = f.read(size + 1)
-        except OSError as e:
-            raise _local_error(e, local)
-        if len(body) != size:
-            raise TransferError("local file changed size during upload: %s" % local,
-                                expected=size, received=len(body), retryable=False)
-        hashers = _Hashers(algos)
-        if algos:
-            hashers.update(body)
-        if verify is not False:
-            local_md5 = hashlib.md5(body)
-    else:
-        if verify:
-            local_md5 = hashlib.md5()
+    if size > _SMALL_BODY:
+        local_md5 = hashlib.md5() if verify else None
+        if local_md5 is not None:
             try:
-                with open(local, "rb") as f:
-                    for block in iter(lambda: f.read(_CHUNK), b""):
-                        local_md5.update(block)
+                with open(local, "rb", buffering=0) as f:
+                    _hash_head(f, size, local_md5)
             except OSError as e:
                 raise _local_error(e, local)
         body = _FileBody(local, size, algos)
-    if local_md5 is not None:
-        headers["Content-MD5"] = base64.b64encode(local_md5.digest()).decode()
-    expect = size >= tr.settings.expect_threshold
+        return body, lambda: body.hashers.result(), local_md5
+    try:
+        with open(local, "rb") as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise _local_error(e, local)
+    if len(data) != size:
+        raise TransferError("local file changed size during upload: %s" % local,
+                            expected=size, received=len(data), retryable=False)
+    hashers = _Hashers(algos)
+    if algos:
+        hashers.update(data)
+    return data, hashers.result, hashlib.md5(data) if verify is not False else None
+
+
+def _put(tr, url, headers, body, expect):
+    """Send the PUT; return the checksums of the answer's Digest."""
     try:
         resp = tr.request("PUT", url, headers, body, expect=expect, ok=(200, 201, 204),
                           what="upload")
@@ -3024,9 +3411,12 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     remote_sums = _parse_digest(resp.getheader("Digest"))
     tr.release(resp)
     tr.put_digests = bool(remote_sums) or bool(tr.put_digests)
-    sums = (body.hashers if isinstance(body, _FileBody) else hashers).result()
-    if local_md5 is not None:
-        sums["md5"] = local_md5.hexdigest()
+    return remote_sums
+
+
+def _verify_upload(tr, url, local, size, sums, remote_sums):
+    """Compare the checksums sent (*sums*, completed here) with the server's;
+    on a mismatch delete the remote copy and raise ChecksumMismatch."""
     if remote_sums and not any(a in sums for a in remote_sums):
         # nothing hashed on the way that the server's Digest can confirm:
         # hash the file now (what was sent is what is on disk, unless it
@@ -3043,14 +3433,6 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
         _try_delete(tr, url)
         raise ChecksumMismatch("%s checksum mismatch after upload: server has %s, "
                                "sent %s; remote copy deleted" % bad, url, *bad)
-    if progress is not None:
-        progress.advance(size)
-    res = TransferResult(local, url, size, "transferred", None, sums, size)
-    try:
-        res.mtime = os.stat(local).st_mtime
-    except OSError:
-        pass
-    return res
 
 
 class _ServiceResult(TransferResult):
@@ -3083,115 +3465,131 @@ def _upload_service_file(tr, local, url, size, progress=None):
     return res
 
 
-def _run_parallel(tasks, worker, jobs, progress=None, cancel=None, abort=None):
-    """Run ``worker(task)`` for every task from the iterable *tasks* on
-    *jobs* threads; return the TransferResults in the order of *tasks*.
+class _WorkerPool:
+    """Runs ``worker(task)`` for every task from an iterable on *jobs*
+    threads; run() returns the TransferResults in the order of the tasks.
 
-    Each worker pulls its next task from *tasks* itself (under a lock), so
-    the listing of the next directory overlaps with the transfers of this
-    one, memory stays bounded, and no dispatcher thread hands tasks over:
-    with many small files, every hand-over between threads is a GIL switch
-    and futex calls (measured: 68 futex calls per file with an executor).
-    A worker's CtadataError becomes a failed result; the others go on; an
-    error of *tasks* itself (a listing failed) is raised after the workers
-    stop.  On KeyboardInterrupt the *cancel* event stops the workers at their
-    next block, *abort* wakes those blocked on the network, and the interrupt
-    propagates (partial downloads stay as .part files)."""
-    import threading
-    it = iter(tasks)
-    take = threading.Lock()
-    state = {"n": 0, "done": False, "error": None}
-    outs = [[] for _ in range(jobs)]
+    Each worker pulls its next task from the iterable itself (under a
+    lock), so the listing of the next directory overlaps with the transfers
+    of this one, memory stays bounded, and no dispatcher thread hands tasks
+    over: with many small files, every hand-over between threads is a GIL
+    switch and futex calls (measured: 68 futex calls per file with an
+    executor).  A worker's CtadataError becomes a failed result; the others
+    go on; an error of the iterable itself (a listing failed) is raised
+    after the workers stop.  On KeyboardInterrupt the *cancel* event stops
+    the workers at their next block, *abort* wakes those blocked on the
+    network, and the interrupt propagates (partial downloads stay as .part
+    files).  Workers return results, they print nothing; *progress* hears
+    of each finished file."""
 
-    def next_task():
-        with take:
-            if state["done"]:
+    def __init__(self, worker, jobs, progress=None, cancel=None, abort=None):
+        import threading
+        self.worker, self.jobs, self.progress = worker, jobs, progress
+        self.cancel, self.abort = cancel, abort
+        self._take = threading.Lock()  # guards everything below
+        self._tasks = None
+        self._n = 0
+        self._done = False
+        self._error = None
+        self._live = jobs
+        self._stopped = threading.Event()
+
+    def run(self, tasks):
+        import threading
+        self._tasks = iter(tasks)
+        outs = [[] for _ in range(self.jobs)]
+        # The main thread waits on _stopped, never in Thread.join(timeout):
+        # a Ctrl-C that interrupts join() can mark a running thread as
+        # finished (CPython gh-90882), and a daemon thread still running at
+        # interpreter exit can abort the process.
+        threads = [threading.Thread(target=self._loop, args=(out,), name="ctadata-%d" % i,
+                                    daemon=True) for i, out in enumerate(outs)]
+        started = 0
+        try:
+            for t in threads:
+                t.start()
+                started += 1
+            while not self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
+                pass
+        except BaseException:
+            self._interrupt(started)
+            raise
+        for t in threads:
+            t.join()
+        if self._error is not None:
+            raise self._error
+        return [res for _idx, res in sorted((r for out in outs for r in out),
+                                            key=lambda r: r[0])]
+
+    def _next(self):
+        """(index, task) of the next task, or (None, None) when there is none."""
+        with self._take:
+            if self._done:
                 return None, None
             try:
-                task = next(it)
+                task = next(self._tasks)
             except StopIteration:
-                state["done"] = True
-                if progress is not None:
-                    progress.planned()
+                self._done = True
+                if self.progress is not None:
+                    self.progress.planned()
                 return None, None
-            except BaseException as e:  # the listing behind *tasks* failed
-                state["done"], state["error"] = True, e
+            except BaseException as e:  # the listing behind the tasks failed
+                self._done, self._error = True, e
                 return None, None
-            state["n"] += 1
-            return state["n"], task
+            self._n += 1
+            return self._n, task
 
-    def run(task):
+    def _one(self, task):
         if isinstance(task, TransferResult):  # decided without a transfer
             return task
         try:
-            return worker(task)
+            return self.worker(task)
         except CtadataError as e:
-            res = TransferResult(task.source, task.dest, task.size, "failed", str(e))
-            res.exception = e
+            err = e
         except OSError as e:
             err = _local_error(e, task.dest)
-            res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
-            res.exception = err
+        res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
+        res.exception = err
         return res
 
-    live = [jobs]
-    stopped = threading.Event()
-
-    def loop(out):
+    def _loop(self, out):
+        cancel, progress = self.cancel, self.progress
         try:
             while cancel is None or not cancel.is_set():
-                idx, task = next_task()
+                idx, task = self._next()
                 if task is None:
                     return
-                res = run(task)
+                res = self._one(task)
                 out.append((idx, res))
                 if progress is not None:
                     progress.file_done(res)
         except KeyboardInterrupt:
             pass  # cancelled: the main thread reports the interrupt
         except BaseException as e:  # a bug: raised in the caller's thread
-            with take:
-                state["done"] = True
-                if state["error"] is None:
-                    state["error"] = e
+            with self._take:
+                self._done = True
+                if self._error is None:
+                    self._error = e
         finally:
-            with take:
-                live[0] -= 1
-                if not live[0]:
-                    stopped.set()
+            self._exited(1)
 
-    # The main thread waits on *stopped*, never in Thread.join(timeout):
-    # a Ctrl-C that interrupts join() can mark a running thread as finished
-    # (CPython gh-90882), and a daemon thread still running at interpreter
-    # exit can abort the process.
-    threads = [threading.Thread(target=loop, args=(out,), name="ctadata-%d" % i,
-                                daemon=True) for i, out in enumerate(outs)]
-    started = 0
-    try:
-        for t in threads:
-            t.start()
-            started += 1
-        while not stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
+    def _exited(self, n):
+        with self._take:
+            self._live -= n
+            if not self._live:
+                self._stopped.set()
+
+    def _interrupt(self, started):
+        """Stop the workers (the main thread was interrupted) and wait for them."""
+        if self.cancel is not None:
+            self.cancel.set()
+        if self.abort is not None:
+            self.abort()
+        with self._take:
+            self._done = True
+        self._exited(self.jobs - started)  # threads that never started
+        while not self._stopped.wait(0.2):
             pass
-    except BaseException:
-        if cancel is not None:
-            cancel.set()
-        if abort is not None:
-            abort()
-        with take:
-            state["done"] = True
-            live[0] -= jobs - started  # threads that never started
-            if not live[0]:
-                stopped.set()
-        while not stopped.wait(0.2):
-            pass
-        raise
-    for t in threads:
-        t.join()
-    if state["error"] is not None:
-        raise state["error"]
-    return [res for _idx, res in sorted((r for out in outs for r in out),
-                                        key=lambda r: r[0])]
 
 
 def _glob_regex(pattern):
@@ -3268,16 +3666,17 @@ def _selector(select=None, include=(), exclude=()):
 
 class _Task:
     """One planned transfer; *check*: compare checksums first, skip if
-    equal; *remote*: for uploads, the remote path asked for."""
+    equal; *remote*: for uploads, the remote path asked for; *new_folder*:
+    for downloads, *dest* is in a folder this run created (no .part there)."""
 
-    __slots__ = ("source", "dest", "size", "entry", "check", "remote", "fresh")
+    __slots__ = ("source", "dest", "size", "entry", "check", "remote", "new_folder")
 
     def __init__(self, source, dest, size, entry=None, check=False, remote=None,
-                 fresh=False):
+                 new_folder=False):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
         self.check = check
         self.remote = remote
-        self.fresh = fresh  # downloads: into a folder this run created
+        self.new_folder = new_folder
 
 
 def _summarize(results, started, raise_on_failure=True, remote_path=None):
@@ -3293,6 +3692,452 @@ def _failure_exception(result):
     if result.exception is not None:
         return result.exception
     return TransferError(result.error or "transfer failed", result.source)
+
+
+# -- listing trees ---------------------------------------------------------
+
+def _walk(remote, path, jobs, details=True, warn=None):
+    """Yield (entry of a directory, sorted list of its entries) for *path*
+    and every directory below it, depth first, on a backend (_DAV or
+    _Service).  Listings run ahead in parallel on *jobs* threads; the order
+    is deterministic."""
+    from concurrent.futures import ThreadPoolExecutor
+    from collections import deque
+
+    def listing(p):
+        selfs = []
+        children = sorted(remote.children(p, selfs.append, details), key=_entry_key)
+        return (selfs[0] if selfs else None), _unique(children, warn)
+
+    with ThreadPoolExecutor(max_workers=jobs) as ex:
+        queue = deque([ex.submit(listing, remote.url_for(path, collection=True))])
+        try:
+            while queue:
+                top, children = queue.popleft().result()
+                subdirs = [e for e in children if e.is_dir]
+                for e in reversed(subdirs):
+                    queue.appendleft(ex.submit(listing, remote.url_for(e, True)))
+                yield top, children
+        finally:
+            for fut in queue:
+                fut.cancel()
+
+
+def _unique(entries, warn=None):
+    """Drop repeated names from a sorted listing (two downloads into one
+    file would race), with a warning."""
+    out = []
+    for e in entries:
+        if out and out[-1].name == e.name:
+            if warn is not None:
+                warn("skipping a second entry named %r in one listing" % e.name)
+        else:
+            out.append(e)
+    return out
+
+
+def _usage_by_child(entry, tree, sel=None):
+    """Files, folders and bytes below the directory *entry*, counted from
+    *tree* (what _walk yields for it) per immediate child: a list of
+    {"name", "type", "files", "dirs", "bytes"} sorted by name.  *sel*
+    counts only the files it accepts (and keeps the folders around them)."""
+    root = entry.url if entry.url.endswith("/") else entry.url + "/"
+    kids = {}
+    for _top, children in tree:
+        for e in children:
+            rel = _rel_path(root, e.url)
+            first, _, rest = rel.partition("/")
+            rec = kids.get(first)
+            if rec is None:
+                rec = kids[first] = {"name": first, "files": 0, "dirs": 0, "bytes": 0,
+                                     "type": "directory" if e.is_dir or rest else "file"}
+            if e.is_dir:
+                if rest:
+                    rec["dirs"] += 1
+            elif sel is None or sel(rel):
+                rec["files"] += 1
+                rec["bytes"] += e.size or 0
+    children = [kids[k] for k in sorted(kids)]
+    if sel is not None:  # only what the filter kept (and the folders around it)
+        children = [c for c in children if c["files"] or c["type"] == "directory"]
+    return children
+
+
+# -- planners ----------------------------------------------------------------
+# A planner turns one call (download a tree, upload a folder...) into tasks
+# for a _WorkerPool: it lists, decides what is already there, makes the
+# folders, and hands each file to the function that moves it.  The Client
+# has one of each; the upload planner differs by mode (_Uploads: WebDAV PUT,
+# _ServiceUploads: the download service's POST).
+
+class _Planner:
+    """What the planners of one Client share: its backend *remote* (_DAV or
+    _Service), the transport, the cancel event (Ctrl-C), the default number
+    of parallel jobs and where warnings go."""
+
+    def __init__(self, remote, tr, cancel, jobs, warn):
+        self.remote, self.tr, self.cancel, self.jobs, self.warn = remote, tr, cancel, jobs, warn
+
+    def walk(self, path, jobs=None, details=True):
+        return _walk(self.remote, path, jobs or self.jobs, details, self.warn)
+
+    def start(self, progress):
+        """(start time, the Progress to feed) of a new transfer."""
+        self.cancel.clear()
+        return time.monotonic(), progress if progress is not None else Progress()
+
+    def run(self, tasks, worker, jobs, progress, started, raise_on_failure, dry_run):
+        """Run planned tasks on a worker pool (or, for a dry run, only list
+        them as "planned") and summarize."""
+        if dry_run:
+            results = []
+            for t in tasks:
+                if not isinstance(t, TransferResult):
+                    t = TransferResult(t.source, t.dest, t.size, "planned")
+                results.append(t)
+            return _summarize(results, started, False)
+        pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort)
+        return _summarize(pool.run(tasks), started, raise_on_failure)
+
+
+class _Downloads(_Planner):
+    """Plans downloads: a file, a tree (listed as it goes), a list of URLs."""
+
+    def download(self, path, dest, recursive, overwrite, checksum, select, dry_run,
+                 progress, jobs, raise_on_failure):
+        """See Client.download."""
+        started, progress = self.start(progress)
+        entry = self.remote.stat(self.remote.url_for(path))
+        if not entry.is_dir:
+            if dest is None:
+                dest = entry.name
+            elif _names_folder(dest) or os.path.isdir(dest):
+                if not dry_run:
+                    _makedirs(dest)
+                dest = os.path.join(dest, entry.name)
+            tasks = [self.task(entry, dest, overwrite, checksum, progress)]
+            return self.run(tasks, self.worker(progress), 1, progress, started,
+                            raise_on_failure, dry_run)
+        if not recursive:
+            raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
+        if dest is None or _names_folder(dest):
+            target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
+        else:
+            target = dest
+        tasks = self.tree_tasks(entry, target, overwrite, checksum, _selector(select),
+                                dry_run, progress, jobs)
+        return self.run(tasks, self.worker(progress), jobs, progress, started,
+                        raise_on_failure, dry_run)
+
+    def tree_tasks(self, entry, target, overwrite, checksum, sel, dry_run, progress, jobs):
+        """The tasks of a tree download into the local folder *target*,
+        listed folder by folder; local folders are made as it goes (without
+        a filter, empty ones too: the tree is mirrored)."""
+        made = set()
+        base = entry.url if entry.url.endswith("/") else entry.url + "/"
+        for top, children in self.walk(entry, jobs):
+            rel = _rel_parts(base, top.url if top is not None else base)
+            local_dir = _safe_join(target, rel)
+            files = self.no_part_clash([e for e in children if not e.is_dir and (
+                sel is None or sel("/".join(rel + [e.name])))])
+            new_folder = False
+            if not dry_run and local_dir not in made and (files or sel is None):
+                # a folder this run creates holds no file or .part yet: its
+                # downloads skip two stat() calls each
+                new_folder = not os.path.isdir(local_dir)
+                _makedirs(local_dir)
+                made.add(local_dir)
+            for e in files:
+                yield self.task(e, _safe_join(local_dir, [e.name]), overwrite, checksum,
+                                progress, new_folder)
+
+    def no_part_clash(self, files):
+        """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
+        downloading x goes through x.part, which would mix the two files."""
+        names = set(e.name for e in files)
+        keep = []
+        for e in files:
+            stem = e.name[:-5] if e.name.endswith(".part") else \
+                e.name[:-10] if e.name.endswith(".part.meta") else None
+            if stem is not None and stem in names:
+                self.warn("skipping %r: it would clash with the partial download of %r"
+                          % (e.name, stem))
+            else:
+                keep.append(e)
+        return keep
+
+    def task(self, entry, dest, overwrite, checksum, progress, new_folder=False):
+        """The _Task of downloading *entry* to *dest*, or the "skipped"
+        result when a file of the same size is there (and, with *checksum*,
+        the server has no checksum to compare: else a worker compares)."""
+        check = False
+        if not overwrite and not new_folder and entry.size is not None:
+            try:
+                same_size = os.stat(dest).st_size == entry.size
+            except OSError:
+                same_size = False
+            if same_size:
+                if not (checksum and entry.checksums):
+                    res = TransferResult(entry.url, dest, entry.size, "skipped")
+                    res.mtime = entry.mtime
+                    return res
+                check = True  # hashing the local copy is left to a worker
+        progress.add_total(1, entry.size)
+        return _Task(entry.url, dest, entry.size, entry, check, new_folder=new_folder)
+
+    def worker(self, progress):
+        tr, cancel, resume = self.tr, self.cancel, self.remote.resumable
+
+        def work(t):
+            if t.check and _file_matches(t.dest, t.entry.checksums):
+                return TransferResult(t.source, t.dest, t.size, "skipped")
+            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
+                                  t.new_folder)
+        return work
+
+    def from_list(self, items, dest, strip_prefix, overwrite, dry_run, progress, jobs,
+                  raise_on_failure):
+        """See Client.download_list."""
+        started, progress = self.start(progress)
+        prefix = strip_prefix and (self.remote.url_for(strip_prefix)
+                                   if "://" not in strip_prefix else strip_prefix)
+        return self.run(self.list_tasks(items, dest, prefix, progress),
+                        self.list_worker(overwrite, progress), jobs, progress, started,
+                        raise_on_failure, dry_run)
+
+    def list_tasks(self, items, dest, prefix, progress):
+        for line in items:
+            item = line.strip()
+            if not item or item.startswith("#"):
+                continue
+            try:
+                url, local = self.list_item(item, dest, prefix)
+            except CtadataError as e:
+                res = TransferResult(item, None, None, "failed", str(e))
+                res.exception = e
+                yield res
+                continue
+            progress.add_total(1, 0)
+            yield _Task(url, local, None)
+
+    def list_item(self, item, dest, prefix):
+        """(URL, local path) of one line of a URL list: the local path is
+        what follows *prefix* in the URL, else its whole path (for a remote
+        path: that path)."""
+        from urllib.parse import quote, unquote, urlsplit
+        url = self.remote.url_for(item)
+        if prefix:
+            if not url.startswith(prefix):
+                raise ConfigError("not below --strip-prefix %s" % _safe_url(prefix))
+            rest = url[len(prefix):]
+        elif "://" in item:
+            rest = urlsplit(url).path
+        else:  # a remote path: its place below the storage URL
+            rest = quote(_normpath(item))
+        parts = [unquote(p) for p in rest.split("/") if p]
+        if not parts:
+            raise ConfigError("no file name in this URL")
+        return url, _safe_join(dest, parts)
+
+    def list_worker(self, overwrite, progress):
+        """Files of a URL list come without a listing: a present file is
+        skipped when HEAD says it has the same size."""
+        tr, cancel = self.tr, self.cancel
+
+        def work(t):
+            _makedirs(os.path.dirname(t.dest) or ".")
+            if not overwrite and os.path.exists(t.dest):
+                resp = tr.request("HEAD", t.source, ok=(200,), what="check")
+                size = _count(resp.getheader("Content-Length"))
+                tr.release(resp)
+                if size is not None and size == os.path.getsize(t.dest):
+                    return TransferResult(t.source, t.dest, size, "skipped")
+            return _download_file(tr, t.source, t.dest, None, progress, cancel)
+        return work
+
+
+class _Uploads(_Planner):
+    """Plans uploads with WebDAV PUT (direct mode); _ServiceUploads changes
+    what differs through the download service."""
+
+    def upload(self, local, remote, recursive, verify, overwrite, checksum, select,
+               dry_run, progress, jobs, raise_on_failure):
+        """See Client.upload."""
+        started, progress = self.start(progress)
+        local = os.fspath(local)
+        remote = self.target(str(remote or ""))
+        name = os.path.basename(os.path.normpath(local))
+        target = remote + name if _names_folder(remote) else remote
+        if os.path.isdir(local):
+            if not recursive:
+                raise ConfigError("%s is a directory (use recursive=True / put -r)" % local)
+            return self.tree(local, target, verify, overwrite, checksum, _selector(select),
+                             dry_run, progress, jobs, started, raise_on_failure)
+        if not os.path.isfile(local):
+            raise ConfigError("no such local file: %s" % local)
+        size = os.path.getsize(local)
+        progress.add_total(1, size)
+        task = _Task(local, self.url(target), size, remote=target)
+        summary = self.run([task], lambda t: self.send(t, verify, progress), 1, progress,
+                           started, raise_on_failure, dry_run)
+        for r in summary.results:
+            if r.remote_path is None:
+                r.remote_path = target
+        summary.remote_path = summary.results[0].remote_path
+        return summary
+
+    def tree(self, local, target, verify, overwrite, checksum, sel, dry_run, progress, jobs,
+             started, raise_on_failure):
+        """Upload the local folder *local* as the remote folder *target*."""
+        base = target.rstrip("/")
+        existing = {} if overwrite else self.existing(target)
+        ensure = self.folder_maker(base, dry_run)
+        area = []  # service mode: the caller's folder, as the service names it
+        tasks = self.tree_tasks(local, base, existing, checksum, sel, ensure, progress)
+        summary = self.run(tasks, self.tree_worker(verify, progress, area), jobs, progress,
+                           started, raise_on_failure, dry_run)
+        summary.remote_path = self.tree_path(base, area)
+        return summary
+
+    def tree_tasks(self, local, base, existing, checksum, sel, ensure, progress):
+        for dirpath, dirnames, filenames in os.walk(local):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, local)
+            rparts = [] if rel == "." else rel.split(os.sep)
+            rdir = "/".join([base] + rparts if base else rparts)
+            names = [fn for fn in sorted(filenames)
+                     if sel is None or sel("/".join(rparts + [fn]))]
+            if names or sel is None:
+                ensure(base)
+                ensure(rdir)
+            for fn in names:
+                path = os.path.join(dirpath, fn)
+                rpath = (rdir + "/" + fn) if rdir else fn
+                try:
+                    size = os.path.getsize(path)
+                except OSError as e:
+                    yield TransferResult(path, rpath, None, "failed",
+                                         str(_local_error(e, path)))
+                    continue
+                have = existing.get("/".join(rparts + [fn]))
+                if have is not None and have.size == size and not (
+                        checksum and have.checksums):
+                    yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
+                    continue
+                progress.add_total(1, size)
+                yield _Task(path, self.url(rpath), size, have,
+                            check=have is not None and have.size == size, remote=rpath)
+
+    # -- what differs between WebDAV and the download service -------------------
+
+    def target(self, remote):
+        """The remote path asked for, normalised (a URL is kept)."""
+        if "://" in remote:
+            return remote
+        return _normpath(remote) if remote.strip("/") else ""
+
+    def url(self, rpath):
+        return self.remote.url_for(rpath)
+
+    def send(self, t, verify, progress):
+        """PUT one file; a 409 (a missing parent folder: Apache does not make
+        them) makes the folders, then tries once more."""
+        try:
+            return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+        except NotFound:
+            raise
+        except RemoteError as e:
+            parent = t.remote.rstrip("/").rpartition("/")[0] if "://" not in t.remote else None
+            if e.status != 409 or not parent:
+                raise
+        self.remote.mkdir(parent, parents=True)
+        return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+
+    def existing(self, target):
+        """{relative path: Entry} of the files below a remote folder (empty
+        when it does not exist yet)."""
+        index = {}
+        root = self.remote.url_for(target, collection=True)
+        try:
+            for _top, children in self.walk(target):
+                for e in children:
+                    if not e.is_dir:
+                        index[_rel_path(root, e.url)] = e
+        except NotFound:
+            pass
+        return index
+
+    def folder_maker(self, base, dry_run):
+        """A function that makes a remote folder once, parents first
+        (Apache does not make them on PUT); nothing for a dry run."""
+        made = set()
+
+        def ensure(rdir):
+            if dry_run or rdir in made or not rdir:
+                return
+            parent = rdir.rpartition("/")[0]
+            if parent and parent not in made and parent != base:
+                ensure(parent)
+            if rdir == base:
+                self.remote.mkdir(base, parents=True)
+            else:
+                self.remote.mkcol(self.remote.url_for(rdir, True), exist_ok=True)
+            made.add(rdir)
+        return ensure
+
+    def tree_worker(self, verify, progress, area):
+        tr = self.tr
+
+        def work(t):
+            if t.check and _file_matches(t.source, t.entry.checksums):
+                return TransferResult(t.source, t.dest, t.size, "skipped",
+                                      remote_path=t.remote)
+            res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
+            res.remote_path = t.remote
+            return res
+        return work
+
+    def tree_path(self, base, area):
+        """Where the tree is on the storage."""
+        return base
+
+
+class _ServiceUploads(_Uploads):
+    """Uploads through the download service: POST /upload/{path}; everything
+    lands in the caller's own folder, which the service's answers name."""
+
+    def target(self, remote):
+        if "://" in remote:
+            raise ConfigError("in service mode the destination is a path in your "
+                              "own folder, not a URL: %r" % _safe_url(remote))
+        trailing = "/" if remote.endswith("/") else ""
+        path = self.remote.path_of(remote)
+        return path + trailing if path else ""
+
+    def url(self, rpath):
+        return self.remote.url("upload", rpath)
+
+    def send(self, t, verify, progress):
+        return _upload_service_file(self.tr, t.source, t.dest, t.size, progress)
+
+    def existing(self, target):
+        return {}  # the service offers no listing of what is already there to skip
+
+    def folder_maker(self, base, dry_run):
+        return lambda rdir: None  # the service makes folders itself
+
+    def tree_worker(self, verify, progress, area):
+        tr = self.tr
+
+        def work(t):
+            res = _upload_service_file(tr, t.source, t.dest, t.size, progress)
+            if not area and res.remote_path.endswith("/" + t.remote):
+                area.append(res.remote_path[:-len(t.remote)])
+            return res
+        return work
+
+    def tree_path(self, base, area):
+        return area[0] + base if area else None
 
 
 ############################################################################
@@ -3392,97 +4237,41 @@ class Client:
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
                  cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None,
                  service=None, certificate_service=None, auth=None, oidc_agent=None,
-                 profile=None, issuer=None, client_id=None):
-        self._env = env = os.environ if env is None else env
-        # flag/argument > environment > profile > built-in default
-        name = profile or ("dev" if dev else None) or env.get("CTADATA_PROFILE") or "default"
-        given = {"url": url, "service": service, "cert_service": certificate_service,
-                 "issuer": issuer, "client_id": client_id, "jobs": jobs,
-                 "timeout": timeout, "retries": retries, "ca_dir": ca_dir,
-                 "ca_file": ca_file, "token_file": token_file, "oidc_agent": oidc_agent,
-                 "auth": auth, "cert": cert}
-        prof = _load_profile(name, env)
-        self.sources = {"profile": "argument" if profile else "--dev/dev=" if dev else
-                        "$CTADATA_PROFILE" if env.get("CTADATA_PROFILE") else
-                        "built-in default"}
-        for key, value in given.items():
-            var = _PROFILE_KEYS[key]
-            if value is not None:
-                self.sources[key] = "argument"
-            elif var and env.get(var):
-                self.sources[key] = "$" + var
-            elif key in prof and not (key == "service" and url is not None) and \
-                    not (key == "url" and service not in (None, False)):
-                # (an explicit storage URL or download service beats the
-                # profile's choice of the other)
-                given[key], self.sources[key] = prof[key]
-        self.profile = name
-        url, service, certificate_service = given["url"], given["service"], given["cert_service"]
-        jobs, timeout, retries = given["jobs"], given["timeout"], given["retries"]
-        ca_dir, ca_file, token_file = given["ca_dir"], given["ca_file"], given["token_file"]
-        oidc_agent, auth, cert = given["oidc_agent"], given["auth"], given["cert"]
-        self.issuer = given["issuer"] or _DEFAULT_ISSUER
-        self.client_id = given["client_id"] or _DEFAULT_CLIENT_ID
-        service_url = _service_url(url, dev and self.sources.get("url") is None, service,
-                                   env)
-        if service_url:
-            url = service_url
-        elif dev and not url:
-            url = DEV_URL
-        self.settings = Settings(url, timeout, retries, jobs, ca_file, ca_dir, insecure,
-                                 cert, backoff, expect_threshold, env=env)
-        store = "dev" if name == "dev" or self.settings.url == DEV_URL else name
-        self._auth = _Auth(token, token_file, env, oidc_agent, auth, cert, store,
-                           service=bool(service_url))
-        self._oidc = self._auth.oidc = _OIDC(self.settings, self._auth.secrets)
+                 profile=None, issuer=None, client_id=None, record_checksums=False):
+        env = os.environ if env is None else env
+        opts = _Options({"url": url, "service": service, "cert_service": certificate_service,
+                         "issuer": issuer, "client_id": client_id, "jobs": jobs,
+                         "timeout": timeout, "retries": retries, "ca_dir": ca_dir,
+                         "ca_file": ca_file, "token_file": token_file,
+                         "oidc_agent": oidc_agent, "auth": auth, "cert": cert},
+                        profile, dev, env, insecure, backoff, expect_threshold)
+        self._options, self.settings = opts, opts.settings
+        self.profile, self.sources = opts.profile, opts.sources
+        self.issuer, self.client_id = opts.issuer, opts.client_id
+        self.warnings = []
+        v, s = opts.values, self.settings
+        self._auth = _Auth(token, v["token_file"], env, v["oidc_agent"], v["auth"], v["cert"],
+                           opts.store, service=opts.service_url is not None)
+        self._oidc = self._auth.oidc = _OIDC(s, self._auth.secrets)
         import threading
         self._cancel = threading.Event()
-        self._tr = _Transport(self.settings, self._auth, self._cancel)
-        self._svc = _Service(self._tr, self.settings.url) if service_url else None
-        self._cert_url = certificate_service
-        self._hub = None  # (auth, certificate transport) for the JupyterHub services
-        self._hub_lock = _thread.allocate_lock()
-        self.warnings = []
+        self._transport = tr = _Transport(s, self._auth, self._cancel)
+        tr.record_sums = bool(record_checksums)
+        # The one place where the modes differ: the backend (and so how
+        # uploads go), and whose token the JupyterHub services get.
+        if opts.service_url:
+            self._remote = _Service(tr, s.url, self._warn)
+            uploads, hub_auth, hub_url = _ServiceUploads, self._auth, s.url
+        else:
+            self._remote = _DAV(tr, s.url, self._warn)
+            uploads, hub_url = _Uploads, env.get("CTADS_URL") or SERVICE_URL
+            hub_auth = _Auth(token, v["token_file"], env, service=True)
+        self._downloads = _Downloads(self._remote, tr, self._cancel, s.jobs, self._warn)
+        self._uploads = uploads(self._remote, tr, self._cancel, s.jobs, self._warn)
+        self._hub = _Hub(hub_auth, s, env, v["cert_service"], hub_url, self._cancel)
 
     def __repr__(self):
-        if self._svc is not None:
-            return "Client(service=%r)" % self.settings.url
-        return "Client(url=%r)" % self.settings.url
-
-    def config(self):
-        """The effective settings: a list of (name, value, where it came
-        from: "argument", "$VARIABLE", "profile NAME (file)", "built-in
-        default", ...).  Never a secret: the token is described by its
-        source only."""
-        s = self.settings
-        rows = [("profile", self.profile, self.sources["profile"])]
-
-        def row(key, value, default="built-in default"):
-            rows.append((key, value, self.sources.get(key, default)))
-        if self._svc is not None:
-            row("service", s.url)
-        else:
-            row("url", s.url)
-        row("jobs", s.jobs)
-        row("timeout", s.timeout)
-        row("retries", s.retries)
-        row("ca_file", s.ca_file)
-        row("ca_dir", s.ca_dir, "built-in default (if it exists)")
-        row("cert", self._auth._cert)
-        row("auth", self._auth.mode)
-        row("token_file", self._auth._token_file)
-        row("oidc_agent", self._auth._oidc_agent)
-        row("issuer", self.issuer)
-        row("client_id", self.client_id)
-        row("cert_service", self._cert_url)
-        try:
-            self._auth.load()   # discovery only: the token itself is not shown
-        except CtadataError as e:
-            rows.append(("token", "error", str(e)))
-        else:
-            rows.append(("token", "found" if self._auth.source else "none found",
-                         self._auth.source or "see `ctadata token --explain`"))
-        return rows
+        return "Client(%s=%r)" % (self._remote.kind, self.settings.url)
 
     def __enter__(self):
         return self
@@ -3492,9 +4281,14 @@ class Client:
 
     def close(self):
         """Close this thread's kept-alive connections."""
-        self._tr.close()
-        if self._hub is not None:
-            self._hub[1].close()
+        self._transport.close()
+        self._hub.close()
+
+    def _warn(self, msg):
+        self.warnings.append(msg)
+        _log(30, "%s", msg)
+
+    # -- settings and credentials -----------------------------------------------
 
     @property
     def url(self):
@@ -3504,105 +4298,99 @@ class Client:
     @property
     def service(self):
         """The download service's URL in service mode, else None."""
-        return self.settings.url if self._svc is not None else None
+        return self._remote.service_url
 
-    # -- paths ---------------------------------------------------------------
+    @property
+    def config_file(self):
+        """The configuration file whose sections are the profiles."""
+        return _config_file(self._options.env)
+
+    def config(self):
+        """The effective settings: a list of (name, value, where it came
+        from: "argument", "$VARIABLE", "profile NAME (file)", "built-in
+        default", ...).  Never a secret: the token is described by its
+        source only."""
+        rows = self._options.rows()
+        try:
+            self._auth.load()   # discovery only: the token itself is not shown
+        except CtadataError as e:
+            rows.append(("token", "error", str(e)))
+        else:
+            source = self._auth.source
+            rows.append(("token", "found" if source else "none found",
+                         source or "see `ctadata token --explain`"))
+        return rows
+
+    @property
+    def auth_mode(self):
+        """"auto" (a token, else an X.509 proxy), "token" or "x509"."""
+        return self._auth.mode
+
+    @property
+    def token_source(self):
+        """Where the token this client sends was found (never the token
+        itself), once token discovery has run (the first request, token(),
+        explain_token()); None when there is no token."""
+        return self._auth.source
+
+    def token(self):
+        """Return the bearer token this client sends (refreshed first when it
+        is about to expire), e.g. for curl.  Raises AuthError when there is
+        none, ConfigError for an unreadable or unsafe token file."""
+        value = self._auth.header()
+        if value is None:
+            raise AuthError("no token found", hint=self._auth.hint())
+        return value[len("Bearer "):]
+
+    def explain_token(self):
+        """Return lines saying where the token was looked for and what was
+        found (never the token itself), as `ctadata token --explain` prints."""
+        return self._auth.explain()
+
+    @property
+    def login_store(self):
+        """The file where login() keeps the tokens of this client's profile."""
+        return self._auth.store.path
+
+    def login(self, scope=_LOGIN_SCOPE, secret=None, show=None):
+        """Log in with the OIDC device flow (RFC 8628) at this client's
+        ``issuer`` as ``client_id``, and keep the tokens in ``login_store``
+        (0600), where later clients find and refresh them.  *show(uri, code,
+        complete_uri, expires_in)* is called once with what the user must
+        open in a browser; then this waits for the login.  *secret*: the
+        OIDC client's secret, if it has one.  Returns {"user": the user's
+        name in the token or None, "store": the file, "refreshable": True
+        when a refresh token came}.  Raises AuthError (denied, expired),
+        ConfigError (the store cannot be written)."""
+        rec = self._oidc.device_login(self.issuer, self.client_id, secret, scope, show)
+        store = self._auth.store
+        try:
+            store.save(rec)
+        except OSError as e:
+            raise ConfigError("cannot keep the tokens in %s: %s" % (store.path, e.strerror or e))
+        claims = _jwt_claims(rec["access_token"]) or {}
+        who = claims.get("preferred_username") or claims.get("sub")
+        return {"user": _printable(who, 80) if who else None, "store": store.path,
+                "refreshable": bool(rec.get("refresh_token"))}
+
+    def logout(self):
+        """Forget the tokens login() kept for this client's profile; return
+        True when there were any."""
+        return self._auth.store.remove()
+
+    # -- paths and listings ---------------------------------------------------------
 
     def url_for(self, path, collection=False):
         """Absolute, percent-encoded URL of a remote *path* (or Entry, or URL,
         or an entry of the service's listing).  In service mode, the service
         URL that serves it (``{service}/fetch/{path}``)."""
-        if isinstance(path, dict):
-            path = path.get("href") or ""
-        if self._svc is not None:
-            if isinstance(path, Entry):
-                url = path.url
-            else:
-                url = self._svc.url("fetch", self._svc_path(path))
-        elif isinstance(path, Entry):
-            url = path.url
-        elif "://" in str(path):
-            url = str(path)
-            if not url.lower().startswith(("http://", "https://")):
-                raise ConfigError("only http(s):// URLs are supported: %r" % _safe_url(url))
-        else:
-            from urllib.parse import quote
-            url = self.settings.url + "/" + quote(_normpath(str(path or "")), safe="/")
-        if collection and not url.endswith("/"):
-            url += "/"
-        return url
-
-    def _svc_path(self, target):
-        """The decoded, normalised storage path (no leading or trailing "/")
-        of a path, Entry, listing entry or service URL, in service mode.
-
-        Paths may be percent-encoded, as the service lists them (hrefs): a
-        valid %XX is decoded, anything else is taken literally, so
-        "with%20space" and "with space" name the same file."""
-        from urllib.parse import unquote
-        if isinstance(target, Entry):
-            return target.path
-        if isinstance(target, dict):
-            target = target.get("href") or ""
-        text = str(target or "")
-        if "://" in text:
-            text = text.partition("?")[0]
-            for endpoint in ("fetch", "list", "upload", "webdav"):
-                prefix = "%s/%s" % (self.settings.url, endpoint)
-                if text == prefix or text.startswith(prefix + "/"):
-                    text = text[len(prefix):]
-                    break
-            else:
-                raise ConfigError("in service mode remote paths are relative to the "
-                                  "storage root; not a URL of this service: %r"
-                                  % _safe_url(text))
-        return _normpath(unquote(text)).strip("/")
-
-    def _direct_only(self, what):
-        if self._svc is not None:
-            raise ConfigError("%s is not offered by the download service: use "
-                              "webdav_client() (writes only in your own folder) or "
-                              "direct mode" % what)
-
-    def _warn(self, msg):
-        self.warnings.append(msg)
-        _log(30, "%s", msg)
-
-    # -- listing ---------------------------------------------------------------
-
-    def _propfind(self, url, depth, on_self=None, details=True):
-        headers = {"Depth": str(depth), "Content-Type": 'application/xml; charset="utf-8"'}
-        resp = self._tr.request("PROPFIND", url, headers,
-                                _PROPFIND_BODY if details else _PROPFIND_NAMES_BODY,
-                                ok=(200, 207), what="list")
-        try:
-            if resp.status != 207:
-                raise ProtocolError("the server does not speak WebDAV (PROPFIND "
-                                    "answered %d)" % resp.status, url)
-            yield from _parse_multistatus(_iter_body(resp), resp.ctadata_url,
-                                          self.settings.url, on_self, self._warn)
-        finally:
-            self._tr.release(resp)
-
-    def _children(self, target, on_self=None, details=True):
-        """The entries of one directory (path, Entry or URL), self to *on_self*;
-        without *details*, only names and types are asked for."""
-        if self._svc is not None:
-            return iter(self._svc.list(self._svc_path(target), on_self, self._warn)[1])
-        return self._propfind(self.url_for(target), 1, on_self, details)
+        return self._remote.url_for(path, collection)
 
     def stat(self, path):
         """Return the Entry of a remote file or directory.
 
         Raises NotFound if it does not exist, AuthError, RemoteError."""
-        if self._svc is not None:
-            return self._svc.stat(self._svc_path(path), self._warn)
-        found = []
-        for _ in self._propfind(self.url_for(path), 0, found.append):
-            pass
-        if not found:
-            raise NotFound("no such file or directory", self.url_for(path))
-        return found[0]
+        return self._remote.stat(path)
 
     def iter_dir(self, path="", details=True):
         """Yield the entries of one directory as the server sends them
@@ -3613,7 +4401,7 @@ class Client:
         size, mtime, etag, checksums and locality are then left empty."""
         selfs = []
         n = 0
-        for entry in self._children(path, selfs.append, details):
+        for entry in self._remote.children(path, selfs.append, details):
             n += 1
             yield entry
         if not n and selfs and not selfs[0].is_dir:
@@ -3624,37 +4412,7 @@ class Client:
         and every directory below it, depth first.  Directory listings run
         ahead in parallel (*jobs* threads); the order is deterministic.
         *details*: as for iter_dir."""
-        from concurrent.futures import ThreadPoolExecutor
-        from collections import deque
-
-        def listing(p):
-            selfs = []
-            children = sorted(self._children(p, selfs.append, details), key=_entry_key)
-            return (selfs[0] if selfs else None), self._unique(children)
-
-        with ThreadPoolExecutor(max_workers=jobs or self.settings.jobs) as ex:
-            queue = deque([ex.submit(listing, self.url_for(path, collection=True))])
-            try:
-                while queue:
-                    top, children = queue.popleft().result()
-                    subdirs = [e for e in children if e.is_dir]
-                    for e in reversed(subdirs):
-                        queue.appendleft(ex.submit(listing, self.url_for(e, True)))
-                    yield top, children
-            finally:
-                for fut in queue:
-                    fut.cancel()
-
-    def _unique(self, entries):
-        """Drop repeated names from a sorted listing (two downloads into one
-        file would race), with a warning."""
-        out = []
-        for e in entries:
-            if out and out[-1].name == e.name:
-                self._warn("skipping a second entry named %r in one listing" % e.name)
-            else:
-                out.append(e)
-        return out
+        return _walk(self._remote, path, jobs or self.settings.jobs, details, self._warn)
 
     def ls(self, path="", recursive=False, select=None, details=True):
         """Return a list of Entry objects below *path*, sorted by name (with
@@ -3675,7 +4433,7 @@ class Client:
                 not e.is_dir and sel(_rel_path(root, e.url))))
         return out
 
-    def list_dir(self, path="", recursive=False):
+    def list_dir(self, path="", recursive=False, n_threads=None):
         """List a remote directory (with *recursive*, everything below it) the
         way the old client did in this mode; what ``fetch_and_save_file`` takes.
 
@@ -3684,23 +4442,29 @@ class Client:
         it sent it, a list of dicts ``{"href", "type", "size", "mtime",
         "url"}`` (the directory itself included; hrefs percent-encoded) that
         also act as their href for ``in``, ``.split()`` and the like, as the
-        old README's loops expect.  Raises NotFound, AuthError, RemoteError."""
-        if self._svc is not None:
-            return self._service_list_dir(self._svc_path(path), recursive)
-        return [e.path + "/" if e.is_dir else e.path
-                for e in self.ls(path, recursive, details=False)]
+        old README's loops expect.  *n_threads* (the old client's) is
+        ignored: listings use ``jobs``.  Raises NotFound, AuthError,
+        RemoteError."""
+        return self._remote.list_dir(path, recursive, self.ls)
 
-    def _service_list_dir(self, path, recursive):
-        items, children = self._svc.list(path, None, self._warn)
-        out = [_ListingEntry(i) if isinstance(i, dict) else i for i in items]
-        if recursive:
-            for e in children:
-                if e.is_dir:
-                    out.extend(i for i in self._service_list_dir(e.path, True)
-                               if _href_path(i) != e.path)
-        return out
+    def du(self, path="", select=None):
+        """Count what is below a remote path (listing in parallel): returns
+        ``{"path", "files", "dirs", "bytes", "children": [{"name", "type",
+        "files", "dirs", "bytes"}, ...]}`` with one record per immediate
+        child, sorted by name.  *select* counts only some files (as for
+        download).  Raises NotFound, AuthError, RemoteError."""
+        entry = self.stat(path)
+        if not entry.is_dir:
+            return {"path": entry.path, "files": 1, "dirs": 0, "bytes": entry.size or 0,
+                    "children": []}
+        children = _usage_by_child(entry, self.walk(entry), _selector(select))
+        return {"path": entry.path,
+                "files": sum(c["files"] for c in children),
+                "dirs": sum(c["dirs"] + (c["type"] == "directory") for c in children),
+                "bytes": sum(c["bytes"] for c in children),
+                "children": children}
 
-    # -- downloads ---------------------------------------------------------------
+    # -- transfers -------------------------------------------------------------------
 
     def download(self, path, dest=None, recursive=False, overwrite=False,
                  checksum=False, select=None, dry_run=False, progress=None, jobs=None,
@@ -3722,82 +4486,8 @@ class Client:
         Returns a TransferSummary.  Raises PartialFailure (with the summary)
         if any file failed, NotFound/AuthError/RemoteError if *path* cannot be
         listed."""
-        started = time.monotonic()
-        progress = progress if progress is not None else Progress()
-        self._cancel.clear()
-        url = self.url_for(path)
-        entry = self.stat(url)
-        if not entry.is_dir:
-            if dest is None:
-                dest = entry.name
-            elif _names_folder(dest) or os.path.isdir(dest):
-                if not dry_run:
-                    _makedirs(dest)
-                dest = os.path.join(dest, entry.name)
-            task = self._download_task(entry, dest, overwrite, checksum, progress)
-            return self._execute([task], self._download_worker(progress, checksum), 1,
-                                 progress, started, raise_on_failure, dry_run)
-        if not recursive:
-            raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
-        if dest is None or _names_folder(dest):
-            target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
-        else:
-            target = dest
-        sel = _selector(select)
-
-        def tasks():
-            made = set()
-            base = entry.url if entry.url.endswith("/") else entry.url + "/"
-            for top, children in self.walk(entry, jobs):
-                rel = _rel_parts(base, top.url if top is not None else base)
-                local_dir = _safe_join(target, rel)
-                files = [e for e in children if not e.is_dir and (
-                    sel is None or sel("/".join(rel + [e.name])))]
-                files = self._no_part_clash(files)
-                # without a filter the tree is mirrored, empty folders too
-                fresh = False
-                if not dry_run and local_dir not in made and (files or sel is None):
-                    # a folder this run creates holds no file or .part yet: its
-                    # downloads skip two stat() calls each
-                    fresh = not os.path.isdir(local_dir)
-                    _makedirs(local_dir)
-                    made.add(local_dir)
-                for e in files:
-                    yield self._download_task(e, _safe_join(local_dir, [e.name]),
-                                              overwrite, checksum, progress, fresh)
-
-        return self._execute(tasks(), self._download_worker(progress, checksum),
-                             jobs or self.settings.jobs, progress, started,
-                             raise_on_failure, dry_run)
-
-    def _no_part_clash(self, files):
-        """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
-        downloading x goes through x.part, which would mix the two files."""
-        names = set(e.name for e in files)
-        keep = []
-        for e in files:
-            stem = e.name[:-5] if e.name.endswith(".part") else \
-                e.name[:-10] if e.name.endswith(".part.meta") else None
-            if stem is not None and stem in names:
-                self._warn("skipping %r: it would clash with the partial download of %r"
-                           % (e.name, stem))
-            else:
-                keep.append(e)
-        return keep
-
-    def _execute(self, tasks, worker, jobs, progress, started, raise_on_failure, dry_run):
-        """Run planned tasks on the worker pool (or, for a dry run, only
-        list them as "planned") and summarize."""
-        if dry_run:
-            results = []
-            for t in tasks:
-                if not isinstance(t, TransferResult):
-                    t = TransferResult(t.source, t.dest, t.size, "planned")
-                results.append(t)
-            return _summarize(results, started, False)
-        results = _run_parallel(tasks, worker, jobs, progress, self._cancel,
-                                self._tr.abort)
-        return _summarize(results, started, raise_on_failure)
+        return self._downloads.download(path, dest, recursive, overwrite, checksum, select,
+                                        dry_run, progress, jobs, raise_on_failure)
 
     def download_list(self, items, dest=".", strip_prefix=None, overwrite=False,
                       dry_run=False, progress=None, jobs=None, raise_on_failure=True):
@@ -3811,83 +4501,8 @@ class Client:
         only sent to the storage URL's origin.
 
         Returns a TransferSummary; raises PartialFailure if any file failed."""
-        from urllib.parse import quote, unquote, urlsplit
-        started = time.monotonic()
-        progress = progress if progress is not None else Progress()
-        self._cancel.clear()
-        prefix = strip_prefix and (self.url_for(strip_prefix) if "://" not in strip_prefix
-                                   else strip_prefix)
-
-        def tasks():
-            for line in items:
-                item = line.strip()
-                if not item or item.startswith("#"):
-                    continue
-                try:
-                    url = self.url_for(item)
-                    if prefix:
-                        if not url.startswith(prefix):
-                            raise ConfigError("not below --strip-prefix %s"
-                                              % _safe_url(prefix))
-                        rest = url[len(prefix):]
-                    elif "://" in item:
-                        rest = urlsplit(url).path
-                    else:  # a remote path: its place below the storage URL
-                        rest = quote(_normpath(item))
-                    parts = [unquote(p) for p in rest.split("/") if p]
-                    local = _safe_join(dest, parts) if parts else None
-                    if local is None:
-                        raise ConfigError("no file name in this URL")
-                except CtadataError as e:
-                    res = TransferResult(item, None, None, "failed", str(e))
-                    res.exception = e
-                    yield res
-                    continue
-                progress.add_total(1, 0)
-                yield _Task(url, local, None)
-
-        tr, cancel = self._tr, self._cancel
-
-        def work(t):
-            _makedirs(os.path.dirname(t.dest) or ".")
-            if not overwrite and os.path.exists(t.dest):
-                resp = tr.request("HEAD", t.source, ok=(200,), what="check")
-                size = resp.getheader("Content-Length")
-                tr.release(resp)
-                if size is not None and size.isdigit() and \
-                        int(size) == os.path.getsize(t.dest):
-                    return TransferResult(t.source, t.dest, int(size), "skipped")
-            return _download_file(tr, t.source, t.dest, None, progress, cancel)
-
-        return self._execute(tasks(), work, jobs or self.settings.jobs, progress, started,
-                             raise_on_failure, dry_run)
-
-    def _download_task(self, entry, dest, overwrite, checksum, progress, fresh=False):
-        check = False
-        if not overwrite and not fresh and entry.size is not None:
-            try:
-                same_size = os.stat(dest).st_size == entry.size
-            except OSError:
-                same_size = False
-            if same_size:
-                if not (checksum and entry.checksums):
-                    res = TransferResult(entry.url, dest, entry.size, "skipped")
-                    res.mtime = entry.mtime
-                    return res
-                check = True  # hashing the local copy is left to a worker
-        progress.add_total(1, entry.size)
-        return _Task(entry.url, dest, entry.size, entry, check, fresh=fresh)
-
-    def _download_worker(self, progress, checksum):
-        tr, cancel = self._tr, self._cancel
-        resume = self._svc is None  # the download service ignores Range
-
-        def work(t):
-            if t.check and _file_matches(t.dest, t.entry.checksums):
-                return TransferResult(t.source, t.dest, t.size, "skipped")
-            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
-                                  t.fresh)
-        return work
+        return self._downloads.from_list(items, dest, strip_prefix, overwrite, dry_run,
+                                         progress, jobs, raise_on_failure)
 
     def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
         """Download one remote file; return the number of bytes written.
@@ -3915,8 +4530,6 @@ class Client:
             save_to = save_to + "/"
         return self.download(path, save_to, recursive=recursive, overwrite=overwrite)
 
-    # -- uploads ---------------------------------------------------------------
-
     def upload(self, local, remote="", recursive=False, verify=None, overwrite=False,
                checksum=False, select=None, dry_run=False, progress=None, jobs=None,
                raise_on_failure=True):
@@ -3935,150 +4548,8 @@ class Client:
         summary's) is the path the service reports.  Returns a
         TransferSummary; raises PartialFailure if any file failed,
         ConfigError for a bad local path."""
-        started = time.monotonic()
-        progress = progress if progress is not None else Progress()
-        self._cancel.clear()
-        local = os.fspath(local)
-        remote = str(remote or "")
-        if self._svc is not None:
-            if "://" in remote:
-                raise ConfigError("in service mode the destination is a path in your "
-                                  "own folder, not a URL: %r" % _safe_url(remote))
-            trailing = "/" if remote.endswith("/") else ""
-            remote = self._svc_path(remote)
-            remote = remote + trailing if remote else ""
-        elif "://" not in remote:
-            remote = _normpath(remote) if remote.strip("/") else ""
-        name = os.path.basename(os.path.normpath(local))
-        if os.path.isdir(local):
-            if not recursive:
-                raise ConfigError("%s is a directory (use recursive=True / put -r)" % local)
-            target = remote + name if _names_folder(remote) else remote
-            return self._upload_tree(local, target, verify, overwrite, checksum,
-                                     _selector(select), dry_run, progress, jobs, started,
-                                     raise_on_failure)
-        if not os.path.isfile(local):
-            raise ConfigError("no such local file: %s" % local)
-        target = remote + name if _names_folder(remote) else remote
-        size = os.path.getsize(local)
-        progress.add_total(1, size)
-        tr = self._tr
-        if self._svc is not None:
-            url = self._svc.url("upload", target)
-
-            def worker(t):
-                return _upload_service_file(tr, t.source, t.dest, t.size, progress)
-        else:
-            url = self.url_for(target)
-            parent = target.rstrip("/").rpartition("/")[0] if "://" not in target else None
-
-            def worker(t):
-                try:
-                    return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
-                except NotFound:
-                    raise
-                except RemoteError as e:
-                    if e.status != 409 or not parent:
-                        raise
-                self.mkdir(parent, parents=True)  # 409: the parent folder is missing
-                return _upload_file(tr, t.source, t.dest, t.size, verify, progress)
-
-        summary = self._execute([_Task(local, url, size)], worker, 1, progress, started,
-                                raise_on_failure, dry_run)
-        for r in summary.results:
-            if r.remote_path is None:
-                r.remote_path = target
-        summary.remote_path = summary.results[0].remote_path
-        return summary
-
-    def _upload_tree(self, local, target, verify, overwrite, checksum, sel, dry_run,
-                     progress, jobs, started, raise_on_failure):
-        svc = self._svc
-        # the service offers no listing of what is already there to skip
-        existing = {} if overwrite or svc is not None else self._remote_index(target)
-        tr = self._tr
-        base = target.rstrip("/")
-        made = set()
-        area = []  # service mode: the caller's folder, as the service names it
-
-        def ensure(rdir):
-            # remote folders are made as needed, parents first (Apache does
-            # not create them on PUT); without a filter, empty ones too.  The
-            # download service makes them itself.
-            if dry_run or svc is not None or rdir in made or not rdir:
-                return
-            parent = rdir.rpartition("/")[0]
-            if parent and parent not in made and parent != base:
-                ensure(parent)
-            if rdir == base:
-                self.mkdir(base, parents=True)
-            else:
-                self._mkcol(self.url_for(rdir, True), exist_ok=True)
-            made.add(rdir)
-
-        def tasks():
-            for dirpath, dirnames, filenames in os.walk(local):
-                dirnames.sort()
-                rel = os.path.relpath(dirpath, local)
-                rparts = [] if rel == "." else rel.split(os.sep)
-                rdir = "/".join([base] + rparts if base else rparts)
-                names = [fn for fn in sorted(filenames)
-                         if sel is None or sel("/".join(rparts + [fn]))]
-                if names or sel is None:
-                    ensure(base)
-                    ensure(rdir)
-                for fn in names:
-                    path = os.path.join(dirpath, fn)
-                    rpath = (rdir + "/" + fn) if rdir else fn
-                    try:
-                        size = os.path.getsize(path)
-                    except OSError as e:
-                        yield TransferResult(path, rpath, None, "failed",
-                                             str(_local_error(e, path)))
-                        continue
-                    have = existing.get("/".join(rparts + [fn]))
-                    if have is not None and have.size == size and not (
-                            checksum and have.checksums):
-                        yield TransferResult(path, have.url, size, "skipped",
-                                             remote_path=rpath)
-                        continue
-                    progress.add_total(1, size)
-                    url = svc.url("upload", rpath) if svc is not None else self.url_for(rpath)
-                    yield _Task(path, url, size, have,
-                                check=have is not None and have.size == size, remote=rpath)
-
-        def worker(t):
-            if svc is not None:
-                res = _upload_service_file(tr, t.source, t.dest, t.size, progress)
-                if not area and res.remote_path.endswith("/" + t.remote):
-                    area.append(res.remote_path[:-len(t.remote)])
-                return res
-            if t.check and _file_matches(t.source, t.entry.checksums):
-                return TransferResult(t.source, t.dest, t.size, "skipped",
-                                      remote_path=t.remote)
-            res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
-            res.remote_path = t.remote
-            return res
-
-        summary = self._execute(tasks(), worker, jobs or self.settings.jobs, progress,
-                                started, raise_on_failure, dry_run)
-        summary.remote_path = (area[0] + base if area else None) if svc is not None \
-            else base
-        return summary
-
-    def _remote_index(self, target):
-        """{relative path: Entry} of the files below a remote folder (empty
-        when it does not exist yet)."""
-        index = {}
-        root = self.url_for(target, collection=True)
-        try:
-            for _top, children in self.walk(target):
-                for e in children:
-                    if not e.is_dir:
-                        index[_rel_path(root, e.url)] = e
-        except NotFound:
-            pass
-        return index
+        return self._uploads.upload(local, remote, recursive, verify, overwrite, checksum,
+                                    select, dry_run, progress, jobs, raise_on_failure)
 
     def upload_file(self, local, remote=""):
         """Upload one file; return ``{"path", "status", "total_written"}``: in
@@ -4100,146 +4571,53 @@ class Client:
         ends with "/"); return the TransferSummary.  Raises PartialFailure."""
         return self.upload(local, remote, recursive=True)
 
-    # -- namespace operations -------------------------------------------------
+    # -- namespace operations (WebDAV only) ---------------------------------------
 
     def mkdir(self, path, parents=False):
         """Create a remote directory (with *parents*, also missing parents;
-        an existing directory is then fine).  Raises RemoteError."""
-        self._direct_only("mkdir")
-        norm = _normpath(str(path)) if "://" not in str(path) else str(path)
-        if not parents or "://" in norm:
-            self._mkcol(self.url_for(norm, True), exist_ok=parents)
-            return
-        segs = norm.strip("/").split("/")
-        for i in range(1, len(segs) + 1):
-            self._mkcol(self.url_for("/".join(segs[:i]), True), exist_ok=True)
-
-    def _mkcol(self, url, exist_ok):
-        # 405: the name exists (a collection, or a file: then the next MKCOL
-        # below it or the PUT fails with 409, which is reported).
-        ok = (200, 201, 405) if exist_ok else (200, 201)
-        self._tr.release(self._tr.request("MKCOL", url, ok=ok, what="mkdir"))
+        an existing directory is then fine).  Returns None.  Raises
+        RemoteError, ConfigError (service mode)."""
+        self._remote.webdav("mkdir").mkdir(path, parents)
 
     def remove(self, path, recursive=False, dry_run=False):
         """Delete a remote file, or with *recursive* a directory tree.
         Returns the Entry objects deleted (with *dry_run*: that would be,
         nothing is deleted; a tree is listed in full).  Raises NotFound,
-        ConfigError (a directory without *recursive*)."""
-        self._direct_only("remove")
-        entry = self.stat(path)
+        ConfigError (a directory without *recursive*; service mode)."""
+        dav = self._remote.webdav("remove")
+        entry = dav.stat(path)
         if entry.is_dir and not recursive:
             raise ConfigError("%s is a directory (use recursive=True / rm -r)" % entry.path)
         if dry_run:
-            gone = [entry]
-            if entry.is_dir:
-                gone += self.ls(entry, recursive=True)
-            return gone
-        url = self.url_for(entry, collection=entry.is_dir)
-        self._tr.release(self._tr.request("DELETE", url, ok=(200, 202, 204),
-                                          what="remove"))
+            return [entry] + (self.ls(entry, recursive=True) if entry.is_dir else [])
+        dav.delete(dav.url_for(entry, collection=entry.is_dir))
         return [entry]
 
     def move(self, src, dst, overwrite=False, dry_run=False):
         """Rename/move a remote file or directory on the server (WebDAV MOVE).
         A *dst* ending with "/" is a folder to move into.  Returns (source
         Entry, destination URL); *dry_run* only checks the source.  Raises
-        NotFound, RemoteError (412 when *dst* exists and not *overwrite*)."""
-        self._direct_only("move")
-        entry = self.stat(src)
+        NotFound, RemoteError (412 when *dst* exists and not *overwrite*),
+        ConfigError (service mode)."""
+        dav = self._remote.webdav("move")
+        entry = dav.stat(src)
         dst = str(dst)
         if dst.endswith("/"):
             dst += entry.name
-        target = self.url_for(dst, entry.is_dir)
+        target = dav.url_for(dst, entry.is_dir)
         if not dry_run:
-            headers = {"Destination": target, "Overwrite": "T" if overwrite else "F"}
-            self._tr.release(self._tr.request(
-                "MOVE", self.url_for(entry, entry.is_dir), headers, ok=(201, 204),
-                what="move"))
+            dav.move(dav.url_for(entry, entry.is_dir), target, overwrite)
         return entry, target
-
-    def du(self, path="", select=None):
-        """Count what is below a remote path (listing in parallel): returns
-        ``{"path", "files", "dirs", "bytes", "children": [{"name", "type",
-        "files", "dirs", "bytes"}, ...]}`` with one record per immediate
-        child, sorted by name.  *select* counts only some files (as for
-        download).  Raises NotFound, AuthError, RemoteError."""
-        entry = self.stat(path)
-        if not entry.is_dir:
-            return {"path": entry.path, "files": 1, "dirs": 0, "bytes": entry.size or 0,
-                    "children": []}
-        sel = _selector(select)
-        root = entry.url if entry.url.endswith("/") else entry.url + "/"
-        kids = {}
-        for _top, children in self.walk(entry):
-            for e in children:
-                rel = _rel_path(root, e.url)
-                first, _, rest = rel.partition("/")
-                rec = kids.get(first)
-                if rec is None:
-                    rec = kids[first] = {"name": first, "files": 0, "dirs": 0, "bytes": 0,
-                                         "type": "directory" if e.is_dir or rest else
-                                         "file"}
-                if e.is_dir:
-                    if rest:
-                        rec["dirs"] += 1
-                elif sel is None or sel(rel):
-                    rec["files"] += 1
-                    rec["bytes"] += e.size or 0
-        children = [kids[k] for k in sorted(kids)]
-        if sel is not None:  # only what the filter kept (and the folders around it)
-            children = [c for c in children if c["files"] or c["type"] == "directory"]
-        return {"path": entry.path,
-                "files": sum(c["files"] for c in children),
-                "dirs": sum(c["dirs"] + (c["type"] == "directory") for c in children),
-                "bytes": sum(c["bytes"] for c in children),
-                "children": children}
 
     def checksum(self, path):
         """Return the server's checksums of a file as {algorithm: hex}.
 
         Asks with HEAD + Want-Digest (RFC 3230), falls back to dCache's
-        Checksums property.  Empty dict when the server has none."""
-        self._direct_only("checksum")
-        url = self.url_for(path)
-        resp = self._tr.request("HEAD", url, {"Want-Digest": "adler32,md5;q=0.5"},
-                                ok=(200,), what="checksum")
-        sums = _parse_digest(resp.getheader("Digest"))
-        self._tr.release(resp)
-        if sums:
-            return sums
-        return self.stat(url).checksums
-
+        Checksums property.  Empty dict when the server has none.  Raises
+        NotFound, RemoteError, ConfigError (service mode)."""
+        return self._remote.webdav("checksum").checksum(path)
 
     # -- the JupyterHub services: certificates, WebDAV pass-through ------------
-
-    def _hub_auth(self):
-        """(auth, transport of the certificate service), made on first use.
-        The hub token: this client's in service mode, else one found the
-        service way (token=, token_file=, $JUPYTERHUB_API_TOKEN), never a
-        storage token from the WLCG places."""
-        with self._hub_lock:
-            if self._hub is None:
-                auth = self._auth
-                if self._svc is None:
-                    auth = _Auth(self._auth._explicit, self._auth._token_file,
-                                 self._env, service=True)
-                url = self._cert_url or self._env.get("CTACS_URL") or CERTIFICATE_SERVICE_URL
-                s = self.settings
-                cs = Settings(url, s.timeout, s.retries, s.jobs, s.ca_file, s.ca_dir,
-                              s.insecure, s.cert, backoff=s.backoff, env=self._env)
-                self._hub = (auth, _Transport(cs, auth, self._cancel))
-            return self._hub
-
-    def _post_certificate(self, endpoint, path, fields):
-        try:
-            with open(os.fspath(path), "r", encoding="utf-8") as f:
-                pem = f.read(1 << 20)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError("cannot read certificate file %s: %s"
-                              % (path, getattr(e, "strerror", None) or e))
-        _auth, tr = self._hub_auth()
-        payload = dict(fields, certificate=pem)
-        return _post_certificate(tr, tr.settings.url + "/" + endpoint, payload)
 
     def upload_certificate(self, path, certificate_key="cta"):
         """Upload your (proxy) certificate, a PEM file, to the certificate
@@ -4252,20 +4630,15 @@ class Client:
         if certificate_key not in _CERTIFICATE_KEYS:
             raise ConfigError("certificate_key must be one of %s, not %r"
                               % (", ".join(_CERTIFICATE_KEYS), certificate_key))
-        return self._post_certificate("certificate", path,
-                                      {"certificate_key": certificate_key})
+        return self._hub.post_certificate("certificate", path,
+                                          {"certificate_key": certificate_key})
 
     def upload_shared_certificate(self, path):
         """Upload the shared (robot) certificate used for data syncing to the
         certificate service (its main certificate; for operators).  Return
         the service's JSON answer.  Raises ConfigError, CertificateError,
         TransferError."""
-        return self._post_certificate("main-certificate", path, {})
-
-    def _hub_service_url(self):
-        if self._svc is not None:
-            return self.settings.url
-        return (self._env.get("CTADS_URL") or SERVICE_URL).rstrip("/")
+        return self._hub.post_certificate("main-certificate", path, {})
 
     def webdav_client(self):
         """Return a direct-mode Client on the download service's WebDAV
@@ -4274,11 +4647,11 @@ class Client:
         Without service mode, the service is $CTADS_URL or SERVICE_URL.
         Raises ConfigError for a bad URL."""
         s = self.settings
-        c = Client(url=self._hub_service_url() + "/webdav", timeout=s.timeout,
-                   retries=s.retries, jobs=s.jobs, ca_file=s.ca_file, ca_dir=s.ca_dir,
-                   insecure=s.insecure, cert=s.cert, env=self._env, service=False)
+        c = Client(url=self._hub.webdav_url(), timeout=s.timeout, retries=s.retries,
+                   jobs=s.jobs, ca_file=s.ca_file, ca_dir=s.ca_dir, insecure=s.insecure,
+                   cert=s.cert, env=self._options.env, service=False)
         # The pass-through wants the hub token, not a storage token.
-        c._auth = c._tr.auth = self._hub_auth()[0]
+        c._auth = c._transport.auth = self._hub.auth
         return c
 
     def webdav4_client(self):
@@ -4294,18 +4667,14 @@ class Client:
         except ImportError:
             raise ConfigError("webdav4_client() needs the webdav4 package "
                               "(pip install webdav4); webdav_client() needs nothing")
-        auth = self._hub_auth()[0]
+        auth = self._hub.auth
 
         def bearer(request):  # an httpx auth callable
             value = auth.header()
             if value:
                 request.headers["Authorization"] = value
             return request
-        return WebDAV4Client(self._hub_service_url() + "/webdav/", auth=bearer)
-
-
-def _entry_key(e):
-    return e.name
+        return WebDAV4Client(self._hub.webdav_url() + "/", auth=bearer)
 
 
 ############################################################################
@@ -4896,7 +5265,9 @@ def _client_from_args(args):
                   certificate_service=_opt(args, "cert_service"),
                   token=_opt(args, "token"), auth=_opt(args, "auth"),
                   oidc_agent=_opt(args, "oidc_agent"), profile=_opt(args, "profile"),
-                  issuer=_opt(args, "issuer"), client_id=_opt(args, "client_id"))
+                  issuer=_opt(args, "issuer"), client_id=_opt(args, "client_id"),
+                  # checksums in the manifest even without a Digest to check
+                  record_checksums=bool(getattr(args, "manifest", None)))
 
 
 def _out(text):
@@ -5097,8 +5468,6 @@ def _report(args, verb, summary):
 
 
 def _cmd_get(client, args):
-    if args.manifest:
-        client._tr.record_sums = True   # checksums in the manifest even without Digest
     sel = _cli_selector(args)
     if args.from_list:
         if args.recursive or sel is not None:
@@ -5135,8 +5504,6 @@ def _cmd_get(client, args):
 
 
 def _cmd_put(client, args):
-    if args.manifest:
-        client._tr.record_sums = True   # checksums in the manifest even without Digest
     progress = _make_progress(args, "put")
     try:
         summary = client.upload(args.source, args.dest, recursive=args.recursive,
@@ -5200,7 +5567,7 @@ def _cmd_config(client, args):
     for key, value, source in rows:
         where = "command line" if source == "argument" else source
         _out("%-*s  %-40s  %s\n" % (width, key, "-" if value is None else value, where))
-    _out("%-*s  %s\n" % (width, "config file", _config_file(client._env)))
+    _out("%-*s  %s\n" % (width, "config file", client.config_file))
     return 0
 
 
@@ -5305,8 +5672,7 @@ def _cmd_login(client, args):
         raise ConfigError("the client secret is not taken from the command line: every "
                           "user of this machine can read it with `ps`",
                           hint="set $CTADATA_CLIENT_SECRET or answer the prompt")
-    issuer, client_id = client.issuer, client.client_id   # flag > profile > default
-    secret = _client_secret(client_id)
+    secret = _client_secret(client.client_id)   # client_id: flag > profile > default
 
     def show(uri, code, complete, expires_in):
         err = sys.stderr
@@ -5320,39 +5686,27 @@ def _cmd_login(client, args):
                   % max(1, expires_in // 60))
         err.flush()
 
-    rec = client._oidc.device_login(issuer, client_id, secret, args.scope, show)
-    store = client._auth.store
-    try:
-        store.save(rec)
-    except OSError as e:
-        raise ConfigError("cannot keep the tokens in %s: %s" % (store.path, e.strerror or e))
-    claims = _jwt_claims(rec["access_token"]) or {}
-    who = claims.get("preferred_username") or claims.get("sub")
+    done = client.login(args.scope, secret, show)
     _note(args, "logged in%s; tokens kept in %s (%s)" % (
-        " as %s" % _printable(who, 80) if who else "", store.path,
+        " as %s" % done["user"] if done["user"] else "", done["store"],
         "refreshed automatically; `ctadata logout` forgets them"
-        if rec.get("refresh_token") else "no refresh token: log in again when it expires"))
+        if done["refreshable"] else "no refresh token: log in again when it expires"))
     return 0
 
 
 def _cmd_logout(client, args):
-    store = client._auth.store
-    if store.remove():
-        _note(args, "logged out: removed %s" % store.path)
+    if client.logout():
+        _note(args, "logged out: removed %s" % client.login_store)
     else:
-        _note(args, "not logged in (no %s)" % store.path)
+        _note(args, "not logged in (no %s)" % client.login_store)
     return 0
 
 
 def _cmd_token(client, args):
-    auth = client._auth
     if args.explain:
-        _out("".join(line + "\n" for line in auth.explain()))
-        return 0 if auth.source or auth.mode == "x509" else 1
-    value = auth.header()
-    if value is None:
-        raise AuthError("no token found", hint=auth.hint())
-    _out(value[len("Bearer "):] + "\n")
+        _out("".join(line + "\n" for line in client.explain_token()))
+        return 0 if client.token_source or client.auth_mode == "x509" else 1
+    _out(client.token() + "\n")
     return 0
 
 

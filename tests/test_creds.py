@@ -651,10 +651,10 @@ def test_x509_client_certificate(x509_dav, tmp_path, monkeypatch):
 
 def test_x509_problems_are_reported_before_connecting(tmp_path):
     with pytest.raises(ctadata.ConfigError, match="no client certificate"):
-        ctadata.Client(url="https://h.invalid", auth="x509")._tr.ssl_context()
+        ctadata.Client(url="https://h.invalid", auth="x509")._transport.ssl_context()
     wide = private(tmp_path / "proxy", "-----BEGIN CERTIFICATE-----\n", 0o644)
     with pytest.raises(ctadata.ConfigError, match="key must be private"):
-        ctadata.Client(url="https://h.invalid", cert=wide)._tr.ssl_context()
+        ctadata.Client(url="https://h.invalid", cert=wide)._transport.ssl_context()
     with pytest.raises(ctadata.ConfigError):
         ctadata.Client(url="https://h.invalid", auth="sso")
     with pytest.raises(ctadata.ConfigError):
@@ -730,7 +730,7 @@ def test_secrets_never_in_logs_messages_or_reprs(oidc_folder, fault, tmp_path, m
         except ctadata.CtadataError as e:
             texts += [str(e), repr(e), e.hint or "", "".join(traceback.format_exception(
                 type(e), e, e.__traceback__))]
-        texts += [repr(c), repr(c._auth), repr(c._tr), repr(c.settings), repr(c._oidc),
+        texts += [repr(c), repr(c._auth), repr(c._transport), repr(c.settings), repr(c._oidc),
                   repr(c._auth.store), repr(c._auth._cred), repr(c._auth.secrets)]
     everything = _everything(capsys, caplog, texts)
     assert "PROPFIND" in everything and "refreshed the token" in everything  # -vv logs
