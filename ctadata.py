@@ -315,6 +315,7 @@ class _Secrets:
 # they cannot drift apart).  pip's join_within_directory is the model of
 # the second check: never trust that the first one ran.
 
+
 def _has_control(name):
     """True for C0 controls (NUL, ESC...), DEL and C1 controls: in a file
     name they make terminal escapes of ``ls`` output and awkward files."""
@@ -3696,6 +3697,7 @@ def _failure_exception(result):
 
 # -- listing trees ---------------------------------------------------------
 
+
 def _walk(remote, path, jobs, details=True, warn=None):
     """Yield (entry of a directory, sorted list of its entries) for *path*
     and every directory below it, depth first, on a backend (_DAV or
@@ -3769,6 +3771,7 @@ def _usage_by_child(entry, tree, sel=None):
 # folders, and hands each file to the function that moves it.  The Client
 # has one of each; the upload planner differs by mode (_Uploads: WebDAV PUT,
 # _ServiceUploads: the download service's POST).
+
 
 class _Planner:
     """What the planners of one Client share: its backend *remote* (_DAV or
@@ -4494,8 +4497,9 @@ class Client:
         """Download every URL or remote path in *items* (strings; blank ones
         and "#" comments are ignored) below the folder *dest*, keeping the
         archive's tree: the local path is what follows *strip_prefix* in the
-        URL, or else the whole URL path (for a remote path: that path).  Works with plain HTTP(S) file
-        servers (no WebDAV needed: no listing is made).  Present files of the
+        URL, or else the whole URL path (for a remote path: that path).
+        Works with plain HTTP(S) file servers (no WebDAV needed: no listing
+        is made).  Present files of the
         same size (asked with HEAD) are skipped unless *overwrite*; transfers
         are parallel, resumable and verified like any download.  The token is
         only sent to the storage URL's origin.
@@ -4505,7 +4509,8 @@ class Client:
                                          progress, jobs, raise_on_failure)
 
     def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
-        """Download one remote file; return the number of bytes written.
+        """Download one remote file (a path, URL, Entry or an entry of
+        list_dir()); return the number of bytes written.
 
         *save_to_fn* defaults to the file's name in the current folder (as in
         the old client).  In service mode the size is checked against the
@@ -4827,129 +4832,56 @@ class APIClient:
         return self._client(options, "webdav4_client").webdav4_client()
 
 
-# The module-level functions.  Those of the old client also take its keyword
-# arguments (token=, downloadservice=, certificateservice=, chunk_size=,
-# dev_instance=; see APIClient).
+_DEFAULT_CLIENT_NOTE = """\
+        On the default client (see default_client()), or on one made for
+        the old client's keyword arguments token=, downloadservice=,
+        certificateservice=, chunk_size=, dev_instance= (see APIClient)."""
 
 
-def list_dir(path="", recursive=False, n_threads=None, **options):
-    """List a remote directory (with *recursive*, everything below it).
+def _default_client_function(name, method=None):
+    """The module-level function *name*: Client.<method or name> called on
+    the Client of _client() (bottle's make_default_app_wrapper).  The old
+    client's keyword arguments (see APIClient) choose that Client, the rest
+    go to the method, whose docstring and signature it shows."""
+    import functools
+    unbound = getattr(Client, method or name)
+    code = unbound.__code__
+    params = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
 
-    Returns, as the old client did in each mode: direct mode, a list of
-    paths (str), directories ending with "/"; service mode, the service's
-    listing, a list of dicts with ``href``, ``type``, ``size``, ``mtime``,
-    ``url`` (see Client.list_dir).  *n_threads* (old) is ignored: listings
-    use the client's ``jobs``.  Raises NotFound, AuthError, RemoteError."""
-    return _client(options, "list_dir").list_dir(path, recursive)
-
-
-def ls(path="", recursive=False):
-    """Return the Entry objects of a remote directory (see Client.ls).
-    Raises NotFound, AuthError, RemoteError."""
-    return _client().ls(path, recursive)
-
-
-def stat(path):
-    """Return the Entry of a remote file or directory (see Client.stat).
-    Raises NotFound, AuthError, RemoteError."""
-    return _client().stat(path)
-
-
-def fetch_and_save_file(path, save_to_fn=None, **options):
-    """Download one file to *save_to_fn* (default: its name, here); return
-    the number of bytes written.  *path* may be an entry of list_dir().
-    Raises NotFound, AuthError, TransferError (also for a short download),
-    ChecksumMismatch (see Client.fetch_and_save_file)."""
-    return _client(options, "fetch_and_save_file").fetch_and_save_file(path, save_to_fn)
+    def function(*args, **kwargs):
+        options = {}
+        for k in list(kwargs):
+            if k in _OLD_OPTIONS:
+                options[k] = kwargs.pop(k)
+            elif k not in params:
+                raise TypeError("%s() got an unexpected keyword argument %r" % (name, k))
+        return getattr(_client(options, name), method or name)(*args, **kwargs)
+    function.__name__ = function.__qualname__ = name
+    function.__doc__ = "%s%s\n\n%s" % ("The old name of %s(). " % method if method else "",
+                                       unbound.__doc__, _DEFAULT_CLIENT_NOTE)
+    function.__wrapped__ = functools.partial(unbound, None)  # its signature, without self
+    return function
 
 
-def fetch_and_save_file_or_dir(path, save_to=None, recursive=False, **options):
-    """Download a file, or with *recursive* a tree into ``<save_to or .>/<name>``;
-    return the TransferSummary.  ``(path, True)`` means recursive, as in the
-    old client.  Raises PartialFailure, NotFound, AuthError (see
-    Client.fetch_and_save_file_or_dir)."""
-    return _client(options, "fetch_and_save_file_or_dir").fetch_and_save_file_or_dir(
-        path, save_to, recursive)
-
-
-def upload_file(local, remote="", **options):
-    """Upload one file; return {"path", "status", "total_written"}: in service
-    mode the service's answer, whose ``path`` (in your own folder) is what
-    others pass to fetch_and_save_file.  Raises ConfigError, AuthError,
-    TransferError (see Client.upload_file)."""
-    return _client(options, "upload_file").upload_file(local, remote)
-
-
-def upload_dir(local, remote="", **options):
-    """Upload a directory tree (into *remote* when it ends with "/", else as
-    *remote*); return the TransferSummary (``remote_path``: where the tree
-    is).  Raises PartialFailure, ConfigError (see Client.upload_dir)."""
-    return _client(options, "upload_dir").upload_dir(local, remote)
-
-
-def upload_certificate(path, certificate_key="cta", **options):
-    """Upload your (proxy) certificate PEM file to the certificate service
-    for the storage area *certificate_key* ("cta", "lst" or "arc"); return
-    the service's answer (dict).  Raises ConfigError, CertificateError,
-    TransferError (see Client.upload_certificate)."""
-    return _client(options, "upload_certificate").upload_certificate(path, certificate_key)
-
-
-def upload_personal_certificate(path, certificate_key="cta", **options):
-    """The old name of upload_certificate(): returns the service's answer
-    (dict); raises ConfigError, CertificateError, TransferError."""
-    return _client(options, "upload_personal_certificate").upload_certificate(
-        path, certificate_key)
-
-
-def upload_shared_certificate(path, **options):
-    """Upload the shared (robot) certificate to the certificate service;
-    return its answer (dict).  Raises ConfigError, CertificateError,
-    TransferError (see Client.upload_shared_certificate)."""
-    return _client(options, "upload_shared_certificate").upload_shared_certificate(path)
-
-
-def webdav_client(**options):
-    """Return a ctadata Client on the download service's WebDAV pass-through
-    (``{service}/webdav/``) with the hub token.  Raises ConfigError (see
-    Client.webdav_client)."""
-    return _client(options, "webdav_client").webdav_client()
-
-
-def webdav4_client(**options):
-    """Return a webdav4 Client on the download service's WebDAV pass-through
-    (only if webdav4 is installed; ctadata does not need it).  Raises
-    ConfigError when it is missing (see Client.webdav4_client)."""
-    return _client(options, "webdav4_client").webdav4_client()
-
-
-def mkdir(path, parents=False):
-    """Create a remote directory (see Client.mkdir); return None.  Raises
-    RemoteError, ConfigError (service mode)."""
-    return _client().mkdir(path, parents)
-
-
-def remove(path, recursive=False):
-    """Delete a remote file or tree (see Client.remove); return None.  Raises
-    NotFound, ConfigError."""
-    return _client().remove(path, recursive)
-
-
-def move(src, dst, overwrite=False):
-    """Move/rename on the server (see Client.move); return None.  Raises
-    NotFound, RemoteError, ConfigError (service mode)."""
-    return _client().move(src, dst, overwrite)
-
-
-def du(path="", select=None):
-    """Files, folders and bytes below a remote path (see Client.du)."""
-    return default_client().du(path, select)
-
-
-def checksum(path):
-    """Return the server-side checksums of a file, {algorithm: hex} (see
-    Client.checksum).  Raises RemoteError, ConfigError (service mode)."""
-    return _client().checksum(path)
+# The module-level functions: one per Client method of the same name.
+list_dir = _default_client_function("list_dir")
+ls = _default_client_function("ls")
+stat = _default_client_function("stat")
+fetch_and_save_file = _default_client_function("fetch_and_save_file")
+fetch_and_save_file_or_dir = _default_client_function("fetch_and_save_file_or_dir")
+upload_file = _default_client_function("upload_file")
+upload_dir = _default_client_function("upload_dir")
+upload_certificate = _default_client_function("upload_certificate")
+upload_personal_certificate = _default_client_function("upload_personal_certificate",
+                                                       "upload_certificate")
+upload_shared_certificate = _default_client_function("upload_shared_certificate")
+webdav_client = _default_client_function("webdav_client")
+webdav4_client = _default_client_function("webdav4_client")
+mkdir = _default_client_function("mkdir")
+remove = _default_client_function("remove")
+move = _default_client_function("move")
+du = _default_client_function("du")
+checksum = _default_client_function("checksum")
 
 
 ############################################################################
@@ -5033,10 +4965,12 @@ exit status: 0 success, 1 a failure, 2 bad usage, 130 interrupted.
 
 
 def _build_parser():
+    """The argparse tree: the options every command takes (_add_common),
+    then each command's own (_args_X, beside its _cmd_X)."""
     import argparse
-    fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
-        prog="ctadata", formatter_class=fmt, epilog=_EPILOG,
+        prog="ctadata", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
         description="List, download and upload files on CTAO data archives "
                     "(dCache WebDAV with bearer tokens), directly or through the "
                     "CTA download service (--service).")
@@ -5044,207 +4978,41 @@ def _build_parser():
     p.add_argument("--version", action="version", version="ctadata " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    def cmd(name, func, help_, description=None, add_help=True, aliases=()):
-        sp = sub.add_parser(name, help=help_, description=description or help_,
-                            formatter_class=fmt, add_help=add_help, aliases=list(aliases))
-        if not add_help:
-            sp.add_argument("--help", action="help", help="show this help and exit")
-        _add_common(sp, suppress=True)
-        sp.set_defaults(func=func)
-        return sp
-
-    def filters(sp):
-        g = sp.add_argument_group("selecting files")
-        g.add_argument("--include", action="append", default=[], metavar="GLOB",
-                       help="only files matching GLOB (repeatable); matched against the "
-                            "path below the source: '*' stays within a name, '**' crosses "
-                            "folders, a GLOB without '/' matches a name at any depth")
-        g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                       help="leave out files matching GLOB (repeatable)")
-
-    def output(sp, what):
-        g = sp.add_mutually_exclusive_group()
-        g.add_argument("--json", action="store_true", help="one JSON document: " + what)
-        g.add_argument("--jsonl", action="store_true",
-                       help="JSON lines: one object per line (streams)")
-
-    sp = cmd("ls", _cmd_ls, "list a remote directory", add_help=False, aliases=("list",),
-             description="List a remote directory: names one per line, sorted, "
-                         "directories ending with '/'.  Without -l, --json or "
-                         "--jsonl only names and types are asked of the server "
-                         "(faster, and no checksum or tape lookups on dCache).")
-    sp.add_argument("path", nargs="?", default="", help="remote path or URL")
-    sp.add_argument("-l", dest="long", action="store_true",
-                    help="long format: type, size, modification time (UTC), name")
-    sp.add_argument("-R", "--recursive", action="store_true",
-                    help="list everything below PATH (paths relative to it)")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
-    sp.add_argument("-U", "--unsorted", action="store_true",
-                    help="print entries as the server sends them, in constant memory")
-    output(sp, "a list of entries (README: JSON output)")
-    filters(sp)
-
-    sp = cmd("stat", _cmd_stat, "show one remote file or directory")
-    sp.add_argument("path", help="remote path or URL")
-    sp.add_argument("--json", action="store_true", help="as a JSON object")
-
-    sp = cmd("du", _cmd_du, "count files, folders and bytes below a remote path",
-             add_help=False, description="Count files, folders and bytes below a remote "
-             "path, per immediate child and in total (listing in parallel).")
-    sp.add_argument("path", nargs="?", default="", help="remote path or URL")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
-    output(sp, "totals and a list of children")
-    filters(sp)
-
-    sp = cmd("get", _cmd_get, "download files", description=(
-        "Download a remote file, or with -r a directory tree, or with --from-list "
-        "a list of URLs. Files stream to NAME.part and are renamed when complete and "
-        "verified against the server's checksum; an interrupted download resumes "
-        "from its .part file; files already present with the same size are skipped; "
-        "transient failures are retried with backoff (--retries)."))
-    sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
-    sp.add_argument("dest", nargs="?", default=None, help=(
-        "local file or folder (default: current folder). With -r, the tree goes to "
-        "DEST/NAME when DEST ends with '/' (or is '.'), else to DEST itself"))
-    sp.add_argument("-r", "--recursive", action="store_true", help="download a directory tree")
-    sp.add_argument("--from-list", metavar="FILE", help=(
-        "download every URL or remote path listed in FILE ('-': standard input; one "
-        "per line, blank lines and '#' comments ignored) below DEST, keeping the "
-        "URL's path; plain HTTP(S) file servers work too"))
-    sp.add_argument("--strip-prefix", metavar="URL", help=(
-        "with --from-list: the part of each URL to drop; the local tree starts after "
-        "it (default: keep the whole URL path)"))
-    sp.add_argument("--overwrite", action="store_true",
-                    help="download even files that are already present")
-    sp.add_argument("--checksum", action="store_true",
-                    help="skip a present file only if its checksum also matches the "
-                         "server's (reads the local file)")
-    sp.add_argument("-n", "--dry-run", action="store_true",
-                    help="list what would be downloaded and the totals; write nothing")
-    sp.add_argument("--manifest", metavar="FILE.json",
-                    help="write one record per file (remote URL, local path, size, mtime, "
-                         "checksums, status, error)")
-    output(sp, "the summary and one record per file")
-    filters(sp)
-
-    sp = cmd("put", _cmd_put, "upload files", description=(
-        "Upload a local file, or with -r a directory tree. A remote path ending "
-        "with '/' is a folder to upload into; missing folders are created."))
-    sp.add_argument("source", help="local file or folder")
-    sp.add_argument("dest", nargs="?", default="", help="remote path (default: the root)")
-    sp.add_argument("-r", "--recursive", action="store_true", help="upload a directory tree")
-    sp.add_argument("--overwrite", action="store_true",
-                    help="with -r: upload even files already present with the same size")
-    sp.add_argument("--checksum", action="store_true",
-                    help="with -r: skip a present file only if its checksum also matches")
-    sp.add_argument("--verify", action="store_const", const=True, default=None,
-                    help="send Content-MD5 for every file so the server checks it "
-                         "(reads files over 1 MiB twice; default: files up to 1 MiB)")
-    sp.add_argument("--no-verify", dest="verify", action="store_const", const=False,
-                    help="never send Content-MD5 (adler32 is still compared)")
-    sp.add_argument("-n", "--dry-run", action="store_true",
-                    help="list what would be uploaded and the totals; change nothing")
-    sp.add_argument("--manifest", metavar="FILE.json",
-                    help="write one record per file (as for get)")
-    output(sp, "the summary and one record per file")
-    filters(sp)
-
-    sp = cmd("mkdir", _cmd_mkdir, "create a remote directory")
-    sp.add_argument("path", help="remote path")
-    sp.add_argument("-p", "--parents", action="store_true",
-                    help="create missing parents; no error if it exists")
-
-    sp = cmd("rm", _cmd_rm, "delete a remote file or directory")
-    sp.add_argument("path", help="remote path")
-    sp.add_argument("-r", "--recursive", action="store_true", help="delete a directory tree")
-    sp.add_argument("-n", "--dry-run", action="store_true",
-                    help="list what would be deleted; delete nothing")
-
-    sp = cmd("mv", _cmd_mv, "move or rename on the server (no data through the client)")
-    sp.add_argument("source", help="remote path")
-    sp.add_argument("dest", help="remote path; ending with '/' moves into that folder")
-    sp.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
-    sp.add_argument("-n", "--dry-run", action="store_true",
-                    help="say what would be moved; move nothing")
-
-    sp = cmd("sum", _cmd_sum, "print the server's checksum of a file")
-    sp.add_argument("path", help="remote path")
-    sp.add_argument("--algo", choices=("adler32", "md5"), default=None,
-                    help="only this algorithm")
-
-    cmd("config", _cmd_config, "show the effective settings and where each comes from",
-        description="Show the effective settings (storage or service URL, jobs, "
-                    "timeouts, CAs, credentials...) and where each came from: the "
-                    "command line, an environment variable, a profile of %s, or "
-                    "the built-in default. Never shows a secret. Precedence: command "
-                    "line > environment > profile > default." % "~/.config/ctadata/config.ini")
-
-    sp = cmd("completion", _cmd_completion, "print a shell completion script",
-             description="Print a completion script for bash or zsh, generated from "
-                         "these very options. Enable it with\n"
-                         "  eval \"$(ctadata completion bash)\"   # in ~/.bashrc\n"
-                         "  eval \"$(ctadata completion zsh)\"    # in ~/.zshrc")
-    sp.add_argument("shell", choices=("bash", "zsh"))
-    sp = cmd("upload-cert", _cmd_upload_cert, "upload a certificate to the platform",
-             description="Upload your (proxy) certificate, a PEM file, to the CTA "
-                         "certificate service, so that the platform can reach the "
-                         "storage as you. Token from --token-file, else "
-                         "$JUPYTERHUB_API_TOKEN.")
-    sp.add_argument("path", help="PEM file")
-    sp.add_argument("--key", choices=_CERTIFICATE_KEYS, default="cta",
-                    help="the storage area the certificate is for (default cta)")
-    sp.add_argument("--shared", action="store_true",
-                    help="upload the shared robot certificate instead (operators)")
-    sp.add_argument("--cert-service", metavar="URL", default=None,
-                    help="certificate service URL (env CTACS_URL; default %s)"
-                         % CERTIFICATE_SERVICE_URL)
-    sp.add_argument("--json", action="store_true", help="print the answer as JSON")
-    def login_options(sp):
-        sp.add_argument("--issuer", default=None, metavar="URL",
-                        help="OpenID provider (default %s)" % _DEFAULT_ISSUER)
-        sp.add_argument("--client-id", default=None, metavar="ID",
-                        help="OIDC client (default %s; with --dev %s)"
-                             % (_DEFAULT_CLIENT_ID, _DEV_CLIENT_ID))
-        sp.add_argument("--scope", default=_LOGIN_SCOPE,
-                        help="scopes to ask for (default %(default)r; offline_access "
-                             "brings the refresh token)")
-
-    login_help = "log in with your browser (OIDC device flow) and keep the tokens"
-    login_description = """\
-Log in once per machine: prints an address and a code to enter in any browser,
-waits for you, then keeps an access and a refresh token in ~/.config/ctadata/
-(folder 0700, file 0600). Later commands refresh the access token themselves
-shortly before it expires: no agent, no daemon.
-The client secret, if the client has one, comes from $CTADATA_CLIENT_SECRET,
-the old client's ~/.config/cta-data/secret or a prompt that does not echo;
-never from the command line."""
-    login_options(cmd("login", _cmd_login, login_help, description=login_description))
-    cmd("logout", _cmd_logout, "forget the tokens of `ctadata login`",
-        description="Delete the tokens `ctadata login` stored (the --dev ones with --dev).")
-    sp = cmd("token", _cmd_token, "print the bearer token, or where it comes from",
-             description="Print the bearer token that would be used (refreshed if it "
-                         "was about to expire), e.g. for curl; with --explain, where "
-                         "it was looked for and what was found, without the token.")
-    sp.add_argument("--explain", action="store_true",
-                    help="say where the token was looked for and what was found "
-                         "(never prints the token)")
-
-    # The old client's command names (no help line: they are not advertised).
-    def alias(name, new, func):
-        sp = sub.add_parser(name, description="Old name of `ctadata %s`." % new,
-                            formatter_class=fmt)
-        _add_common(sp, suppress=True)
-        sp.set_defaults(func=func, alias_of=new)
-        return sp
-
-    sp = alias("start-agent", "login", _cmd_login)
-    login_options(sp)
-    sp.add_argument("-s", "--secret", default=None, help=argparse.SUPPRESS)
-    alias("print-token", "token", _cmd_token).set_defaults(explain=False)
-    alias("stop-agent", "logout", _cmd_logout)
-    alias("reset-config", "logout", _cmd_logout)
+    for add in (_args_ls, _args_stat, _args_du, _args_get, _args_put, _args_mkdir, _args_rm,
+                _args_mv, _args_sum, _args_config, _args_completion, _args_upload_cert,
+                _args_login, _args_logout, _args_token, _args_old_names):
+        add(sub)
     return p
+
+
+def _subcommand(sub, name, func, help_, description=None, add_help=True, aliases=()):
+    """Add the command *name*, run by *func(client, args)*; return its parser."""
+    import argparse
+    sp = sub.add_parser(name, help=help_, description=description or help_,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        add_help=add_help, aliases=list(aliases))
+    if not add_help:
+        sp.add_argument("--help", action="help", help="show this help and exit")
+    _add_common(sp, suppress=True)
+    sp.set_defaults(func=func)
+    return sp
+
+
+def _args_filters(sp):
+    g = sp.add_argument_group("selecting files")
+    g.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only files matching GLOB (repeatable); matched against the "
+                        "path below the source: '*' stays within a name, '**' crosses "
+                        "folders, a GLOB without '/' matches a name at any depth")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out files matching GLOB (repeatable)")
+
+
+def _args_output(sp, what):
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="one JSON document: " + what)
+    g.add_argument("--jsonl", action="store_true",
+                   help="JSON lines: one object per line (streams)")
 
 
 def _opt(args, name, default=None):
@@ -5321,6 +5089,25 @@ def _cli_selector(args):
     return _selector(None, getattr(args, "include", ()), getattr(args, "exclude", ()))
 
 
+def _args_ls(sub):
+    sp = _subcommand(sub, "ls", _cmd_ls, "list a remote directory", add_help=False,
+                     aliases=("list",),
+                     description="List a remote directory: names one per line, sorted, "
+                                 "directories ending with '/'.  Without -l, --json or "
+                                 "--jsonl only names and types are asked of the server "
+                                 "(faster, and no checksum or tape lookups on dCache).")
+    sp.add_argument("path", nargs="?", default="", help="remote path or URL")
+    sp.add_argument("-l", dest="long", action="store_true",
+                    help="long format: type, size, modification time (UTC), name")
+    sp.add_argument("-R", "--recursive", action="store_true",
+                    help="list everything below PATH (paths relative to it)")
+    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
+    sp.add_argument("-U", "--unsorted", action="store_true",
+                    help="print entries as the server sends them, in constant memory")
+    _args_output(sp, "a list of entries (README: JSON output)")
+    _args_filters(sp)
+
+
 def _cmd_ls(client, args):
     sel = _cli_selector(args)
     out = _RecordWriter(args)
@@ -5363,6 +5150,12 @@ def _cmd_ls(client, args):
     return 0
 
 
+def _args_stat(sub):
+    sp = _subcommand(sub, "stat", _cmd_stat, "show one remote file or directory")
+    sp.add_argument("path", help="remote path or URL")
+    sp.add_argument("--json", action="store_true", help="as a JSON object")
+
+
 def _cmd_stat(client, args):
     e = client.stat(args.path)
     if args.json:
@@ -5377,6 +5170,16 @@ def _cmd_stat(client, args):
         if v is not None:
             _out("%-10s %s\n" % (k + ":", v))
     return 0
+
+
+def _args_du(sub):
+    sp = _subcommand(sub, "du", _cmd_du, "count files, folders and bytes below a remote path",
+                     add_help=False, description="Count files, folders and bytes below a remote "
+                     "path, per immediate child and in total (listing in parallel).")
+    sp.add_argument("path", nargs="?", default="", help="remote path or URL")
+    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
+    _args_output(sp, "totals and a list of children")
+    _args_filters(sp)
 
 
 def _cmd_du(client, args):
@@ -5467,6 +5270,39 @@ def _report(args, verb, summary):
     return 1 if summary.failed else 0
 
 
+def _args_get(sub):
+    sp = _subcommand(sub, "get", _cmd_get, "download files", description=(
+                "Download a remote file, or with -r a directory tree, or with --from-list "
+                "a list of URLs. Files stream to NAME.part and are renamed when complete and "
+                "verified against the server's checksum; an interrupted download resumes "
+                "from its .part file; files already present with the same size are skipped; "
+                "transient failures are retried with backoff (--retries)."))
+    sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
+    sp.add_argument("dest", nargs="?", default=None, help=(
+        "local file or folder (default: current folder). With -r, the tree goes to "
+        "DEST/NAME when DEST ends with '/' (or is '.'), else to DEST itself"))
+    sp.add_argument("-r", "--recursive", action="store_true", help="download a directory tree")
+    sp.add_argument("--from-list", metavar="FILE", help=(
+        "download every URL or remote path listed in FILE ('-': standard input; one "
+        "per line, blank lines and '#' comments ignored) below DEST, keeping the "
+        "URL's path; plain HTTP(S) file servers work too"))
+    sp.add_argument("--strip-prefix", metavar="URL", help=(
+        "with --from-list: the part of each URL to drop; the local tree starts after "
+        "it (default: keep the whole URL path)"))
+    sp.add_argument("--overwrite", action="store_true",
+                    help="download even files that are already present")
+    sp.add_argument("--checksum", action="store_true",
+                    help="skip a present file only if its checksum also matches the "
+                         "server's (reads the local file)")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="list what would be downloaded and the totals; write nothing")
+    sp.add_argument("--manifest", metavar="FILE.json",
+                    help="write one record per file (remote URL, local path, size, mtime, "
+                         "checksums, status, error)")
+    _args_output(sp, "the summary and one record per file")
+    _args_filters(sp)
+
+
 def _cmd_get(client, args):
     sel = _cli_selector(args)
     if args.from_list:
@@ -5503,6 +5339,30 @@ def _cmd_get(client, args):
     return _report(args, "get", summary)
 
 
+def _args_put(sub):
+    sp = _subcommand(sub, "put", _cmd_put, "upload files", description=(
+                "Upload a local file, or with -r a directory tree. A remote path ending "
+                "with '/' is a folder to upload into; missing folders are created."))
+    sp.add_argument("source", help="local file or folder")
+    sp.add_argument("dest", nargs="?", default="", help="remote path (default: the root)")
+    sp.add_argument("-r", "--recursive", action="store_true", help="upload a directory tree")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="with -r: upload even files already present with the same size")
+    sp.add_argument("--checksum", action="store_true",
+                    help="with -r: skip a present file only if its checksum also matches")
+    sp.add_argument("--verify", action="store_const", const=True, default=None,
+                    help="send Content-MD5 for every file so the server checks it "
+                         "(reads files over 1 MiB twice; default: files up to 1 MiB)")
+    sp.add_argument("--no-verify", dest="verify", action="store_const", const=False,
+                    help="never send Content-MD5 (adler32 is still compared)")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="list what would be uploaded and the totals; change nothing")
+    sp.add_argument("--manifest", metavar="FILE.json",
+                    help="write one record per file (as for get)")
+    _args_output(sp, "the summary and one record per file")
+    _args_filters(sp)
+
+
 def _cmd_put(client, args):
     progress = _make_progress(args, "put")
     try:
@@ -5523,9 +5383,24 @@ def _cmd_put(client, args):
     return _report(args, "put", summary)
 
 
+def _args_mkdir(sub):
+    sp = _subcommand(sub, "mkdir", _cmd_mkdir, "create a remote directory")
+    sp.add_argument("path", help="remote path")
+    sp.add_argument("-p", "--parents", action="store_true",
+                    help="create missing parents; no error if it exists")
+
+
 def _cmd_mkdir(client, args):
     client.mkdir(args.path, parents=args.parents)
     return 0
+
+
+def _args_rm(sub):
+    sp = _subcommand(sub, "rm", _cmd_rm, "delete a remote file or directory")
+    sp.add_argument("path", help="remote path")
+    sp.add_argument("-r", "--recursive", action="store_true", help="delete a directory tree")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="list what would be deleted; delete nothing")
 
 
 def _cmd_rm(client, args):
@@ -5540,6 +5415,16 @@ def _cmd_rm(client, args):
     return 0
 
 
+def _args_mv(sub):
+    sp = _subcommand(sub, "mv", _cmd_mv,
+                     "move or rename on the server (no data through the client)")
+    sp.add_argument("source", help="remote path")
+    sp.add_argument("dest", help="remote path; ending with '/' moves into that folder")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="say what would be moved; move nothing")
+
+
 def _cmd_mv(client, args):
     entry, target = client.move(args.source, args.dest, overwrite=args.overwrite,
                                 dry_run=args.dry_run)
@@ -5547,6 +5432,13 @@ def _cmd_mv(client, args):
         _out("would move %s -> %s\n" % (entry.path, _rel_path(client.url, target)
                                         if target.startswith(client.url) else target))
     return 0
+
+
+def _args_sum(sub):
+    sp = _subcommand(sub, "sum", _cmd_sum, "print the server's checksum of a file")
+    sp.add_argument("path", help="remote path")
+    sp.add_argument("--algo", choices=("adler32", "md5"), default=None,
+                    help="only this algorithm")
 
 
 def _cmd_sum(client, args):
@@ -5559,6 +5451,17 @@ def _cmd_sum(client, args):
     for algo, value in sorted(sums.items()):
         _out("%s %s\n" % (algo, value))
     return 0
+
+
+def _args_config(sub):
+    _subcommand(sub, "config", _cmd_config,
+                "show the effective settings and where each comes from",
+                description="Show the effective settings (storage or service URL, jobs, "
+                            "timeouts, CAs, credentials...) and where each came from: the "
+                            "command line, an environment variable, a profile of "
+                            "~/.config/ctadata/config.ini, or the built-in default. Never "
+                            "shows a secret. Precedence: command line > environment > "
+                            "profile > default.")
 
 
 def _cmd_config(client, args):
@@ -5588,6 +5491,15 @@ def _completion_words(parser):
     return glob, subs
 
 
+def _args_completion(sub):
+    sp = _subcommand(sub, "completion", _cmd_completion, "print a shell completion script",
+                     description="Print a completion script for bash or zsh, generated from "
+                                 "these very options. Enable it with\n"
+                                 "  eval \"$(ctadata completion bash)\"   # in ~/.bashrc\n"
+                                 "  eval \"$(ctadata completion zsh)\"    # in ~/.zshrc")
+    sp.add_argument("shell", choices=("bash", "zsh"))
+
+
 def _cmd_completion(client, args):
     glob, subs = _completion_words(_build_parser())
     cases = "".join('        %s) opts="%s" ;;\n' % (name, " ".join(sorted(set(words))))
@@ -5615,6 +5527,23 @@ complete -o default -o bashdefault -F _ctadata ctadata cta-data cta-data-direct 
                   "autoload -U +X bashcompinit && bashcompinit\n") + script
     _out(script)
     return 0
+
+
+def _args_upload_cert(sub):
+    sp = _subcommand(sub, "upload-cert", _cmd_upload_cert, "upload a certificate to the platform",
+                     description="Upload your (proxy) certificate, a PEM file, to the CTA "
+                                 "certificate service, so that the platform can reach the "
+                                 "storage as you. Token from --token-file, else "
+                                 "$JUPYTERHUB_API_TOKEN.")
+    sp.add_argument("path", help="PEM file")
+    sp.add_argument("--key", choices=_CERTIFICATE_KEYS, default="cta",
+                    help="the storage area the certificate is for (default cta)")
+    sp.add_argument("--shared", action="store_true",
+                    help="upload the shared robot certificate instead (operators)")
+    sp.add_argument("--cert-service", metavar="URL", default=None,
+                    help="certificate service URL (env CTACS_URL; default %s)"
+                         % CERTIFICATE_SERVICE_URL)
+    sp.add_argument("--json", action="store_true", help="print the answer as JSON")
 
 
 def _cmd_upload_cert(client, args):
@@ -5667,6 +5596,34 @@ def _client_secret(client_id):
     return None
 
 
+def _args_login_options(sp):
+    sp.add_argument("--issuer", default=None, metavar="URL",
+                    help="OpenID provider (default %s)" % _DEFAULT_ISSUER)
+    sp.add_argument("--client-id", default=None, metavar="ID",
+                    help="OIDC client (default %s; with --dev %s)"
+                         % (_DEFAULT_CLIENT_ID, _DEV_CLIENT_ID))
+    sp.add_argument("--scope", default=_LOGIN_SCOPE,
+                    help="scopes to ask for (default %(default)r; offline_access "
+                         "brings the refresh token)")
+
+
+_LOGIN_DESCRIPTION = """\
+Log in once per machine: prints an address and a code to enter in any browser,
+waits for you, then keeps an access and a refresh token in ~/.config/ctadata/
+(folder 0700, file 0600). Later commands refresh the access token themselves
+shortly before it expires: no agent, no daemon.
+The client secret, if the client has one, comes from $CTADATA_CLIENT_SECRET,
+the old client's ~/.config/cta-data/secret or a prompt that does not echo;
+never from the command line."""
+
+
+def _args_login(sub):
+    _args_login_options(_subcommand(
+        sub, "login", _cmd_login,
+        "log in with your browser (OIDC device flow) and keep the tokens",
+        description=_LOGIN_DESCRIPTION))
+
+
 def _cmd_login(client, args):
     if getattr(args, "secret", None):
         raise ConfigError("the client secret is not taken from the command line: every "
@@ -5694,6 +5651,12 @@ def _cmd_login(client, args):
     return 0
 
 
+def _args_logout(sub):
+    _subcommand(sub, "logout", _cmd_logout, "forget the tokens of `ctadata login`",
+                description="Delete the tokens `ctadata login` stored (the --dev ones "
+                            "with --dev).")
+
+
 def _cmd_logout(client, args):
     if client.logout():
         _note(args, "logged out: removed %s" % client.login_store)
@@ -5702,12 +5665,41 @@ def _cmd_logout(client, args):
     return 0
 
 
+def _args_token(sub):
+    sp = _subcommand(sub, "token", _cmd_token, "print the bearer token, or where it comes from",
+                     description="Print the bearer token that would be used (refreshed if it "
+                                 "was about to expire), e.g. for curl; with --explain, where "
+                                 "it was looked for and what was found, without the token.")
+    sp.add_argument("--explain", action="store_true",
+                    help="say where the token was looked for and what was found "
+                         "(never prints the token)")
+
+
 def _cmd_token(client, args):
     if args.explain:
         _out("".join(line + "\n" for line in client.explain_token()))
         return 0 if client.token_source or client.auth_mode == "x509" else 1
     _out(client.token() + "\n")
     return 0
+
+
+def _args_old_names(sub):
+    """The old client's command names (no help line: they are not advertised)."""
+    import argparse
+
+    def alias(name, new, func):
+        sp = sub.add_parser(name, description="Old name of `ctadata %s`." % new,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(sp, suppress=True)
+        sp.set_defaults(func=func, alias_of=new)
+        return sp
+
+    sp = alias("start-agent", "login", _cmd_login)
+    _args_login_options(sp)
+    sp.add_argument("-s", "--secret", default=None, help=argparse.SUPPRESS)
+    alias("print-token", "token", _cmd_token).set_defaults(explain=False)
+    alias("stop-agent", "logout", _cmd_logout)
+    alias("reset-config", "logout", _cmd_logout)
 
 
 def _setup_logging(args):
