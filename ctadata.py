@@ -948,7 +948,9 @@ _RESPONSE_CLASS = []
 
 def _response_class():
     """http.client.HTTPResponse with a lean header parser (built on first
-    use: http.client is not imported at start-up)."""
+    use: http.client is not imported at start-up).  Its begin() is
+    http.client's own, line for line, but for _Headers: kept whole so that
+    it can be compared with the original."""
     if _RESPONSE_CLASS:
         return _RESPONSE_CLASS[0]
     import http.client
@@ -1249,17 +1251,13 @@ class _Transport:
         while True:
             try:
                 resp = self._follow(method, url, headers, body, expect)
-            except CtadataError:
-                raise
-            except KeyboardInterrupt:
+            except (CtadataError, KeyboardInterrupt):
                 raise
             except Exception as e:
                 delay = _should_retry(self.policy, attempt, exc=e) if retry else None
                 if delay is None:
                     raise _network_error(e, url, what)
-                _log(20, "retrying %s %s in %.1fs after: %s", method, _safe_url(url),
-                     delay, e)
-                self.sleep(delay)
+                self._pause(method, url, delay, e)
                 attempt += 1
                 continue
             if resp.status in ok:
@@ -1273,21 +1271,24 @@ class _Transport:
                 # one refresh, then the same request again.
                 auth_retried = True
                 continue
-            delay = None
-            if retry:
-                delay = _should_retry(self.policy, attempt, status=resp.status,
-                                      retry_after=resp.getheader("Retry-After"))
+            delay = _should_retry(self.policy, attempt, status=resp.status,
+                                  retry_after=resp.getheader("Retry-After")) if retry else None
             if delay is None:
-                err = _error_for_status(resp.status, resp.ctadata_url, err_body, what,
-                                        self.auth)
-                if resp.status == 401 and not self._auth_ok:
-                    err.hint = "no token is sent over plain http to another machine: use https"
-                err.retry_after = resp.getheader("Retry-After")
-                raise err
-            _log(20, "retrying %s %s in %.1fs after HTTP %d", method, _safe_url(url),
-                 delay, resp.status)
-            self.sleep(delay)
+                raise self._status_error(resp, err_body, what)
+            self._pause(method, url, delay, "HTTP %d" % resp.status)
             attempt += 1
+
+    def _status_error(self, resp, body, what):
+        """The exception for an answer with an error status."""
+        err = _error_for_status(resp.status, resp.ctadata_url, body, what, self.auth)
+        if resp.status == 401 and not self._auth_ok:
+            err.hint = "no token is sent over plain http to another machine: use https"
+        err.retry_after = resp.getheader("Retry-After")
+        return err
+
+    def _pause(self, method, url, delay, why):
+        _log(20, "retrying %s %s in %.1fs after: %s", method, _safe_url(url), delay, why)
+        self.sleep(delay)
 
     def sleep(self, delay):
         """Wait *delay* seconds; KeyboardInterrupt at once when cancelled."""
@@ -1505,30 +1506,41 @@ class _OIDC:
         open; then poll until the user has logged in.  Returns the record
         for _TokenStore.save; raises AuthError when denied or expired."""
         doc = self.discover(issuer)
+        dev = self._start_device_flow(doc["device_authorization_endpoint"], client_id,
+                                      secret, scope)
+        complete = dev.get("verification_uri_complete")
+        if show is not None:
+            show(_printable(dev["verification_uri"]), _printable(dev["user_code"]),
+                 _printable(complete) if isinstance(complete, str) else None,
+                 _number(dev.get("expires_in"), 600))
+        ans = self._poll(doc["token_endpoint"], dev, client_id, secret)
+        return self._record(issuer, doc, client_id, secret, scope, ans)
+
+    def _start_device_flow(self, url, client_id, secret, scope):
+        """The device authorization answer (RFC 8628 §3.2), checked;
+        ``verification_uri`` also when the provider calls it _url."""
         form = {"client_id": client_id, "scope": scope}
         if secret:
             form["client_secret"] = secret
-        status, dev = self._call(doc["device_authorization_endpoint"], form,
-                                 ok=(200, 400, 401), what="device authorization")
+        status, dev = self._call(url, form, ok=(200, 400, 401), what="device authorization")
         if status != 200:
             raise AuthError("the identity provider refused to start a login: %s"
                             % self._error(dev), status=status,
                             hint="check --client-id and the client secret")
-        code, uri = dev.get("device_code"), dev.get("verification_uri") or \
-            dev.get("verification_url")
-        user_code = dev.get("user_code")
-        if not all(isinstance(v, str) and v for v in (code, uri, user_code)):
+        dev["verification_uri"] = dev.get("verification_uri") or dev.get("verification_url")
+        if not all(isinstance(dev.get(k), str) and dev[k]
+                   for k in ("device_code", "verification_uri", "user_code")):
             raise ProtocolError("device authorization answer without device_code, "
-                                "user_code or verification_uri",
-                                doc["device_authorization_endpoint"])
-        complete = dev.get("verification_uri_complete")
-        if show is not None:
-            show(_printable(uri), _printable(user_code),
-                 _printable(complete) if isinstance(complete, str) else None,
-                 _number(dev.get("expires_in"), 600))
+                                "user_code or verification_uri", url)
+        return dev
+
+    def _poll(self, url, dev, client_id, secret):
+        """Ask the token endpoint until the user has logged in (RFC 8628
+        §3.4-3.5); return its answer."""
         interval = min(max(_number(dev.get("interval"), 5), 1), 60)
         deadline = time.monotonic() + _number(dev.get("expires_in"), 600)
-        poll = {"grant_type": _DEVICE_GRANT, "device_code": code, "client_id": client_id}
+        poll = {"grant_type": _DEVICE_GRANT, "device_code": dev["device_code"],
+                "client_id": client_id}
         if secret:
             poll["client_secret"] = secret
         while True:
@@ -1536,10 +1548,9 @@ class _OIDC:
             if time.monotonic() > deadline:
                 raise AuthError("the login code expired before the login was finished",
                                 hint="run `ctadata login` again")
-            status, ans = self._call(doc["token_endpoint"], poll, ok=(200, 400, 401, 403),
-                                     what="login")
+            status, ans = self._call(url, poll, ok=(200, 400, 401, 403), what="login")
             if status == 200:
-                return self._record(issuer, doc, client_id, secret, scope, ans)
+                return ans
             error = ans.get("error")
             if error == "authorization_pending":
                 continue
@@ -1838,6 +1849,43 @@ def _oidc_token(account, min_valid):
     return r.stdout[:_SECRET_FILE_LIMIT].decode("utf-8", "replace")
 
 
+def _token_from_value(value, label, none="not set"):
+    if not value:
+        return none
+    return _Token(value, label) if value.strip() else "empty"
+
+
+def _token_file_source(path, label):
+    """(label, loader) of a token file that may not exist."""
+    def load():
+        text = _read_private(path)
+        if text is None:
+            return "no such file"
+        return _Token(text, label) if text.strip() else "empty"
+    return label, load
+
+
+def _wlcg_token_files(env):
+    """The token files of the WLCG discovery order (WLCG Bearer Token
+    Discovery): $BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u$UID, /tmp/bt_u$UID."""
+    uid = _uid()
+    out = []
+    btf = env.get("BEARER_TOKEN_FILE")
+    if btf:
+        out.append(_token_file_source(btf, "$BEARER_TOKEN_FILE (%s)" % btf))
+    else:
+        out.append(("$BEARER_TOKEN_FILE", lambda: "not set"))
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg:
+        path = os.path.join(xdg, "bt_u%d" % uid)
+        out.append(_token_file_source(path, path))
+    else:
+        out.append(("$XDG_RUNTIME_DIR/bt_u%d" % uid, lambda: "$XDG_RUNTIME_DIR not set"))
+    tmp = os.path.join(_SYSTEM_TMP, "bt_u%d" % uid)
+    out.append(_token_file_source(tmp, tmp))
+    return out
+
+
 class _Auth:
     """The credentials of one Client: finds the bearer token once, lazily,
     hands out the Authorization value per request, refreshes it.
@@ -1897,57 +1945,31 @@ class _Auth:
     def _sources(self):
         """[(label, loader)] in discovery order.  A loader returns a _Token or
         a short note on why there is none; an empty value means "next"."""
-        env, uid = self._env, _uid()
-
-        def value(v, label, none="not set"):
-            if not v:
-                return none
-            return _Token(v, label) if v.strip() else "empty"
-
-        def from_file(path, label):
-            text = _read_private(path)
-            if text is None:
-                return "no such file"
-            return _Token(text, label) if text.strip() else "empty"
-
-        def token_file():
-            if not self._token_file:
-                return "not given"
-            path = os.path.expanduser(self._token_file)
-            text = _read_private(path)
-            if text is None:
-                raise ConfigError("cannot read token file %s: no such file" % path)
-            return _Token(text, "--token-file %s" % path)
-
-        out = [("token argument", lambda: value(self._explicit, "token argument", "not given")),
-               ("--token-file", token_file)]
+        env = self._env
+        out = [("token argument", lambda: _token_from_value(
+                    self._explicit, "token argument", "not given")),
+               ("--token-file", self._from_token_file)]
         if self.service:
-            return out + [("$JUPYTERHUB_API_TOKEN", lambda: value(
+            return out + [("$JUPYTERHUB_API_TOKEN", lambda: _token_from_value(
                 env.get("JUPYTERHUB_API_TOKEN"), "$JUPYTERHUB_API_TOKEN"))]
-        out += [("$CTADATA_TOKEN", lambda: value(env.get("CTADATA_TOKEN"), "$CTADATA_TOKEN")),
-               ("$BEARER_TOKEN", lambda: value(env.get("BEARER_TOKEN"), "$BEARER_TOKEN"))]
-
-        def file_source(path, label):
-            out.append((label, lambda: from_file(path, label)))
-
-        btf = env.get("BEARER_TOKEN_FILE")
-        if btf:
-            file_source(btf, "$BEARER_TOKEN_FILE (%s)" % btf)
-        else:
-            out.append(("$BEARER_TOKEN_FILE", lambda: "not set"))
-        xdg = env.get("XDG_RUNTIME_DIR")
-        if xdg:
-            file_source(os.path.join(xdg, "bt_u%d" % uid), os.path.join(xdg, "bt_u%d" % uid))
-        else:
-            out.append(("$XDG_RUNTIME_DIR/bt_u%d" % uid, lambda: "$XDG_RUNTIME_DIR not set"))
-        tmp = os.path.join(_SYSTEM_TMP, "bt_u%d" % uid)
-        file_source(tmp, tmp)
+        out += [(label, lambda label=label: _token_from_value(env.get(label[1:]), label))
+                for label in ("$CTADATA_TOKEN", "$BEARER_TOKEN")]
+        out += _wlcg_token_files(env)
         out.append(("login store %s" % self.store.path, self._from_store))
         out.append(("oidc-agent", self._from_oidc_agent))
         old = os.path.join(_home(env), ".config", "cta-data",
                            "token-dev" if self.profile == "dev" else "token")
-        file_source(old, "old client's token %s" % old)
+        out.append(_token_file_source(old, "old client's token %s" % old))
         return out
+
+    def _from_token_file(self):
+        if not self._token_file:
+            return "not given"
+        path = os.path.expanduser(self._token_file)
+        text = _read_private(path)
+        if text is None:
+            raise ConfigError("cannot read token file %s: no such file" % path)
+        return _Token(text, "--token-file %s" % path)
 
     def _from_store(self):
         rec = self.store.load()
@@ -2425,6 +2447,10 @@ class _HrefContext:
         return urlsplit(full).path
 
     def entry(self, href, props):
+        """The Entry of one <response> (its href, its 200 properties), or
+        None when it is dropped.  One function on purpose: it runs for every
+        entry (20,000 in a big folder), where each helper call would show in
+        the time of `ls`."""
         unquote = self.unquote
         if not href:
             return None
@@ -2647,7 +2673,7 @@ def _parse_service_listing(items, base, path="", on_self=None, warn=None):
     names that are not safe (_is_safe_name: "..", "/", "\\", control
     characters).  Each Entry's ``url`` is the service URL that serves it,
     ``{base}/fetch/{path}`` (directories end with "/")."""
-    from urllib.parse import quote, unquote
+    from urllib.parse import quote
     warn = warn or (lambda msg: None)
     if not isinstance(items, list):
         raise ProtocolError("the download service's listing is not a JSON list",
@@ -2655,43 +2681,58 @@ def _parse_service_listing(items, base, path="", on_self=None, warn=None):
     want = [s for s in path.split("/") if s]
     out = []
     for item in items:
-        href = item.get("href") if isinstance(item, dict) else None
-        if not isinstance(href, str):
-            warn("skipping a listing entry without href: %r" % (item,))
+        segs = _listed_segments(item, want, warn)
+        if segs is None:
             continue
-        try:
-            segs = [unquote(s, errors="strict") for s in href.strip("/").split("/") if s]
-        except UnicodeDecodeError:
-            warn("skipping entry with malformed percent-encoding: %r" % href)
-            continue
-        is_self = segs == want
-        if not is_self:
-            if len(segs) != len(want) + 1 or segs[:-1] != want:
-                warn("skipping entry outside %r: %r" % (path + "/", "/".join(segs)))
-                continue
-            name = segs[-1]
-            if not _is_safe_name(name):
-                warn("skipping entry with an unsafe name: %r" % name)
-                continue
-        is_dir = item.get("type") == "directory" or href.endswith("/")
-        size = item.get("size")
-        try:
-            size = int(size) if size not in (None, "") and not is_dir else None
-        except (TypeError, ValueError):
-            size = None
-        dpath = "/".join(segs)
-        raw_mtime = item.get("mtime")
-        mtime = _parse_http_date(raw_mtime) if isinstance(raw_mtime, str) else None
-        if raw_mtime and mtime is None:
-            warn("unparsable modification time %r for %s" % (raw_mtime, dpath))
-        url = "%s/fetch/%s%s" % (base, quote(dpath, safe="/"),
-                                 "/" if is_dir and dpath else "")
-        entry = Entry(segs[-1] if segs else "", dpath, url, is_dir, size, mtime)
-        if not is_self:
+        entry = _service_entry(item, segs, base, warn)
+        if segs != want:
             out.append(entry)
         elif on_self is not None:
             on_self(entry)
     return out
+
+
+def _listed_segments(item, want, warn):
+    """The decoded path segments of one listing item, or None (with a
+    warning) when it is neither the listed path *want* nor a safely named
+    direct child of it."""
+    from urllib.parse import unquote
+    href = item.get("href") if isinstance(item, dict) else None
+    if not isinstance(href, str):
+        warn("skipping a listing entry without href: %r" % (item,))
+        return None
+    try:
+        segs = [unquote(s, errors="strict") for s in href.strip("/").split("/") if s]
+    except UnicodeDecodeError:
+        warn("skipping entry with malformed percent-encoding: %r" % href)
+        return None
+    if segs == want:
+        return segs
+    if len(segs) != len(want) + 1 or segs[:-1] != want:
+        warn("skipping entry outside %r: %r" % ("/".join(want) + "/", "/".join(segs)))
+        return None
+    if not _is_safe_name(segs[-1]):
+        warn("skipping entry with an unsafe name: %r" % segs[-1])
+        return None
+    return segs
+
+
+def _service_entry(item, segs, base, warn):
+    """The Entry of one checked listing item."""
+    from urllib.parse import quote
+    is_dir = item.get("type") == "directory" or item["href"].endswith("/")
+    size = item.get("size")
+    try:
+        size = int(size) if size not in (None, "") and not is_dir else None
+    except (TypeError, ValueError):
+        size = None
+    dpath = "/".join(segs)
+    raw_mtime = item.get("mtime")
+    mtime = _parse_http_date(raw_mtime) if isinstance(raw_mtime, str) else None
+    if raw_mtime and mtime is None:
+        warn("unparsable modification time %r for %s" % (raw_mtime, dpath))
+    url = "%s/fetch/%s%s" % (base, quote(dpath, safe="/"), "/" if is_dir and dpath else "")
+    return Entry(segs[-1] if segs else "", dpath, url, is_dir, size, mtime)
 
 
 def _parse_upload_answer(data, url):
@@ -4926,7 +4967,10 @@ def _add_common(parser, suppress):
                    help="print only errors")
     g.add_argument("-v", "--verbose", action="count", default=d or 0,
                    help="log requests (never credentials) to stderr")
-    g = parser.add_argument_group("credentials", _CREDENTIALS_HELP)
+    _add_credential_options(parser.add_argument_group("credentials", _CREDENTIALS_HELP), d)
+
+
+def _add_credential_options(g, d):
     g.add_argument("--token-file", default=d, metavar="FILE",
                    help="read the bearer token from FILE (must be private: chmod 600)")
     g.add_argument("--token", default=d, metavar="TOKEN",
