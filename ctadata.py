@@ -14,7 +14,13 @@ It can be used three ways:
 * from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat``;
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
-The sections below are in dependency order: each one only uses those above it.
+The sections below are in dependency order: each one only uses those above
+it.  Constants -> Errors -> Paths & names -> Checksums -> Settings -> HTTP
+transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
+_DAV, the direct-mode backend) -> Download service & JupyterHub services
+(_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
+the worker pool, the planners) -> Progress displays -> Client (a face over a
+backend and the planners) -> Public functions -> CLI -> Entry point.
 """
 
 import _thread
@@ -398,6 +404,11 @@ def _unlink_quietly(path):
 # Checksums
 ############################################################################
 
+# What the storage says a file's checksum is (RFC 3230 Digest, dCache's
+# Checksums property) and what we compute while bytes stream by; the one
+# adler32 helper of client and server.
+
+
 # Asking for a checksum: adler32 (what dCache keeps), else md5 (RFC 3230).
 _WANT_DIGEST = "adler32,md5;q=0.5"
 
@@ -512,6 +523,11 @@ def _file_matches(path, remote_sums):
 ############################################################################
 # Settings
 ############################################################################
+
+# The options of a Client and where each comes from: argument, environment,
+# a profile of the config file, built-in default (_Options; `ctadata config`
+# shows the result).
+
 
 # `ctadata login` defaults: the CTA Keycloak realm and the client the old
 # client registered with oidc-agent; --dev is its development pair.
@@ -751,6 +767,11 @@ class _Options:
 ############################################################################
 # HTTP transport
 ############################################################################
+
+# One http.client connection per (thread, origin), kept alive; our own
+# redirect loop (Authorization never crosses origins) and one retry rule
+# (_should_retry); request bodies that can be sent again (_FileBody).
+
 
 def _origin(url):
     """(scheme, host, port) of an absolute URL, with the default port filled in."""
@@ -1423,6 +1444,10 @@ def _iter_body(resp, size=_CHUNK):
 # OpenID Connect (device login, refresh)
 ############################################################################
 
+# `ctadata login`: the device authorization grant (RFC 8628) and the
+# refresh_token grant with rotation (RFC 6749 §6), OpenID Connect Discovery.
+
+
 # Identity-provider answers are read whole, never more than this.
 _JSON_LIMIT = 1 << 20
 _DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -1629,6 +1654,11 @@ def _oauth_error(answer):
 ############################################################################
 # Credentials (tokens, login store, oidc-agent)
 ############################################################################
+
+# Where the bearer token comes from (the WLCG Bearer Token Discovery order,
+# then `ctadata login`'s store, oidc-agent, the old client's file) and
+# keeping it fresh; secrets never reach a message, a repr or a log line.
+
 
 # Refresh a token this long before it expires (PROTOCOL.md §3); a token that
 # lives less than twice as long is refreshed after half its lifetime.
@@ -2234,6 +2264,11 @@ def _when(ts):
 ############################################################################
 # WebDAV protocol
 ############################################################################
+
+# RFC 4918 as dCache, nginx, Apache and StoRM speak it: the streaming
+# multistatus parser (pure: bytes in, Entry objects out) and _DAV, the
+# requests of the direct mode (PROPFIND, MKCOL, DELETE, MOVE, HEAD).
+
 
 class Entry:
     """One remote file or directory.
@@ -2947,6 +2982,11 @@ class _Hub:
 ############################################################################
 # Transfer engine (plans, workers, progress)
 ############################################################################
+
+# Moving files: one download (_Download, in steps) or upload (_upload_file)
+# with verification, the worker pool that runs many, and the planners that
+# turn a call (a tree, a list of URLs, a folder to upload) into tasks.
+
 
 class TransferResult:
     """What happened to one file.
@@ -4188,6 +4228,10 @@ class _ServiceUploads(_Uploads):
 # Progress displays (terminal)
 ############################################################################
 
+# What the engine's Progress counters look like to a person: a live status
+# line on a terminal (notebook widgets would go here too).
+
+
 def _human(n):
     """1234567 -> '1.2M' (binary units, like ls -h)."""
     if n is None:
@@ -4251,6 +4295,11 @@ class _TermProgress(Progress):
 ############################################################################
 # Client
 ############################################################################
+
+# The public face: one method per thing a user does, each a few lines over
+# a backend (_DAV or _Service, chosen once in __init__), the planners of
+# the engine, the credentials and the JupyterHub services.
+
 
 class Client:
     """A client of one storage endpoint (dCache or any WebDAV server), or of
@@ -4727,6 +4776,12 @@ class Client:
 # Public functions
 ############################################################################
 
+# The module-level functions of the old client and their new siblings: each
+# one calls the Client method of the same name on one lazily made default
+# Client (the only module-level state), or on one made for the old client's
+# keyword arguments and APIClient settings.
+
+
 _default_client = None
 _default_key = None
 _default_explicit = False
@@ -4928,6 +4983,10 @@ checksum = _default_client_function("checksum")
 ############################################################################
 # CLI
 ############################################################################
+
+# `ctadata COMMAND`: argparse only parses, each _cmd_X(client, args) calls the
+# Client and prints; the options of a command (_args_X) sit beside it.
+
 
 def _add_common(parser, suppress):
     """Options every subcommand accepts (before or after its name)."""
