@@ -1459,12 +1459,19 @@ class _OIDC:
     the form body): discovery, the device authorization grant (RFC 8628)
     and the refresh_token grant with rotation.  Forms and answers are never
     logged; answers are read up to _JSON_LIMIT.  *sleep* waits between
-    device-code polls (tests pass their own)."""
+    device-code polls, *clock* says what time it is (tests pass their own,
+    or replace the class's)."""
 
-    def __init__(self, settings, secrets, sleep=None):
+    sleep = staticmethod(time.sleep)
+    clock = staticmethod(time.time)
+
+    def __init__(self, settings, secrets, sleep=None, clock=None):
         self.settings = settings
         self.secrets = secrets
-        self.sleep = sleep or time.sleep
+        if sleep is not None:
+            self.sleep = sleep
+        if clock is not None:
+            self.clock = clock
         self._transports = {}
         self._lock = _thread.allocate_lock()
 
@@ -1597,7 +1604,7 @@ class _OIDC:
         if not isinstance(access, str) or not access:
             raise ProtocolError("the identity provider answered without an access token",
                                 doc["token_endpoint"])
-        now = time.time()
+        now = self.clock()
         rec = {"version": 1, "issuer": issuer, "token_endpoint": doc["token_endpoint"],
                "client_id": client_id, "scope": scope, "access_token": access,
                "obtained_at": now}
@@ -1933,8 +1940,14 @@ class _Auth:
     token means nothing to the hub, and must not be sent there).  Neither
     the token nor any other secret appears in repr(), str() or any message."""
 
+    # What time it is, for token lifetimes (tests move it instead of sleeping).
+    clock = staticmethod(time.time)
+
     def __init__(self, token=None, token_file=None, env=None, oidc_agent=None,
-                 mode=None, cert=None, profile="default", oidc=None, service=False):
+                 mode=None, cert=None, profile="default", oidc=None, service=False,
+                 clock=None):
+        if clock is not None:
+            self.clock = clock
         self._explicit = token
         self._token_file = token_file
         self.service = service
@@ -2013,7 +2026,7 @@ class _Auth:
         return _Token(rec["access_token"], label, refresh, rec.get("expires_at"))
 
     def _store_refresher(self, label):
-        store, oidc, secrets = self.store, self.oidc, self.secrets
+        store, oidc, secrets, clock = self.store, self.oidc, self.secrets, self.clock
 
         def refresh(used, forced):
             with store.locked():
@@ -2022,7 +2035,7 @@ class _Auth:
                 if current and current != used.value:
                     # Another process refreshed meanwhile: take its token.
                     tok = _Token(current, label, refresh, rec.get("expires_at"))
-                    if tok.exp is None or tok.exp > time.time():
+                    if tok.exp is None or tok.exp > clock():
                         return tok
                 if not rec.get("refresh_token"):
                     raise AuthError("the login store has no refresh token")
@@ -2115,7 +2128,7 @@ class _Auth:
     def _usable(self, cred):
         if cred.exp is None:
             return cred
-        now = time.time()
+        now = self.clock()
         left = cred.exp - now
         if cred.refresh is not None and left < cred.margin and (
                 self._failed is not cred or now >= self._retry_at):
@@ -2132,7 +2145,7 @@ class _Auth:
             current = self._cred
             if current is not used:
                 return current
-            if self._failed is not used or time.time() >= self._retry_at:
+            if self._failed is not used or self.clock() >= self._retry_at:
                 try:
                     new = used.refresh(used, forced)
                 except CtadataError as e:
@@ -2145,8 +2158,8 @@ class _Auth:
                     if new.value != used.value:
                         return self._replace(new, forced)
                     self._failure = "%s had no newer token" % used.source
-                self._failed, self._retry_at = used, time.time() + _REFRESH_RETRY
-            if forced or (used.exp is not None and used.exp > time.time()):
+                self._failed, self._retry_at = used, self.clock() + _REFRESH_RETRY
+            if forced or (used.exp is not None and used.exp > self.clock()):
                 return used
             raise self._expired(used)
 
@@ -2225,7 +2238,7 @@ class _Auth:
                 lines.append("  stopped by an error: %s" % error)
         if cred is not None:
             lines.append("using the token from %s:" % cred.source)
-            lines.extend("  " + line for line in _describe_token(cred))
+            lines.extend("  " + line for line in _describe_token(cred, self.clock()))
         elif self.mode != "x509" and error is None:
             lines.append("no token found")
         try:
@@ -2236,7 +2249,7 @@ class _Auth:
         return lines
 
 
-def _describe_token(cred):
+def _describe_token(cred, now):
     claims = cred.claims
     if claims is None:
         kind = "not a JWT (a macaroon or opaque token): sent as it is"
@@ -2247,7 +2260,7 @@ def _describe_token(cred):
     if cred.exp is None:
         out.append("expires: unknown")
     else:
-        left = cred.exp - time.time()
+        left = cred.exp - now
         out.append("%s %s (%s)" % ("expires" if left > 0 else "EXPIRED at", _when(cred.exp),
                                     "in %d min %d s" % divmod(int(left), 60) if left > 0
                                     else "%d s ago" % -left))
@@ -4345,7 +4358,7 @@ class Client:
         v, s = opts.values, self.settings
         self._auth = _Auth(token, v["token_file"], env, v["oidc_agent"], v["auth"], v["cert"],
                            opts.store, service=opts.service_url is not None)
-        self._oidc = self._auth.oidc = _OIDC(s, self._auth.secrets)
+        self._oidc = self._auth.oidc = _OIDC(s, self._auth.secrets, clock=self._auth.clock)
         import threading
         self._cancel = threading.Event()
         self._transport = tr = _Transport(s, self._auth, self._cancel)
