@@ -3774,9 +3774,8 @@ class _Task:
         self.new_folder = new_folder
 
 
-def _summarize(results, started, raise_on_failure=True, remote_path=None):
+def _summarize(results, started, raise_on_failure=True):
     summary = TransferSummary(results, time.monotonic() - started)
-    summary.remote_path = remote_path
     if raise_on_failure and summary.failed:
         raise PartialFailure(summary)
     return summary
@@ -4337,7 +4336,9 @@ class Client:
     service's /list, /fetch and /upload; remote paths are relative to the
     storage root and may be percent-encoded, as the service lists them;
     uploads land in the caller's own folder.  *certificate_service* is the
-    certificate service's URL (else $CTACS_URL, else CERTIFICATE_SERVICE_URL)."""
+    certificate service's URL (else $CTACS_URL, else CERTIFICATE_SERVICE_URL).
+    *record_checksums*: compute the checksums of downloads even when the
+    server has none to compare with (for manifests)."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
