@@ -245,3 +245,103 @@ def tree_digests(root):
 # Names that break naive clients: spaces, percent, hash, question mark, unicode.
 ODD_NAMES = ["plain.txt", "with space.dat", "100%.bin", "hash#tag.h5", "q?x.txt",
              "été 日本.fits"]
+
+
+# -- service mode -------------------------------------------------------------
+# The download-service double (tests/dsserver.py) in front of a seeded folder
+# of the session's nginx, and clients of it.  (tests/test_dsserver.py has its
+# own upstream and ds fixtures, parametrized over FaultServer, nginx, Apache.)
+
+HUB_TOKEN = "alice-hub-token"
+HUB_AREA = "lst/users/alice_example_org"   # HUB_TOKEN's own folder
+SERVICE_A_BIN = bytes(range(256)) * 1200  # 307200 bytes
+SERVICE_ODD = "été 日本 #1%.fits"
+
+
+def _hub_users():
+    from dsserver import CS_SCOPE, DS_SCOPE
+    return {
+        HUB_TOKEN: "alice_example_org",
+        # The old README's user, so that its literal fetch of the uploaded path works.
+        "volodymyr-token": "volodymyr.savchenko@epfl.ch",
+        "no-scope-token": {"name": "carol", "scopes": ["read:users"]},
+        "cert-only-token": {"name": "dave", "scopes": [CS_SCOPE]},
+        "bob-token": {"name": "Bob", "scopes": [DS_SCOPE, CS_SCOPE]},
+    }
+
+
+HUB_USERS = _hub_users()
+
+
+class Upstream:
+    """Where a test's storage root is: ``url`` (no trailing slash), ``token``, ``root``."""
+
+    def __init__(self, url, token, root):
+        self.url, self.token, self.root = url, token, Path(root)
+
+
+def seed_service_tree(root):
+    """The storage tree the service tests expect below *root*."""
+    return make_tree(root, {
+        "lst/data/run1/a.bin": SERVICE_A_BIN,
+        "lst/data/run1/with space.txt": b"spaced\n",
+        "lst/data/run1/" + SERVICE_ODD: b"odd name\n",
+        "lst/data/run1/sub/b.txt": b"12345",
+        "lst/data/run1/sub/deeper/c.txt": b"c",
+        HUB_AREA + "/.keep": b"",
+        "lst/some-data-dir/some-data-file": b"some data\n",
+        "lst/some-data-dir/sub/deeper.txt": b"deeper\n",
+        "cta/DL1/20241114/v0.1/dl1_LST-1.Run11111.0100.h5": b"\x89HDF" * (512 * 1024),
+        "cta/DL1/20241114/v0.1/datacheck_dl1_LST-1.Run11111.0100.h5": b"datacheck",
+        "cta/DL1/20241114/v0.1/dl1_LST-1.Run11111.0101.h5": b"other subrun",
+        "cta/DL1/20241114/v0.1/dl1_LST-1.Run22222.0100.h5": b"other run",
+    })
+
+
+@pytest.fixture
+def upstream(nginx_server):
+    """A seeded storage root (seed_service_tree) in a private folder of the
+    session's nginx."""
+    folder = "svc-" + secrets.token_hex(6)
+    root = seed_service_tree(nginx_server.root / folder)
+    nginx_server.grant_access(root)
+    try:
+        yield Upstream(nginx_server.url + "/" + folder, nginx_server.token, root)
+    finally:
+        shutil.rmtree(str(root), ignore_errors=True)
+
+
+@pytest.fixture
+def ds(upstream):
+    """The download service (and certificate service) double over *upstream*;
+    its users are HUB_USERS."""
+    from dsserver import DownloadService
+    with DownloadService(upstream.url, upstream.token, users=HUB_USERS) as service:
+        yield service
+
+
+@pytest.fixture
+def svc(ds):
+    """A service-mode Client with an explicit token and nothing from the environment."""
+    import ctadata
+    with ctadata.Client(service=ds.base_url, token=HUB_TOKEN, env={}, retries=1,
+                        timeout=20) as c:
+        yield c
+
+
+@pytest.fixture
+def hub(ds, monkeypatch):
+    """The environment of a notebook using the service (as the old README sets it)."""
+    monkeypatch.setenv("CTADS_URL", ds.base_url)
+    monkeypatch.setenv("CTACS_URL", ds.cert_base_url)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", HUB_TOKEN)
+    return ds
+
+
+@pytest.fixture
+def old_api(monkeypatch):
+    """Restore APIClient's class attributes after a test sets them."""
+    import ctadata
+    for name in ("downloadservice", "certificateservice", "token", "chunk_size"):
+        monkeypatch.setattr(ctadata.APIClient, name, getattr(ctadata.APIClient, name))
+    return ctadata.APIClient

@@ -141,17 +141,17 @@ import ipaddress
 import os
 import shutil
 import socket
-import socketserver
 import struct
 import threading
-import traceback
 import uuid
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
+
+from httpdouble import Listener
 
 __all__ = ["FaultServer", "Fault", "RequestRecord", "FAULT_KINDS"]
 
@@ -296,21 +296,12 @@ def _want_digest(header):
 
 # ---------------------------------------------------------------- servers
 
-class _Listener(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class _Listener(Listener):
+    """The door or the pool (*role*) of FaultServer *fs*."""
 
     def __init__(self, address, fs, role):
         self.fs, self.role = fs, role
-        super().__init__(address, _Handler)
-
-    def server_bind(self):
-        # HTTPServer.server_bind calls socket.getfqdn(), slow without DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def handle_error(self, request, client_address):
-        self.fs._record_error(traceback.format_exc())
+        super().__init__(address, _Handler, on_error=fs._record_error)
 
 
 class FaultServer:
@@ -334,7 +325,6 @@ class FaultServer:
         self.uuids: Dict[str, tuple] = {}
         self.lock = threading.RLock()
         self._stop = threading.Event()
-        self._conns = set()
         self._threads = []
         self._started = self._stopped = False
 
@@ -382,13 +372,8 @@ class FaultServer:
             t.join()
         self._door.server_close()
         self._pool.server_close()
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._door.drop_connections()
+        self._pool.drop_connections()
 
     def __enter__(self):
         return self.start()
@@ -467,14 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
     def fs(self) -> FaultServer:
         return self.server.fs
 
-    def setup(self):
-        super().setup()
-        with self.fs.lock:
-            self.fs._conns.add(self.connection)
-
     def finish(self):
-        with self.fs.lock:
-            self.fs._conns.discard(self.connection)
         try:
             super().finish()
         except (OSError, ValueError):

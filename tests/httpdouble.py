@@ -1,6 +1,6 @@
 """Plumbing shared by the in-process HTTP test doubles (oidcserver, dsserver).
 
-A double is a ``ThreadingHTTPServer`` on 127.0.0.1, port 0, speaking HTTP/1.1
+A double is a ``Listener`` (below) on 127.0.0.1, port 0, speaking HTTP/1.1
 with keep-alive, served from a daemon thread.  Subclass ``ServerDouble``, set
 ``handler_class`` to a ``DoubleHandler`` subclass; the handler reaches the
 double (and its state) as ``self.double``.
@@ -9,7 +9,9 @@ double (and its state) as ``self.double``.
 import http.server
 import json
 import socket
+import socketserver
 import threading
+import traceback
 import urllib.parse
 
 BUFSIZE = 256 * 1024
@@ -119,15 +121,28 @@ class DoubleHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class _Server(http.server.ThreadingHTTPServer):
+class Listener(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """The listener of every in-process HTTP server of the tests (these
+    doubles and tests/faultserver.py): a daemon thread per connection, no
+    reverse DNS lookup when binding, the open connections kept so that
+    ``drop_connections()`` can cut them when the server stops, and errors
+    inside handlers handed to *on_error* (a traceback text) when given.
+    (ThreadingMixIn + HTTPServer rather than ThreadingHTTPServer, which
+    Python 3.6 lacks.)"""
+
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, handler_class, double):
-        self.double = double
+    def __init__(self, address, handler_class, on_error=None):
+        self.on_error = on_error
         self._connections = set()
         self._connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), handler_class)
+        super().__init__(address, handler_class)
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn(), slow without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address):
         with self._connections_lock:
@@ -147,6 +162,18 @@ class _Server(http.server.ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def handle_error(self, request, client_address):
+        if self.on_error is None:
+            super().handle_error(request, client_address)
+        else:
+            self.on_error(traceback.format_exc())
+
+
+class _Server(Listener):
+    def __init__(self, handler_class, double):
+        self.double = double
+        super().__init__(("127.0.0.1", 0), handler_class)
 
 
 class ServerDouble:

@@ -84,7 +84,10 @@ class OIDCProvider(ServerDouble):
     """Keycloak-like OIDC provider on 127.0.0.1 (see module docstring).
 
     Settable by tests at any time: ``device_script`` (read when a device code
-    is issued), ``interval``, ``access_lifetime``, ``device_expires_in``.
+    is issued), ``interval``, ``access_lifetime``, ``device_expires_in``,
+    ``clock`` (what time it is for token lifetimes, default ``time.time``: a
+    test gives the client and this provider one clock it moves forward,
+    instead of sleeping until a token is due).
     Script entries: ``"ok"`` (tokens), an RFC 8628 error code (HTTP 400 JSON
     error; ``access_denied``/``expired_token`` also end the authorization) or
     an int (that HTTP status with a text body, to test retries).
@@ -103,6 +106,7 @@ class OIDCProvider(ServerDouble):
         self.refresh_lifetime = refresh_lifetime
         self.subject = subject
         self.device_script = ["ok"]
+        self.clock = time.time
         self.refresh_count = 0
         self.token_requests = []   # form dicts sent to the token endpoint, secrets included
         self.device_requests = []  # form dicts sent to the device endpoint
@@ -143,7 +147,7 @@ class OIDCProvider(ServerDouble):
     def issue_tokens(self, scope="openid offline_access"):
         """Mint an access + refresh token pair as the token endpoint would
         (for tests that start from an existing login); returns the JSON dict."""
-        now = int(time.time())
+        now = int(self.clock())
         with self._lock:
             self._issued += 1
             serial = self._issued
@@ -179,11 +183,11 @@ class OIDCProvider(ServerDouble):
         (nor been revoked)."""
         with self._lock:
             exp = self._access.get(token)
-        return exp is not None and time.time() < exp
+        return exp is not None and self.clock() < exp
 
     def valid_tokens(self):
         """The set of access tokens that are currently valid."""
-        now = time.time()
+        now = self.clock()
         with self._lock:
             return {token for token, exp in self._access.items() if now < exp}
 

@@ -53,7 +53,7 @@ def logged_in(idp, lifetime=None):
     rec = {"version": 1, "issuer": idp.issuer, "token_endpoint": idp.token_endpoint,
            "client_id": idp.client_id, "scope": "openid offline_access",
            "access_token": ans["access_token"], "refresh_token": ans["refresh_token"],
-           "expires_at": time.time() + ans["expires_in"]}
+           "expires_at": idp.clock() + ans["expires_in"]}
     store().save(rec)
     return rec
 
@@ -62,6 +62,32 @@ def logged_in(idp, lifetime=None):
 def idp():
     with OIDCProvider(interval=1) as provider:
         yield provider
+
+
+class Clock:
+    """What time it is for token lifetimes, moved forward by the test instead
+    of sleeping until a token is due; *rate* > 1 makes it run faster."""
+
+    def __init__(self, rate=1.0):
+        self.start, self.rate, self.offset = time.time(), rate, 0.0
+
+    def __call__(self):
+        now = time.time()
+        return now + (now - self.start) * (self.rate - 1) + self.offset
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A Clock for every ctadata client of the test (their _Auth and _OIDC;
+    give it to the identity provider too: ``idp.clock = clock``); device-code
+    polls do not wait."""
+    c = Clock()
+    monkeypatch.setattr(ctadata._Auth, "clock", staticmethod(c))
+    monkeypatch.setattr(ctadata._OIDC, "sleep", staticmethod(lambda seconds: None))
+    return c
 
 
 @pytest.fixture
@@ -288,8 +314,10 @@ def test_token_option_is_documented_as_visible_in_ps(capsys):
 
 # -- ctadata login / logout --------------------------------------------------------------
 
-def test_login_device_flow_then_private_store(idp, capsys):
+def test_login_device_flow_then_private_store(idp, capsys, monkeypatch):
     idp.device_script = ["authorization_pending", "ok"]
+    slept = []
+    monkeypatch.setattr(ctadata._OIDC, "sleep", staticmethod(slept.append))
     assert ctadata.main(["login", "--issuer", idp.issuer]) == 0
     err = capsys.readouterr().err
     assert idp.verification_uri in err and "user_code=" in err
@@ -298,7 +326,7 @@ def test_login_device_flow_then_private_store(idp, capsys):
                                       "scope": "openid offline_access"}
     assert [r["grant_type"] for r in idp.token_requests] == [
         "urn:ietf:params:oauth:grant-type:device_code"] * 2
-    assert idp.poll_times[1] - idp.poll_times[0] >= 0.9  # interval honoured
+    assert slept == [1, 1]  # the interval is honoured before each poll
     st = os.stat(store().dir)
     assert st.st_mode & 0o777 == 0o700
     assert os.stat(store().path).st_mode & 0o777 == 0o600
@@ -321,7 +349,7 @@ def test_login_device_flow_then_private_store(idp, capsys):
 
 
 def test_login_honours_xdg_config_home_and_fixes_a_wide_folder(idp, tmp_path, monkeypatch,
-                                                                 capsys):
+                                                                 capsys, clock):
     cfg = tmp_path / "cfg"
     (cfg / "ctadata").mkdir(parents=True)
     os.chmod(str(cfg / "ctadata"), 0o755)
@@ -332,7 +360,7 @@ def test_login_honours_xdg_config_home_and_fixes_a_wide_folder(idp, tmp_path, mo
     assert os.stat(str(cfg / "ctadata")).st_mode & 0o777 == 0o700
 
 
-def test_login_dev_pair_has_its_own_store(tmp_path, capsys):
+def test_login_dev_pair_has_its_own_store(tmp_path, capsys, clock):
     with OIDCProvider(client_id="dcache-dev", interval=1) as dev_idp:
         assert ctadata.main(["--dev", "login", "--issuer", dev_idp.issuer]) == 0
         assert dev_idp.device_requests[0]["client_id"] == "dcache-dev"
@@ -378,16 +406,17 @@ def test_device_flow_gives_up_when_the_code_expires(idp):
         oidc.device_login(idp.issuer, idp.client_id)
 
 
-def test_client_secret_from_env_is_used_and_kept_private(tmp_path, monkeypatch, capsys):
+def test_client_secret_from_env_is_used_and_kept_private(tmp_path, monkeypatch, capsys, clock):
     secret = "cl13nt-s3cr3t-" + secrets.token_hex(4)
     with OIDCProvider(client_secret=secret, interval=1, access_lifetime=1) as idp:
+        idp.clock = clock
         assert ctadata.main(["login", "--issuer", idp.issuer]) == 1  # no secret: refused
         assert "refused to start a login" in capsys.readouterr().err
         monkeypatch.setenv("CTADATA_CLIENT_SECRET", secret)
         assert ctadata.main(["login", "--issuer", idp.issuer]) == 0
         assert idp.device_requests[-1]["client_secret"] == secret
         monkeypatch.delenv("CTADATA_CLIENT_SECRET")
-        time.sleep(0.6)  # the access token is due: the stored secret refreshes it
+        clock.advance(0.6)  # the access token is due: the stored secret refreshes it
         auth = ctadata.Client(url="https://h.invalid")._auth
         assert auth.header()
         assert idp.token_requests[-1]["grant_type"] == "refresh_token"
@@ -411,12 +440,13 @@ def test_client_secret_prompt_does_not_echo(monkeypatch):
 
 # -- refresh -------------------------------------------------------------------------------
 
-def test_refresh_shortly_before_expiry_rotates_the_refresh_token(idp):
+def test_refresh_shortly_before_expiry_rotates_the_refresh_token(idp, clock):
+    idp.clock = clock
     rec = logged_in(idp, lifetime=3)  # refreshed 1.5 s before it expires
     auth = ctadata.Client(url="https://h.invalid")._auth
     assert auth.header() == "Bearer " + rec["access_token"]
     assert idp.refresh_count == 0
-    time.sleep(1.6)
+    clock.advance(1.6)
     value = auth.header()
     assert idp.refresh_count == 1 and value != "Bearer " + rec["access_token"]
     new = store().load()
@@ -426,20 +456,22 @@ def test_refresh_shortly_before_expiry_rotates_the_refresh_token(idp):
     assert auth.header() == value and idp.refresh_count == 1  # no second refresh
 
 
-def test_another_process_refresh_is_reused(idp):
+def test_another_process_refresh_is_reused(idp, clock):
+    idp.clock = clock
     logged_in(idp, lifetime=2)
     a = ctadata.Client(url="https://h.invalid")._auth
     b = ctadata.Client(url="https://h.invalid")._auth
     a.header(), b.header()
-    time.sleep(1.1)
+    clock.advance(1.1)
     va, vb = a.header(), b.header()
     assert va == vb and idp.refresh_count == 1  # b took a's token from the store
 
 
-def test_expired_and_refresh_refused_says_so(idp, fault):
+def test_expired_and_refresh_refused_says_so(idp, fault, clock):
+    idp.clock = clock
     logged_in(idp, lifetime=1)
     idp.revoke_refresh_tokens()
-    time.sleep(1.1)
+    clock.advance(1.1)
     c = ctadata.Client(url=fault.url, retries=0)
     with pytest.raises(ctadata.AuthError) as ei:
         c.ls("")
@@ -521,15 +553,17 @@ class _Gate(ctadata.Progress):
             self.until()
 
 
-def test_parallel_download_refreshes_once_when_the_token_expires(oidc_folder, tmp_path):
+def test_parallel_download_refreshes_once_when_the_token_expires(oidc_folder, tmp_path, clock,
+                                                                  monkeypatch):
     idp, srv, name = oidc_folder
+    monkeypatch.setattr(idp, "clock", clock)  # the provider outlives the test
     rec = logged_in(idp, lifetime=4)  # refreshed in its last 2 s
     exp = jwt_claims(rec["access_token"])["exp"]
     before = idp.refresh_count
 
     def wait_for_the_refresh_window():
         idp.access_lifetime = 300  # the next token lasts: one refresh, however slow
-        time.sleep(max(0.0, exp - 1.7 - time.time()))
+        clock.advance(max(0.0, exp - 1.7 - clock()))
 
     c = ctadata.Client(url=srv.url, jobs=6, retries=0)
     summary = c.download(name + "/run", str(tmp_path / "out") + "/", recursive=True,
@@ -587,25 +621,32 @@ def slow_oidc_dav(tmp_path_factory):
 
 
 def test_login_then_get_r_end_to_end_with_a_token_expiring_meanwhile(slow_oidc_dav, tmp_path,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
     """`ctadata login`, then `ctadata get -r` of files the server sends slowly
     (nginx sends the first second's worth at once, then 40 kB/s) while the
-    2-second access tokens keep expiring."""
+    2-second access tokens keep expiring (on a clock that runs 4 times as
+    fast, for the client and the identity provider)."""
     idp, srv = slow_oidc_dav
-    make_tree(srv.root / "e2e", {"data/f%02d.bin" % i: os.urandom(80000) for i in range(12)})
+    fast = Clock(rate=4)
+    monkeypatch.setattr(ctadata._Auth, "clock", staticmethod(fast))
+    monkeypatch.setattr(ctadata._OIDC, "sleep", staticmethod(lambda seconds: None))
+    monkeypatch.setattr(idp, "clock", fast)
+    make_tree(srv.root / "e2e", {"data/f%02d.bin" % i: os.urandom(60000) for i in range(8)})
     idp.access_lifetime = 2
     idp.device_script = ["authorization_pending", "ok"]
     assert ctadata.main(["login", "--issuer", idp.issuer]) == 0
     assert "logged in as alice" in capsys.readouterr().err
-    started = time.monotonic()
+    first = store().load()["access_token"]
+    started = fast()
     code = ctadata.main(["--url", srv.url, "-j", "4", "get", "-r", "e2e/data",
                          str(tmp_path / "dl") + "/"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert time.monotonic() - started > 2  # longer than a token lives
+    assert fast() - started > 2  # longer than a token lives
     assert tree_digests(tmp_path / "dl" / "data") == tree_digests(srv.root / "e2e" / "data")
     assert idp.refresh_count >= 1
-    assert idp.valid_tokens()  # the last refreshed one
+    last = store().load()["access_token"]  # the last refreshed one, kept for the next run
+    assert last != first and last in idp._access
 
 
 # -- X.509 ---------------------------------------------------------------------------------
@@ -651,10 +692,10 @@ def test_x509_client_certificate(x509_dav, tmp_path, monkeypatch):
 
 def test_x509_problems_are_reported_before_connecting(tmp_path):
     with pytest.raises(ctadata.ConfigError, match="no client certificate"):
-        ctadata.Client(url="https://h.invalid", auth="x509")._tr.ssl_context()
+        ctadata.Client(url="https://h.invalid", auth="x509")._transport.ssl_context()
     wide = private(tmp_path / "proxy", "-----BEGIN CERTIFICATE-----\n", 0o644)
     with pytest.raises(ctadata.ConfigError, match="key must be private"):
-        ctadata.Client(url="https://h.invalid", cert=wide)._tr.ssl_context()
+        ctadata.Client(url="https://h.invalid", cert=wide)._transport.ssl_context()
     with pytest.raises(ctadata.ConfigError):
         ctadata.Client(url="https://h.invalid", auth="sso")
     with pytest.raises(ctadata.ConfigError):
@@ -691,15 +732,16 @@ def _everything(capsys, caplog, extra=()):
 
 
 def test_secrets_never_in_logs_messages_or_reprs(oidc_folder, fault, tmp_path, monkeypatch,
-                                                 capsys, caplog):
+                                                 capsys, caplog, clock):
     """Every way a token could leak, at -vv: requests, refresh, 401, a server
     echoing the token back, expiry, network errors; each captured output,
     exception text, repr and traceback is scanned for every secret."""
     import logging
     caplog.set_level(logging.DEBUG, logger="ctadata")
     idp, srv, name = oidc_folder
+    monkeypatch.setattr(idp, "clock", clock)  # the provider outlives the test
     rec = logged_in(idp, lifetime=2)
-    time.sleep(1.1)  # due for a refresh
+    clock.advance(1.1)  # due for a refresh
     texts = []
     assert ctadata.main(["-vv", "--url", srv.url, "ls", "-l", name + "/run"]) == 0
     new = store().load()
@@ -730,7 +772,7 @@ def test_secrets_never_in_logs_messages_or_reprs(oidc_folder, fault, tmp_path, m
         except ctadata.CtadataError as e:
             texts += [str(e), repr(e), e.hint or "", "".join(traceback.format_exception(
                 type(e), e, e.__traceback__))]
-        texts += [repr(c), repr(c._auth), repr(c._tr), repr(c.settings), repr(c._oidc),
+        texts += [repr(c), repr(c._auth), repr(c._transport), repr(c.settings), repr(c._oidc),
                   repr(c._auth.store), repr(c._auth._cred), repr(c._auth.secrets)]
     everything = _everything(capsys, caplog, texts)
     assert "PROPFIND" in everything and "refreshed the token" in everything  # -vv logs

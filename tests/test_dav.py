@@ -241,7 +241,7 @@ def test_a_large_first_upload_is_hashed_only_when_the_answer_can_confirm_it(
     r = client.upload(str(src), "big.bin").results[0]
     assert r.status == "transferred" and "adler32" not in r.checksums
     assert (dav.root / "big.bin").read_bytes() == src.read_bytes()
-    client._tr.record_sums = True
+    client._transport.record_sums = True
     r = client.upload(str(src), "big2.bin").results[0]
     assert r.checksums["adler32"] == "%08x" % zlib.adler32(src.read_bytes())
 
@@ -254,4 +254,4 @@ def test_uploads_stop_hashing_once_the_server_shows_it_sends_no_digest(client, d
     s = client.upload(str(src), "up", recursive=True, jobs=1)
     sums = [r.checksums for r in s.results]
     assert sums[0].get("adler32") and all("adler32" not in x for x in sums[1:])
-    assert client._tr.put_digests is False
+    assert client._transport.put_digests is False

@@ -111,6 +111,52 @@ def test_hostile_listing_writes_nothing_outside_the_destination(hostile, href, c
     assert hostile.count("GET", "/escape.txt") == 0
 
 
+# One rule (ctadata._is_safe_name) for both listing parsers and for
+# _safe_join: each name here is dropped by the WebDAV parser and by the
+# download service's, with a warning that carries no control character, and
+# _safe_join refuses it.
+UNSAFE_NAMES = ["..", "a/b", "a\\b", "nul\x00x", "\x1b]0;pwned\x07.txt", "line\nbreak.txt",
+                "c1\x9bcsi.txt", "\x1b[31mred", "del\x7f.txt", "tab\tx"]
+
+
+def _parse_listing(parser, name):
+    from urllib.parse import quote
+    href, warnings = quote(name, safe=""), []
+    if parser == "webdav":
+        body = multistatus(resp("/dir/", collection=True), resp("/dir/" + href, size=1),
+                           resp("/dir/ok.txt", size=1))
+        entries = list(ctadata._parse_multistatus([body], "http://127.0.0.1/dir/",
+                                                  "http://127.0.0.1", warn=warnings.append))
+    else:
+        items = [{"href": "dir/", "type": "directory"},
+                 {"href": "dir/" + href, "type": "file", "size": 1},
+                 {"href": "dir/ok.txt", "type": "file", "size": 1}]
+        entries = ctadata._parse_service_listing(items, "http://127.0.0.1/s", "dir", None,
+                                                 warnings.append)
+    return entries, warnings
+
+
+@pytest.mark.parametrize("parser", ["webdav", "service"])
+@pytest.mark.parametrize("name", UNSAFE_NAMES, ids=repr)
+def test_both_listing_parsers_refuse_the_same_unsafe_names(parser, name):
+    entries, warnings = _parse_listing(parser, name)
+    assert [e.name for e in entries] == ["ok.txt"]
+    # ("..": the WebDAV parser resolves the href first: it is then outside /dir/)
+    assert len(warnings) == 1 and ("unsafe" in warnings[0] or "outside" in warnings[0])
+    assert not any(c < " " or "\x7f" <= c <= "\x9f" for w in warnings for c in w)
+    with pytest.raises(ctadata.ProtocolError, match="unsafe remote name"):
+        ctadata._safe_join("dest", ["sub", name])
+
+
+@pytest.mark.parametrize("parser", ["webdav", "service"])
+@pytest.mark.parametrize("name", ["plain.txt", "with space", "été 日本.fits", "100%.bin",
+                                  "hash#tag", "q?x", "nbsp\xa0x", "...", ".hidden"])
+def test_both_listing_parsers_keep_the_same_odd_but_safe_names(parser, name):
+    entries, warnings = _parse_listing(parser, name)
+    assert sorted(e.name for e in entries) == sorted([name, "ok.txt"]) and not warnings
+    assert ctadata._safe_join("dest", [name]) == os.path.join("dest", name)
+
+
 def test_dtd_and_entities_are_refused_on_the_download_path(hostile, capsys):
     bomb = (b'<?xml version="1.0"?><!DOCTYPE m [<!ENTITY a "aaaaaaaaaa">'
             b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;">]>'

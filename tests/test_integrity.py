@@ -286,7 +286,7 @@ def test_large_upload_with_wrong_digest_is_deleted_and_fails(fs, tmp_path, known
     if known:
         (tmp_path / "first.txt").write_bytes(b"x" * 100)
         c.upload_file(str(tmp_path / "first.txt"), "first.txt")
-        assert c._tr.put_digests is True
+        assert c._transport.put_digests is True
     fs.add_fault("wrong_digest", method="PUT", path="/f.bin")
     with pytest.raises(ctadata.ChecksumMismatch, match="adler32 checksum mismatch"):
         c.upload_file(str(src), "f.bin")

@@ -59,7 +59,7 @@ def test_repr_and_errors_never_show_the_token(tmp_path):
     secret = "s3cr3t-TOKEN-value"
     c = ctadata.Client(url="https://example.invalid:2880", token=secret, env={})
     assert secret not in repr(c) and secret not in repr(c._auth) and secret not in repr(c.settings)
-    assert secret not in repr(c._tr)
+    assert secret not in repr(c._transport)
 
 
 def test_settings_validation():

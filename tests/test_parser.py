@@ -1,5 +1,6 @@
-"""Layer 1: pure parsing, on multistatus XML captured from real servers and on
-hand-made dCache/StoRM/hostile answers.  No network."""
+"""Layer 1: pure parsing, on multistatus XML captured from real servers (and
+from dCache's documentation: tests/data/README.md) and on hand-made
+dCache/StoRM/hostile answers.  No network."""
 
 import json
 from pathlib import Path
@@ -99,6 +100,25 @@ def test_dcache_checksums_locality_and_utc_dates():
     assert e.locality == "NEARLINE"
     assert e.etag == '"0000C9A2_1731578400000"'
     assert e.mtime == 1731578400
+
+
+def test_dcache_answer_from_its_documentation():
+    # dCache's own answer (tests/data/README.md): the prefixes are swapped
+    # against the hand-made sample above (ns1 = SRM, ns2 = dCache), milton
+    # declares namespaces nobody uses, and properties we did not ask for
+    # (RetentionPolicy, AccessLatency) come along.
+    xml = (DATA / "propfind-dcache-doc.xml").read_bytes()
+    for chunk in (None, 7):
+        selfs = []
+        entries, warnings = parse(xml, "http://localhost:2880/disk/test-1447231167-1",
+                                  "http://localhost:2880", chunk, on_self=selfs.append)
+        assert entries == [] and warnings == []
+        (e,) = selfs
+        assert (e.name, e.path, e.is_dir) == ("test-1447231167-1", "disk/test-1447231167-1",
+                                              False)
+        assert e.checksums == {"adler32": "3b8711d6"} and e.locality == "ONLINE"
+        assert e.size is None and e.mtime is None and e.etag is None
+        assert e.url == "http://localhost:2880/disk/test-1447231167-1"
 
 
 def test_storm_full_url_hrefs_and_other_hosts():
