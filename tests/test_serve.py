@@ -905,3 +905,17 @@ def test_davix_lists_gets_and_puts_with_a_macaroon(msrv, archive, tmp_path):
     tool(["davix-put", "-H", "Authorization: Bearer " + up["macaroon"], str(tmp_path / "up.bin"),
           srv.url + "/users/me/up.bin"])
     assert (archive / "users/me/up.bin").read_bytes() == (tmp_path / "up.bin").read_bytes()
+
+
+def test_readme_fixture_recipe_runs_as_written(tmp_path):
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("**In your own tests.**"):]
+    start = section.index("```python\n") + 10
+    code = section[start:section.index("\n```", start)]
+    (tmp_path / "test_recipe.py").write_text(code + "\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(tmp_path / "test_recipe.py")], cwd=str(tmp_path), env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert r.returncode == 0, r.stdout.decode()[-3000:]
+    assert b"1 passed" in r.stdout
