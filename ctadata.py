@@ -5258,7 +5258,9 @@ class _DavRequest:
         than _SERVE_HEAD_LIMIT bytes of them (431)."""
         rfile = self.rfile
         line = rfile.readline(_SERVE_LINE_LIMIT + 1)
-        while line in (b"\r\n", b"\n"):     # RFC 9112 §2.2: ignore empty lines first
+        for _ in range(4):                  # RFC 9112 §2.2: a few empty lines may come first
+            if line not in (b"\r\n", b"\n"):
+                break
             line = rfile.readline(_SERVE_LINE_LIMIT + 1)
         if not line:
             return None
@@ -5341,6 +5343,9 @@ class _DavRequest:
         """Check the framing of the request body (once per request)."""
         te = (self.headers.get("Transfer-Encoding") or "").strip().lower()
         cl = self.headers.get("Content-Length")
+        if len(self.headers.get_all("Content-Length") or ()) > 1 or \
+                len(self.headers.get_all("Transfer-Encoding") or ()) > 1:
+            raise _Refusal(400, "ambiguous request body framing", close=True)
         if te:
             if te != "chunked" or cl is not None:
                 self.close_connection = True
@@ -5375,8 +5380,11 @@ class _DavRequest:
                 except ValueError:
                     raise _Refusal(400, "malformed chunked body", close=True)
                 if size == 0:
-                    while rfile.readline(_SERVE_LINE_LIMIT + 1) not in (b"\r\n", b"\n", b""):
-                        pass
+                    for _ in range(_SERVE_HEADER_COUNT):     # the trailer, if any
+                        if rfile.readline(_SERVE_LINE_LIMIT + 1) in (b"\r\n", b"\n", b""):
+                            break
+                    else:
+                        raise _Refusal(431, "too many trailer fields", close=True)
                     self._chunked = False
                     return
                 while size > 0:
@@ -5470,10 +5478,15 @@ class _DavRequest:
             status = {errno.ENOENT: 404, errno.EACCES: 403, errno.EPERM: 403,
                       errno.ELOOP: 403, errno.ENOTDIR: 409, errno.EISDIR: 405,
                       errno.ENOTEMPTY: 409, errno.EEXIST: 405, errno.ENOSPC: 507,
-                      errno.EDQUOT: 507}.get(e.errno, 500)
+                      getattr(errno, "EDQUOT", errno.ENOSPC): 507}.get(e.errno, 500)
             if status == 500:
-                _log(30, "serve: %s %s: %s", self.command, _safe_url(raw), e)
+                _log(30, "serve: %s %s: %s", self.command, self._logged_path(target), e)
             self._refused(_Refusal(status, e.strerror or "error"))
+        except Exception:
+            import traceback
+            _log(30, "serve: %s %s: unexpected error: %s", self.command,
+                 self._logged_path(target), traceback.format_exc().strip())
+            self._refused(_Refusal(500, "internal error", close=True))
         finally:
             self._record()
             _log(10, "serve: %s %s %s %s %.3f s", self.server.role, self.command,
@@ -5517,7 +5530,8 @@ class _DavRequest:
         challenge = {"WWW-Authenticate": 'Bearer realm="ctadata-serve"'}
         if cred:
             import hmac
-            if hmac.compare_digest(cred.encode("utf-8", "surrogateescape"), arch.token):
+            # (http.server decoded the header as Latin-1: these are its bytes)
+            if hmac.compare_digest(cred.encode("latin-1", "replace"), arch.token):
                 return
         else:
             cred = self._query_value("authz") or ""   # only a macaroon, never the token
@@ -6044,6 +6058,15 @@ class _DavRequest:
         return None if node.st is None else "dir" if node.is_dir else "file"
 
 
+def _remove_quietly(paths):
+    """Remove the token file (and its folder) made for one run."""
+    for path in paths:
+        try:
+            (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+        except OSError:
+            pass
+
+
 def _remove_path(path):
     """Delete a file, a symlink (not what it points to) or a folder tree."""
     if os.path.isdir(path) and not os.path.islink(path):
@@ -6200,8 +6223,7 @@ class _Served:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for path in self._cleanup:
-            (_unlink_quietly if not os.path.isdir(path) else os.rmdir)(path)
+        _remove_quietly(self._cleanup)
 
     def __enter__(self):
         return self
@@ -6305,8 +6327,7 @@ def serve(root, port=0, bind="127.0.0.1", token=None, token_file=None, auth=True
                 bind, port, e.strerror or e, "; --port 0 picks a free one"
                 if getattr(e, "errno", None) == 98 else ""))
     except BaseException:
-        for path in cleanup:
-            (_unlink_quietly if not os.path.isdir(path) else os.rmdir)(path)
+        _remove_quietly(cleanup)
         raise
     scheme = "https" if ctx is not None else "http"
     host = bind.strip("[]")

@@ -489,7 +489,8 @@ TRAVERSALS = [
     "/%c0%ae%c0%ae/secret.txt", "/%252e%252e/secret.txt", "//../secret.txt",
     "/users/%2e/../../secret.txt", "/%ff/x", "/users/%0a/x",
     "http://127.0.0.1/../secret.txt", "/link_file", "/link_dir/x.txt", "/link_dir/back",
-    "/users/rel_link", "/link_dir/", "/.ctadata-upload-0123",
+    "/users/rel_link", "/link_dir/", "/.ctadata-upload-0123", "/etc/passwd",
+    "/%2Fetc%2Fpasswd", "/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
 ]
 
 
@@ -509,7 +510,7 @@ def test_traversal_in_every_encoding_reaches_nothing_outside(fortress, target):
             auth + extra + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
         answer = send_raw(srv, req)
         assert status_of(answer) in (400, 403, 404, 405, 409), (method, answer[:200])
-        assert b"TOPSECRET" not in answer
+        assert b"TOPSECRET" not in answer and b"root:" not in answer
     # nor through a Destination
     for dest in ["/../escaped.txt", "/%2e%2e/escaped.txt", "/link_dir/escaped.txt",
                  "http://127.0.0.1:%d/../escaped.txt" % int(srv.url.rpartition(":")[2]),
@@ -566,6 +567,10 @@ def test_oversized_or_malformed_heads_and_bodies(fortress):
         (b"GET / HTTP/1.1\r\n" + auth + b"Content-Length: 3\r\nTransfer-Encoding: chunked"
          b"\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\n" + auth + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+        (b"PUT /users/me/s HTTP/1.1\r\n" + auth + b"Content-Length: 1\r\nContent-Length: 5"
+         b"\r\n\r\nhello", 400),
+        (b"PUT /users/me/s HTTP/1.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n"
+         b"zz\r\nhello\r\n0\r\n\r\n", 400),
         (b"GET / HTTP/9.9\r\n\r\n", 505),
         (b"BREW /pot HTTP/1.1\r\n" + auth + b"\r\n", 405),
         (b"GET relative HTTP/1.1\r\n" + auth + b"\r\n", 400),
@@ -684,6 +689,22 @@ def test_connections_are_bounded(msrv):
     while time.monotonic() < deadline and propfind(srv, "/", "0")[0] != 207:
         time.sleep(0.1)
     assert propfind(srv, "/", "0")[0] == 207
+
+
+def test_chunked_upload_and_keep_alive(msrv, archive):
+    srv = msrv
+    from urllib.parse import urlsplit
+    u = urlsplit(srv.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=20)
+    auth = {"Authorization": "Bearer " + srv.token}
+    conn.request("PUT", "/users/me/chunked.bin", body=iter([b"abc", b"defg"]), headers=auth,
+                 encode_chunked=True)
+    assert conn.getresponse().read() == b"created\n"
+    for _ in range(3):                               # the same connection goes on
+        conn.request("GET", "/users/me/chunked.bin", headers=auth)
+        assert conn.getresponse().read() == b"abcdefg"
+    conn.close()
+    assert (archive / "users/me/chunked.bin").read_bytes() == b"abcdefg"
 
 
 def test_put_checks_content_md5_and_keeps_nothing_bad(msrv, archive):
