@@ -5442,11 +5442,11 @@ class _DavRequest:
     # -- dispatch --------------------------------------------------------------
 
     def _dispatch(self):
-        arch = self.server.archive
         started = time.monotonic()
         self._status = None
         self._recorded = False
         self._caveats = None     # a macaroon's caveats, once authenticated by one
+        self._query = ""
         target = self.path
         try:
             self._body_start()
