@@ -5170,25 +5170,30 @@ class _DavRequest:
     # -- connection --------------------------------------------------------------
 
     def setup(self):
-        ctx = self.server.ssl_context
+        # Never raises: socketserver calls finish() (which frees this
+        # connection's place) only after a setup() that returned.
         self._dead = False
-        if ctx is not None:
-            self.request.settimeout(self.timeout)
-            try:
+        try:
+            ctx = self.server.ssl_context
+            if ctx is not None:
+                self.request.settimeout(self.timeout)
                 self.request = ctx.wrap_socket(self.request, server_side=True)
-            except (OSError, ValueError) as e:
-                _log(10, "serve: TLS handshake failed: %s", e)
-                self._dead = True
-        with self.server.archive.lock:
-            self.server.archive.connections.add(self.request)
-        super().setup()
+            with self.server.archive.lock:
+                self.server.archive.connections.add(self.request)
+            super().setup()
+        except (OSError, ValueError) as e:     # a failed TLS handshake, mostly
+            _log(10, "serve: connection dropped: %s", e)
+            self._dead = True
 
     def finish(self):
         arch = self.server.archive
         with arch.lock:
             arch.connections.discard(self.request)
         try:
-            super().finish()
+            if not self._dead:
+                super().finish()
+            else:
+                self.request.close()
         except (OSError, ValueError):
             pass
         self.server.leave()
