@@ -5787,19 +5787,14 @@ class _DavRequest:
     def _receive(self, parts):
         """Write the request body to a temporary file beside the target,
         check Content-MD5 (400 on a mismatch, nothing kept), rename."""
-        import base64
-        import binascii
         import secrets
         arch = self.server.archive
         node = self._place(parts)
         if node.is_dir:
             raise _Refusal(405, "a folder is there")
         expected = self.headers.get("Content-MD5")
-        if expected is not None:
-            try:
-                expected = base64.b64decode(expected.strip(), validate=True).hex()
-            except (binascii.Error, ValueError):
-                expected = ""
+        if expected is not None:     # RFC 1864: base64 of the md5, as in a Digest
+            expected = _parse_digest("md5=" + expected).get("md5", "")
             if len(expected) != 32:
                 raise _Refusal(400, "malformed Content-MD5")
         existed = os.path.lexists(node.path)

@@ -970,3 +970,17 @@ def test_readme_fixture_recipe_runs_as_written(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     assert r.returncode == 0, r.stdout.decode()[-3000:]
     assert b"1 passed" in r.stdout
+
+
+def test_digest_values_parse_back_with_the_clients_parser():
+    sums = {"adler32": "0001abcd", "md5": hashlib.md5(b"x").hexdigest()}
+    for algos in (("adler32",), ("md5",), ("md5", "adler32")):
+        text = ctadata._digest_value(sums, algos)
+        assert ctadata._parse_digest(text) == {a: sums[a] for a in algos}
+    assert ctadata._want_digest("adler32, md5;q=0.5, sha;q=1") == ["adler32", "md5"]
+    assert ctadata._want_digest("md5;q=0.3,adler32;q=0.9") == ["adler32", "md5"]
+    assert ctadata._want_digest("adler32;q=0, md5") == ["md5"]
+    assert ctadata._iso_duration("PT1H") == 3600 and ctadata._iso_duration("P1DT30M") == 88200
+    assert ctadata._iso_duration("P2W") == 14 * 86400 and ctadata._iso_duration("PT1.5S") == 1.5
+    for bad in ("", "P", "PT", "1h", "P1H", "PT-1H", None):
+        assert ctadata._iso_duration(bad) is None, bad
