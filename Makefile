@@ -3,10 +3,13 @@ PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 TASKS ?=
 
-.PHONY: help install test test-pypy deps zipapp lint bench clean
+.PHONY: help demo install test test-pypy deps zipapp lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+demo: dist/ctadata.pyz  ## try ctadata without an account: a local archive (ctadata serve) and a tour
+	@PYTHON=$(PYTHON) bash tests/demo.sh dist/ctadata.pyz
 
 install:  ## pip install this checkout (console scripts ctadata, cta-data)
 	$(PYTHON) -m pip install .

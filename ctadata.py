@@ -49,6 +49,8 @@ __all__ = [
     "upload_certificate", "upload_personal_certificate", "upload_shared_certificate",
     "webdav_client", "webdav4_client",
     "default_client", "set_default_client",
+    # a local dCache-like archive (`ctadata serve`)
+    "serve",
     # the old client's class, for scripts that configure it
     "APIClient",
     # errors
@@ -4995,6 +4997,1863 @@ checksum = _default_client_function("checksum")
 
 
 ############################################################################
+# Server (`ctadata serve`)
+############################################################################
+
+# A small dCache-like archive over a local folder, for trying ctadata
+# without an account, for users' pipelines in their CI, and for our own
+# tests.  It follows RFC 4918 (WebDAV: PROPFIND Depth 0/1, MKCOL, DELETE,
+# MOVE, COPY), RFC 9110 (Range, If-Range), RFC 3230 (Want-Digest/Digest),
+# dCache's door-to-pool redirects and properties (PROTOCOL.md §2), the WLCG
+# Tape REST API v1 (§8, issue 12) and dCache's macaroon requests (§7).
+# It shares the client's rules: names are checked with _is_safe_name (the
+# rule both listing parsers and _safe_join use), checksums are _Hashers,
+# globs are _selector.
+#
+# A server is an attack surface: it binds loopback unless told otherwise,
+# every request needs the bearer token (or a macaroon within its caveats)
+# unless it runs --no-auth --read-only, every path is resolved inside the
+# folder (symlinks leading out of it are refused), request heads and
+# bodies that are parsed are bounded, and nothing answers with HTML.
+
+_SERVE_TMP = ".ctadata-upload-"   # uploads in progress: never listed or served
+_SERVE_LINE_LIMIT = 8192          # the request line, and each header line
+_SERVE_HEAD_LIMIT = 65536         # all header lines of a request together
+_SERVE_HEADER_COUNT = 100
+_SERVE_XML_LIMIT = 1 << 16        # PROPFIND bodies
+_SERVE_JSON_LIMIT = 1 << 20       # macaroon and tape requests (1,000 paths fit)
+_SERVE_DRAIN_LIMIT = 1 << 20      # an unread body up to this is read and dropped,
+                                  # a larger one closes the connection
+_SERVE_IDLE = 60.0                # seconds a connection may stay silent
+_SERVE_CONNECTIONS = 64           # open connections; more are answered 503
+_SERVE_TICKET_TTL = 300.0         # a pool URL (--redirect) works once, this long
+_SERVE_LOG = 10000                # requests kept for `requests` (tests)
+_STAGE_DELAY = 2.0                # simulated seconds from stage request to disk
+_STAGE_LIFETIME = 86400.0         # diskLifetime when a stage request names none
+_MACAROON_VALIDITY = 86400.0      # when a macaroon request names none
+_MACAROON_MAX = 7 * 86400.0
+_DCACHE_NS = "http://www.dcache.org/2013/webdav"
+_SRM_NS = "http://srm.lbl.gov/StorageResourceManager"
+_TAPE_API = "/api/v1/tape"        # where dCache's frontend has it
+_ACTIVITIES = ("LIST", "DOWNLOAD", "UPLOAD", "DELETE", "MANAGE", "READ_METADATA",
+               "UPDATE_METADATA", "STAGE")
+# What a macaroon must allow for each method (any one of the activities).
+_METHOD_ACTIVITIES = {
+    "GET": ("DOWNLOAD",), "HEAD": ("DOWNLOAD", "READ_METADATA", "LIST"),
+    "PUT": ("UPLOAD",), "MKCOL": ("UPLOAD", "MANAGE"), "DELETE": ("DELETE",),
+    "MOVE": ("MANAGE",),
+}
+_DAV_PROPS = ("resourcetype", "getcontentlength", "getlastmodified", "getetag",
+              "getcontenttype", "displayname")   # allprop: the DAV: ones, as dCache
+
+
+class _Refusal(Exception):
+    """An HTTP error answer, raised anywhere below a request handler.
+    *problem*: answer as RFC 7807 JSON (the tape API) instead of text."""
+
+    def __init__(self, status, text, headers=None, close=False, problem=False):
+        Exception.__init__(self, text)
+        self.status, self.text, self.headers = status, text, headers or {}
+        self.close, self.problem = close, problem
+
+
+def _url_path_parts(raw):
+    """The decoded names of a request's percent-encoded URL path, checked
+    with the client's rules.  Each segment is decoded on its own, so that an
+    encoded "/" (%2F) cannot pose as a separator; "", "." and ".." segments,
+    "\\", NUL and control characters are refused (400)."""
+    from urllib.parse import unquote
+    parts = []
+    for seg in raw.split("/"):
+        if not seg:
+            continue
+        try:
+            parts.append(unquote(seg, errors="strict"))
+        except UnicodeDecodeError:
+            raise _Refusal(400, "the path is not UTF-8")
+    return _checked_names(parts)
+
+
+def _checked_names(parts):
+    for part in parts:
+        if not _is_safe_name(part):
+            raise _Refusal(400, "refusing the path: unsafe name %r" % part)
+    return parts
+
+
+def _plain_path_parts(text):
+    """The names of a namespace path (the tape API's, not percent-encoded)."""
+    if not isinstance(text, str) or not text.startswith("/"):
+        raise _Refusal(400, "a path must be a string starting with '/': %r"
+                       % _printable(text, 100), problem=True)
+    parts = [p for p in text.split("/") if p]
+    try:
+        return _checked_names(parts)
+    except _Refusal as e:
+        e.problem = True
+        raise
+
+
+def _rel(parts):
+    return "/" + "/".join(parts)
+
+
+def _etag(st):
+    return '"%d-%d"' % (st.st_size, st.st_mtime_ns)
+
+
+def _http_date(ts):
+    import email.utils
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def _iso_duration(text):
+    """Seconds of an ISO 8601 duration ("PT1H", "P1D", "P1DT12H", "PT90S",
+    "P2W"), or None."""
+    import re
+    m = re.match(r"P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?\Z",
+                 str(text or "").strip().upper())
+    if not m or not any(m.groups()) or str(text).strip().upper().endswith("T"):
+        return None
+    w, d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return (((w * 7 + d) * 24 + h) * 60 + mi) * 60 + s
+
+
+def _utc_stamp(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(ts))
+
+
+def _parse_utc_stamp(text):
+    import calendar
+    try:
+        return float(calendar.timegm(time.strptime(text.strip()[:19], "%Y-%m-%dT%H:%M:%S")))
+    except (ValueError, OverflowError):
+        return None
+
+
+def _want_digest(header):
+    """The checksums a Want-Digest asks for that we compute ("adler32",
+    "md5"), most wanted first; q=0 means "not this one" (RFC 3230 §4.3.1)."""
+    wanted = []
+    for item in (header or "").split(","):
+        name, _, params = item.partition(";")
+        name, q = name.strip().lower(), 1.0
+        for p in params.split(";"):
+            key, _, value = p.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if name in ("adler32", "md5") and q > 0:
+            wanted.append((-q, len(wanted), name))
+    return [name for _q, _i, name in sorted(wanted)]
+
+
+def _digest_value(sums, algos):
+    """The Digest header (or dCache Checksums property) for *algos*:
+    adler32 in hex, md5 as base64 of the raw digest (PROTOCOL.md §2)."""
+    import base64
+    out = []
+    for algo in algos:
+        value = sums[algo]
+        if algo == "md5":
+            value = base64.b64encode(bytes.fromhex(value)).decode()
+        out.append("%s=%s" % (algo, value))
+    return ",".join(out)
+
+
+def _parse_range(header, if_range, size, etag, lastmod):
+    """The byte range a GET asks for: None for the whole file (no Range, a
+    Range we do not serve such as several ranges, or an If-Range that no
+    longer matches: RFC 9110 §13.1.5), (first, last), or "unsatisfiable"."""
+    if not header:
+        return None
+    if if_range is not None and if_range.strip() not in (etag, lastmod):
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first + last).isdigit():
+        return None
+    if not first:
+        n = int(last)
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size:
+        return "unsatisfiable"
+    if end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+def _propfind_request(body):
+    """What a PROPFIND body asks for: a list of (namespace, name), "allprop"
+    (also for an empty body, RFC 4918 §9.1) or "propname".  Document type
+    declarations are refused, as in _parse_multistatus."""
+    if not body.strip():
+        return "allprop"
+    import xml.parsers.expat
+
+    def refuse(*_args):
+        raise _Refusal(400, "refusing XML with a document type declaration")
+
+    found = {"mode": None, "props": []}
+    depth = [0]
+    path = []
+
+    def start(name, _attrs):
+        depth[0] += 1
+        path.append(name)
+        if depth[0] == 2 and path[0] == "DAV:" + _NS + "propfind":
+            if name in ("DAV:" + _NS + "allprop", "DAV:" + _NS + "propname"):
+                found["mode"] = name.partition(_NS)[2]
+        elif depth[0] == 3 and path[1] == "DAV:" + _NS + "prop":
+            ns, sep, local = name.rpartition(_NS)
+            if len(found["props"]) < 100:
+                found["props"].append((ns if sep else "", local))
+
+    def end(_name):
+        depth[0] -= 1
+        path.pop()
+
+    p = xml.parsers.expat.ParserCreate(namespace_separator=_NS)
+    p.StartDoctypeDeclHandler = refuse
+    p.EntityDeclHandler = refuse
+    p.StartElementHandler = start
+    p.EndElementHandler = end
+    try:
+        p.Parse(body, True)
+    except xml.parsers.expat.ExpatError as e:
+        raise _Refusal(400, "malformed PROPFIND body: %s" % e)
+    if found["mode"]:
+        return found["mode"]
+    return found["props"] or "allprop"
+
+
+def _xml_escape(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") \
+        .replace('"', "&quot;")
+
+
+class _Node:
+    """A path of the served folder, resolved: *rel* ("/a/b"), *path* (its
+    parent folder resolved, the last name as given: what DELETE and MOVE
+    act on), *real* (every symlink resolved: what is read), *st* (stat of
+    *real*, or None when it does not exist)."""
+
+    __slots__ = ("parts", "rel", "path", "real", "st")
+
+    def __init__(self, parts, rel, path, real, st):
+        self.parts, self.rel, self.path, self.real, self.st = parts, rel, path, real, st
+
+    @property
+    def is_dir(self):
+        import stat
+        return self.st is not None and stat.S_ISDIR(self.st.st_mode)
+
+
+class _TapeLibrary:
+    """The tape of `serve --tape GLOB`: files matching GLOB are on tape only
+    (NEARLINE) until a stage request brings them to disk after a simulated
+    delay, for their disk lifetime or until released; then they are
+    ONLINE_AND_NEARLINE.  Stage requests follow the WLCG Tape REST API v1:
+    files go SUBMITTED -> STARTED (after half the delay) -> COMPLETED, or
+    FAILED (missing, a folder, lost) or CANCELLED.  Files in ``lost`` (a
+    set of paths, for tests) fail to stage.  Timestamps are epoch seconds."""
+
+    def __init__(self, glob, delay):
+        self.selected = _selector(glob) if glob else None
+        self.delay = delay
+        self.lock = _thread.allocate_lock()
+        self.disk = {}        # path -> when its disk copy goes (inf: until released)
+        self.requests = {}    # id -> request record (oldest dropped past 10,000)
+        self.pending = []     # file records not yet COMPLETED
+        self.lost = set()
+
+    def on_tape(self, rel):
+        return self.selected is not None and self.selected(rel.lstrip("/"))
+
+    def _advance(self, now):
+        """Move staging files on with the clock (called under the lock)."""
+        still = []
+        for f in self.pending:
+            if f["state"] == "SUBMITTED" and now >= f["start_at"]:
+                f["state"], f["startedAt"] = "STARTED", int(f["start_at"])
+            if f["state"] == "STARTED" and now >= f["done_at"]:
+                f["state"], f["finishedAt"], f["onDisk"] = "COMPLETED", int(f["done_at"]), True
+                self.disk[f["path"]] = max(self.disk.get(f["path"], 0),
+                                           f["done_at"] + f["lifetime"])
+            if f["state"] in ("SUBMITTED", "STARTED"):
+                still.append(f)
+        self.pending = still
+
+    def locality(self, rel, now=None):
+        """ONLINE (not a tape file), NEARLINE, ONLINE_AND_NEARLINE or LOST."""
+        if not self.on_tape(rel):
+            return "ONLINE"
+        now = time.time() if now is None else now
+        with self.lock:
+            if rel in self.lost:
+                return "LOST"
+            self._advance(now)
+            return "ONLINE_AND_NEARLINE" if self.disk.get(rel, 0) > now else "NEARLINE"
+
+    def written(self, rel):
+        """A file just uploaded: on disk (and, in this simulation, on tape)."""
+        with self.lock:
+            self.disk[rel] = float("inf")
+            self.lost.discard(rel)
+
+    def forget(self, rel):
+        """A path (and everything below it) deleted or moved away."""
+        with self.lock:
+            for p in [p for p in self.disk if p == rel or p.startswith(rel + "/")]:
+                del self.disk[p]
+
+    def stage(self, files, now=None):
+        """Submit [(path, kind, lifetime)] (kind: "file", "dir", None for
+        missing); return the request id."""
+        import uuid
+        now = time.time() if now is None else now
+        rid = str(uuid.uuid4())
+        records = []
+        with self.lock:
+            self._advance(now)
+            for path, kind, lifetime in files:
+                f = {"path": path, "state": "SUBMITTED", "lifetime": lifetime,
+                     "start_at": now + self.delay / 2.0, "done_at": now + self.delay}
+                error = ("No such file or directory" if kind is None else
+                         "Not a file" if kind == "dir" else
+                         "File is lost on tape" if path in self.lost else None)
+                if error:
+                    f.update(state="FAILED", error=error, finishedAt=int(now), onDisk=False)
+                elif not self.on_tape(path) or self.disk.get(path, 0) > now:
+                    # on disk already: nothing to wait for
+                    f.update(state="COMPLETED", startedAt=int(now), finishedAt=int(now),
+                             onDisk=True)
+                    if self.on_tape(path):
+                        self.disk[path] = max(self.disk[path], now + lifetime)
+                else:
+                    f["onDisk"] = False
+                    self.pending.append(f)
+                records.append(f)
+            self.requests[rid] = {"id": rid, "createdAt": int(now), "files": records}
+            while len(self.requests) > 10000:
+                del self.requests[next(iter(self.requests))]
+        return rid
+
+    def status(self, rid, now=None):
+        """The request as the API shows it, or None for an unknown id."""
+        now = time.time() if now is None else now
+        with self.lock:
+            self._advance(now)
+            req = self.requests.get(rid)
+            if req is None:
+                return None
+            files = []
+            for f in req["files"]:
+                out = {k: f[k] for k in ("path", "state", "error", "startedAt",
+                                         "finishedAt") if k in f}
+                out["onDisk"] = f["state"] == "COMPLETED" and (
+                    not self.on_tape(f["path"]) or self.disk.get(f["path"], 0) > now)
+                files.append(out)
+        doc = {"id": rid, "createdAt": req["createdAt"], "files": files}
+        started = [f["startedAt"] for f in files if "startedAt" in f]
+        if started:
+            doc["startedAt"] = min(started)
+        if all(f["state"] in ("COMPLETED", "FAILED", "CANCELLED") for f in files):
+            doc["completedAt"] = max([f.get("finishedAt", req["createdAt"]) for f in files]
+                                     or [req["createdAt"]])
+        return doc
+
+    def cancel(self, rid, paths, now=None):
+        """Cancel the files *paths* of a request that are not done yet;
+        None for an unknown id, else the paths the request does not hold."""
+        now = time.time() if now is None else now
+        with self.lock:
+            self._advance(now)
+            req = self.requests.get(rid)
+            if req is None:
+                return None
+            mine = {f["path"]: f for f in req["files"]}
+            for p in paths:
+                f = mine.get(p)
+                if f is not None and f["state"] in ("SUBMITTED", "STARTED"):
+                    f.update(state="CANCELLED", finishedAt=int(now))
+            self.pending = [f for f in self.pending if f["state"] != "CANCELLED"]
+            return [p for p in paths if p not in mine]
+
+    def delete(self, rid, now=None):
+        """Forget a request (its unfinished files are cancelled); False if unknown."""
+        with self.lock:
+            req = self.requests.get(rid)
+        if req is None:
+            return False
+        self.cancel(rid, [f["path"] for f in req["files"]], now)
+        with self.lock:
+            self.requests.pop(rid, None)
+        return True
+
+    def release(self, rid, paths):
+        """Let the disk copies of *paths* go (NEARLINE again); as cancel."""
+        with self.lock:
+            req = self.requests.get(rid)
+            if req is None:
+                return None
+            mine = {f["path"] for f in req["files"]}
+            for p in paths:
+                if p in mine and self.on_tape(p):
+                    self.disk.pop(p, None)
+            return [p for p in paths if p not in mine]
+
+    def archive_info(self, rel, kind):
+        """One entry of an archiveinfo answer."""
+        if kind is None:
+            return {"path": rel, "error": "No such file or directory"}
+        if kind == "dir":
+            return {"path": rel, "locality": "NONE"}
+        return {"path": rel, "locality": {
+            "ONLINE": "DISK", "NEARLINE": "TAPE", "ONLINE_AND_NEARLINE": "DISK_AND_TAPE",
+            "LOST": "LOST"}[self.locality(rel)]}
+
+
+def _packet(key, value):
+    """One libmacaroons v1 packet: 4 hex digits of length, "key value\\n"."""
+    return b"%04x" % (4 + len(key) + 1 + len(value) + 1) + key + b" " + value + b"\n"
+
+
+class _Macaroons:
+    """Macaroons as dCache and XRootD issue them (PROTOCOL.md §7): the
+    libmacaroons v1 format (packets "location", "identifier", one "cid" per
+    caveat, "signature"; base64url), signed with HMAC-SHA256 chained from a
+    key that lives as long as the server over the identifier and each
+    caveat, so that a holder can add caveats but never remove one."""
+
+    def __init__(self, location):
+        import hashlib
+        import hmac
+        import secrets
+        self.location = location.encode()
+        self._key = hmac.new(b"macaroons-key-generator", secrets.token_bytes(32),
+                             hashlib.sha256).digest()
+
+    def _sign(self, ident, caveats):
+        import hashlib
+        import hmac
+        sig = hmac.new(self._key, ident, hashlib.sha256).digest()
+        for c in caveats:
+            sig = hmac.new(sig, c, hashlib.sha256).digest()
+        return sig
+
+    def mint(self, caveats):
+        import base64
+        import secrets
+        ident = secrets.token_hex(16).encode()
+        cids = [c.encode("utf-8") for c in caveats]
+        data = (_packet(b"location", self.location) + _packet(b"identifier", ident)
+                + b"".join(_packet(b"cid", c) for c in cids)
+                + _packet(b"signature", self._sign(ident, cids)))
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def verify(self, text):
+        """The caveats of a macaroon this server issued, or None (another
+        server's, altered, malformed)."""
+        import base64
+        import binascii
+        import hmac
+        if len(text) > 8192:
+            return None
+        text = text.strip().replace("+", "-").replace("/", "_")
+        try:
+            data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        packets, i = [], 0
+        while i < len(data) and len(packets) <= 66:
+            head = data[i:i + 4]
+            if len(head) != 4 or not all(c in b"0123456789abcdefABCDEF" for c in head):
+                return None
+            n = int(head, 16)
+            if n < 6 or i + n > len(data) or data[i + n - 1:i + n] != b"\n":
+                return None
+            key, _, value = data[i + 4:i + n - 1].partition(b" ")
+            packets.append((key, value))
+            i += n
+        keys = [k for k, _v in packets]
+        if len(keys) < 3 or keys[:2] != [b"location", b"identifier"] or \
+                keys[-1] != b"signature" or any(k != b"cid" for k in keys[2:-1]):
+            return None
+        cids = [v for _k, v in packets[2:-1]]
+        if not hmac.compare_digest(self._sign(packets[1][1], cids), packets[-1][1]):
+            return None
+        try:
+            return [c.decode("utf-8") for c in cids]
+        except UnicodeDecodeError:
+            return None
+
+
+def _check_caveat(text):
+    """A caveat a macaroon request may ask for, normalised; raises _Refusal."""
+    key, sep, value = str(text).partition(":")
+    key, value = key.strip().lower(), value.strip()
+    if sep and key == "activity":
+        acts = [a.strip().upper() for a in value.split(",") if a.strip()]
+        if acts and all(a in _ACTIVITIES for a in acts):
+            return "activity:" + ",".join(acts)
+    elif sep and key == "path" and value.startswith("/"):
+        return "path:" + _rel(_plain_path_parts(value))
+    elif sep and key == "ip":
+        import ipaddress
+        try:
+            return "ip:" + ",".join(str(ipaddress.ip_network(v.strip(), strict=False))
+                                    for v in value.split(","))
+        except ValueError:
+            pass
+    elif sep and key == "before" and _parse_utc_stamp(value) is not None:
+        return "before:" + value
+    raise _Refusal(400, "unsupported caveat %r (this server knows activity:, path:, ip:, "
+                   "before:)" % _printable(text, 100))
+
+
+def _caveats_refuse(caveats, client_ip, now):
+    """Why the caveats that do not depend on the path refuse this request
+    (expired, wrong address, a caveat we do not know: fail closed), or None."""
+    import ipaddress
+    for c in caveats:
+        key, _, value = c.partition(":")
+        if key == "before":
+            t = _parse_utc_stamp(value)
+            if t is None or now >= t:
+                return "the macaroon has expired"
+        elif key == "ip":
+            try:
+                addr = ipaddress.ip_address(client_ip)
+                if not any(addr in ipaddress.ip_network(v, strict=False)
+                           for v in value.split(",")):
+                    return "the macaroon is not valid from this address"
+            except ValueError:
+                return "the macaroon is not valid from this address"
+        elif key not in ("activity", "path"):
+            return "the macaroon has a caveat this server does not know"
+    return None
+
+
+def _caveats_allow(caveats, activities, rels):
+    """Whether the caveats allow one of *activities* on every path in *rels*."""
+    for c in caveats:
+        key, _, value = c.partition(":")
+        if key == "activity" and not set(value.split(",")) & set(activities):
+            return False
+        if key == "path":
+            base = value.rstrip("/")
+            if not all(r == base or r.startswith(base + "/") for r in rels):
+                return False
+    return True
+
+
+class _Archive:
+    """What every connection of one server shares: the folder, the token,
+    the macaroon key, the tape, the pool URLs handed out, checksums already
+    computed, the request log and the open connections."""
+
+    def __init__(self, root, token, read_only, tape, stage_delay, redirect):
+        self.root = os.path.realpath(root)
+        self.token = token.encode("utf-8") if token is not None else None
+        self.read_only = read_only
+        self.redirect = redirect
+        self.tape = _TapeLibrary(tape, stage_delay)
+        self.macaroons = _Macaroons("ctadata-serve")
+        self.lock = _thread.allocate_lock()
+        self.url = self.pool_url = self.pool_port = None   # known once bound
+        self._sums = {}
+        self._tickets = {}
+        import collections
+        self.log = collections.deque(maxlen=_SERVE_LOG)
+        self.connections = set()
+
+    # -- paths -----------------------------------------------------------------
+
+    def _inside(self, real):
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def node(self, parts):
+        """Resolve checked names (_url_path_parts) inside the folder.  The
+        parent folder and the whole path are resolved with every symlink
+        followed, and must stay inside the folder (403 otherwise): a symlink
+        may point anywhere within it, never out of it."""
+        parent = os.path.realpath(os.path.join(self.root, *parts[:-1]))
+        if not self._inside(parent):
+            raise _Refusal(403, "refusing a path that leads out of the served folder")
+        path = os.path.join(parent, parts[-1]) if parts else parent
+        real = os.path.realpath(path)
+        if not self._inside(real):
+            raise _Refusal(403, "refusing a path that leads out of the served folder")
+        if parts and parts[-1].startswith(_SERVE_TMP):
+            raise _Refusal(404, "no such file or directory")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            st = None
+        return _Node(parts, _rel(parts), path, real, st)
+
+    def children(self, node):
+        """The listable entries of a folder, sorted: names the client would
+        accept (no control characters, "\\", undecodable bytes), no uploads
+        in progress, no symlinks leading out of the folder."""
+        out = []
+        try:
+            names = sorted(os.listdir(node.real))
+        except OSError:
+            return out
+        for name in names:
+            if name.startswith(_SERVE_TMP) or not _is_safe_name(name):
+                continue
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                continue        # bytes that are no UTF-8 name (surrogateescape)
+            try:
+                out.append(self.node(node.parts + [name]))
+            except _Refusal:
+                continue
+        return [n for n in out if n.st is not None]
+
+    # -- checksums ---------------------------------------------------------------
+
+    def sums(self, node):
+        """{"adler32": hex, "md5": hex} of a file, computed on first use and
+        kept while the file is unchanged (dCache keeps them in its
+        namespace); uploads fill it in as they arrive."""
+        st = node.st
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self.lock:
+            found = self._sums.get(key)
+        if found is not None:
+            return found
+        hashers = _Hashers(("adler32", "md5"))
+        with open(node.real, "rb", buffering=0) as f:
+            _hash_head(f, st.st_size, hashers)
+        return self.remember(st, hashers.result())
+
+    def remember(self, st, sums):
+        with self.lock:
+            if len(self._sums) >= 100000:
+                self._sums.clear()
+            self._sums[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = sums
+        return sums
+
+    # -- single-use pool URLs (--redirect) ---------------------------------------
+
+    def ticket(self, method, rel):
+        import secrets
+        uid = secrets.token_hex(16)
+        now = time.monotonic()
+        with self.lock:
+            for k in [k for k, v in self._tickets.items() if v[2] < now]:
+                del self._tickets[k]
+            self._tickets[uid] = (method, rel, now + _SERVE_TICKET_TTL)
+        return uid
+
+    def redeem(self, uid, method, rel):
+        with self.lock:
+            found = self._tickets.pop(uid, None)
+        return found is not None and found[:2] == (method, rel) and \
+            found[2] >= time.monotonic()
+
+
+class _DavRequest:
+    """The request handler of `ctadata serve`, mixed into
+    http.server.BaseHTTPRequestHandler (see _serve_classes); one instance
+    per connection, requests one after the other (keep-alive).  The door
+    (``server.role == "door"``) serves the folder, the tape API and
+    macaroons; the pool (--redirect) only the single-use URLs the door
+    hands out."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ctadata-serve/" + __version__
+    timeout = _SERVE_IDLE
+    disable_nagle_algorithm = True
+
+    # -- connection --------------------------------------------------------------
+
+    def setup(self):
+        # Never raises: socketserver calls finish() (which frees this
+        # connection's place) only after a setup() that returned.
+        self._dead = False
+        try:
+            ctx = self.server.ssl_context
+            if ctx is not None:
+                self.request.settimeout(self.timeout)
+                self.request = ctx.wrap_socket(self.request, server_side=True)
+            with self.server.archive.lock:
+                self.server.archive.connections.add(self.request)
+            super().setup()
+        except (OSError, ValueError) as e:     # a failed TLS handshake, mostly
+            _log(10, "serve: connection dropped: %s", e)
+            self._dead = True
+
+    def finish(self):
+        arch = self.server.archive
+        with arch.lock:
+            arch.connections.discard(self.request)
+        try:
+            if not self._dead:
+                super().finish()
+            else:
+                self.request.close()
+        except (OSError, ValueError):
+            pass
+        self.server.leave()
+
+    def handle(self):
+        if not self._dead:
+            super().handle()
+
+    def version_string(self):
+        return self.server_version    # not Python's version
+
+    def log_message(self, fmt, *args):
+        pass    # our own log line per request, in _dispatch
+
+    def log_request(self, code="-", size="-"):
+        pass
+
+    def handle_expect_100(self):
+        # Decided later: the door must not say 100 Continue to a PUT it will
+        # redirect, and nobody before the token and the path were checked.
+        self._expect = True
+        return True
+
+    def handle_one_request(self):
+        """Read one request head within our limits, let http.server parse it,
+        answer it."""
+        import io
+        import socket
+        self._expect = False
+        self._body_left = 0
+        self._chunked = False
+        self._sent = False
+        self._recorded = True     # heads refused before _dispatch are not logged
+        self.command, self.request_version, self.requestline = None, "HTTP/1.1", ""
+        try:
+            head = self._read_head()
+            if head is None:
+                self.close_connection = True
+                return
+            self.raw_requestline, rest = head
+            real, self.rfile = self.rfile, io.BytesIO(rest)
+            try:
+                ok = self.parse_request()
+            finally:
+                self.rfile = real
+            if not ok:
+                self.close_connection = True
+                return
+            if self.request_version < "HTTP/1.0":
+                self.close_connection = True
+                return
+            self._dispatch()
+            self.wfile.flush()
+        except _Refusal as e:   # the head itself was refused
+            self.close_connection = True
+            self._answer(e.status, e.text + "\n")
+        except (socket.timeout, ConnectionError, BrokenPipeError):
+            self.close_connection = True
+        except OSError as e:    # a TLS connection dropped
+            _log(10, "serve: connection closed: %s", e)
+            self.close_connection = True
+
+    def _read_head(self):
+        """(request line, header bytes) or None at the end of the
+        connection; refuses a request line over _SERVE_LINE_LIMIT (414), a
+        header line over it, more than _SERVE_HEADER_COUNT headers or more
+        than _SERVE_HEAD_LIMIT bytes of them (431)."""
+        rfile = self.rfile
+        line = rfile.readline(_SERVE_LINE_LIMIT + 1)
+        for _ in range(4):                  # RFC 9112 §2.2: a few empty lines may come first
+            if line not in (b"\r\n", b"\n"):
+                break
+            line = rfile.readline(_SERVE_LINE_LIMIT + 1)
+        if not line:
+            return None
+        if len(line) > _SERVE_LINE_LIMIT:
+            raise _Refusal(414, "request line longer than %d bytes" % _SERVE_LINE_LIMIT)
+        lines, total = [], 0
+        while True:
+            h = rfile.readline(_SERVE_LINE_LIMIT + 1)
+            total += len(h)
+            if len(h) > _SERVE_LINE_LIMIT or total > _SERVE_HEAD_LIMIT:
+                raise _Refusal(431, "request header fields too large (at most %d bytes "
+                               "each, %d in all)" % (_SERVE_LINE_LIMIT, _SERVE_HEAD_LIMIT))
+            if h in (b"\r\n", b"\n", b""):
+                break
+            lines.append(h)
+            if len(lines) > _SERVE_HEADER_COUNT:
+                raise _Refusal(431, "more than %d request header fields"
+                               % _SERVE_HEADER_COUNT)
+        return line, b"".join(lines) + b"\r\n"
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, version): plain text,
+        not its HTML page."""
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"   # a status line even before the version is known
+        self._answer(code, "%s\n" % (message or explain or "error"))
+
+    # -- answers -------------------------------------------------------------
+
+    def _start(self, status, headers, length=None):
+        """Status line and headers (the body, if any, follows)."""
+        self._settle()
+        self._status = status
+        self._record()       # before the client can see the answer
+        self.send_response(status)
+        self._sent = True
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        # Nothing here is meant to be rendered: no sniffing, no scripts
+        # (an uploaded .html must not run with access to ?authz= URLs).
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'none'; sandbox")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _answer(self, status, body=b"", headers=None, ctype="text/plain; charset=utf-8"):
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        headers = dict(headers or {})
+        if body or status not in (204, 304):
+            headers.setdefault("Content-Type", ctype)
+        self._start(status, headers, None if status in (204, 304) else len(body))
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status, doc, headers=None):
+        import json
+        self._answer(status, json.dumps(doc, indent=1) + "\n", headers, "application/json")
+
+    def _refused(self, e):
+        if self._sent:               # too late for an error answer: hang up
+            self.close_connection = True
+            return
+        if e.close:
+            self.close_connection = True
+        if e.problem:                # RFC 7807
+            import http.client
+            self._json(e.status, {"type": "about:blank", "status": e.status,
+                                  "title": http.client.responses.get(e.status, "Error"),
+                                  "detail": e.text}, e.headers)
+            return
+        self._answer(e.status, e.text + "\n", e.headers)
+
+    # -- request bodies ------------------------------------------------------------
+
+    def _body_start(self):
+        """Check the framing of the request body (once per request)."""
+        te = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+        cl = self.headers.get("Content-Length")
+        if len(self.headers.get_all("Content-Length") or ()) > 1 or \
+                len(self.headers.get_all("Transfer-Encoding") or ()) > 1:
+            raise _Refusal(400, "ambiguous request body framing", close=True)
+        if te:
+            if te != "chunked" or cl is not None:
+                self.close_connection = True
+                raise _Refusal(501 if te != "chunked" else 400,
+                               "unsupported request body framing", close=True)
+            self._chunked = True
+        elif cl is not None:
+            if not cl.strip().isdigit():
+                raise _Refusal(400, "bad Content-Length", close=True)
+            self._body_left = int(cl)
+
+    def _has_body(self):
+        return self._chunked or self._body_left > 0
+
+    def _continue(self):
+        if self._expect:
+            self._expect = False
+            self.send_response_only(100)
+            self.end_headers()
+
+    def _body(self, limit=None):
+        """Yield the request body as it arrives (100 Continue first when the
+        client waits for it); more than *limit* bytes: 413."""
+        self._continue()
+        got = 0
+        rfile = self.rfile
+        if self._chunked:
+            while True:
+                line = rfile.readline(1026)
+                try:
+                    size = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise _Refusal(400, "malformed chunked body", close=True)
+                if size == 0:
+                    for _ in range(_SERVE_HEADER_COUNT):     # the trailer, if any
+                        if rfile.readline(_SERVE_LINE_LIMIT + 1) in (b"\r\n", b"\n", b""):
+                            break
+                    else:
+                        raise _Refusal(431, "too many trailer fields", close=True)
+                    self._chunked = False
+                    return
+                while size > 0:
+                    block = rfile.read(min(size, _CHUNK))
+                    if not block:
+                        raise ConnectionError("client went away")
+                    size -= len(block)
+                    got += len(block)
+                    if limit is not None and got > limit:
+                        raise _Refusal(413, "request body larger than %d bytes" % limit,
+                                       close=True)
+                    yield block
+                rfile.readline(3)
+        else:
+            if limit is not None and self._body_left > limit:
+                raise _Refusal(413, "request body larger than %d bytes" % limit, close=True)
+            while self._body_left > 0:
+                block = rfile.read(min(self._body_left, _CHUNK))
+                if not block:
+                    raise ConnectionError("client went away")
+                self._body_left -= len(block)
+                yield block
+
+    def _small_body(self, limit):
+        return b"".join(self._body(limit))
+
+    def _json_body(self):
+        import json
+        try:
+            doc = json.loads(self._small_body(_SERVE_JSON_LIMIT).decode("utf-8"))
+        except _Refusal as e:
+            e.problem = True
+            raise
+        except ValueError:
+            raise _Refusal(400, "the body is not JSON", problem=True)
+        if not isinstance(doc, dict):
+            raise _Refusal(400, "the body must be a JSON object", problem=True)
+        return doc
+
+    def _settle(self):
+        """Before answering: read and drop a small unread body (keep-alive);
+        close the connection when the client waits for 100 Continue or the
+        body is large."""
+        if not self._has_body():
+            return
+        if self._expect or self._chunked or self._body_left > _SERVE_DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        try:
+            for _ in self._body():
+                pass
+        except (_Refusal, OSError):
+            self.close_connection = True
+
+    # -- dispatch --------------------------------------------------------------
+
+    def _dispatch(self):
+        started = time.monotonic()
+        self._status = None
+        self._recorded = False
+        self._caveats = None     # a macaroon's caveats, once authenticated by one
+        self._query = ""
+        target = self.path
+        try:
+            self._body_start()
+            if target.startswith(("http://", "https://")):   # absolute form (RFC 9112 §3.2.2)
+                from urllib.parse import urlsplit
+                p = urlsplit(target)
+                target = (p.path or "/") + ("?" + p.query if p.query else "")
+            if not target.startswith("/") and not (target == "*" and self.command == "OPTIONS"):
+                raise _Refusal(400, "bad request target")
+            raw, _, self._query = target.partition("?")
+            if self.server.role == "pool":
+                self._pool(raw)
+            elif self.command == "OPTIONS":
+                self._answer(200, headers={"DAV": "1, 2", "Allow": ", ".join(
+                    sorted(_METHOD_ACTIVITIES) + ["COPY", "OPTIONS", "POST", "PROPFIND"])})
+            elif raw == "/.well-known/wlcg-tape-rest-api":
+                self._tape_discovery()
+            elif raw == _TAPE_API or raw.startswith(_TAPE_API + "/"):
+                self._tape_api(raw[len(_TAPE_API):])
+            else:
+                self._door(raw)
+        except _Refusal as e:
+            self._refused(e)
+        except OSError as e:
+            import errno
+            import socket
+            if isinstance(e, (ConnectionError, socket.timeout)):
+                raise
+            status = {errno.ENOENT: 404, errno.EACCES: 403, errno.EPERM: 403,
+                      errno.ELOOP: 403, errno.ENOTDIR: 409, errno.EISDIR: 405,
+                      errno.ENOTEMPTY: 409, errno.EEXIST: 405, errno.ENOSPC: 507,
+                      getattr(errno, "EDQUOT", errno.ENOSPC): 507}.get(e.errno, 500)
+            if status == 500:
+                _log(30, "serve: %s %s: %s", self.command, self._logged_path(target), e)
+            self._refused(_Refusal(status, e.strerror or "error"))
+        except Exception:
+            import traceback
+            _log(30, "serve: %s %s: unexpected error: %s", self.command,
+                 self._logged_path(target), traceback.format_exc().strip())
+            self._refused(_Refusal(500, "internal error", close=True))
+        finally:
+            self._record()
+            _log(10, "serve: %s %s %s %s %.3f s", self.server.role, self.command,
+                 self._logged_path(target), self._status, time.monotonic() - started)
+
+    def _record(self):
+        """Add this request to the log (once; `requests` of serve())."""
+        if self._recorded:
+            return
+        self._recorded = True
+        arch = self.server.archive
+        with arch.lock:
+            arch.log.append({"server": self.server.role, "method": self.command,
+                             "path": self._logged_path(self.path), "status": self._status})
+
+    @staticmethod
+    def _logged_path(target):
+        """The decoded path of a request, without its query (never a
+        macaroon or a pool URL's ticket in a log)."""
+        from urllib.parse import unquote
+        return _printable(unquote(target.partition("?")[0]), 300)
+
+    def _query_value(self, name):
+        for item in self._query.split("&")[:50]:
+            key, _, value = item.partition("=")
+            if key == name:
+                from urllib.parse import unquote
+                return unquote(value)
+        return None
+
+    def _authenticate(self):
+        """Check the bearer token (Authorization, or a macaroon as ?authz=);
+        401 without a valid one.  The server's own token allows everything,
+        a macaroon only what its caveats allow (self._caveats)."""
+        arch = self.server.archive
+        if arch.token is None:
+            return
+        auth = self.headers.get("Authorization") or ""
+        scheme, _, cred = auth.strip().partition(" ")
+        cred = cred.strip() if scheme.lower() == "bearer" else ""
+        challenge = {"WWW-Authenticate": 'Bearer realm="ctadata-serve"'}
+        if cred:
+            import hmac
+            # (http.server decoded the header as Latin-1: these are its bytes)
+            if hmac.compare_digest(cred.encode("latin-1", "replace"), arch.token):
+                return
+        else:
+            cred = self._query_value("authz") or ""   # only a macaroon, never the token
+        if not cred:
+            raise _Refusal(401, "a bearer token is needed (Authorization: Bearer ...)",
+                           challenge)
+        caveats = arch.macaroons.verify(cred)
+        if caveats is None:
+            raise _Refusal(401, "invalid bearer token", challenge)
+        why = _caveats_refuse(caveats, self.client_address[0], time.time())
+        if why:
+            raise _Refusal(401 if "expired" in why else 403, why, challenge)
+        self._caveats = caveats
+
+    def _allow(self, activities, *rels):
+        """403 unless the credential allows one of *activities* on every
+        path in *rels*."""
+        if self._caveats is not None and not _caveats_allow(self._caveats, activities, rels):
+            raise _Refusal(403, "the macaroon does not allow %s on %s" % (
+                " or ".join(activities), ", ".join(rels)))
+
+    def _writable(self):
+        if self.server.archive.read_only:
+            raise _Refusal(403, "this server is read-only (--read-only)")
+
+    def _public_base(self, port=None):
+        """scheme://host:port of this server as the client reached it: the
+        Host header's name when it is a plain host name or address, else
+        the address we are bound to."""
+        import re
+        arch = self.server.archive
+        own = arch.pool_url if port is not None else arch.url
+        host = (self.headers.get("Host") or "").strip()
+        m = re.match(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d+)?\Z", host)
+        if not m:
+            return own
+        scheme = own.partition(":")[0]
+        return "%s://%s:%d" % (scheme, m.group(1), port or self.server.server_port)
+
+    def _door(self, raw):
+        parts = _url_path_parts(raw)
+        self._authenticate()
+        ctype = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        if self.command == "POST" and ctype == "application/macaroon-request":
+            return self._macaroon(parts)
+        handler = getattr(self, "_do_" + (self.command or "").upper(), None)
+        if handler is None:
+            raise _Refusal(405, "method not allowed", {"Allow": "OPTIONS, GET, HEAD, PUT, "
+                           "DELETE, MKCOL, MOVE, COPY, PROPFIND, POST"})
+        handler(parts)
+
+    def _pool(self, raw):
+        """A single-use URL the door handed out (no token: the ticket is the
+        credential, as on a dCache pool)."""
+        uid = self._query_value("dcache-http-uuid")
+        if not uid:
+            raise _Refusal(400, "missing dcache-http-uuid")
+        parts = _url_path_parts(raw)
+        if self.command not in ("GET", "PUT"):
+            raise _Refusal(405, "method not allowed", {"Allow": "GET, PUT"})
+        if not self.server.archive.redeem(uid, self.command, _rel(parts)):
+            raise _Refusal(404, "unknown, used or expired transfer URL")
+        if self.command == "PUT":
+            return self._receive(parts)
+        node = self._existing(parts)
+        if node.is_dir:
+            raise _Refusal(404, "not a file")
+        self._send_file(node, head=False)
+
+    def _existing(self, parts):
+        node = self.server.archive.node(parts)
+        if node.st is None:
+            raise _Refusal(404, "no such file or directory")
+        return node
+
+    # -- reading ------------------------------------------------------------------
+
+    def _do_GET(self, parts, head=False):
+        node = self._existing(parts)
+        if node.is_dir:
+            # A folder as plain text, one name per line (never HTML: the
+            # names are the users' own markup).
+            self._allow(("LIST", "READ_METADATA") if head else ("LIST",), node.rel)
+            text = "".join("%s%s\n" % (c.parts[-1], "/" if c.is_dir else "")
+                           for c in self.server.archive.children(node))
+            return self._answer(200, text)
+        self._allow(_METHOD_ACTIVITIES[self.command], node.rel)
+        if not head:
+            self._refuse_tape_only(node)
+            if self.server.archive.redirect:
+                # dCache's door sends the client to a pool with a one-time URL.
+                from urllib.parse import quote
+                uid = self.server.archive.ticket("GET", node.rel)
+                return self._answer(307, headers={"Location": "%s%s?dcache-http-uuid=%s" % (
+                    self._public_base(self.server.archive.pool_port), quote(node.rel), uid)})
+        self._send_file(node, head)
+
+    def _do_HEAD(self, parts):
+        self._do_GET(parts, head=True)
+
+    def _refuse_tape_only(self, node):
+        """A file on tape only is refused at once, as dCache does when
+        staging on read is not allowed (a GET would otherwise block for the
+        whole recall)."""
+        where = self.server.archive.tape.locality(node.rel)
+        if where in ("NEARLINE", "LOST"):
+            raise _Refusal(403, "%s is on tape only (%s): stage it first (WLCG Tape REST API "
+                           "at %s%s/stage; ctadata stage, get --stage)" % (
+                               node.rel, where, self._public_base(), _TAPE_API))
+
+    def _send_file(self, node, head):
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(node.real, flags)    # node.real has no symlink left in it
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            node.st = st = os.fstat(fd)   # what is sent is what was opened
+            size, etag, lastmod = st.st_size, _etag(st), _http_date(st.st_mtime)
+            rng = _parse_range(self.headers.get("Range"), self.headers.get("If-Range"),
+                               size, etag, lastmod)
+            if rng == "unsatisfiable":
+                raise _Refusal(416, "range not satisfiable",
+                               {"Content-Range": "bytes */%d" % size})
+            start, end = rng or (0, size - 1)
+            headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                       "ETag": etag, "Last-Modified": lastmod}
+            if rng:
+                headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
+            want = _want_digest(self.headers.get("Want-Digest"))
+            if want:
+                headers["Digest"] = _digest_value(self.server.archive.sums(node), want)
+            length = end - start + 1 if size else 0
+            self._start(206 if rng else 200, headers, length)
+            if head or not length:
+                return
+            sent = self.connection.sendfile(f, start, length)
+            if sent != length:                 # the file shrank meanwhile
+                self.close_connection = True
+
+    # -- PROPFIND ---------------------------------------------------------------------
+
+    def _do_PROPFIND(self, parts):
+        depth = (self.headers.get("Depth") or "infinity").strip().lower()
+        if depth not in ("0", "1"):
+            # RFC 4918 §9.1 lets a server refuse; dCache truncates, Apache and
+            # nginx refuse: clients list one level at a time.
+            raise _Refusal(403, "Depth: infinity is not supported; list one level at a time")
+        wanted = _propfind_request(self._small_body(_SERVE_XML_LIMIT))
+        arch = self.server.archive
+        node = self._existing(parts)
+        listing = depth == "1" and node.is_dir
+        self._allow(("LIST",) if listing else ("LIST", "READ_METADATA", "DOWNLOAD"), node.rel)
+        nodes = [node] + (arch.children(node) if listing else [])
+        out = ['<?xml version="1.0" encoding="utf-8"?>\n<d:multistatus xmlns:d="DAV:" '
+               'xmlns:ns1="%s" xmlns:ns2="%s">' % (_DCACHE_NS, _SRM_NS)]
+        for n in nodes:
+            out.append(self._propstat(n, wanted))
+        out.append("</d:multistatus>\n")
+        self._answer(207, "".join(out), ctype="application/xml; charset=utf-8")
+
+    def _prop(self, node, ns, name):
+        """The XML content of one property of *node*, or None if it has none."""
+        st, is_dir = node.st, node.is_dir
+        if ns == "DAV:":
+            if name == "resourcetype":
+                return "<d:collection/>" if is_dir else ""
+            if name == "getlastmodified":
+                return _http_date(st.st_mtime)
+            if name == "displayname":
+                return _xml_escape(node.parts[-1] if node.parts else "/")
+            if is_dir:
+                return None
+            return {"getcontentlength": str(st.st_size), "getetag": _xml_escape(_etag(st)),
+                    "getcontenttype": "application/octet-stream"}.get(name)
+        if is_dir:
+            return None
+        if (ns, name) == (_DCACHE_NS, "Checksums"):
+            return _digest_value(self.server.archive.sums(node), ("adler32", "md5"))
+        if ns == _SRM_NS:
+            tape = self.server.archive.tape.on_tape(node.rel)
+            if name == "FileLocality":
+                return self.server.archive.tape.locality(node.rel)
+            if name == "AccessLatency":
+                return "NEARLINE" if tape else "ONLINE"
+            if name == "RetentionPolicy":
+                return "CUSTODIAL" if tape else "REPLICA"
+        return None
+
+    def _propstat(self, node, wanted):
+        """One <response>: the properties asked for that the resource has,
+        then (dCache-like) those it lacks in a 404 propstat."""
+        from urllib.parse import quote
+        if wanted in ("allprop", "propname"):
+            asked = [("DAV:", n) for n in _DAV_PROPS]
+        else:
+            asked = wanted
+        prefixes = {"DAV:": "d", _DCACHE_NS: "ns1", _SRM_NS: "ns2"}
+        found, missing = [], []
+        for ns, name in asked:
+            value = self._prop(node, ns, name)
+            if ns in prefixes:
+                tag, decl = "%s:%s" % (prefixes[ns], name), ""
+            else:   # echo an unknown property back in its own namespace
+                tag, decl = "x:" + name, ' xmlns:x="%s"' % _xml_escape(ns)
+            if value is None:
+                if wanted != "allprop":
+                    missing.append("<%s%s/>" % (tag, decl))
+            elif value == "" or wanted == "propname":
+                found.append("<%s%s/>" % (tag, decl))
+            else:
+                found.append("<%s%s>%s</%s>" % (tag, decl, value, tag))
+        href = quote(node.rel + ("/" if node.is_dir and node.parts else ""))
+        out = ["<d:response><d:href>%s</d:href>" % _xml_escape(href)]
+        if found:
+            out.append("<d:propstat><d:prop>%s</d:prop><d:status>HTTP/1.1 200 OK</d:status>"
+                       "</d:propstat>" % "".join(found))
+        if missing:
+            out.append("<d:propstat><d:prop>%s</d:prop><d:status>HTTP/1.1 404 Not Found"
+                       "</d:status></d:propstat>" % "".join(missing))
+        out.append("</d:response>")
+        return "".join(out)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _place(self, parts):
+        """The node a write creates or replaces: its folder must exist (409)."""
+        if not parts:
+            raise _Refusal(405, "not on the root folder")
+        node = self.server.archive.node(parts)
+        if not os.path.isdir(os.path.dirname(node.path)):
+            raise _Refusal(409, "the parent folder does not exist")
+        return node
+
+    def _do_PUT(self, parts):
+        self._writable()
+        node = self._place(parts)
+        self._allow(("UPLOAD",), node.rel)
+        if node.is_dir:
+            raise _Refusal(405, "a folder is there")
+        if self.server.archive.redirect and self._expect:
+            # dCache redirects an upload that waits for 100 Continue to a
+            # pool, before any byte of the body, and closes the connection.
+            from urllib.parse import quote
+            self.close_connection = True
+            uid = self.server.archive.ticket("PUT", node.rel)
+            return self._answer(307, headers={"Location": "%s%s?dcache-http-uuid=%s" % (
+                self._public_base(self.server.archive.pool_port), quote(node.rel), uid)})
+        self._receive(parts)
+
+    def _receive(self, parts):
+        """Write the request body to a temporary file beside the target,
+        check Content-MD5 (400 on a mismatch, nothing kept), rename."""
+        import secrets
+        arch = self.server.archive
+        node = self._place(parts)
+        if node.is_dir:
+            raise _Refusal(405, "a folder is there")
+        expected = self.headers.get("Content-MD5")
+        if expected is not None:     # RFC 1864: base64 of the md5, as in a Digest
+            expected = _parse_digest("md5=" + expected).get("md5", "")
+            if len(expected) != 32:
+                raise _Refusal(400, "malformed Content-MD5")
+        existed = os.path.lexists(node.path)
+        tmp = os.path.join(os.path.dirname(node.path), _SERVE_TMP + secrets.token_hex(8))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), 0o644)
+        hashers = _Hashers(("adler32", "md5"))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for block in self._body():
+                    f.write(block)
+                    hashers.update(block)
+            sums = hashers.result()
+            if expected and expected != sums["md5"]:
+                raise _Refusal(400, "Checksum mismatch: Content-MD5 says %s, received %s" % (
+                    _digest_value({"md5": expected}, ("md5",))[4:],
+                    _digest_value(sums, ("md5",))[4:]))
+            os.replace(tmp, node.path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        st = os.stat(node.path)
+        arch.remember(st, sums)
+        if arch.tape.on_tape(node.rel):
+            arch.tape.written(node.rel)
+        headers = {"ETag": _etag(st)}
+        want = _want_digest(self.headers.get("Want-Digest"))
+        if want:
+            headers["Digest"] = _digest_value(sums, want)
+        self._answer(204 if existed else 201, b"" if existed else "created\n", headers)
+
+    def _do_MKCOL(self, parts):
+        self._writable()
+        node = self._place(parts)
+        self._allow(_METHOD_ACTIVITIES["MKCOL"], node.rel)
+        if self._has_body():
+            raise _Refusal(415, "MKCOL takes no body")
+        if os.path.lexists(node.path):
+            raise _Refusal(405, "it exists already")
+        os.mkdir(node.path, 0o755)
+        self._answer(201, "created\n")
+
+    def _do_DELETE(self, parts):
+        self._writable()
+        if not parts:
+            raise _Refusal(403, "not the root folder")
+        node = self.server.archive.node(parts)
+        self._allow(("DELETE",), node.rel)
+        if not os.path.lexists(node.path):
+            raise _Refusal(404, "no such file or directory")
+        _remove_path(node.path)
+        self.server.archive.tape.forget(node.rel)
+        self._answer(204)
+
+    def _destination(self):
+        """The checked names of the Destination header (a URL on this
+        server, or a path); another server's URL: 502 (RFC 4918 §9.8.5):
+        third-party copy is not offered here."""
+        from urllib.parse import urlsplit
+        dest = (self.headers.get("Destination") or "").strip()
+        if not dest:
+            raise _Refusal(400, "no Destination header")
+        p = urlsplit(dest)
+        if p.scheme or p.netloc:
+            host = (self.headers.get("Host") or "").partition(":")[0].strip("[]").lower()
+            try:
+                port = p.port or (443 if p.scheme == "https" else 80)
+            except ValueError:
+                port = None
+            if port != self.server.server_port or not (
+                    (p.hostname or "") == host or _is_loopback(p.hostname or "")):
+                raise _Refusal(502, "Destination is on another server: third-party copy "
+                               "is not offered by ctadata serve")
+        return _url_path_parts(p.path)
+
+    def _do_MOVE(self, parts):
+        self._relocate(parts, move=True)
+
+    def _do_COPY(self, parts):
+        self._relocate(parts, move=False)
+
+    def _relocate(self, parts, move):
+        """MOVE or COPY within the folder (RFC 4918 §9.8, §9.9): Overwrite
+        (default T), 201 new / 204 replaced, 412 when it exists and
+        Overwrite is F, 409 without the destination's parent."""
+        self._writable()
+        if self.headers.get("Source"):
+            raise _Refusal(501, "third-party copy (Source:) is not offered by ctadata serve")
+        arch = self.server.archive
+        if not parts:
+            raise _Refusal(403, "not the root folder")
+        src = self.server.archive.node(parts)
+        dparts = self._destination()
+        if move:
+            self._allow(("MANAGE",), src.rel, _rel(dparts))
+        else:
+            self._allow(("DOWNLOAD",), src.rel)
+            self._allow(("UPLOAD",), _rel(dparts))
+        if not os.path.lexists(src.path):
+            raise _Refusal(404, "no such file or directory")
+        dst = self._place(dparts)
+        if dst.rel == src.rel or dst.rel.startswith(src.rel + "/"):
+            raise _Refusal(403, "the destination is the source or inside it")
+        if not move and not src.is_dir:
+            self._refuse_tape_only(src)
+        existed = os.path.lexists(dst.path)
+        if existed:
+            if (self.headers.get("Overwrite") or "T").strip().upper() == "F":
+                raise _Refusal(412, "the destination exists (Overwrite: F)")
+            _remove_path(dst.path)
+            arch.tape.forget(dst.rel)
+        if move:
+            os.rename(src.path, dst.path)
+            arch.tape.forget(src.rel)
+        elif src.is_dir:
+            import shutil
+            if (self.headers.get("Depth") or "infinity").strip() == "0":
+                os.mkdir(dst.path, 0o755)
+            else:
+                # symlinks are copied as links: the copy resolves no further
+                # than the original, and each access is checked again
+                shutil.copytree(src.path, dst.path, symlinks=True,
+                                ignore=shutil.ignore_patterns(_SERVE_TMP + "*"))
+        else:
+            import secrets
+            import shutil
+            tmp = os.path.join(os.path.dirname(dst.path), _SERVE_TMP + secrets.token_hex(8))
+            try:
+                shutil.copyfile(src.real, tmp, follow_symlinks=False)
+                os.replace(tmp, dst.path)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+        self._answer(204 if existed else 201, b"" if existed else "created\n")
+
+    # -- macaroons (PROTOCOL.md §7) -----------------------------------------------------
+
+    def _macaroon(self, parts):
+        """Answer a macaroon request: a macaroon limited to this path (and
+        the caveats asked for, and those of the macaroon that asks, if one
+        does), valid for the "validity" asked (default 1 day, at most 7)."""
+        from urllib.parse import quote
+        arch = self.server.archive
+        if arch.token is None:
+            raise _Refusal(400, "this server runs without authentication (--no-auth): "
+                           "there is nothing a macaroon could limit")
+        doc = self._json_body()
+        asked = doc.get("caveats", [])
+        if not isinstance(asked, list) or len(asked) > 20:
+            raise _Refusal(400, '"caveats" must be a list of at most 20 strings')
+        seconds = _iso_duration(doc.get("validity", "P1D"))
+        if not seconds or seconds <= 0:
+            raise _Refusal(400, '"validity" must be an ISO 8601 duration such as "PT1H"')
+        seconds = min(seconds, _MACAROON_MAX)
+        rel = _rel(parts)
+        caveats = list(self._caveats or []) + ["path:" + rel]
+        caveats += [_check_caveat(c) for c in asked]
+        caveats.append("before:" + _utc_stamp(time.time() + seconds))
+        macaroon = arch.macaroons.mint(caveats)
+        base = self._public_base()
+        node = arch.node(parts)
+        target = base + quote(rel + ("/" if node.is_dir and parts else ""))
+        self._json(200, {"macaroon": macaroon, "expires_in": int(seconds), "uri": {
+            "targetWithMacaroon": target + "?authz=" + macaroon,
+            "baseWithMacaroon": base + "/?authz=" + macaroon,
+            "target": target, "base": base + "/"}})
+
+    # -- WLCG Tape REST API v1 ------------------------------------------------------------
+
+    def _tape_discovery(self):
+        if self.command not in ("GET", "HEAD"):
+            raise _Refusal(405, "method not allowed", {"Allow": "GET, HEAD"})
+        self._json(200, {"sitename": "ctadata-serve",
+                         "description": "ctadata serve: a simulated tape (--tape)",
+                         "endpoints": [{"uri": self._public_base() + _TAPE_API,
+                                        "version": "v1", "metadata": {}}]})
+
+    def _tape_api(self, sub):
+        """POST /stage, GET|DELETE /stage/ID, POST /stage/ID/cancel,
+        POST /release/ID, POST /archiveinfo; errors are RFC 7807 JSON.
+        Namespace paths are URL paths of this server."""
+        arch = self.server.archive
+        tape = arch.tape
+        try:
+            self._authenticate()
+        except _Refusal as e:
+            e.problem = True
+            raise
+        words = [w for w in sub.split("/") if w]
+        method = self.command
+        if words == ["stage"] and method == "POST":
+            doc = self._json_body()
+            files = doc.get("files")
+            if not isinstance(files, list) or not files or len(files) > 1000 or \
+                    not all(isinstance(f, dict) for f in files):
+                raise _Refusal(400, '"files" must be a list of 1 to 1000 objects {"path": ...}',
+                               problem=True)
+            planned = []
+            for f in files:
+                parts = _plain_path_parts(f.get("path"))
+                life = _iso_duration(f.get("diskLifetime")) if f.get("diskLifetime") \
+                    else _STAGE_LIFETIME
+                if not life:
+                    raise _Refusal(400, "diskLifetime must be an ISO 8601 duration",
+                                   problem=True)
+                self._tape_allow(("STAGE",), _rel(parts))
+                planned.append((_rel(parts), self._kind(parts), life))
+            rid = tape.stage(planned)
+            return self._json(201, {"requestId": rid},
+                              {"Location": self._public_base() + _TAPE_API + "/stage/" + rid})
+        if words == ["archiveinfo"] and method == "POST":
+            paths = self._tape_paths(self._json_body())
+            out = []
+            for parts in paths:
+                self._tape_allow(("STAGE", "READ_METADATA", "LIST"), _rel(parts))
+                out.append(tape.archive_info(_rel(parts), self._kind(parts)))
+            return self._json(200, out)
+        if len(words) >= 2 and words[0] in ("stage", "release"):
+            rid = words[1]
+            req = tape.status(rid)
+            if req is None:
+                raise _Refusal(404, "no stage request %s" % _printable(rid, 80), problem=True)
+            self._tape_allow(("STAGE",), *[f["path"] for f in req["files"]])
+            if words[0] == "stage" and len(words) == 2 and method == "GET":
+                return self._json(200, req)
+            if words[0] == "stage" and len(words) == 2 and method == "DELETE":
+                tape.delete(rid)
+                return self._answer(204)
+            if words[2:] == ["cancel"] and words[0] == "stage" and method == "POST" or \
+                    words[0] == "release" and len(words) == 2 and method == "POST":
+                paths = [_rel(p) for p in self._tape_paths(self._json_body())]
+                act = tape.cancel if words[0] == "stage" else tape.release
+                strangers = act(rid, paths)
+                if strangers:
+                    raise _Refusal(400, "not in request %s: %s" % (
+                        rid, ", ".join(strangers[:10])), problem=True)
+                return self._answer(200)
+        raise _Refusal(404 if method in ("GET", "POST", "DELETE") else 405,
+                       "no such tape API call: %s %s%s" % (method, _TAPE_API, sub),
+                       problem=True)
+
+    def _tape_paths(self, doc):
+        paths = doc.get("paths")
+        if not isinstance(paths, list) or not paths or len(paths) > 1000:
+            raise _Refusal(400, '"paths" must be a list of 1 to 1000 paths', problem=True)
+        return [_plain_path_parts(p) for p in paths]
+
+    def _tape_allow(self, activities, *rels):
+        try:
+            self._allow(activities, *rels)
+        except _Refusal as e:
+            e.problem = True
+            raise
+
+    def _kind(self, parts):
+        """"file", "dir" or None (missing, or leading out of the folder)."""
+        try:
+            node = self.server.archive.node(parts)
+        except _Refusal:
+            return None
+        return None if node.st is None else "dir" if node.is_dir else "file"
+
+
+def _remove_quietly(paths):
+    """Remove the token file (and its folder) made for one run."""
+    for path in paths:
+        try:
+            (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+        except OSError:
+            pass
+
+
+def _remove_path(path):
+    """Delete a file, a symlink (not what it points to) or a folder tree."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        import shutil
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+_SERVE_CLASSES = []
+
+
+def _serve_classes():
+    """(listener class, handler class), made on first use (http.server and
+    socketserver are not imported at start-up)."""
+    if _SERVE_CLASSES:
+        return _SERVE_CLASSES
+    import http.server
+    import socket
+    import socketserver
+
+    handler = type("_DavHandler", (_DavRequest, http.server.BaseHTTPRequestHandler), {})
+
+    class _Listener(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        """One listening socket (the door, or the pool of --redirect), a
+        thread per connection, at most _SERVE_CONNECTIONS at a time."""
+
+        daemon_threads = True
+        block_on_close = False
+        request_queue_size = 64
+
+        def __init__(self, address, archive, role, ssl_context):
+            self.archive, self.role, self.ssl_context = archive, role, ssl_context
+            self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            self._active = 0
+            http.server.HTTPServer.__init__(self, address, handler)
+
+        def server_bind(self):
+            # HTTPServer.server_bind asks DNS for our name (socket.getfqdn):
+            # slow, and not needed.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = self.server_address[:2]
+
+        def process_request(self, request, client_address):
+            with self.archive.lock:
+                full = self._active >= _SERVE_CONNECTIONS
+                if not full:
+                    self._active += 1
+            if full:
+                try:
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                                    b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            try:
+                socketserver.ThreadingMixIn.process_request(self, request, client_address)
+            except BaseException:
+                self.leave()
+                raise
+
+        def leave(self):
+            with self.archive.lock:
+                self._active -= 1
+
+        def handle_error(self, request, client_address):
+            import traceback
+            _log(30, "serve: unexpected error: %s", traceback.format_exc().strip())
+
+    _SERVE_CLASSES[:] = [_Listener, handler]
+    return _SERVE_CLASSES
+
+
+class _Served:
+    """A running `ctadata serve`, as ``serve()`` returns it (a context
+    manager: leaving the ``with`` block stops it).
+
+    url         http(s)://host:port of the archive
+    token       the bearer token it wants (None with auth=False)
+    token_file  a private (0600) file holding it
+    tape_url    the WLCG Tape REST API endpoint
+    pool_url    where redirects go (redirect=True), else None
+    requests    one dict per request served: server ("door"/"pool"),
+                method, path (decoded, no query), status
+    tape        the simulated tape (``tape.lost.add("/raw/f")`` loses a file)
+    client(**options)  a Client of this archive
+    env         environment variables that point ctadata at it
+    stop()      stop serving (idempotent)"""
+
+    def __init__(self, archive, listeners, token, token_file, cleanup):
+        self._archive, self._listeners = archive, listeners
+        self.url, self.pool_url = archive.url, archive.pool_url
+        self.tape_url = archive.url + _TAPE_API
+        self.root = archive.root
+        self.tape = archive.tape
+        self.token, self.token_file = token, token_file
+        self._cleanup = cleanup
+        self._threads = []
+        self._stopped = False
+
+    def __repr__(self):
+        return "<ctadata serve %s at %s>" % (self.root, self.url)
+
+    @property
+    def requests(self):
+        with self._archive.lock:
+            return list(self._archive.log)
+
+    @property
+    def env(self):
+        out = {"CTADATA_URL": self.url}
+        if self.token_file:
+            out["BEARER_TOKEN_FILE"] = self.token_file
+        return out
+
+    def client(self, **options):
+        """A Client of this archive (its token unless *options* say otherwise)."""
+        options.setdefault("url", self.url)
+        if self.token is not None:
+            options.setdefault("token", self.token)
+        return Client(**options)
+
+    def _start(self):
+        import threading
+        for srv in self._listeners:
+            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1},
+                                 name="ctadata-serve-" + srv.role)
+            t.daemon = True
+            t.start()
+            self._threads.append(t)
+
+    def stop(self):
+        """Stop serving: close the listeners and every open connection, and
+        remove a token file made for this run."""
+        import socket
+        import threading
+        if self._stopped:
+            return
+        self._stopped = True
+        stoppers = [threading.Thread(target=s.shutdown) for s in self._listeners[1:]]
+        for t in stoppers:
+            t.start()
+        if self._threads:
+            self._listeners[0].shutdown()
+        for t in stoppers:
+            t.join()
+        for s in self._listeners:
+            s.server_close()
+        with self._archive.lock:
+            conns = list(self._archive.connections)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        _remove_quietly(self._cleanup)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _tls_context(tls):
+    """A server-side SSLContext from a PEM holding certificate and key, or
+    a (certificate, key) pair."""
+    import ssl
+    cert, key = (tls if isinstance(tls, (tuple, list)) else (tls, None))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(os.path.expanduser(cert), key and os.path.expanduser(key))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("cannot use %s as the TLS certificate%s: %s" % (
+            cert, " (key %s)" % key if key else "", getattr(e, "strerror", None) or e))
+    return ctx
+
+
+def _serve_token(token, token_file, auth):
+    """(token, token file, paths to remove at stop) for serve()."""
+    import secrets
+    import tempfile
+    if not auth:
+        if token or token_file:
+            raise ConfigError("no token with --no-auth")
+        return None, None, []
+    if token_file and not token:
+        token_file = os.path.abspath(os.path.expanduser(token_file))
+        text = _read_private(token_file, "token file")
+        if text is not None:
+            token = text.strip()
+            if not token or any(c.isspace() for c in token):
+                raise ConfigError("the token file %s must hold one token on one line"
+                                  % token_file)
+            return token, token_file, []
+        token = secrets.token_urlsafe(32)
+        try:
+            _write_private(token_file, (token + "\n").encode())
+        except OSError as e:
+            raise ConfigError("cannot write the token file %s: %s" % (token_file, e.strerror))
+        return token, token_file, []
+    if token_file:
+        raise ConfigError("give token= or token_file=, not both")
+    token = token or secrets.token_urlsafe(32)
+    folder = tempfile.mkdtemp(prefix="ctadata-serve-")     # 0700
+    path = os.path.join(folder, "token")
+    _write_private(path, (token + "\n").encode())
+    return token, path, [path, folder]
+
+
+def serve(root, port=0, bind="127.0.0.1", token=None, token_file=None, auth=True,
+          read_only=False, tape=None, redirect=False, tls=None, stage_delay=_STAGE_DELAY):
+    """Serve the local folder *root* as a dCache-like archive (WebDAV, tape,
+    macaroons) from background threads, and return the running server
+    (see _Served: ``url``, ``token``, ``token_file``, ``requests``,
+    ``client()``, ``stop()``); use it as a context manager::
+
+        with ctadata.serve("data/", tape="raw/*") as srv:
+            srv.client().ls("raw")
+
+    *port* 0 picks a free one.  *bind* is 127.0.0.1 unless told otherwise
+    (another address is logged as a warning without *tls*).  Every request
+    needs the bearer token: *token*, else the one in *token_file* (written
+    there, 0600, if the file does not exist), else a new random one in a
+    private temporary file removed at stop.  ``auth=False`` serves without
+    any token and needs *read_only*.  *tape*: a glob (or list of globs,
+    matched as --include matches) of files that are on tape only until
+    staged through the WLCG Tape REST API, *stage_delay* seconds after the
+    request.  *redirect*: GETs and uploads that wait for "100 Continue" are
+    sent with 307 to a second port, on single-use URLs, as dCache's doors
+    send them to pools.  *tls*: a PEM with certificate and key, or a
+    (certificate, key) pair: https.
+
+    Raises ConfigError (no such folder, a port in use, a bad certificate,
+    auth=False without read_only)."""
+    if not os.path.isdir(root):
+        raise ConfigError("not a folder: %s" % root)
+    if not auth and not read_only:
+        raise ConfigError("--no-auth needs --read-only: anyone who can reach the port "
+                          "could change the files")
+    if not _is_loopback(bind) and tls is None:
+        _log(30, "WARNING: serving on %s without --tls: the token and the data cross "
+                 "the network in clear text", bind)
+    ctx = _tls_context(tls) if tls is not None else None
+    token, token_file, cleanup = _serve_token(token, token_file, auth)
+    try:
+        archive = _Archive(root, token, read_only, tape, stage_delay, redirect)
+        listener_class = _serve_classes()[0]
+        listeners = []
+        try:
+            for role, p in (("door", port), ("pool", 0))[:2 if redirect else 1]:
+                listeners.append(listener_class((bind.strip("[]"), p), archive, role, ctx))
+        except OSError as e:
+            for s in listeners:
+                s.server_close()
+            raise ConfigError("cannot listen on %s port %d: %s%s" % (
+                bind, port, e.strerror or e, "; --port 0 picks a free one"
+                if getattr(e, "errno", None) == 98 else ""))
+    except BaseException:
+        _remove_quietly(cleanup)
+        raise
+    scheme = "https" if ctx is not None else "http"
+    host = bind.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = "[%s]" % host if ":" in host else host
+    archive.url = "%s://%s:%d" % (scheme, host, listeners[0].server_port)
+    archive.pool_port = listeners[1].server_port if redirect else None
+    archive.pool_url = "%s://%s:%d" % (scheme, host, archive.pool_port) if redirect else None
+    served = _Served(archive, listeners, token, token_file, cleanup)
+    served._start()
+    return served
+
+
+############################################################################
 # CLI
 ############################################################################
 
@@ -5097,7 +6956,7 @@ def _build_parser():
     sub.required = True
     for add in (_args_ls, _args_stat, _args_du, _args_get, _args_put, _args_mkdir, _args_rm,
                 _args_mv, _args_sum, _args_config, _args_completion, _args_upload_cert,
-                _args_login, _args_logout, _args_token, _args_old_names):
+                _args_login, _args_logout, _args_token, _args_serve, _args_old_names):
         add(sub)
     return p
 
@@ -5570,6 +7429,113 @@ def _cmd_sum(client, args):
     return 0
 
 
+_SERVE_DESCRIPTION = """\
+Serve a local folder as a dCache-like archive, to try ctadata without an
+account or to test a pipeline offline: WebDAV (PROPFIND with dCache's
+checksums and tape locality, GET/HEAD with ranges and Digest, PUT with
+Content-MD5 checked, MKCOL, DELETE, MOVE, COPY), the WLCG Tape REST API,
+and macaroons (`share`). It prints its URL on stdout and runs until Ctrl-C
+(or SIGTERM).
+
+Every request needs the bearer token, which is printed as the path of a
+private file (or --token-file); macaroons it issues are accepted within
+their caveats. It listens on 127.0.0.1 only unless --bind says otherwise."""
+
+_SERVE_EPILOG = """\
+example:
+  ctadata serve ~/data --tape 'raw/**' --token-file ~/.serve-token &
+  export CTADATA_URL=http://127.0.0.1:8880 BEARER_TOKEN_FILE=~/.serve-token
+  ctadata ls -l raw/
+"""
+
+
+def _args_serve(sub):
+    """`ctadata serve`: its own options (none of the client's apply)."""
+    import argparse
+    sp = sub.add_parser("serve", help="serve a local folder as a dCache-like archive "
+                        "(try ctadata without an account)", description=_SERVE_DESCRIPTION,
+                        epilog=_SERVE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.set_defaults(func=_cmd_serve, no_client=True)
+    sp.add_argument("dir", metavar="DIR", help="the folder to serve")
+    sp.add_argument("--port", type=int, default=8880,
+                    help="TCP port (default 8880; 0 picks a free one)")
+    sp.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS",
+                    help="address to listen on (default 127.0.0.1: this machine only); "
+                         "another one warns unless --tls is given")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--token-file", dest="serve_token_file", metavar="FILE",
+                   help="the bearer token clients must send: read from FILE, or a new "
+                        "random one written there (mode 0600) if FILE does not exist. "
+                        "Default: a new one in a private temporary file, removed at exit")
+    g.add_argument("--no-auth", action="store_true",
+                   help="no token at all: whoever reaches the port reads everything "
+                        "(needs --read-only)")
+    sp.add_argument("--read-only", action="store_true",
+                    help="refuse every change (PUT, MKCOL, DELETE, MOVE, COPY)")
+    sp.add_argument("--tape", action="append", metavar="GLOB",
+                    help="files matching GLOB (repeatable; matched as --include matches: "
+                         "'raw/*', 'raw/**', '*.fits.fz') are on tape only (NEARLINE) until "
+                         "staged through the WLCG Tape REST API at URL/api/v1/tape; a GET of "
+                         "such a file is refused at once")
+    sp.add_argument("--stage-delay", type=float, default=_STAGE_DELAY, metavar="S",
+                    help="seconds a simulated recall from tape takes (default %g)"
+                         % _STAGE_DELAY)
+    sp.add_argument("--redirect", action="store_true",
+                    help="answer GETs, and PUTs that say 'Expect: 100-continue', with 307 to "
+                         "a second port on single-use URLs, as dCache's doors send clients "
+                         "to pools")
+    sp.add_argument("--tls", metavar="CERT.pem",
+                    help="serve https with this certificate (and its key, in the same "
+                         "file unless --tls-key)")
+    sp.add_argument("--tls-key", metavar="KEY.pem", help="the key of --tls, if separate")
+    sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                    help="print only errors (and the URL)")
+    sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                    help="log every request (method, path, status; never a token)")
+
+
+def _cmd_serve(client, args):
+    if args.tls_key and not args.tls:
+        raise ConfigError("--tls-key goes with --tls")
+    srv = serve(args.dir, port=args.port, bind=args.bind, token_file=args.serve_token_file,
+                auth=not args.no_auth, read_only=args.read_only, tape=args.tape,
+                redirect=args.redirect, tls=(args.tls, args.tls_key) if args.tls else None,
+                stage_delay=args.stage_delay)
+    import signal
+
+    def terminate(_signum, _frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:          # not the main thread
+        previous = None
+    try:
+        _out(srv.url + "\n")
+        sys.stdout.flush()
+        what = ["read-only" if args.read_only else "read-write"]
+        if args.tape:
+            what.append("on tape: %s" % ", ".join(args.tape))
+        if args.redirect:
+            what.append("redirects to %s" % srv.pool_url)
+        _note(args, "serving %s at %s (%s)" % (srv.root, srv.url, "; ".join(what)))
+        if srv.token_file:
+            import shlex
+            _note(args, "the token is in %s; for example:\n  ctadata --url %s --token-file "
+                        "%s ls -l" % (srv.token_file, srv.url, shlex.quote(srv.token_file)))
+        _note(args, "Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _note(args, "stopped")
+    return 0
+
+
 def _args_config(sub):
     _subcommand(sub, "config", _cmd_config,
                 "show the effective settings and where each comes from",
@@ -5853,7 +7819,7 @@ def main(argv=None):
         sys.stderr.write("ctadata: note: `%s` is now `ctadata %s`\n"
                          % (args.command, args.alias_of))
     try:
-        client = _client_from_args(args)
+        client = None if getattr(args, "no_client", False) else _client_from_args(args)
         return args.func(client, args) or 0
     except KeyboardInterrupt:
         if args.command == "get":

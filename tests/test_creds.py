@@ -99,6 +99,15 @@ def fault(tmp_path):
 
 
 @pytest.fixture
+def served(tmp_path):
+    """A dCache-like `ctadata serve` wanting its own token (where no fault is needed)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    with ctadata.serve(str(root), token="tok-" + secrets.token_urlsafe(16)) as srv:
+        yield srv
+
+
+@pytest.fixture
 def fake_oidc_token(tmp_path, monkeypatch):
     """An `oidc-token` on PATH that logs its arguments and prints the
     content of the file ``.token`` (set it with ``.token.write_text``)."""
@@ -246,30 +255,34 @@ def test_jwt_payload_is_unpadded_base64url():
         assert ctadata._jwt_claims(not_jwt) is None
 
 
-def test_a_macaroon_is_used_as_it_is(fault, tmp_path):
-    macaroon = "MDAxY2xvY2F0aW9uIE9wdGlvbmFsLmVtcHR5KCkKMDAxOGlkZW50aWZpZXIg"
-    fault.token = macaroon
-    (Path(fault.root) / "f").write_bytes(b"abc")
-    c = ctadata.Client(url=fault.url, token=macaroon, retries=0)
+def test_a_macaroon_is_used_as_it_is(served, tmp_path):
+    (Path(served.root) / "f").write_bytes(b"abc")
+    answer = served.client(retries=0)._transport.request(
+        "POST", served.url + "/", {"Content-Type": "application/macaroon-request"},
+        b'{"caveats": ["activity:DOWNLOAD,LIST"], "validity": "PT1H"}', ok=(200,))
+    macaroon = json.loads(answer.read())["macaroon"]
+    packet = base64.urlsafe_b64decode(macaroon + "=" * (-len(macaroon) % 4))[:13]
+    assert packet[4:] == b"location "                  # libmacaroons v1, as dCache's
+    c = ctadata.Client(url=served.url, token=macaroon, retries=0)
     assert c.list_dir("") == ["f"]
     assert c._auth.load().exp is None
 
 
-def test_expired_jwt_fails_before_any_request(fault, monkeypatch, capsys):
+def test_expired_jwt_fails_before_any_request(served, monkeypatch, capsys):
     exp = int(time.time()) - 30
     token = make_jwt(exp)
     local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(exp))
-    c = ctadata.Client(url=fault.url, token=token)
+    c = ctadata.Client(url=served.url, token=token)
     with pytest.raises(ctadata.AuthError) as ei:
         c.ls("")
     assert str(ei.value).startswith("token expired at %s" % local)
     assert "(source: token argument)" in str(ei.value)
     monkeypatch.setenv("BEARER_TOKEN", token)
-    assert ctadata.main(["--url", fault.url, "ls"]) == 1
+    assert ctadata.main(["--url", served.url, "ls"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ctadata: error: token expired at %s" % local)
     assert "(source: $BEARER_TOKEN)" in err and token not in err
-    assert fault.requests == []
+    assert served.requests == []
 
 
 def test_refresh_margin_follows_the_lifetime():
@@ -467,19 +480,19 @@ def test_another_process_refresh_is_reused(idp, clock):
     assert va == vb and idp.refresh_count == 1  # b took a's token from the store
 
 
-def test_expired_and_refresh_refused_says_so(idp, fault, clock):
+def test_expired_and_refresh_refused_says_so(idp, served, clock):
     idp.clock = clock
     logged_in(idp, lifetime=1)
     idp.revoke_refresh_tokens()
     clock.advance(1.1)
-    c = ctadata.Client(url=fault.url, retries=0)
+    c = ctadata.Client(url=served.url, retries=0)
     with pytest.raises(ctadata.AuthError) as ei:
         c.ls("")
     msg = str(ei.value)
     assert msg.startswith("token expired at ") and "(source: login store" in msg
     assert "refreshing it failed" in msg and "invalid_grant" in msg
     assert ei.value.hint == "run `ctadata login` again"
-    assert fault.requests == []
+    assert served.requests == []
     with pytest.raises(ctadata.AuthError):  # asked again: no new refresh attempt
         c.ls("")
     assert sum(r["grant_type"] == "refresh_token" for r in idp.token_requests) == 1
@@ -597,11 +610,11 @@ def test_401_in_mid_transfer_refreshes_once_and_retries(oidc_folder, tmp_path):
     assert ei.value.status == 401 and "was refused" in ei.value.hint
 
 
-def test_a_server_refusing_every_token_costs_one_refresh(oidc_folder, fault):
+def test_a_server_refusing_every_token_costs_one_refresh(oidc_folder, served):
     idp, _srv, _name = oidc_folder
     logged_in(idp)
     before = idp.refresh_count
-    c = ctadata.Client(url=fault.url, retries=0)  # the fault server wants its own token
+    c = ctadata.Client(url=served.url, retries=0)  # the server wants its own token
     for _ in range(3):
         with pytest.raises(ctadata.AuthError) as ei:
             c.ls("")

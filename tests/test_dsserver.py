@@ -1,7 +1,8 @@
 """Self-test of the download-service double (tests/dsserver.py), via http.client.
 
-Upstreams: the in-process dCache-like FaultServer (tests/faultserver.py) and
-folders of the session's real nginx and Apache WebDAV servers (tests/conftest.py).
+Upstreams: the dCache-like `ctadata serve` (and, where a test needs faults or
+the request log with headers, tests/faultserver.py) and folders of the
+session's real nginx and Apache WebDAV servers (tests/conftest.py).
 """
 
 import email.utils
@@ -54,13 +55,14 @@ class Upstream:
         self.url, self.token, self.root = url, token, str(root)
 
 
-@pytest.fixture(params=["faultserver", "nginx", "apache"])
+@pytest.fixture(params=["serve", "nginx", "apache"])
 def upstream(request, tmp_path):
-    """A seeded storage root on the dCache-like FaultServer or on a folder of
-    the session's real nginx / Apache server (tests/conftest.py)."""
-    if request.param == "faultserver":
+    """A seeded storage root on the dCache-like `ctadata serve` or on a folder
+    of the session's real nginx / Apache server (tests/conftest.py)."""
+    if request.param == "serve":
+        import ctadata
         root = seed(tmp_path / "root")
-        with FaultServer(root, UP_TOKEN) as server:
+        with ctadata.serve(root, token=UP_TOKEN) as server:
             yield Upstream(server.url, UP_TOKEN, root)
         return
     server = request.getfixturevalue(request.param + "_server")
@@ -394,7 +396,8 @@ def test_client_vanishing_mid_upload_leaves_no_file(ds, upstream):
 
 def test_upstream_with_base_path(tmp_path):
     seed(tmp_path / "pnfs" / "cta.cscs.ch")
-    with FaultServer(str(tmp_path), UP_TOKEN) as up, \
+    import ctadata
+    with ctadata.serve(str(tmp_path), token=UP_TOKEN) as up, \
             DownloadService(up.url + "/pnfs/cta.cscs.ch/", UP_TOKEN, users=USERS) as service:
         entries = listing(service, "lst/data/run1/")
         assert entries[0]["href"] == "lst/data/run1/"

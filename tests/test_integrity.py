@@ -1,5 +1,6 @@
 """Layer 2: integrity and resilience against a server that misbehaves on
-purpose (tests/faultserver.py, a dCache-like door + pool on loopback).
+purpose (tests/faultserver.py, a dCache-like door + pool on loopback); the
+tests that need no fault use `ctadata serve` (the ``served`` fixture).
 
 For every fault: the final file is byte-identical or absent, never wrong;
 exit codes are right; resumption sends a Range."""
@@ -31,6 +32,21 @@ def fs(tmp_path):
         srv.root = root
         yield srv
         assert srv.errors == []
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`ctadata serve`: a dCache-like server, for the tests that need no fault."""
+    root = tmp_path / "remote"
+    root.mkdir()
+    with ctadata.serve(str(root), token=TOKEN) as srv:
+        srv.root = root
+        yield srv
+
+
+def served_count(srv, method, path=None):
+    return sum(1 for r in srv.requests
+               if r["method"] == method and (path is None or r["path"] == path))
 
 
 def mkclient(fs, **kw):
@@ -105,11 +121,11 @@ def test_retries_are_bounded_and_the_exit_code_is_1(fs, tmp_path):
     assert not (tmp_path / "f.bin").exists()
 
 
-def test_404_is_not_retried(fs, tmp_path):
-    c = mkclient(fs)
+def test_404_is_not_retried(served, tmp_path):
+    c = mkclient(served)
     with pytest.raises(ctadata.NotFound):
         c.fetch_and_save_file("nope.bin", str(tmp_path / "x"))
-    assert fs.count(method="PROPFIND") == 1
+    assert served_count(served, "PROPFIND") == 1 and len(served.requests) == 1
 
 
 def test_stall_past_the_timeout_is_retried(fs, tmp_path):
@@ -171,10 +187,10 @@ def test_wrong_content_range_discards_the_part(fs, tmp_path):
     assert "range" not in gets(fs, "/f.bin")[1].headers   # started again from zero
 
 
-def test_a_stale_part_with_wrong_bytes_is_caught_by_the_checksum(fs, tmp_path):
-    data = put_remote(fs, "f.bin", os.urandom(BIG))
+def test_a_stale_part_with_wrong_bytes_is_caught_by_the_checksum(served, tmp_path):
+    data = put_remote(served, "f.bin", os.urandom(BIG))
     (tmp_path / "f.bin.part").write_bytes(b"\0" * 5000)     # not what the server has
-    c = mkclient(fs)
+    c = mkclient(served)
     c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == data       # mismatch -> once more from 0
 
@@ -331,10 +347,10 @@ def test_one_failing_file_does_not_stop_the_others(fs, tmp_path, capsys, monkeyp
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["f0", "f1", "f2", "f4", "f5"]
 
 
-def test_rerun_skips_what_is_there_and_checksum_catches_same_size_changes(fs, tmp_path):
+def test_rerun_skips_what_is_there_and_checksum_catches_same_size_changes(served, tmp_path):
     for i in range(3):
-        put_remote(fs, "d/f%d" % i, os.urandom(3000))
-    c = mkclient(fs)
+        put_remote(served, "d/f%d" % i, os.urandom(3000))
+    c = mkclient(served)
     assert c.download("d", str(tmp_path) + "/", recursive=True).transferred == 3
     again = c.download("d", str(tmp_path) + "/", recursive=True)
     assert (again.skipped, again.transferred) == (3, 0)
@@ -342,26 +358,26 @@ def test_rerun_skips_what_is_there_and_checksum_catches_same_size_changes(fs, tm
     assert c.download("d", str(tmp_path) + "/", recursive=True).skipped == 3
     third = c.download("d", str(tmp_path) + "/", recursive=True, checksum=True)
     assert (third.skipped, third.transferred) == (2, 1)
-    assert (tmp_path / "d/f1").read_bytes() == (fs.root / "d/f1").read_bytes()
+    assert (tmp_path / "d/f1").read_bytes() == (served.root / "d/f1").read_bytes()
     forced = c.download("d", str(tmp_path) + "/", recursive=True, overwrite=True)
     assert forced.transferred == 3
 
 
-def test_put_r_rerun_skips_what_is_there(fs, tmp_path):
+def test_put_r_rerun_skips_what_is_there(served, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     for i in range(3):
         (src / ("f%d" % i)).write_bytes(os.urandom(2000))
         (src / "sub" / ("g%d" % i)).write_bytes(os.urandom(2000))
-    c = mkclient(fs)
+    c = mkclient(served)
     assert c.upload(str(src), "dst", recursive=True).transferred == 6
-    puts = fs.count(method="PUT")
+    puts = served_count(served, "PUT")
     again = c.upload(str(src), "dst", recursive=True)
-    assert (again.skipped, again.transferred) == (6, 0) and fs.count(method="PUT") == puts
+    assert (again.skipped, again.transferred) == (6, 0) and served_count(served, "PUT") == puts
     (src / "sub/g1").write_bytes(os.urandom(2000))           # same size, changed
     third = c.upload(str(src), "dst", recursive=True, checksum=True)
     assert (third.skipped, third.transferred) == (5, 1)
-    assert (fs.root / "dst/sub/g1").read_bytes() == (src / "sub/g1").read_bytes()
+    assert (served.root / "dst/sub/g1").read_bytes() == (src / "sub/g1").read_bytes()
 
 
 def test_sum_from_head_digest_and_from_the_property(fs, capsys, monkeypatch):
@@ -378,7 +394,7 @@ def test_sum_from_head_digest_and_from_the_property(fs, capsys, monkeypatch):
     assert fs.count(method="PROPFIND") >= 1
 
 
-def test_local_permission_error_names_the_path(fs, tmp_path):
+def test_local_permission_error_names_the_path(served, tmp_path):
     if os.geteuid() == 0:
         target = tmp_path / "ro" / "sub"
         target.mkdir(parents=True)
@@ -387,11 +403,11 @@ def test_local_permission_error_names_the_path(fs, tmp_path):
         target = tmp_path / "ro"
         target.mkdir()
         target.chmod(0o500)
-    put_remote(fs, "f.bin", b"data")
+    put_remote(served, "f.bin", b"data")
     with pytest.raises(ctadata.TransferError) as ei:
-        mkclient(fs).fetch_and_save_file("f.bin", str(target / "f.bin"))
+        mkclient(served).fetch_and_save_file("f.bin", str(target / "f.bin"))
     assert str(target) in str(ei.value)
-    assert len(gets(fs, "/f.bin")) <= 1     # local errors are not retried
+    assert served_count(served, "GET", "/f.bin") <= 1     # local errors are not retried
 
 
 # -- interruption ------------------------------------------------------------------
