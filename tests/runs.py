@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -77,9 +78,11 @@ class Run:
         self.code = self.out = self.err = None
         self.started = self.ended = None
         self.done = threading.Event()
+        # output to files, not pipes: nothing to drain, and stdin stays ours
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.argv, env=cli_env(home, token),
                                      stdin=subprocess.PIPE if gate else subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=self._out, stderr=self._err)
         if not gate:
             self.started = time.monotonic()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -91,14 +94,19 @@ class Run:
         self.proc.stdin.close()
 
     def _watch(self):
-        out, err = self.proc.communicate()
+        self.proc.wait()
         self.ended = time.monotonic()
         if self.on_exit is not None:
             try:
                 self.snapshot = self.on_exit()
             except Exception as e:  # the test sees it in .snapshot
                 self.snapshot = e
-        self.code, self.out, self.err = self.proc.returncode, out.decode(), err.decode()
+        out = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            out.append(f.read().decode("utf-8", "replace"))
+            f.close()
+        self.code, (self.out, self.err) = self.proc.returncode, out
         self.done.set()
 
     def wait(self, timeout=120):
