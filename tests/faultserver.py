@@ -112,6 +112,18 @@ corrupt                GET: byte at file offset ``offset`` (default: first byte
                        sent) XOR 0xFF; lengths and Digest stay those of the file
 hostile_propfind       PROPFIND: body=bytes (required), status=207, raw answer
 insufficient_storage   PUT: read the body, 507, nothing written
+hold                   event=Event (required), after=None, seconds=30: wait
+                       until the event is set (at most S s, cut short by
+                       stop()) before answering (after=None) or after N
+                       GET body bytes sent; lists of after/event hold at
+                       several points of one request, in order
+outage                 seconds=5: the first matching request starts a window
+                       of S s in which every matching request gets a RST
+                       before its answer; afterwards the fault no longer
+                       applies (add it with times=None)
+store_as               name=NAME (required): PUT stores the body under NAME in
+                       the same folder and answers as if all went well (a
+                       storage that maps names differently, e.g. "?")
 =====================  =====================================================
 
 Records and counters (all guarded by ``server.lock``):
@@ -143,6 +155,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler
@@ -175,8 +188,12 @@ FAULT_KINDS: Dict[str, Dict[str, Any]] = {
     "corrupt": {"offset": None},
     "hostile_propfind": {"body": None, "status": 207},
     "insufficient_storage": {},
+    "hold": {"event": None, "after": None, "seconds": 30.0},
+    "outage": {"seconds": 5.0},
+    "store_as": {"name": None},
 }
-_REQUIRED = {"redirect": "location", "hostile_propfind": "body"}
+_REQUIRED = {"redirect": "location", "hostile_propfind": "body", "hold": "event",
+             "store_as": "name"}
 
 
 class _CIDict(dict):
@@ -239,6 +256,16 @@ class Fault:
 
 def _norm(path):
     return path.rstrip("/") or "/"
+
+
+def _hold_points(fault):
+    """[(after or None, event), ...] of a "hold" fault, in order."""
+    after, event = fault.params["after"], fault.params["event"]
+    if not isinstance(event, (list, tuple)):
+        after, event = [after], [event]
+    elif not isinstance(after, (list, tuple)):
+        after = [after] * len(event)
+    return list(zip(after, event))
 
 
 class _Abort(Exception):
@@ -466,6 +493,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_done = False
         self._fault = None
         self._rec = None
+        self._holds = []
+        self._holds_seconds = 0
         try:
             super().handle_one_request()
         except _Abort:
@@ -543,7 +572,29 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reset()
             if f.kind == "stall":
                 fs._stop.wait(p["seconds"])
+        if self._take("outage", when=self._outage_starts) is not None:
+            self._reset()
+        h = self._take("hold")
+        if h is not None:
+            self._holds = _hold_points(h)
+            self._holds_seconds = h.params["seconds"]
+            while self._holds and self._holds[0][0] is None:
+                self._hold(self._holds.pop(0)[1])
         return handler()
+
+    def _outage_starts(self, f):
+        with self.fs.lock:
+            if f.params.get("_end") is None:
+                f.params["_end"] = time.monotonic() + f.params["seconds"]
+        return True
+
+    def _hold(self, event):
+        end = time.monotonic() + self._holds_seconds
+        while not event.is_set() and not self.fs._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            event.wait(min(left, 0.05))
 
     def _serves_body(self):
         """Whether this request moves file bytes here (no redirect elsewhere)."""
@@ -568,6 +619,15 @@ class _Handler(BaseHTTPRequestHandler):
         if k == "hostile_propfind":
             return cmd == "PROPFIND"
         if k == "insufficient_storage":
+            return body and cmd == "PUT"
+        if k == "hold":
+            if all(a is None for a, _ in _hold_points(f)):
+                return True
+            return body and cmd == "GET"
+        if k == "outage":
+            end = p.get("_end")
+            return end is None or time.monotonic() < end
+        if k == "store_as":
             return body and cmd == "PUT"
         if k == "corrupt":
             return body and cmd == "GET"
@@ -824,6 +884,7 @@ class _Handler(BaseHTTPRequestHandler):
         if corrupt:
             flip = start if corrupt.params["offset"] is None else corrupt.params["offset"]
         cut = self._take("truncate", "reset", "stall")
+        holds = self._holds
         sent = 0
         with open(path, "rb") as f:
             f.seek(start)
@@ -831,11 +892,15 @@ class _Handler(BaseHTTPRequestHandler):
                 if cut is not None and sent == cut.params["after"]:
                     self._cut(cut)
                     cut = None
+                while holds and sent >= holds[0][0]:
+                    self._hold(holds.pop(0)[1])
                 if sent >= length:
                     break
                 want = min(_CHUNK, length - sent)
                 if cut is not None:
                     want = min(want, cut.params["after"] - sent)
+                if holds:
+                    want = min(want, holds[0][0] - sent)
                 data = bytearray(f.read(want))
                 if not data:
                     break
@@ -884,6 +949,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self._take("insufficient_storage"):
             self._settle_body()
             return self._simple(507, "Insufficient Storage")
+        alias = self._take("store_as")
+        if alias is not None:  # the storage maps the name to another one
+            self.fspath = os.path.join(os.path.dirname(self.fspath), alias.params["name"])
         cut = self._take("reset", "stall")
         md5 = hashlib.md5()
         existed = os.path.exists(self.fspath)

@@ -723,3 +723,68 @@ def test_malformed_bodies_do_not_break_the_server(srv):
     assert read_all(s) == b""
     s.close()
     assert request(srv.url, "HEAD", "/data.bin")[0].status == 200
+
+
+# -- fault kinds added for issue 10 (hold, outage, store_as) ----------------------
+
+def test_hold_pauses_an_answer_at_each_point_until_released(srv):
+    import threading
+    before, middle = threading.Event(), threading.Event()
+    srv.add_fault("hold", method="GET", path="/data.bin", after=[None, 4096],
+                  event=[before, middle])
+    c = conn_for(srv.url)
+    c.request("GET", "/data.bin", headers=AUTH)
+    c.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):                 # held before the answer
+        c.getresponse()
+    c.sock.settimeout(5)
+    before.set()
+    head = read_head(c.sock)
+    assert head.startswith(b"HTTP/1.1 200")
+    got = b""
+    while len(got) < 4096:
+        got += c.sock.recv(4096 - len(got))
+    c.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):                 # held after 4096 bytes
+        c.sock.recv(1)
+    c.sock.settimeout(5)
+    middle.set()
+    while len(got) < len(DATA):
+        got += c.sock.recv(65536)
+    assert got == DATA
+    c.close()
+
+
+def test_hold_gives_up_after_its_seconds(srv):
+    import threading
+    srv.add_fault("hold", method="GET", event=threading.Event(), seconds=0.2)
+    t0 = time.monotonic()
+    assert request(srv.url, "GET", "/data.bin")[1] == DATA
+    assert 0.15 < time.monotonic() - t0 < 5
+
+
+def test_outage_resets_every_request_for_its_seconds_then_ends(srv):
+    f = srv.add_fault("outage", method="GET", seconds=0.5, times=None)
+    t0 = time.monotonic()
+    resets = 0
+    while True:
+        try:
+            r, body = request(srv.url, "GET", "/data.bin")
+            break
+        except (ConnectionError, http.client.RemoteDisconnected):
+            resets += 1
+            time.sleep(0.05)
+    assert body == DATA and r.status == 200
+    assert resets >= 3 and 0.45 < time.monotonic() - t0 < 5
+    assert request(srv.url, "HEAD", "/data.bin")[0].status == 200   # GET only
+    assert f.hits == resets
+
+
+def test_store_as_keeps_the_upload_under_another_name(srv, root):
+    srv.add_fault("store_as", method="PUT", path="/dir/q?.txt", name="q")
+    r, _ = request(srv.url, "PUT", "/dir/q%3F.txt", body=b"question")
+    assert r.status == 201
+    assert (root / "dir" / "q").read_bytes() == b"question"
+    assert not (root / "dir" / "q?.txt").exists()
+    with pytest.raises(ValueError):
+        srv.add_fault("store_as", method="PUT")                 # name= is required
