@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ctadata: list, download and upload files on CTAO science data archives.
 
-One module, standard library only, Python 3.8+.  It speaks WebDAV to dCache
+One module, standard library only, Python 3.6+.  It speaks WebDAV to dCache
 (and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
 "direct mode"), or goes through the CTA download service, a JupyterHub service
 that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
@@ -31,6 +31,18 @@ import time
 # Everything else (threading, ssl, http.client, xml, concurrent.futures,
 # argparse, logging, urllib) is imported where it is used: `import ctadata`
 # and `ctadata --version` stay about as fast as starting Python itself.
+
+# Python 3.6 compatibility --------------------------------------------------
+# 3.6 is the system python3 of RHEL 8 and SLES 15 login nodes.  Older Pythons
+# stop at this check with one line, not a traceback, so the module must stay
+# parseable by 3.5: no f-strings, no variable annotations (`make lint`
+# checks).  In an interactive session `import ctadata` raises ImportError.
+if sys.version_info < (3, 6):
+    _why = "ctadata needs Python >= 3.6; this is %d.%d.%d" % tuple(sys.version_info[:3])
+    if hasattr(sys, "ps1"):
+        raise ImportError(_why)
+    sys.stderr.write(_why + "\n")
+    sys.exit(2)
 
 
 ############################################################################
