@@ -45,6 +45,17 @@ if sys.version_info < (3, 6):
     sys.exit(2)
 
 
+def _is_cert_error(exc):
+    """A failed TLS certificate check: ssl.SSLCertVerificationError (3.7+);
+    on 3.6 an SSLError with reason CERTIFICATE_VERIFY_FAILED, or for a wrong
+    host name ssl.CertificateError (a ValueError there)."""
+    import ssl
+    if hasattr(ssl, "SSLCertVerificationError"):
+        return isinstance(exc, ssl.SSLCertVerificationError)
+    return isinstance(exc, ssl.CertificateError) or (
+        isinstance(exc, ssl.SSLError) and exc.reason == "CERTIFICATE_VERIFY_FAILED")
+
+
 ############################################################################
 # Constants & version
 ############################################################################
@@ -842,7 +853,7 @@ def _is_transient(exc):
     if isinstance(exc, TransferError):
         return exc.retryable and not isinstance(exc, ChecksumMismatch)
     import ssl
-    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, ssl.SSLError) and not _is_cert_error(exc):
         return True
     return isinstance(exc, OSError) and getattr(exc, "errno", None) in (
         104, 110, 111, 113, 32)  # reset, timed out, refused, no route, broken pipe
@@ -1412,8 +1423,7 @@ def _network_error(exc, url, what=None):
         text = exc.strerror
     else:
         text = str(exc) or type(exc).__name__
-    import ssl
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if _is_cert_error(exc):
         return TransferError("TLS certificate verification failed: %s"
                              % getattr(exc, "verify_message", text), url,
                              hint="use --ca-file/--ca-dir for a private CA")
