@@ -1122,13 +1122,14 @@ class _Transport:
         if conn is not None:
             return conn, True
         scheme, host, port = key
+        # No blocksize= (3.7+): it only sizes http.client's reads of a file
+        # object given as body, and every body here is sent by _send and
+        # _send_body themselves, in _CHUNK blocks.
         if scheme == "https":
             conn = http.client.HTTPSConnection(
-                host, port, timeout=self.settings.timeout,
-                context=self.ssl_context(), blocksize=_CHUNK)
+                host, port, timeout=self.settings.timeout, context=self.ssl_context())
         else:
-            conn = http.client.HTTPConnection(
-                host, port, timeout=self.settings.timeout, blocksize=_CHUNK)
+            conn = http.client.HTTPConnection(host, port, timeout=self.settings.timeout)
         conn.response_class = _response_class()
         if not single_use:
             conns[key] = conn
