@@ -58,6 +58,13 @@ def test_parses_as_python_35():
     ast.parse((REPO / "ctadata.py").read_text(encoding="utf-8"), feature_version=(3, 5))
 
 
+def test_pyproject_says_the_same_python_versions():
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'requires-python = ">=3.6"' in text
+    assert "sys.version_info < (3, 6)" in (REPO / "ctadata.py").read_text(encoding="utf-8")
+    assert re.findall(r"Python :: (3\.\d+)", text) == ["3.%d" % v for v in range(6, 14)]
+
+
 _AS_PYTHON_35 = "import sys; sys.version_info = (3, 5, 2, 'final', 0); "
 
 
@@ -189,8 +196,8 @@ def test_wheel_has_the_console_scripts(tmp_path):
     """pip builds a wheel holding the one module and the old and new command names."""
     setuptools = pytest.importorskip("setuptools")
     if sys.version_info < (3, 7):
-        pytest.skip("building needs setuptools >= 61 (pyproject.toml metadata), "
-                    "which needs Python >= 3.7; 3.6 installs the wheel")
+        pytest.skip("building the wheel needs setuptools >= 61 (pyproject.toml "
+                    "metadata), which needs Python >= 3.7")
     if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1):
         pytest.importorskip("wheel")     # tests/install-deps.sh installs it
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
