@@ -56,6 +56,27 @@ def _is_cert_error(exc):
         isinstance(exc, ssl.SSLError) and exc.reason == "CERTIFICATE_VERIFY_FAILED")
 
 
+def _rerun_in_utf8_locale():
+    """Python 3.6 (and PyPy 3.9) in the C/POSIX locale (LANG unset, or a
+    locale that ssh passed and the node lacks) encode file names as ASCII:
+    "é" in a name fails.  CPython 3.7+ use UTF-8 there (PEP 538, 540); for
+    the command line, do the same: run it again under a UTF-8 LC_CTYPE."""
+    if sys.getfilesystemencoding() != "ascii" or not sys.executable or \
+            not os.path.isfile(sys.argv[0]) or os.environ.get("_CTADATA_RERUN"):
+        return
+    import locale
+    for name in ("C.UTF-8", "C.utf8", "UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+        env = dict(os.environ, LC_CTYPE=name, _CTADATA_RERUN="1")
+        if env.get("LC_ALL"):
+            env["LC_ALL"] = name
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 ############################################################################
 # Constants & version
 ############################################################################
@@ -7875,6 +7896,7 @@ direct = api = sys.modules[__name__]
 def _entry():
     """Console-script and zipapp entry point (zipapp's generated __main__.py
     drops the return value, hence this wrapper)."""
+    _rerun_in_utf8_locale()
     _exit(main())
 
 
@@ -7901,6 +7923,7 @@ def _entry_service():
     if not any(a in ("--url", "--dev", "--service") or a.startswith(("--url=", "--service="))
                for a in argv):
         argv = ["--service="] + argv
+    _rerun_in_utf8_locale()
     _exit(main(argv))
 
 

@@ -192,6 +192,25 @@ def test_python_dash_m(nginx_server, tmp_path):
     assert "dash-m/" in r.stdout
 
 
+def test_c_locale_and_non_ascii_names(nginx_server, tmp_path):
+    """With no locale set (LANG unset, or one ssh passed that the node lacks),
+    names like "é" still list and download: Python 3.7+ use UTF-8 there by
+    themselves (PEP 538, 540); on 3.6 and PyPy ctadata runs itself again under C.UTF-8."""
+    top = nginx_server.root / "c-locale"
+    (top / "\u00e9t\u00e9").mkdir(parents=True, exist_ok=True)
+    (top / "\u00e9t\u00e9" / "M\u00fcnchen.txt").write_bytes(b"u")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BEARER_TOKEN": nginx_server.token}
+    script = str(REPO / "ctadata.py")
+    r = subprocess.run([sys.executable, script, "--url", nginx_server.url, "ls", "-R", "c-locale"],
+                       stdout=PIPE, stderr=PIPE, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode("utf-8").split() == ["\u00e9t\u00e9/", "\u00e9t\u00e9/M\u00fcnchen.txt"]
+    r = subprocess.run([sys.executable, script, "--url", nginx_server.url, "get", "-r", "c-locale",
+                        str(tmp_path) + "/"], stdout=PIPE, stderr=PIPE, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c-locale" / "\u00e9t\u00e9" / "M\u00fcnchen.txt").read_bytes() == b"u"
+
+
 def test_wheel_has_the_console_scripts(tmp_path):
     """pip builds a wheel holding the one module and the old and new command names."""
     setuptools = pytest.importorskip("setuptools")
