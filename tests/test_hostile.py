@@ -14,8 +14,8 @@ from subprocess import PIPE
 import pytest
 
 import ctadata
-from compat import ThreadingHTTPServer
 from faultserver import FaultServer
+from httpdouble import Listener
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "tok-hostile-0123456789"
@@ -297,7 +297,7 @@ class _MillionHandler(http.server.BaseHTTPRequestHandler):
 def _ls_unsorted_max_rss_mb(entries):
     """Run `ctadata ls -U big` in a child against a generated listing of
     *entries* files; return (its max RSS in MB, lines printed)."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _MillionHandler)
+    srv = Listener(("127.0.0.1", 0), _MillionHandler)
     srv.entries = entries
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
