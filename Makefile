@@ -2,8 +2,9 @@
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
 TASKS ?=
+PYTHONS ?=
 
-.PHONY: help demo install test test-pypy deps zipapp lint bench clean
+.PHONY: help demo install test test-pypy test-matrix deps zipapp lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -17,16 +18,20 @@ install:  ## pip install this checkout (console scripts ctadata, cta-data)
 deps:  ## install the real test servers (nginx+dav-ext, Apache) when root and missing
 	@PYTHON=$(PYTHON) bash tests/install-deps.sh
 
-test: deps  ## the whole suite against real local servers, under CPython then PyPy
+test: deps  ## the whole suite against real local servers: CPython, PyPy, then every pyenv Python
 	$(PYTEST) -q
 	@if command -v pypy3 >/dev/null 2>&1; then $(MAKE) --no-print-directory test-pypy; \
 	 else echo "pypy3 not installed: PyPy run skipped (tests/install-deps.sh installs it)"; fi
+	@$(MAKE) --no-print-directory test-matrix
 
 PYPY_VENV = build/pypy-venv
 test-pypy: deps  ## the same suite under PyPy 3 (Debian's pypy3, pytest in a venv)
 	@test -x $(PYPY_VENV)/bin/python || { pypy3 -m venv $(PYPY_VENV) && \
 	  $(PYPY_VENV)/bin/python -m pip install -q pytest; }
 	$(PYPY_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+test-matrix: deps  ## the suite under each pyenv Python 3.6-3.13, a line each (PYTHONS="3.6 3.7": those)
+	@PYTHON=$(PYTHON) PYTHONS="$(PYTHONS)" bash tests/matrix.sh
 
 zipapp: dist/ctadata.pyz  ## build dist/ctadata.pyz, runnable as python3 dist/ctadata.pyz
 
@@ -39,8 +44,15 @@ dist/ctadata.pyz: ctadata.py Makefile
 	$(PYTHON) -m zipapp build/zipapp -o dist/ctadata.pyz -m "ctadata:_entry" -p "/usr/bin/env python3" -c
 	@ls -l dist/ctadata.pyz
 
-lint:  ## syntax for Python 3.8, pyflakes-style checks with the stdlib only
-	$(PYTHON) -c 'import ast,sys; ast.parse(open("ctadata.py").read(), feature_version=(3,8))'
+# Python 3.5 must parse the module to reach its version check: its syntax,
+# and no f-strings (which ast's feature_version misses from Python 3.12 on).
+lint:  ## Python 3.5 syntax (no f-strings), compile, import without warnings
+	$(PYTHON) -c 'import ast; ast.parse(open("ctadata.py").read(), feature_version=(3,5))'
+	$(PYTHON) -c 'import io, re, tokenize as t; \
+	  bad = [k.start[0] for k in t.generate_tokens(io.StringIO(open("ctadata.py").read()).readline) \
+	         if k.type == getattr(t, "FSTRING_START", -1) or \
+	         k.type == t.STRING and "f" in re.match("[A-Za-z]*", k.string).group().lower()]; \
+	  assert not bad, "f-strings (Python 3.6+) on lines %s" % bad'
 	$(PYTHON) -m py_compile ctadata.py
 	$(PYTHON) -W error -c 'import ctadata'
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ctadata: list, download and upload files on CTAO science data archives.
 
-One module, standard library only, Python 3.8+.  It speaks WebDAV to dCache
+One module, standard library only, Python 3.6+.  It speaks WebDAV to dCache
 (and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
 "direct mode"), or goes through the CTA download service, a JupyterHub service
 that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
@@ -31,6 +31,50 @@ import time
 # Everything else (threading, ssl, http.client, xml, concurrent.futures,
 # argparse, logging, urllib) is imported where it is used: `import ctadata`
 # and `ctadata --version` stay about as fast as starting Python itself.
+
+# Python 3.6 compatibility --------------------------------------------------
+# 3.6 is the system python3 of RHEL 8 and SLES 15 login nodes.  Older Pythons
+# stop at this check with one line, not a traceback, so the module must stay
+# parseable by 3.5: no f-strings, no variable annotations (`make lint`
+# checks).  In an interactive session `import ctadata` raises ImportError.
+if sys.version_info < (3, 6):
+    _why = "ctadata needs Python >= 3.6; this is %d.%d.%d" % tuple(sys.version_info[:3])
+    if hasattr(sys, "ps1"):
+        raise ImportError(_why)
+    sys.stderr.write(_why + "\n")
+    sys.exit(2)
+
+
+def _is_cert_error(exc):
+    """A failed TLS certificate check: ssl.SSLCertVerificationError (3.7+);
+    on 3.6 an SSLError with reason CERTIFICATE_VERIFY_FAILED, or for a wrong
+    host name ssl.CertificateError (a ValueError there)."""
+    import ssl
+    if hasattr(ssl, "SSLCertVerificationError"):
+        return isinstance(exc, ssl.SSLCertVerificationError)
+    return isinstance(exc, ssl.CertificateError) or (
+        isinstance(exc, ssl.SSLError) and exc.reason == "CERTIFICATE_VERIFY_FAILED")
+
+
+def _rerun_in_utf8_locale():
+    """Python 3.6 (and PyPy 3.9) in the C/POSIX locale (LANG unset, or a
+    locale that ssh passed and the node lacks) encode file names as ASCII:
+    "é" in a name fails.  CPython 3.7+ use UTF-8 there (PEP 538, 540); for
+    the command line, do the same: run it again under a UTF-8 LC_CTYPE."""
+    if sys.getfilesystemencoding() != "ascii" or not sys.executable or \
+            not os.path.isfile(sys.argv[0]) or os.environ.get("_CTADATA_RERUN"):
+        return
+    import locale
+    for name in ("C.UTF-8", "C.utf8", "UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+        env = dict(os.environ, LC_CTYPE=name, _CTADATA_RERUN="1")
+        if env.get("LC_ALL"):
+            env["LC_ALL"] = name
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 ############################################################################
@@ -830,7 +874,7 @@ def _is_transient(exc):
     if isinstance(exc, TransferError):
         return exc.retryable and not isinstance(exc, ChecksumMismatch)
     import ssl
-    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, ssl.SSLError) and not _is_cert_error(exc):
         return True
     return isinstance(exc, OSError) and getattr(exc, "errno", None) in (
         104, 110, 111, 113, 32)  # reset, timed out, refused, no route, broken pipe
@@ -1099,13 +1143,14 @@ class _Transport:
         if conn is not None:
             return conn, True
         scheme, host, port = key
+        # No blocksize= (3.7+): it only sizes http.client's reads of a file
+        # object given as body, and every body here is sent by _send and
+        # _send_body themselves, in _CHUNK blocks.
         if scheme == "https":
             conn = http.client.HTTPSConnection(
-                host, port, timeout=self.settings.timeout,
-                context=self.ssl_context(), blocksize=_CHUNK)
+                host, port, timeout=self.settings.timeout, context=self.ssl_context())
         else:
-            conn = http.client.HTTPConnection(
-                host, port, timeout=self.settings.timeout, blocksize=_CHUNK)
+            conn = http.client.HTTPConnection(host, port, timeout=self.settings.timeout)
         conn.response_class = _response_class()
         if not single_use:
             conns[key] = conn
@@ -1400,8 +1445,7 @@ def _network_error(exc, url, what=None):
         text = exc.strerror
     else:
         text = str(exc) or type(exc).__name__
-    import ssl
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if _is_cert_error(exc):
         return TransferError("TLS certificate verification failed: %s"
                              % getattr(exc, "verify_message", text), url,
                              hint="use --ca-file/--ca-dir for a private CA")
@@ -7852,6 +7896,7 @@ direct = api = sys.modules[__name__]
 def _entry():
     """Console-script and zipapp entry point (zipapp's generated __main__.py
     drops the return value, hence this wrapper)."""
+    _rerun_in_utf8_locale()
     _exit(main())
 
 
@@ -7878,6 +7923,7 @@ def _entry_service():
     if not any(a in ("--url", "--dev", "--service") or a.startswith(("--url=", "--service="))
                for a in argv):
         argv = ["--service="] + argv
+    _rerun_in_utf8_locale()
     _exit(main(argv))
 
 

@@ -141,11 +141,8 @@ Records and counters (all guarded by ``server.lock``):
   ``.remaining``). ``clear_faults()``, ``reset_log()``.
 """
 
-from __future__ import annotations
-
 import base64
 import collections
-import dataclasses
 import email.utils
 import hashlib
 import html
@@ -159,7 +156,7 @@ import time
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
@@ -212,29 +209,31 @@ class _CIDict(dict):
         return super().get(key.lower(), default)
 
 
-@dataclasses.dataclass
+def _fields_repr(self):
+    return "%s(%s)" % (type(self).__name__,
+                       ", ".join("%s=%r" % kv for kv in vars(self).items()))
+
+
 class RequestRecord:
-    method: str
-    path: str
-    headers: Dict[str, str]
-    server: str
-    body_len: int = 0
-    query: str = ""
-    raw_path: str = ""
-    status: Optional[int] = None
-    sent_continue: bool = False
-    fault: Optional[str] = None
+    """One request as the server saw it (a plain class: no dataclasses on 3.6)."""
+
+    def __init__(self, method, path, headers, server, body_len=0, query="", raw_path="",
+                 status=None, sent_continue=False, fault=None):
+        self.method, self.path, self.headers, self.server = method, path, headers, server
+        self.body_len, self.query, self.raw_path = body_len, query, raw_path
+        self.status, self.sent_continue, self.fault = status, sent_continue, fault
+
+    __repr__ = _fields_repr
 
 
-@dataclasses.dataclass
 class Fault:
-    kind: str
-    method: Any = None
-    path: Optional[str] = None
-    server: Optional[str] = None
-    times: Optional[int] = 1
-    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    hits: int = 0
+    def __init__(self, kind, method=None, path=None, server=None, times=1, params=None,
+                 hits=0):
+        self.kind, self.method, self.path, self.server = kind, method, path, server
+        self.times, self.hits = times, hits
+        self.params = {} if params is None else params
+
+    __repr__ = _fields_repr
 
     @property
     def remaining(self):

@@ -128,8 +128,6 @@ most real Apache servers):
 See the constants/behaviour tested in tests/test_servers.py for exact proof.
 """
 
-from __future__ import annotations
-
 import atexit
 import os
 import pwd

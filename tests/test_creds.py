@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 
@@ -726,7 +727,8 @@ def test_ca_file_and_ca_dir_from_the_grid_variables(x509_dav, tmp_path, monkeypa
     cadir = tmp_path / "certificates"  # an IGTF-style hashed folder
     cadir.mkdir()
     h = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", srv.ca_file],
-                       capture_output=True, text=True, check=True).stdout.strip()
+                       stdout=PIPE, stderr=PIPE, universal_newlines=True,
+                       check=True).stdout.strip()
     shutil.copy(srv.ca_file, str(cadir / (h + ".0")))
     monkeypatch.setenv("X509_CERT_DIR", str(cadir))
     assert ctadata.Client(url=srv.url, token=srv.token).list_dir("") == ["x509.txt"]

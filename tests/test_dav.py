@@ -5,6 +5,8 @@ Python API and through the CLI (ctadata.main in-process)."""
 import hashlib
 import json
 import os
+import socket
+import ssl
 import zlib
 from pathlib import Path
 
@@ -230,6 +232,19 @@ def test_tls_verified_by_default(nginx_tls_server, tmp_path):
     untrusted = ctadata.Client(url=srv.url, token=srv.token, env={}, retries=0)
     with pytest.raises(ctadata.TransferError, match="certificate verification failed"):
         untrusted.stat("tls.txt")
+
+
+def test_a_certificate_for_another_host_is_a_verification_failure(nginx_tls_server):
+    # what the handshake raises differs by version (3.6: ssl.CertificateError,
+    # a ValueError; 3.7+: ssl.SSLCertVerificationError): both are final, and
+    # both say that the certificate is the problem
+    ctx = ssl.create_default_context(cafile=nginx_tls_server.ca_file)
+    with socket.create_connection(("127.0.0.1", nginx_tls_server.port), timeout=10) as raw:
+        with pytest.raises(Exception) as ei:
+            ctx.wrap_socket(raw, server_hostname="example.org")
+    assert not ctadata._is_transient(ei.value)
+    err = ctadata._network_error(ei.value, "https://example.org/x", "list")
+    assert "certificate verification failed" in str(err) and "--ca-file" in err.hint
 
 
 def test_a_large_first_upload_is_hashed_only_when_the_answer_can_confirm_it(

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 
@@ -195,7 +196,8 @@ def test_completion_scripts_are_valid_shell(capsys):
         assert ctadata.main(["completion", shell]) == 0
         script = capsys.readouterr().out
         assert "--include" in script and "--from-list" in script and "du" in script
-        r = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+        r = subprocess.run(["bash", "-n"], input=script, stdout=PIPE, stderr=PIPE,
+                           universal_newlines=True)
         assert r.returncode == 0, r.stderr
     # it completes for real in bash
     script_file = Path("/tmp/ctadata-completion-%d" % os.getpid())
@@ -203,7 +205,7 @@ def test_completion_scripts_are_valid_shell(capsys):
     script_file.write_text(capsys.readouterr().out)
     r = subprocess.run(["bash", "-c", 'source "$0"; COMP_WORDS=(ctadata get --from); '
                         'COMP_CWORD=2; _ctadata; echo "${COMPREPLY[@]}"', str(script_file)],
-                       capture_output=True, text=True)
+                       stdout=PIPE, stderr=PIPE, universal_newlines=True)
     script_file.unlink()
     assert r.stdout.split() == ["--from-list"]
 

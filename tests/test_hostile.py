@@ -9,11 +9,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 
 import ctadata
 from faultserver import FaultServer
+from httpdouble import Listener
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "tok-hostile-0123456789"
@@ -295,7 +297,7 @@ class _MillionHandler(http.server.BaseHTTPRequestHandler):
 def _ls_unsorted_max_rss_mb(entries):
     """Run `ctadata ls -U big` in a child against a generated listing of
     *entries* files; return (its max RSS in MB, lines printed)."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MillionHandler)
+    srv = Listener(("127.0.0.1", 0), _MillionHandler)
     srv.entries = entries
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -305,7 +307,7 @@ def _ls_unsorted_max_rss_mb(entries):
                 "resource.RUSAGE_SELF).ru_maxrss)\n"
                 "sys.exit(rc)\n")
         r = subprocess.run([sys.executable, "-c", code, "http://127.0.0.1:%d"
-                            % srv.server_address[1]], capture_output=True,
+                            % srv.server_address[1]], stdout=PIPE, stderr=PIPE,
                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
         assert r.returncode == 0, r.stderr
         return (int(r.stderr.decode().rpartition("maxrss_kb=")[2]) / 1024.0,

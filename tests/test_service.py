@@ -18,6 +18,7 @@ import time
 import types
 import zlib
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 
@@ -768,7 +769,8 @@ def test_service_1_5_gb_streamed_upload_and_download_in_bounded_memory(ds, upstr
     started = time.monotonic()
     try:
         r = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, ds.base_url, TOKEN, str(src),
-                            str(dst)], capture_output=True, text=True, env=env, timeout=300)
+                            str(dst)], stdout=PIPE, stderr=PIPE, universal_newlines=True,
+                           env=env, timeout=300)
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         wall = time.monotonic() - started
