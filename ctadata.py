@@ -5217,16 +5217,15 @@ class _TapeDownloads(_Downloads):
         if not dry_run:
             _makedirs(os.path.dirname(local))
         t = self.task(e, local, overwrite, checksum, progress)
-        if not isinstance(t, _Task) or dry_run:
-            yield t
-            return
-        gate.where[t] = (f.request, f.api_path)
-        if e.locality not in _NOT_ON_DISK or (f.done and f.state == "COMPLETED"):
-            yield t                 # on disk now, or gone from disk: the gate stages it again
-        elif not f.done:
-            gate.adopt(f.request, f.api_path, t)
-        else:
+        if not isinstance(t, _Task):
+            yield t                 # already there
+        elif e.locality in _NOT_ON_DISK and f.done and f.state != "COMPLETED":
             yield _tape_failure(t, "staging failed: %s" % f.problem)
+        elif dry_run or e.locality not in _NOT_ON_DISK or f.done:
+            gate.where[t] = (f.request, f.api_path)
+            yield t                 # on disk now, or gone from disk: the gate stages it again
+        else:
+            gate.adopt(f.request, f.api_path, t)
 
 
 ############################################################################
@@ -5616,7 +5615,10 @@ class Client:
         listed, ConfigError (*stage* in service mode, a bad *lifetime*)."""
         if release and not stage:
             raise ConfigError("release goes with stage (get --stage --release)")
-        how = _StageOptions(_lifetime(lifetime), release) if stage else None
+        how = None
+        if stage:
+            self._downloads.tape.require()      # service mode: said before anything is sent
+            how = _StageOptions(_lifetime(lifetime), release)
         return self._downloads.download(path, dest, recursive, overwrite, checksum, select,
                                         dry_run, progress, jobs, raise_on_failure, how)
 
@@ -8637,7 +8639,8 @@ def _cmd_stage(client, args):
         req = client.stage_request(args.cancel)
         n = req.cancel()
         _note(args, "cancelled %d file%s of %s" % (n, "" if n == 1 else "s", req.id))
-        return _stage_report(args, req, sys.stdout)
+        _stage_report(args, req, sys.stdout, failures=False)
+        return 0
     if args.status:
         req = client.stage_request(args.status)
     elif not args.paths:
@@ -8664,9 +8667,9 @@ def _cmd_stage(client, args):
     return _stage_report(args, req, sys.stdout if args.status else sys.stderr)
 
 
-def _stage_report(args, req, stream):
-    """Print how a stage request is doing (JSON, or a summary line and the
-    failed files); return the exit code."""
+def _stage_report(args, req, stream, failures=True):
+    """Print how a stage request is doing (JSON, or a summary line and, with
+    *failures*, the failed files); return the exit code."""
     if args.json:
         import json
         _out(json.dumps(req.to_dict(), indent=1) + "\n")
@@ -8677,7 +8680,7 @@ def _stage_report(args, req, stream):
         stream.write("stage %s: %d files, %d on disk, %d waiting, %d failed (%s)\n" % (
             req.id, len(req.files), req.on_disk, req.waiting, req.failed,
             ", ".join("%s %d" % kv for kv in sorted(states.items()))))
-    failures = req.failures
+    failures = req.failures if failures else []
     for f in failures[:20]:
         sys.stderr.write("ctadata: failed: %s: %s\n" % (f.path, f.problem))
     if len(failures) > 20:
