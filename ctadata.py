@@ -4978,6 +4978,8 @@ class _TapeGate:
             self.ready.extend(_failure_of(t, e) for _p, t in batch)
             return
         self.ids.append(rid)
+        _log(20, "stage request %s: %d files (get --stage-id %s follows it again)",
+             rid, len(batch), rid)
         for path, t in batch:
             self.adopt(rid, path, t)
 
@@ -5183,7 +5185,11 @@ class _TapeDownloads(_Downloads):
         is gone already is staged again; a failed one fails."""
         folders = {}
         for f in req.files:
-            folders.setdefault(f.path.rpartition("/")[0], []).append(f)
+            if self.tape.remote_path(f.api_path) is None:
+                yield _tape_failure(_Task(f.api_path, None, None), "not below the storage "
+                                    "URL (tape_prefix maps the storage URL's path)")
+            else:
+                folders.setdefault(f.path.rpartition("/")[0], []).append(f)
         seen = set()
         for folder in sorted(folders):
             try:
@@ -5203,15 +5209,10 @@ class _TapeDownloads(_Downloads):
                     yield item
 
     def request_task(self, f, listing, dest, overwrite, checksum, gate, progress, dry_run):
-        url = self.remote.url_for(f.path)
-        if self.tape.remote_path(f.api_path) is None:
-            yield _tape_failure(_Task(f.api_path, None, None), "not below the storage URL "
-                                "(tape_prefix maps the storage URL's path)")
-            return
         e = listing.get(f.path.rpartition("/")[2])
         if e is None or e.is_dir:
-            yield _tape_failure(_Task(url, None, None), "no such file (it was in stage request "
-                                "%s)" % f.request)
+            yield _tape_failure(_Task(self.remote.url_for(f.path), None, None),
+                                "no such file (it was in stage request %s)" % f.request)
             return
         local = _safe_join(dest, f.path.split("/"))
         if not dry_run:
@@ -8597,6 +8598,10 @@ def _args_stage(sub):
     _args_filters(sp)
 
 
+def _plural(n, word):
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
 class _StageProgress:
     """What `stage --wait` shows after each poll: a live line on a terminal,
     else a line whenever the count of files on disk or failed changed."""
@@ -8637,8 +8642,7 @@ def _cmd_stage(client, args):
         if args.wait:
             raise ConfigError("--cancel does not wait")
         req = client.stage_request(args.cancel)
-        n = req.cancel()
-        _note(args, "cancelled %d file%s of %s" % (n, "" if n == 1 else "s", req.id))
+        _note(args, "cancelled %s of %s" % (_plural(req.cancel(), "file"), req.id))
         _stage_report(args, req, sys.stdout, failures=False)
         return 0
     if args.status:
@@ -8651,9 +8655,9 @@ def _cmd_stage(client, args):
         if not args.json:
             _out(req.id + "\n")
             sys.stdout.flush()
-        _note(args, "%d files in %d stage request%s; follow with `ctadata stage --status ID "
-                    "--wait`, download with `ctadata get --stage-id ID DEST`" % (
-                        len(req.files), len(req.ids), "" if len(req.ids) == 1 else "s"))
+        _note(args, "%s in %s; follow with `ctadata stage --status ID --wait`, download "
+                    "with `ctadata get --stage-id ID DEST`" % (
+                        _plural(len(req.files), "file"), _plural(len(req.ids), "stage request")))
         if not args.wait:
             if args.json:
                 return _stage_report(args, req, sys.stdout)
@@ -8677,8 +8681,8 @@ def _stage_report(args, req, stream, failures=True):
         states = {}
         for f in req.files:
             states[f.state] = states.get(f.state, 0) + 1
-        stream.write("stage %s: %d files, %d on disk, %d waiting, %d failed (%s)\n" % (
-            req.id, len(req.files), req.on_disk, req.waiting, req.failed,
+        stream.write("stage %s: %s, %d on disk, %d waiting, %d failed (%s)\n" % (
+            req.id, _plural(len(req.files), "file"), req.on_disk, req.waiting, req.failed,
             ", ".join("%s %d" % kv for kv in sorted(states.items()))))
     failures = req.failures if failures else []
     for f in failures[:20]:
@@ -8705,8 +8709,8 @@ def _args_release(sub):
 
 def _cmd_release(client, args):
     req = client.stage_request(args.id)
-    n = req.release(args.paths or None)
-    _note(args, "released %d file%s of %s" % (n, "" if n == 1 else "s", req.id))
+    _note(args, "released %s of %s" % (_plural(req.release(args.paths or None), "file"),
+                                       req.id))
     return 0
 
 
