@@ -11,13 +11,14 @@ It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
   ``ctadata.upload_file(...)`` or an explicit ``ctadata.Client(...)``;
-* from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat``;
+* from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat / stage``;
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
 The sections below are in dependency order: each one only uses those above
 it.  Constants -> Errors -> Paths & names -> Checksums -> Settings -> HTTP
 transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
-_DAV, the direct-mode backend) -> Download service & JupyterHub services
+_DAV, the direct-mode backend) -> Tape (the WLCG Tape REST API: _TapeAPI,
+StageRequest) -> Download service & JupyterHub services
 (_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
 the worker pool, the planners) -> Progress displays -> Client (a face over a
 backend and the planners) -> Public functions -> CLI -> Entry point.

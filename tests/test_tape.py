@@ -230,7 +230,7 @@ def test_plain_get_fails_tape_only_files_at_once_and_goes_on(tmp_path, cli):
 
 def test_get_stage_downloads_each_file_as_soon_as_it_is_on_disk(tmp_path, cli):
     root = seed(tmp_path / "t", n=4)
-    with tape_server(root, drives=1, stage_seconds=0.4) as tape:
+    with tape_server(root, drives=1, stage_seconds=0.6) as tape:
         tape.set_file("/raw/run1/f3.fits", locality="LOST", stage_seconds=0.1)
         code, _, err = cli(tape.url, "get", "-r", "--stage", "--lifetime", "2h", "/",
                            str(tmp_path / "out") + "/")
@@ -681,6 +681,7 @@ def test_against_ctadata_serve_as_a_user_would(tmp_path, cli):
         code, _, err = cli(url, "get", "--stage-id", out.strip(), tmp_path / "byid",
                            "--release")
         assert code == 1 and (tmp_path / "byid/raw/20241114/run2.fits.fz").is_file()
+        srv.tape.delay = 60                     # recalls that take a while: cancel them
         code, out, _ = cli(url, "stage", "-r", "raw")
         code, _, err = cli(url, "stage", "--cancel", out.strip())
         assert code == 0 and "cancelled 2 files" in err
