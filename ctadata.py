@@ -839,7 +839,7 @@ class _Options:
         row("issuer", self.issuer)
         row("client_id", self.client_id)
         row("cert_service", v["cert_service"])
-        row("tape_api", v["tape_api"] or "discovered (%s)" % _TAPE_WELL_KNOWN)
+        row("tape_api", v["tape_api"] or "asked of the storage (.well-known)")
         row("tape_prefix", v["tape_prefix"] or "the URL path")
         row("stage_poll", "%gs growing to %gs" % _stage_poll(v["stage_poll"]))
         return rows
@@ -8356,7 +8356,7 @@ def _args_get(sub):
     _args_output(sp, "the summary and one record per file")
     _args_filters(sp)
     g = sp.add_argument_group(
-        "files on tape", "A file the storage reports as on tape only (NEARLINE) is never "
+        "files on tape", "A file the storage reports as on tape only (NEARLINE) is never\n"
         "asked for: without --stage it fails at once, the other files go on.")
     g.add_argument("--stage", action="store_true",
                    help="stage the files that are on tape only (WLCG Tape REST API) and "
