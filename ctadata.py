@@ -11,13 +11,14 @@ It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
   ``ctadata.upload_file(...)`` or an explicit ``ctadata.Client(...)``;
-* from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat``;
+* from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat / stage``;
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
 The sections below are in dependency order: each one only uses those above
 it.  Constants -> Errors -> Paths & names -> Checksums -> Settings -> HTTP
 transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
-_DAV, the direct-mode backend) -> Download service & JupyterHub services
+_DAV, the direct-mode backend) -> Tape (the WLCG Tape REST API: _TapeAPI,
+StageRequest) -> Download service & JupyterHub services
 (_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
 the worker pool, the planners) -> Progress displays -> Client (a face over a
 backend and the planners) -> Public functions -> CLI -> Entry point.
@@ -86,12 +87,14 @@ __version__ = "1.0.0"
 __all__ = [
     # client, settings and data classes
     "Client", "Settings", "Entry", "DEFAULT_URL", "DEV_URL", "TransferResult", "TransferSummary", "Progress",
+    "StageRequest", "StagedFile",
     "SERVICE_URL", "CERTIFICATE_SERVICE_URL",
     # module-level functions (thin wrappers over a default Client)
     "list_dir", "ls", "stat", "fetch_and_save_file", "fetch_and_save_file_or_dir",
     "upload_file", "upload_dir", "mkdir", "remove", "move", "checksum", "du",
     "upload_certificate", "upload_personal_certificate", "upload_shared_certificate",
     "webdav_client", "webdav4_client",
+    "stage", "stage_request", "archive_info",
     "default_client", "set_default_client",
     # a local dCache-like archive (`ctadata serve`)
     "serve",
@@ -142,6 +145,17 @@ _ERROR_BODY_LIMIT = 4096
 _DRAIN_LIMIT = 1 << 16
 # RFC 9110 §15: statuses worth retrying (rclone's retryErrorCodes).
 _RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
+
+# Tape (WLCG Tape REST API v1): where a storage says where its API is, how
+# many files go in one stage request (the spec sets no limit; dCache and the
+# stand-ins refuse more than 1,000), and how often a stage request is polled
+# by default: 1 s, doubling while nothing changes, up to 60 s (a recall takes
+# minutes to hours; Client(stage_poll=...) or a profile's stage_poll changes it).
+_TAPE_WELL_KNOWN = "/.well-known/wlcg-tape-rest-api"
+_STAGE_BATCH = 1000
+_STAGE_POLL = (1.0, 60.0)
+# A stage request's status or an archiveinfo answer is read whole, never more.
+_TAPE_ANSWER_LIMIT = 64 << 20
 
 # A PROPFIND answer streams through the parser; what it buffers is bounded:
 # one text node (the parser keeps no element stack of its own).
@@ -277,7 +291,8 @@ StorageException = RemoteError
 
 def _error_text(body):
     """The server's own words from an error body: the ``message`` of a JSON
-    object (the download service answers 401 with ``{"message": ...}``), else
+    object (the download service answers 401 with ``{"message": ...}``), the
+    ``title`` and ``detail`` of an RFC 7807 problem (the tape REST API), else
     the text up to any HTML page (the service passes upstream errors through as
     ``Error: 404 <html>...``: an HTML page says nothing the status does not)."""
     text = body.decode("utf-8", "replace").strip() if body else ""
@@ -291,6 +306,11 @@ def _error_text(body):
             found = [doc[k] for k in ("message", "error", "detail")
                      if isinstance(doc.get(k), str)]
             text = found[0] if found else ""
+            title = doc.get("title")
+            if isinstance(title, str) and title.strip() and not any(
+                    isinstance(doc.get(k), str) for k in ("message", "error")):
+                # RFC 7807 problem details (the tape REST API): title, then detail
+                text = title.strip() + (": " + text if text else "")
     text = text.partition("<")[0]
     if len(text) > 300:
         text = ""
@@ -620,6 +640,7 @@ _PROFILE_KEYS = {
     "issuer": None, "client_id": None, "jobs": None, "timeout": None, "retries": None,
     "ca_dir": "X509_CERT_DIR", "ca_file": "X509_CERT_FILE", "token_file": None,
     "oidc_agent": "CTADATA_OIDC_AGENT", "auth": None, "cert": None,
+    "tape_api": None, "tape_prefix": None, "stage_poll": None,
 }
 _BUILTIN_PROFILES = {"default": {}, "dev": {"url": DEV_URL, "client_id": _DEV_CLIENT_ID}}
 
@@ -740,6 +761,61 @@ def _positive(value, default, name, kind, zero=False):
     return v
 
 
+def _iso_duration(text):
+    """Seconds of an ISO 8601 duration ("PT1H", "P1D", "P1DT12H", "PT90S",
+    "P2W"), or None."""
+    import re
+    m = re.match(r"P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?\Z",
+                 str(text or "").strip().upper())
+    if not m or not any(m.groups()) or str(text).strip().upper().endswith("T"):
+        return None
+    w, d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return (((w * 7 + d) * 24 + h) * 60 + mi) * 60 + s
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text):
+    """Seconds of a duration as a person writes it: "90s", "30m", "1h",
+    "1.5h", "2d", "1w", a plain number of seconds, or ISO 8601 ("PT1H",
+    "P2D"); None when it is none of these."""
+    import re
+    m = re.match(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z", str(text or "").strip().lower())
+    if m:
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return _iso_duration(text)
+
+
+def _iso_seconds(seconds):
+    """ISO 8601 text of a duration, in the form java.time.Duration parses
+    (dCache validates diskLifetime with it: days, hours, minutes, seconds;
+    no weeks, months or years): 86400 -> "P1D", 5400 -> "PT1H30M"."""
+    s = max(0, int(round(seconds)))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    mi, s = divmod(s, 60)
+    t = "".join("%d%s" % (v, u) for v, u in ((h, "H"), (mi, "M"), (s, "S")) if v)
+    return ("P%dD" % d if d else "P") + ("T" + t if t else "" if d else "T0S")
+
+
+def _stage_poll(value):
+    """(first, longest) seconds between two polls of a stage request, from a
+    pair of numbers or the text "FIRST,LONGEST" (durations: "1s,1m");
+    default 1 s growing to 60 s.  ConfigError when it is not that."""
+    if value is None:
+        return _STAGE_POLL
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        first, longest = [p if isinstance(p, (int, float)) else _duration(p) for p in parts]
+    except (TypeError, ValueError):
+        first = longest = None
+    if first is None or longest is None or not 0 < first <= longest:
+        raise ConfigError("stage_poll must be two durations FIRST,LONGEST with 0 < FIRST "
+                          "<= LONGEST (e.g. 1s,1m), not %r" % (value,))
+    return float(first), float(longest)
+
+
 class _Options:
     """The options of one Client after precedence: argument > environment >
     profile > built-in default.  ``values`` {key of _PROFILE_KEYS: value or
@@ -807,6 +883,9 @@ class _Options:
         row("issuer", self.issuer)
         row("client_id", self.client_id)
         row("cert_service", v["cert_service"])
+        row("tape_api", v["tape_api"] or "asked of the storage (.well-known)")
+        row("tape_prefix", v["tape_prefix"] or "the URL path")
+        row("stage_poll", "%gs growing to %gs" % _stage_poll(v["stage_poll"]))
         return rows
 
 
@@ -1098,6 +1177,7 @@ class _Transport:
         import weakref
         self._open = weakref.WeakSet()  # every connection, for abort()
         self._ua = "ctadata/%s python/%d.%d" % ((__version__,) + sys.version_info[:2])
+        self._siblings = []             # see sibling()
 
     def __repr__(self):
         return "<ctadata transport %s://%s:%d>" % self.auth_origin
@@ -1161,6 +1241,8 @@ class _Transport:
         """Shut down every open connection, in all threads, so that workers
         blocked in recv() wake up at once (Ctrl-C)."""
         import socket
+        for tr in self._siblings:
+            tr.abort()
         for conn in list(self._open):
             sock = conn.sock
             if sock is not None:
@@ -1176,9 +1258,25 @@ class _Transport:
         conn.close()
 
     def close(self):
+        for tr in self._siblings:
+            tr.close()
         for conn in getattr(self._local, "conns", {}).values():
             conn.close()
         self._local.conns = {}
+
+    def sibling(self, url):
+        """A transport with these settings and credentials whose token goes
+        to the origin of *url* (and, like this one's, nowhere else).  The one
+        way a token reaches a second origin: the tape REST API on dCache's
+        frontend (another port), which the storage's own discovery document
+        or the user's profile named (_TapeAPI).  This transport still never
+        sends it there."""
+        s = self.settings
+        tr = _Transport(Settings(url, s.timeout, s.retries, s.jobs, s.ca_file, s.ca_dir,
+                                 s.insecure, s.cert, s.backoff, s.expect_threshold, env={}),
+                        self.auth, self.cancel)
+        self._siblings.append(tr)
+        return tr
 
     # -- one request ---------------------------------------------------------
 
@@ -1452,6 +1550,19 @@ def _network_error(exc, url, what=None):
     if isinstance(exc, TransferError):
         return exc
     return TransferError("%s%s" % (what + ": " if what else "", text), url)
+
+
+def _read_body(tr, resp, url, what, limit=None):
+    """Read a whole (JSON) answer, or its first *limit* bytes; network
+    errors become TransferError."""
+    try:
+        return resp.read() if limit is None else resp.read(limit)
+    except Exception as e:
+        if not _is_transient(e):
+            raise
+        raise _network_error(e, url, what)
+    finally:
+        tr.release(resp)
 
 
 class _NoAuth:
@@ -2728,6 +2839,517 @@ class _DAV:
 
 
 ############################################################################
+# Tape (WLCG Tape REST API)
+############################################################################
+
+# Files on tape.  dCache's PROPFIND says where a file is (FileLocality:
+# ONLINE, NEARLINE = on tape only, ONLINE_AND_NEARLINE, LOST, UNAVAILABLE);
+# the WLCG Tape REST API v1 ("WLCG Tape REST API reference document v1",
+# May 2022; served by dCache, StoRM and EOS-CTA) brings files from tape to
+# disk and lets them go again: discovery at /.well-known/wlcg-tape-rest-api,
+# POST /stage -> a request id, GET /stage/ID (files SUBMITTED -> STARTED ->
+# COMPLETED | FAILED | CANCELLED, or just onDisk), POST /stage/ID/cancel,
+# DELETE /stage/ID, POST /release/ID, POST /archiveinfo; errors are RFC 7807
+# problems.  _TapeAPI speaks it; a StageRequest is what the user holds.
+#
+# Paths in the API are namespace paths, which may differ from WebDAV URL
+# paths (dCache maps the first below frontend.root, the second below
+# webdav.root: dCache issue 7506): tape_prefix is the namespace path of the
+# storage URL (default: its URL path).  The API may be on another origin
+# (dCache's frontend, port 3880): the token goes there only because the
+# storage's own discovery document, or the user's profile, named it
+# (_Transport.sibling).
+
+_STAGE_FINAL = frozenset(("COMPLETED", "FAILED", "CANCELLED"))
+# FileLocality of a file that is not on disk: a GET would block a door for a
+# whole recall (or fail after minutes), so none is ever sent for one.
+_NOT_ON_DISK = frozenset(("NEARLINE", "LOST", "UNAVAILABLE"))
+# archiveinfo's words for a file that is on disk
+_API_ON_DISK = frozenset(("DISK", "DISK_AND_TAPE"))
+
+
+def _api_clean(path):
+    """An API path as a server answers with it (spec p. 8: duplicate and
+    trailing slashes removed)."""
+    import re
+    path = re.sub("/+", "/", str(path))
+    return path.rstrip("/") if len(path) > 1 else path
+
+
+def _json_answer(data, url, what):
+    """A JSON answer of the tape API, decoded; ProtocolError when it is not
+    JSON or too large."""
+    import json
+    if len(data) >= _TAPE_ANSWER_LIMIT:
+        raise ProtocolError("%s: the answer is larger than %d MiB" % (
+            what, _TAPE_ANSWER_LIMIT >> 20), url)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("%s: the answer is not JSON" % what, url)
+
+
+def _check_api_url(url, what):
+    from urllib.parse import urlsplit
+    p = urlsplit(url)
+    if p.scheme not in ("http", "https") or not p.hostname or p.username or p.password:
+        raise ConfigError("%s must be an http(s) URL without credentials: %r"
+                          % (what, _safe_url(url)))
+
+
+def _lifetime(value):
+    """The ISO 8601 diskLifetime of a duration ("1h", "2d", "PT12H", seconds),
+    or None for the server's default; ConfigError for anything else."""
+    if value is None or value == "":
+        return None
+    seconds = value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else _duration(value)
+    if not seconds or seconds <= 0:
+        raise ConfigError("the disk lifetime must be a positive duration like 1h, 30m, 2d "
+                          "or PT1H, not %r" % (value,))
+    return _iso_seconds(seconds)
+
+
+class _Pace:
+    """Seconds to wait before the next poll of a stage request: *first*,
+    doubling after each poll that found nothing new, up to *longest*.  A poll
+    that found news keeps the pace: files keep coming at about that rate."""
+
+    __slots__ = ("delay", "longest")
+
+    def __init__(self, first, longest):
+        self.delay, self.longest = first, longest
+
+    def next(self, news):
+        delay = self.delay
+        if not news:
+            self.delay = min(self.longest, self.delay * 2)
+        return delay
+
+
+class StagedFile:
+    """One file of a stage request, as the tape REST API last reported it.
+
+    path      remote path (relative to the storage URL); the API's path when
+              the file is not below the storage URL
+    api_path  the path the tape API knows (a namespace path)
+    request   the id of the server's stage request that holds it
+    state     SUBMITTED (waiting for a drive), STARTED, COMPLETED, FAILED or
+              CANCELLED.  A server that reports only ``onDisk`` (the spec
+              allows it) gives COMPLETED, FAILED, or SUBMITTED while waiting
+    on_disk   True when the file is on disk now
+    error     the server's reason when it failed, else None
+    """
+
+    __slots__ = ("path", "api_path", "request", "state", "on_disk", "error")
+
+    def __init__(self, path, api_path, request, state="SUBMITTED", on_disk=False, error=None):
+        self.path, self.api_path, self.request = path, api_path, request
+        self.state, self.on_disk, self.error = state, on_disk, error
+
+    @property
+    def done(self):
+        """True when the file will not change any more (a final state)."""
+        return self.state in _STAGE_FINAL
+
+    @property
+    def problem(self):
+        """Why a finished file is not on disk, or None."""
+        if not self.done or self.on_disk:
+            return None
+        if self.state == "COMPLETED":
+            return "staged, but no longer on disk (released, or its disk lifetime ran out)"
+        return self.error or ("cancelled" if self.state == "CANCELLED" else "staging failed")
+
+    def __repr__(self):
+        return "StagedFile(%r, %s%s)" % (self.path, self.state,
+                                         ", on disk" if self.on_disk else "")
+
+    def to_dict(self):
+        return {"path": self.path, "api_path": self.api_path, "request": self.request,
+                "state": self.state, "on_disk": self.on_disk, "error": self.error}
+
+
+def _staged_files(doc, rid, tape, url):
+    """The StagedFile objects of a GET /stage/ID answer (spec p. 11-15: the
+    files come in no particular order; each has ``state`` or ``onDisk``, and
+    ``error`` when something went wrong)."""
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, list):
+        raise ProtocolError("the status of stage request %s has no list of files"
+                            % _printable(rid, 80), url)
+    finished = doc.get("completedAt") is not None
+    out = []
+    for item in files:
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise ProtocolError("a file of stage request %s without a path: %s" % (
+                _printable(rid, 80), _printable(item, 100)), url)
+        error = _printable(item["error"]) if item.get("error") else None
+        state, on_disk = item.get("state"), item.get("onDisk")
+        if isinstance(state, str):
+            state = state.strip().upper()
+            if state == "CANCELED":       # clients should accept both spellings
+                state = "CANCELLED"
+            on_disk = on_disk if isinstance(on_disk, bool) else state == "COMPLETED"
+        elif isinstance(on_disk, bool):
+            state = "COMPLETED" if on_disk else "FAILED" if error or finished else "SUBMITTED"
+            if state == "FAILED" and not error:
+                error = "not on disk, and the request is finished"
+        else:
+            raise ProtocolError("a file of stage request %s with neither state nor onDisk"
+                                % _printable(rid, 80), url)
+        path = item["path"]
+        remote = tape.remote_path(path)
+        out.append(StagedFile(path if remote is None else remote, path, rid, state,
+                              on_disk, error))
+    return out
+
+
+class _TapeAPI:
+    """The WLCG Tape REST API v1 of one storage, over the one transport (or,
+    when the storage names an endpoint on another origin, over a sibling of
+    it that sends the token there and nowhere else).
+
+    *base_url*: the storage URL; *endpoint*: the API's URL when the user set
+    one (profile ``tape_api``), else it is discovered on first use;
+    *prefix*: the namespace path of the storage URL (profile
+    ``tape_prefix``; default: its URL path); *poll*: (first, longest)
+    seconds between two polls of a stage request."""
+
+    def __init__(self, tr, base_url, endpoint=None, prefix=None, poll=_STAGE_POLL):
+        from urllib.parse import unquote, urlsplit
+        self.tr, self.base_url, self.poll = tr, base_url, poll
+        if endpoint:
+            _check_api_url(endpoint, "tape_api")
+        self._configured = endpoint.rstrip("/") if endpoint else None
+        self.base_path = unquote(urlsplit(base_url).path).rstrip("/")
+        if prefix and not prefix.startswith("/"):
+            raise ConfigError("tape_prefix must be a path starting with '/', not %r" % prefix)
+        self.prefix = _api_clean(prefix).rstrip("/") if prefix else self.base_path
+        self._api = None
+        self._lock = _thread.allocate_lock()
+
+    def __repr__(self):
+        return "<ctadata tape API of %s>" % _safe_url(self.base_url)
+
+    def require(self):
+        """Nothing: this storage may have a tape API (_NoTape refuses)."""
+
+    # -- where the API is ------------------------------------------------------
+
+    def endpoint(self):
+        """(the API's URL, the transport to use for it), found once."""
+        with self._lock:
+            if self._api is None:
+                uri = self._configured or self.discover()
+                tr = self.tr
+                if _origin(uri) != tr.auth_origin:
+                    # dCache's frontend: trusted with the token because the
+                    # storage (or the user) named it, and for this API only
+                    tr = tr.sibling(uri)
+                self._api = (uri, tr)
+            return self._api
+
+    def discover(self):
+        """The v1 endpoint that the storage's discovery document names (spec
+        p. 4-5: served on every WebDAV door, at the root of its origin)."""
+        from urllib.parse import urljoin, urlsplit
+        p = urlsplit(self.base_url)
+        url = "%s://%s%s" % (p.scheme, p.netloc, _TAPE_WELL_KNOWN)
+        what = "tape API discovery"
+        try:
+            resp = self.tr.request("GET", url, {"Accept": "application/json"}, ok=(200,),
+                                   what=what)
+        except NotFound:
+            raise ConfigError("this storage announces no tape REST API (%s: 404)"
+                              % _TAPE_WELL_KNOWN, url,
+                              hint="if it has one, set tape_api = URL in your profile")
+        doc = _json_answer(_read_body(self.tr, resp, url, what, _TAPE_ANSWER_LIMIT), url, what)
+        endpoints = doc.get("endpoints") if isinstance(doc, dict) else None
+        uris = [e["uri"] for e in endpoints if isinstance(e, dict)
+                and isinstance(e.get("uri"), str) and str(e.get("version")).lower() == "v1"] \
+            if isinstance(endpoints, list) else []
+        if not uris:
+            raise ProtocolError("the tape API discovery document names no v1 endpoint", url)
+        uri = urljoin(url, uris[0].strip()).rstrip("/")
+        _check_api_url(uri, "the tape API endpoint")
+        if p.scheme == "https" and uri.lower().startswith("http:"):
+            raise ProtocolError("refusing a tape API over plain http named by an https "
+                                "storage: %s" % _safe_url(uri), url)
+        return uri
+
+    # -- paths -------------------------------------------------------------------
+
+    def api_path(self, url):
+        """The API's path of a file of this storage, given its absolute URL."""
+        from urllib.parse import unquote, urlsplit
+        if _origin(url) != _origin(self.base_url):
+            raise ConfigError("not on this storage, so not on its tape: %s" % _safe_url(url))
+        path = unquote(urlsplit(url).path).rstrip("/")
+        base = self.base_path
+        if path == base or path.startswith(base + "/"):
+            return self.prefix + path[len(base):]
+        if self.prefix == base:
+            return path
+        raise ConfigError("%s is not below the storage URL: its tape path is unknown "
+                          "(tape_prefix maps the storage URL only)" % _safe_url(url))
+
+    def remote_path(self, api_path):
+        """The remote path (relative to the storage URL) of an API path, or
+        None when it is not below tape_prefix or not made of safe names."""
+        path = _api_clean(api_path)
+        prefix = self.prefix
+        if prefix and not (path == prefix or path.startswith(prefix + "/")):
+            return None
+        parts = [s for s in path[len(prefix):].split("/") if s]
+        if not all(_is_safe_name(s) for s in parts):
+            return None
+        return "/".join(parts)
+
+    # -- requests ----------------------------------------------------------------
+
+    def call(self, method, sub, doc=None, what="tape API"):
+        """One request to the API; its decoded JSON answer (None if empty)."""
+        import json
+        uri, tr = self.endpoint()
+        url = uri + sub
+        headers = {"Accept": "application/json"}
+        body = None
+        if doc is not None:
+            body = json.dumps(doc).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        resp = tr.request(method, url, headers, body, ok=(200, 201, 202, 204), what=what)
+        data = _read_body(tr, resp, url, what, _TAPE_ANSWER_LIMIT)
+        return _json_answer(data, url, what) if data.strip() else None
+
+    @staticmethod
+    def _id(rid):
+        """A request id, fit for a URL path (a user typed it, or a server sent it)."""
+        from urllib.parse import quote
+        rid = str(rid or "").strip()
+        if not rid or not rid.isprintable():
+            raise ConfigError("not a stage request id: %r" % rid)
+        return quote(rid, safe="")
+
+    def stage(self, api_paths, lifetime=None):
+        """POST /stage for at most _STAGE_BATCH paths (*lifetime*: ISO 8601
+        text or None); return the request id."""
+        files = [{"path": p, "diskLifetime": lifetime} if lifetime else {"path": p}
+                 for p in api_paths]
+        answer = self.call("POST", "/stage", {"files": files}, "stage")
+        rid = answer.get("requestId") if isinstance(answer, dict) else None
+        if not isinstance(rid, str) or not rid.strip() or not rid.isprintable():
+            raise ProtocolError("the answer to a stage request has no requestId",
+                                self.endpoint()[0] + "/stage")
+        return rid
+
+    def status(self, rid):
+        """GET /stage/ID: the StagedFile objects of the request, in no order."""
+        sub = "/stage/" + self._id(rid)
+        try:
+            doc = self.call("GET", sub, what="stage request")
+        except NotFound as e:
+            e.hint = ("the server forgets a request some time after it finished; "
+                      "stage the files again")
+            raise
+        return _staged_files(doc, rid, self, self.endpoint()[0] + sub)
+
+    def cancel(self, rid, api_paths):
+        for i in range(0, len(api_paths), _STAGE_BATCH):
+            self.call("POST", "/stage/%s/cancel" % self._id(rid),
+                      {"paths": api_paths[i:i + _STAGE_BATCH]}, "cancel")
+
+    def release(self, rid, api_paths):
+        for i in range(0, len(api_paths), _STAGE_BATCH):
+            self.call("POST", "/release/" + self._id(rid),
+                      {"paths": api_paths[i:i + _STAGE_BATCH]}, "release")
+
+    def archive_info(self, api_paths):
+        """POST /archiveinfo: {API path: (locality or None, error or None)}.
+        A server may answer for only some of many paths (spec p. 23): the
+        rest is asked again."""
+        out = {}
+        todo = list(dict.fromkeys(api_paths))
+        while todo:
+            batch = todo[:_STAGE_BATCH]
+            answer = self.call("POST", "/archiveinfo", {"paths": batch}, "archive info")
+            if not isinstance(answer, list):
+                raise ProtocolError("the archiveinfo answer is not a list",
+                                    self.endpoint()[0] + "/archiveinfo")
+            wanted = {_api_clean(p): p for p in batch}
+            for item in answer:
+                path = wanted.get(_api_clean(item.get("path", ""))) \
+                    if isinstance(item, dict) else None
+                if path is None or path in out:
+                    continue
+                loc, err = item.get("locality"), item.get("error")
+                out[path] = (loc.strip().upper() if isinstance(loc, str) and loc.strip()
+                             else None, _printable(err) if err else None)
+            if not any(p in out for p in batch):
+                for p in batch:
+                    out[p] = (None, "the server gave no answer for this file")
+            todo = [p for p in todo if p not in out]
+        return out
+
+
+class StageRequest:
+    """Files being brought from tape to disk: one stage request of the WLCG
+    Tape REST API, or several when there were more files than one request
+    takes (1,000 each).  ``Client.stage()`` makes one,
+    ``Client.stage_request(id)`` finds one again (from any machine).
+
+    id        the server's request id; several joined with "," (what
+              stage_request() and ``ctadata get --stage-id`` take)
+    ids       the server's request ids (a list)
+    files     StagedFile objects, sorted by path, as of the last refresh()
+              (right after stage(): as submitted)
+    on_disk, waiting, failed   counts of files; ``failures`` the failed
+              StagedFile objects (``problem`` says why each is not on disk)
+    done      no file is waiting any more; ``ok``: every file is on disk
+    """
+
+    def __init__(self, tape, ids, files=None):
+        self._tape = tape
+        self.ids = list(ids)
+        self.files = sorted(files or [], key=lambda f: (f.path, f.request))
+
+    @property
+    def id(self):
+        return ",".join(self.ids)
+
+    @property
+    def on_disk(self):
+        return sum(1 for f in self.files if f.on_disk)
+
+    @property
+    def waiting(self):
+        return sum(1 for f in self.files if not f.done)
+
+    @property
+    def failures(self):
+        return [f for f in self.files if f.problem]
+
+    @property
+    def failed(self):
+        return len(self.failures)
+
+    @property
+    def done(self):
+        return not self.waiting
+
+    @property
+    def ok(self):
+        return all(f.on_disk for f in self.files)
+
+    def refresh(self):
+        """Ask the server how the files are doing; return this request.
+        Raises NotFound when the server has forgotten it."""
+        files = []
+        for rid in self.ids:
+            files.extend(self._tape.status(rid))
+        self.files = sorted(files, key=lambda f: (f.path, f.request))
+        return self
+
+    def wait(self, timeout=None, progress=None):
+        """Poll until no file is waiting, backing off between polls (the
+        client's ``stage_poll``: from 1 s, doubling while nothing changes,
+        up to 60 s); *progress(request)* is called after each poll.  Return
+        True when done, False when *timeout* seconds ran out first.  Raises
+        NotFound when the server has forgotten the request."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pace = _Pace(*self._tape.poll)
+        seen = None
+        while True:
+            self.refresh()
+            if progress is not None:
+                progress(self)
+            if self.done:
+                return True
+            now = (self.on_disk, self.failed, sum(f.state == "STARTED" for f in self.files))
+            delay = pace.next(now != seen)
+            seen = now
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                delay = min(delay, left)
+            time.sleep(delay)
+
+    def cancel(self):
+        """Stop staging the files that are not done yet (files already on
+        disk stay); return how many were cancelled."""
+        if not self.files:
+            self.refresh()
+        n = 0
+        for rid in self.ids:
+            paths = [f.api_path for f in self.files if f.request == rid and not f.done]
+            if paths:
+                self._tape.cancel(rid, paths)
+                n += len(paths)
+        self.refresh()
+        return n
+
+    def release(self, paths=None):
+        """Tell the storage it may drop the disk copies of these files (remote
+        paths, default: all of them), now that they are no longer needed on
+        disk; return how many were released.  ConfigError for a path that
+        is not in this request."""
+        if not self.files:
+            self.refresh()
+        chosen = self.files
+        if paths is not None:
+            by_path = {}
+            for f in self.files:
+                by_path.setdefault(f.path, []).append(f)
+                by_path.setdefault(f.api_path, []).append(f)
+            chosen = []
+            for p in [paths] if isinstance(paths, str) else paths:
+                key = p if p in by_path else _normpath(str(p)).strip("/")
+                if key not in by_path:
+                    raise ConfigError("not in stage request %s: %s" % (self.id, p))
+                chosen.extend(by_path[key])
+        n = 0
+        for rid in self.ids:
+            mine = list(dict.fromkeys(f.api_path for f in chosen if f.request == rid))
+            if mine:
+                self._tape.release(rid, mine)
+                n += len(mine)
+        return n
+
+    def to_dict(self):
+        return {"id": self.id, "ids": list(self.ids), "files": [f.to_dict() for f in self.files],
+                "on_disk": self.on_disk, "waiting": self.waiting, "failed": self.failed,
+                "done": self.done}
+
+    def __repr__(self):
+        return "StageRequest(%r, files=%d, on_disk=%d, waiting=%d, failed=%d)" % (
+            self.id, len(self.files), self.on_disk, self.waiting, self.failed)
+
+    def _repr_html_(self):
+        from html import escape
+        rows = "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>" % (
+            escape(f.path), escape(f.state), escape(f.problem or ("on disk" if f.on_disk
+                                                                  else "")))
+            for f in self.files[:50])
+        more = "<p>... and %d more files</p>" % (len(self.files) - 50) \
+            if len(self.files) > 50 else ""
+        return ("<p>stage request <code>%s</code>: %d files, %d on disk, %d waiting, "
+                "%d failed</p><table><tr><th>path</th><th>state</th><th></th></tr>%s"
+                "</table>%s" % (escape(self.id), len(self.files), self.on_disk,
+                                self.waiting, self.failed, rows, more))
+
+
+class _NoTape:
+    """The tape API of service mode: there is none."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ConfigError("tape staging needs direct mode: the download service offers "
+                          "no tape API", hint="talk to the storage itself (--url, url=)")
+
+
+############################################################################
 # Download service & JupyterHub services
 ############################################################################
 
@@ -2842,18 +3464,6 @@ def _parse_upload_answer(data, url):
         raise ProtocolError("the download service reported an unsafe path: %r"
                             % answer["path"], url)
     return answer
-
-
-def _read_body(tr, resp, url, what):
-    """Read a whole (JSON) answer; network errors become TransferError."""
-    try:
-        return resp.read()
-    except Exception as e:
-        if not _is_transient(e):
-            raise
-        raise _network_error(e, url, what)
-    finally:
-        tr.release(resp)
 
 
 class _ListingEntry(dict):
@@ -3141,6 +3751,7 @@ class Progress:
         self.failed = self.skipped = 0
         self.started = time.monotonic()
         self.planning = True  # more files may still be added (listing goes on)
+        self.waiting = 0      # files waiting to come from tape (downloads with staging)
 
     def planned(self):
         """Called once every file is known (totals are final)."""
@@ -3162,6 +3773,12 @@ class Progress:
                 self.failed += 1
             elif result.status == "skipped":
                 self.skipped += 1
+
+    def staging(self, waiting):
+        """Called with the number of files still waiting to come from tape
+        (downloads with staging), after each poll."""
+        with self.lock:
+            self.waiting = waiting
 
     def close(self):
         pass
@@ -3946,7 +4563,7 @@ class _Downloads(_Planner):
     """Plans downloads: a file, a tree (listed as it goes), a list of URLs."""
 
     def download(self, path, dest, recursive, overwrite, checksum, select, dry_run,
-                 progress, jobs, raise_on_failure):
+                 progress, jobs, raise_on_failure, stage=None):
         """See Client.download."""
         started, progress = self.start(progress)
         entry = self.remote.stat(self.remote.url_for(path))
@@ -3958,8 +4575,8 @@ class _Downloads(_Planner):
                     _makedirs(dest)
                 dest = os.path.join(dest, entry.name)
             tasks = [self.task(entry, dest, overwrite, checksum, progress)]
-            return self.run(tasks, self.worker(progress), 1, progress, started,
-                            raise_on_failure, dry_run)
+            tasks, work = self.gate(tasks, progress, stage, dry_run)
+            return self.run(tasks, work, 1, progress, started, raise_on_failure, dry_run)
         if not recursive:
             raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
         if dest is None or _names_folder(dest):
@@ -3968,8 +4585,13 @@ class _Downloads(_Planner):
             target = dest
         tasks = self.tree_tasks(entry, target, overwrite, checksum, _selector(select),
                                 dry_run, progress, jobs)
-        return self.run(tasks, self.worker(progress), jobs, progress, started,
-                        raise_on_failure, dry_run)
+        tasks, work = self.gate(tasks, progress, stage, dry_run)
+        return self.run(tasks, work, jobs, progress, started, raise_on_failure, dry_run)
+
+    def gate(self, tasks, progress, stage, dry_run):
+        """(tasks, worker) of a download: the place where files on tape are
+        held back (_TapeDownloads); here, every file goes as it is."""
+        return tasks, self.worker(progress)
 
     def tree_tasks(self, entry, target, overwrite, checksum, sel, dry_run, progress, jobs):
         """The tasks of a tree download into the local folder *target*,
@@ -4282,6 +4904,376 @@ class _ServiceUploads(_Uploads):
         return area[0] + base if area else None
 
 
+# -- files on tape -----------------------------------------------------------
+# A file the listing reports as not on disk (FileLocality NEARLINE: on tape
+# only; LOST; UNAVAILABLE) is never asked for with GET: a door would hold the
+# request for a whole recall, or fail it after minutes.  A plain download
+# fails such a file at once, with a hint; a download with staging (get
+# --stage, get --stage-id) stages it and hands it to a worker as soon as it
+# is on disk.  _TapeGate does both by wrapping the planner's task stream:
+# _WorkerPool pulls tasks from it, so the files on disk download while the
+# others are staged, and each staged file starts when a poll finds it on disk.
+
+
+class _StageOptions:
+    """How a download stages: *lifetime* of its stage requests (ISO 8601
+    text, or None for the server's default); *release* each staged file
+    after its download."""
+
+    __slots__ = ("lifetime", "release")
+
+    def __init__(self, lifetime=None, release=False):
+        self.lifetime, self.release = lifetime, release
+
+
+def _tape_failure(task, message, hint=None):
+    """The failed result of a file that cannot be read from disk."""
+    err = TransferError(message, task.source, hint=hint, retryable=False)
+    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
+    res.exception = err
+    return res
+
+
+def _failure_of(task, err):
+    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
+    res.exception = err
+    return res
+
+
+class _TapeGate:
+    """The task stream of one download, with the files on tape taken care
+    of.  Without *stage* (a _StageOptions) each is a failed result at once.
+    With it, each is held back, staged in requests of 1,000 while the
+    listing goes on, and once the listing is done the requests are polled
+    (with back-off) and each file is handed out as soon as it is on disk; a
+    failure (lost on tape...) becomes a failed result with the server's
+    reason.  adopt() waits for a file of an earlier request instead
+    (--stage-id).  worker() wraps the download worker for *stage.release*."""
+
+    def __init__(self, planner, stage, progress):
+        from collections import deque
+        self.planner, self.tape, self.stage, self.progress = (planner, planner.tape, stage,
+                                                              progress)
+        self.held = {}         # request id -> {API path: task}, files not on disk yet
+        self.batch = []        # [(API path, task)] to stage
+        self.where = {}        # task -> (request id, API path), for release
+        self.ready = deque()   # tasks (and failed results) to hand out
+        self.ids = []          # the stage requests this download made
+
+    @staticmethod
+    def on_tape(task):
+        return isinstance(task, _Task) and task.entry is not None and \
+            task.entry.locality in _NOT_ON_DISK
+
+    def tasks(self, tasks):
+        for t in tasks:
+            if not self.on_tape(t):
+                yield t
+            elif t.check and _file_matches(t.dest, t.entry.checksums):
+                res = TransferResult(t.source, t.dest, t.size, "skipped")
+                res.mtime = t.entry.mtime
+                yield res
+            elif self.stage is None:
+                yield self.refuse(t)
+            else:
+                self.hold(t)
+            while self.ready:
+                yield self.ready.popleft()
+        if self.stage is not None:
+            self.submit()
+            self.progress.planned()
+            for item in self.poll():
+                yield item
+
+    @staticmethod
+    def refuse(t):
+        where = t.entry.locality
+        if where == "NEARLINE":
+            return _tape_failure(t, "on tape only (NEARLINE)",
+                                 'use "ctadata stage" or "get --stage"')
+        if where == "LOST":
+            return _tape_failure(t, "lost on tape (LOST): the storage cannot read it",
+                                 "ask the storage's operators")
+        return _tape_failure(t, "unavailable (UNAVAILABLE): its tape or disk is offline",
+                             "try again later")
+
+    def hold(self, t):
+        try:
+            path = self.tape.api_path(t.source)
+        except CtadataError as e:
+            self.ready.append(_failure_of(t, e))
+            return
+        self.batch.append((path, t))
+        if len(self.batch) >= _STAGE_BATCH:
+            self.submit()
+        self.progress.staging(self.waiting())
+
+    def adopt(self, rid, api_path, task):
+        """Wait for *task*'s file, which the earlier request *rid* stages."""
+        self.held.setdefault(rid, {})[_api_clean(api_path)] = task
+        self.where[task] = (rid, api_path)
+
+    def submit(self):
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        try:
+            rid = self.tape.stage([p for p, _t in batch], self.stage.lifetime)
+        except CtadataError as e:
+            self.ready.extend(_failure_of(t, e) for _p, t in batch)
+            return
+        self.ids.append(rid)
+        _log(20, "stage request %s: %d files (get --stage-id %s follows it again)",
+             rid, len(batch), rid)
+        for path, t in batch:
+            self.adopt(rid, path, t)
+
+    def waiting(self):
+        return len(self.batch) + sum(len(files) for files in self.held.values())
+
+    def poll(self):
+        """Hand out held files as polls find them on disk (or failed)."""
+        while self.ready:
+            yield self.ready.popleft()
+        pace = _Pace(*self.tape.poll)
+        news = True
+        while self.held:
+            self.progress.staging(self.waiting())
+            self.planner.tr.sleep(pace.next(news))   # Ctrl-C: KeyboardInterrupt
+            news = False
+            for rid in list(self.held):
+                news = self.check(rid) or news
+            while self.ready:
+                yield self.ready.popleft()
+        self.progress.staging(0)
+
+    def check(self, rid):
+        """Poll one request; True when some of its files are done."""
+        files = self.held[rid]
+        try:
+            found = self.tape.status(rid)
+        except NotFound as e:
+            self.forgotten(rid, e)
+            return True
+        except CtadataError as e:   # after the transport's retries: these files fail
+            self.ready.extend(_failure_of(t, e) for t in files.values())
+            del self.held[rid]
+            return True
+        news = False
+        for f in found:
+            t = files.pop(_api_clean(f.api_path), None) if (f.on_disk or f.done) else None
+            if t is None:
+                continue
+            news = True
+            self.ready.append(t if f.on_disk else _tape_failure(t, "staging failed: %s"
+                                                                % f.problem))
+        if files and all(f.done for f in found):
+            # a finished request that does not list some of our files
+            self.ready.extend(_tape_failure(t, "not in the answer of stage request %s" % rid)
+                              for t in files.values())
+            files.clear()
+        if not files:
+            del self.held[rid]
+        return news
+
+    def forgotten(self, rid, err):
+        """The server forgot request *rid* (404) before all its files were
+        seen on disk: archiveinfo says which ones are."""
+        files = self.held.pop(rid)
+        try:
+            found = self.tape.archive_info(list(files))
+        except CtadataError as e:
+            found, err = {}, e
+        for path, t in files.items():
+            locality = found.get(path, (None, None))[0]
+            if locality in _API_ON_DISK:
+                self.ready.append(t)
+            else:
+                self.ready.append(_tape_failure(
+                    t, "stage request %s is gone (%s) and the file is not on disk" % (
+                        rid, err.message if isinstance(err, CtadataError) else err),
+                    "stage it again"))
+
+    def worker(self, inner):
+        """The download worker, releasing each staged file after its
+        download when *stage.release* says so (a failed release is a
+        warning: the file itself is fine)."""
+        if self.stage is None or not self.stage.release:
+            return inner
+        tape, where, warn = self.tape, self.where, self.planner.warn
+
+        def work(t):
+            res = inner(t)
+            place = where.get(t)
+            if place is not None and res.status == "transferred":
+                try:
+                    tape.release(place[0], [place[1]])
+                except CtadataError as e:
+                    warn("could not release %s: %s" % (place[1], e))
+            return res
+        return work
+
+
+class _TapeDownloads(_Downloads):
+    """Downloads that know about tape (_TapeGate), and the Client's tape
+    calls: stage, stage_request, archive_info and the download of the
+    files of an earlier stage request.  *tape* is the storage's _TapeAPI
+    (_NoTape in service mode)."""
+
+    def __init__(self, remote, tr, cancel, jobs, warn, tape):
+        _Downloads.__init__(self, remote, tr, cancel, jobs, warn)
+        self.tape = tape
+
+    def gate(self, tasks, progress, stage, dry_run):
+        if stage is not None:
+            self.tape.require()
+            if dry_run:
+                return tasks, self.worker(progress)
+        gate = _TapeGate(self, stage, progress)
+        return gate.tasks(tasks), gate.worker(self.worker(progress))
+
+    # -- stage, look up, archive info --------------------------------------------
+
+    def stage(self, paths, lifetime, recursive, select):
+        """See Client.stage."""
+        life = _lifetime(lifetime)
+        self.tape.require()
+        ids, files, batch, seen = [], [], [], set()
+        try:
+            for e in self.stage_files(paths, recursive, select):
+                path = self.tape.api_path(e.url)
+                if path not in seen:
+                    seen.add(path)
+                    batch.append((path, e))
+                if len(batch) == _STAGE_BATCH:
+                    self.submit(batch, life, ids, files)
+                    batch = []
+            if batch:
+                self.submit(batch, life, ids, files)
+        except CtadataError as e:
+            if ids:   # say what is staging already, so that it can be followed or cancelled
+                e.hint = "%s; already submitted: %s" % (e.hint or "", ",".join(ids))
+            raise
+        if not ids:
+            raise ConfigError("nothing to stage: no file selected")
+        return StageRequest(self.tape, ids, files)
+
+    def submit(self, batch, lifetime, ids, files):
+        rid = self.tape.stage([p for p, _e in batch], lifetime)
+        ids.append(rid)
+        files.extend(StagedFile(e.path, p, rid) for p, e in batch)
+
+    def stage_files(self, paths, recursive, select):
+        """The file entries of *paths*: files as they are, directories (with
+        *recursive*) listed, their files filtered by *select*."""
+        sel = _selector(select)
+        for target in [paths] if isinstance(paths, (str, Entry)) else paths:
+            if isinstance(target, Entry) and not target.is_dir:
+                yield target
+                continue
+            entry = self.remote.stat(self.remote.url_for(target))
+            if not entry.is_dir:
+                yield entry
+                continue
+            if not recursive:
+                raise ConfigError("%s is a directory (use recursive=True / stage -r)"
+                                  % (entry.path or "/"))
+            root = self.remote.url_for(entry, collection=True)
+            for _top, children in self.walk(entry, details=False):
+                for e in children:
+                    if not e.is_dir and (sel is None or sel(_rel_path(root, e.url))):
+                        yield e
+
+    def stage_request(self, request_id):
+        """See Client.stage_request."""
+        self.tape.require()
+        ids = [i.strip() for i in str(request_id or "").split(",") if i.strip()]
+        if not ids:
+            raise ConfigError("no stage request id given")
+        return StageRequest(self.tape, ids).refresh()
+
+    def archive_info(self, paths):
+        """See Client.archive_info."""
+        self.tape.require()
+        api = {}
+        for p in [paths] if isinstance(paths, (str, Entry)) else paths:
+            key = p.path if isinstance(p, Entry) else str(p)
+            api[key] = self.tape.api_path(self.remote.url_for(p))
+        found = self.tape.archive_info(list(api.values()))
+        out = {}
+        for key, path in api.items():
+            locality, error = found.get(path, (None, "no answer"))
+            if error:
+                self.warn("archive info of %s: %s" % (key, error))
+            out[key] = locality
+        return out
+
+    # -- the files of an earlier stage request (get --stage-id) ----------------
+
+    def download_request(self, request, dest, overwrite, checksum, release, dry_run,
+                         progress, jobs, raise_on_failure):
+        """See Client.download_staged."""
+        started, progress = self.start(progress)
+        req = request.refresh() if isinstance(request, StageRequest) else \
+            self.stage_request(request)
+        gate = _TapeGate(self, _StageOptions(None, release), progress)
+        tasks = self.request_tasks(req, dest, overwrite, checksum, gate, progress, dry_run)
+        if not dry_run:
+            tasks = gate.tasks(tasks)
+        return self.run(tasks, gate.worker(self.worker(progress)), jobs, progress, started,
+                        raise_on_failure, dry_run)
+
+    def request_tasks(self, req, dest, overwrite, checksum, gate, progress, dry_run):
+        """The tasks of downloading the files of *req* below *dest* (each at
+        its remote path), listed folder by folder.  A file on disk goes at
+        once; one still staging waits for its request; one whose disk copy
+        is gone already is staged again; a failed one fails."""
+        folders = {}
+        for f in req.files:
+            if self.tape.remote_path(f.api_path) is None:
+                yield _tape_failure(_Task(f.api_path, None, None), "not below the storage "
+                                    "URL (tape_prefix maps the storage URL's path)")
+            else:
+                folders.setdefault(f.path.rpartition("/")[0], []).append(f)
+        seen = set()
+        for folder in sorted(folders):
+            try:
+                listing = {e.name: e for e in self.remote.children(folder + "/")}
+            except NotFound:
+                listing = {}
+            except CtadataError as e:
+                for f in folders[folder]:
+                    yield _failure_of(_Task(self.remote.url_for(f.path), None, None), e)
+                continue
+            for f in folders[folder]:
+                if f.path in seen:
+                    continue
+                seen.add(f.path)
+                for item in self.request_task(f, listing, dest, overwrite, checksum, gate,
+                                              progress, dry_run):
+                    yield item
+
+    def request_task(self, f, listing, dest, overwrite, checksum, gate, progress, dry_run):
+        e = listing.get(f.path.rpartition("/")[2])
+        if e is None or e.is_dir:
+            yield _tape_failure(_Task(self.remote.url_for(f.path), None, None),
+                                "no such file (it was in stage request %s)" % f.request)
+            return
+        local = _safe_join(dest, f.path.split("/"))
+        if not dry_run:
+            _makedirs(os.path.dirname(local))
+        t = self.task(e, local, overwrite, checksum, progress)
+        if not isinstance(t, _Task):
+            yield t                 # already there
+        elif e.locality in _NOT_ON_DISK and f.done and f.state != "COMPLETED":
+            yield _tape_failure(t, "staging failed: %s" % f.problem)
+        elif dry_run or e.locality not in _NOT_ON_DISK or f.done:
+            gate.where[t] = (f.request, f.api_path)
+            yield t                 # on disk now, or gone from disk: the gate stages it again
+        else:
+            gate.adopt(f.request, f.api_path, t)
+
+
 ############################################################################
 # Progress displays (terminal)
 ############################################################################
@@ -4323,6 +5315,10 @@ class _TermProgress(Progress):
         Progress.file_done(self, result)
         self._tick()
 
+    def staging(self, waiting):
+        Progress.staging(self, waiting)
+        self._tick()
+
     def _tick(self):
         now = time.monotonic()
         if now - self._last < 0.2:
@@ -4340,6 +5336,8 @@ class _TermProgress(Progress):
                 _human_bytes(rate), eta if not more else "-")
             if self.failed:
                 line += "  %d failed" % self.failed
+            if self.waiting:
+                line += "  %d on tape" % self.waiting
         self.stream.write("\r" + line[:200] + "\x1b[K")
         self.stream.flush()
         self._drawn = True
@@ -4384,19 +5382,28 @@ class Client:
     uploads land in the caller's own folder.  *certificate_service* is the
     certificate service's URL (else $CTACS_URL, else CERTIFICATE_SERVICE_URL).
     *record_checksums*: compute the checksums of downloads even when the
-    server has none to compare with (for manifests)."""
+    server has none to compare with (for manifests).  Tape (stage(),
+    download(stage=True)): *tape_api* is the WLCG Tape REST API's URL (default:
+    what the storage's /.well-known/wlcg-tape-rest-api names; the token is sent
+    there, and only there besides the storage), *tape_prefix* the namespace
+    path of *url* in that API (default: its URL path), *stage_poll* (first,
+    longest) seconds between polls of a stage request (default 1 s, doubling
+    while nothing changes, up to 60 s)."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
                  cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None,
                  service=None, certificate_service=None, auth=None, oidc_agent=None,
-                 profile=None, issuer=None, client_id=None, record_checksums=False):
+                 profile=None, issuer=None, client_id=None, record_checksums=False,
+                 tape_api=None, tape_prefix=None, stage_poll=None):
         env = os.environ if env is None else env
         opts = _Options({"url": url, "service": service, "cert_service": certificate_service,
                          "issuer": issuer, "client_id": client_id, "jobs": jobs,
                          "timeout": timeout, "retries": retries, "ca_dir": ca_dir,
                          "ca_file": ca_file, "token_file": token_file,
-                         "oidc_agent": oidc_agent, "auth": auth, "cert": cert},
+                         "oidc_agent": oidc_agent, "auth": auth, "cert": cert,
+                         "tape_api": tape_api, "tape_prefix": tape_prefix,
+                         "stage_poll": stage_poll},
                         profile, dev, env, insecure, backoff, expect_threshold)
         self._options, self.settings = opts, opts.settings
         self.profile, self.sources = opts.profile, opts.sources
@@ -4415,11 +5422,15 @@ class Client:
         if opts.service_url:
             self._remote = _Service(tr, s.url, self._warn)
             uploads, hub_auth, hub_url = _ServiceUploads, self._auth, s.url
+            tape = _NoTape()
         else:
             self._remote = _DAV(tr, s.url, self._warn)
             uploads, hub_url = _Uploads, env.get("CTADS_URL") or SERVICE_URL
             hub_auth = _Auth(token, v["token_file"], env, service=True)
-        self._downloads = _Downloads(self._remote, tr, self._cancel, s.jobs, self._warn)
+            tape = _TapeAPI(tr, s.url, v["tape_api"], v["tape_prefix"],
+                            _stage_poll(v["stage_poll"]))
+        self._downloads = _TapeDownloads(self._remote, tr, self._cancel, s.jobs, self._warn,
+                                         tape)
         self._uploads = uploads(self._remote, tr, self._cancel, s.jobs, self._warn)
         self._hub = _Hub(hub_auth, s, env, v["cert_service"], hub_url, self._cancel)
 
@@ -4621,7 +5632,7 @@ class Client:
 
     def download(self, path, dest=None, recursive=False, overwrite=False,
                  checksum=False, select=None, dry_run=False, progress=None, jobs=None,
-                 raise_on_failure=True):
+                 raise_on_failure=True, stage=False, release=False, lifetime=None):
         """Download a remote file, or with *recursive* a whole directory tree.
 
         A file goes to *dest* (a file name, or an existing/"…/"-ending folder;
@@ -4636,11 +5647,26 @@ class Client:
         complete and verified.  *dry_run*: list and plan only (results have
         status "planned"), write nothing.
 
+        A file the storage reports as on tape only (dCache's FileLocality
+        NEARLINE; also LOST, UNAVAILABLE) is never asked for: it fails at
+        once, with a hint.  With *stage*, such files are staged (WLCG Tape
+        REST API; *lifetime*: how long they stay on disk, e.g. "1d") and
+        each one is downloaded as soon as it is on disk, while the files on
+        disk download at once; a file that cannot be staged (lost on tape)
+        fails with the server's reason; *release*: let the storage drop
+        each staged file's disk copy after its download.
+
         Returns a TransferSummary.  Raises PartialFailure (with the summary)
         if any file failed, NotFound/AuthError/RemoteError if *path* cannot be
-        listed."""
+        listed, ConfigError (*stage* in service mode, a bad *lifetime*)."""
+        if release and not stage:
+            raise ConfigError("release goes with stage (get --stage --release)")
+        how = None
+        if stage:
+            self._downloads.tape.require()      # service mode: said before anything is sent
+            how = _StageOptions(_lifetime(lifetime), release)
         return self._downloads.download(path, dest, recursive, overwrite, checksum, select,
-                                        dry_run, progress, jobs, raise_on_failure)
+                                        dry_run, progress, jobs, raise_on_failure, how)
 
     def download_list(self, items, dest=".", strip_prefix=None, overwrite=False,
                       dry_run=False, progress=None, jobs=None, raise_on_failure=True):
@@ -4725,6 +5751,54 @@ class Client:
         """Upload a local directory tree to *remote* (into it when *remote*
         ends with "/"); return the TransferSummary.  Raises PartialFailure."""
         return self.upload(local, remote, recursive=True)
+
+    # -- tape (WLCG Tape REST API) ---------------------------------------------------
+
+    def stage(self, paths, lifetime=None, recursive=False, select=None):
+        """Ask the storage to bring files from tape to disk, in stage
+        requests of at most 1,000 files; return a StageRequest (``.id``,
+        ``.files``, ``.refresh()``, ``.wait()``, ``.cancel()``,
+        ``.release()``).  *paths*: a remote path (or Entry), or a list;
+        a directory needs *recursive* (its files, filtered by *select* as
+        for download).  *lifetime*: how long the files stay on disk ("12h",
+        "2d", "PT12H", seconds; default: the server's).  Files on disk
+        already are staged too (their disk copy is then kept that long).
+        Raises ConfigError (a directory without *recursive*, a bad
+        *lifetime*, service mode), NotFound, AuthError, RemoteError (with
+        the server's RFC 7807 message; its hint names the requests already
+        submitted, if any)."""
+        return self._downloads.stage(paths, lifetime, recursive, select)
+
+    def stage_request(self, request_id):
+        """The StageRequest with this id (several ids joined with "," for
+        more than 1,000 files, as StageRequest.id gives them), refreshed:
+        e.g. to follow, cancel or release one made earlier, from any
+        machine.  Raises NotFound (an unknown id, or one the server has
+        forgotten), ConfigError (service mode), AuthError."""
+        return self._downloads.stage_request(request_id)
+
+    def archive_info(self, paths):
+        """Where files are, as the tape REST API says (POST /archiveinfo, in
+        batches): {path as given: "DISK", "TAPE", "DISK_AND_TAPE", "LOST",
+        "NONE", "UNAVAILABLE", or None when the server did not say (its
+        reason, e.g. "No such file or directory", goes to ``warnings``)}.
+        Raises ConfigError (service mode), AuthError, RemoteError."""
+        return self._downloads.archive_info(paths)
+
+    def download_staged(self, request, dest=".", overwrite=False, checksum=False,
+                        release=False, dry_run=False, progress=None, jobs=None,
+                        raise_on_failure=True):
+        """Download exactly the files of an earlier stage request (a
+        StageRequest or its id) below the folder *dest*, each at its remote
+        path (``dest/raw/run1/f.fits.fz``), each as soon as it is on disk: the
+        morning after ``stage()``, on any machine.  A file whose disk copy
+        is gone again is staged anew; one whose staging failed fails with
+        the server's reason.  *overwrite*, *checksum*, *dry_run*, *release*
+        as for download(stage=True).  Returns a TransferSummary; raises
+        PartialFailure, NotFound (unknown or forgotten request),
+        ConfigError (service mode)."""
+        return self._downloads.download_request(request, dest, overwrite, checksum, release,
+                                                dry_run, progress, jobs, raise_on_failure)
 
     # -- namespace operations (WebDAV only) ---------------------------------------
 
@@ -5038,6 +6112,9 @@ remove = _default_client_function("remove")
 move = _default_client_function("move")
 du = _default_client_function("du")
 checksum = _default_client_function("checksum")
+stage = _default_client_function("stage")
+stage_request = _default_client_function("stage_request")
+archive_info = _default_client_function("archive_info")
 
 
 ############################################################################
@@ -5149,18 +6226,6 @@ def _etag(st):
 def _http_date(ts):
     import email.utils
     return email.utils.formatdate(ts, usegmt=True)
-
-
-def _iso_duration(text):
-    """Seconds of an ISO 8601 duration ("PT1H", "P1D", "P1DT12H", "PT90S",
-    "P2W"), or None."""
-    import re
-    m = re.match(r"P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?\Z",
-                 str(text or "").strip().upper())
-    if not m or not any(m.groups()) or str(text).strip().upper().endswith("T"):
-        return None
-    w, d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return (((w * 7 + d) * 24 + h) * 60 + mi) * 60 + s
 
 
 def _utc_stamp(ts):
@@ -6999,7 +8064,8 @@ def _build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_args_ls, _args_stat, _args_du, _args_get, _args_put, _args_mkdir, _args_rm,
-                _args_mv, _args_sum, _args_config, _args_completion, _args_upload_cert,
+                _args_mv, _args_sum, _args_stage, _args_release, _args_config,
+                _args_completion, _args_upload_cert,
                 _args_login, _args_logout, _args_token, _args_serve, _args_old_names):
         add(sub)
     return p
@@ -7062,11 +8128,15 @@ def _out(text):
     sys.stdout.write(text)
 
 
-def _entry_line(e, long, human, name):
+def _entry_line(e, long, human, name, locality=None):
+    """One line of `ls`; *locality*: the width of a locality column (None:
+    no such column; the server reports no locality)."""
     if not long:
         return name + ("/" if e.is_dir else "")
     size = "-" if e.is_dir else (_human(e.size) if human else str(e.size))
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime)) if e.mtime else "-"
+    if locality is not None:
+        when += " " + (e.locality or "-").ljust(locality)
     return "%s %s %s %s" % ("d" if e.is_dir else "-", size, when,
                             name + ("/" if e.is_dir else ""))
 
@@ -7118,7 +8188,9 @@ def _args_ls(sub):
                                  "(faster, and no checksum or tape lookups on dCache).")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
     sp.add_argument("-l", dest="long", action="store_true",
-                    help="long format: type, size, modification time (UTC), name")
+                    help="long format: type, size, modification time (UTC), where the "
+                         "file is (dCache's locality: ONLINE = on disk, NEARLINE = on tape "
+                         "only, ONLINE_AND_NEARLINE, LOST; when the server reports it), name")
     sp.add_argument("-R", "--recursive", action="store_true",
                     help="list everything below PATH (paths relative to it)")
     sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
@@ -7136,12 +8208,14 @@ def _cmd_ls(client, args):
     if args.unsorted and not args.recursive:
         # Constant memory however big the folder: print as entries parse.
         structured = out.json or out.jsonl
+        locality = None     # a locality column from the first entry that has one on
         for e in client.iter_dir(args.path, details):
             if sel is None or (not e.is_dir and sel(e.name)):
                 if structured:
                     out.item(e.to_dict())
                 else:
-                    out.item(None, _entry_line(e, args.long, args.human, e.name))
+                    locality = 0 if e.locality else locality
+                    out.item(None, _entry_line(e, args.long, args.human, e.name, locality))
         out.close()
         return 0
     if args.recursive:
@@ -7160,7 +8234,11 @@ def _cmd_ls(client, args):
             out.item(e.to_dict())
         out.close()
         return 0
-    lines = [(_entry_line(e, args.long, args.human, n)) for n, e in rows]
+    # dCache's FileLocality (ONLINE, NEARLINE...) as a column, when the server has it
+    locality = None
+    if args.long and any(e.locality for _n, e in rows):
+        locality = max(len(e.locality or "-") for _n, e in rows)
+    lines = [(_entry_line(e, args.long, args.human, n, locality)) for n, e in rows]
     if args.long and lines:
         # align the size column
         parts = [ln.split(" ", 2) for ln in lines]
@@ -7321,20 +8399,57 @@ def _args_get(sub):
                          "checksums, status, error)")
     _args_output(sp, "the summary and one record per file")
     _args_filters(sp)
+    g = sp.add_argument_group(
+        "files on tape", "A file the storage reports as on tape only (NEARLINE) is never\n"
+        "asked for: without --stage it fails at once, the other files go on.")
+    g.add_argument("--stage", action="store_true",
+                   help="stage the files that are on tape only (WLCG Tape REST API) and "
+                        "download each as soon as it is on disk; files on disk download at "
+                        "once, a file that cannot be staged (lost on tape) fails with the "
+                        "storage's reason")
+    g.add_argument("--stage-id", metavar="ID",
+                   help="download exactly the files of an earlier stage request (the ID "
+                        "`ctadata stage` printed) below DEST, each at its remote path, each "
+                        "as soon as it is on disk (files no longer on disk are staged again)")
+    g.add_argument("--release", action="store_true",
+                   help="with --stage or --stage-id: release each staged file after its "
+                        "download (the storage may drop its disk copy)")
+    g.add_argument("--lifetime", metavar="DURATION",
+                   help="with --stage: how long staged files stay on disk (1h, 30m, 2d, "
+                        "PT1H; default: the storage's)")
 
 
-def _cmd_get(client, args):
-    sel = _cli_selector(args)
+def _get_checks(args, sel):
+    """The destination of `get` after checking which options go together."""
+    dest = args.dest
+    if args.release and not (args.stage or args.stage_id):
+        raise ConfigError("--release goes with --stage or --stage-id")
+    if args.lifetime and not args.stage:
+        raise ConfigError("--lifetime goes with --stage")
+    if args.stage_id:
+        if args.from_list or args.recursive or args.stage or sel is not None or \
+                args.strip_prefix:
+            raise ConfigError("--stage-id takes a destination folder only (no -r, --stage, "
+                              "--from-list, --include/--exclude)")
+        if args.source and args.dest:
+            raise ConfigError("with --stage-id give only the destination folder")
+        return args.dest or args.source or "."
     if args.from_list:
-        if args.recursive or sel is not None:
-            raise ConfigError("--from-list takes neither -r nor --include/--exclude")
+        if args.recursive or sel is not None or args.stage:
+            raise ConfigError("--from-list takes neither -r, --include/--exclude nor --stage")
         if args.source and args.dest:
             raise ConfigError("with --from-list give only the destination folder")
         dest = args.dest or args.source or "."
     elif not args.source:
-        raise ConfigError("get needs a remote path (or --from-list FILE)")
+        raise ConfigError("get needs a remote path (or --from-list FILE, --stage-id ID)")
     elif args.strip_prefix:
         raise ConfigError("--strip-prefix goes with --from-list")
+    return dest
+
+
+def _cmd_get(client, args):
+    sel = _cli_selector(args)
+    dest = _get_checks(args, sel)
     progress = _make_progress(args, "get")
     try:
         if args.from_list:
@@ -7349,11 +8464,17 @@ def _cmd_get(client, args):
             summary = client.download_list(lines, dest, strip_prefix=args.strip_prefix,
                                            overwrite=args.overwrite, dry_run=args.dry_run,
                                            progress=progress, raise_on_failure=False)
+        elif args.stage_id:
+            summary = client.download_staged(args.stage_id, dest, overwrite=args.overwrite,
+                                             checksum=args.checksum, release=args.release,
+                                             dry_run=args.dry_run, progress=progress,
+                                             raise_on_failure=False)
         else:
-            summary = client.download(args.source, args.dest, recursive=args.recursive,
+            summary = client.download(args.source, dest, recursive=args.recursive,
                                       overwrite=args.overwrite, checksum=args.checksum,
                                       select=sel, dry_run=args.dry_run, progress=progress,
-                                      raise_on_failure=False)
+                                      raise_on_failure=False, stage=args.stage,
+                                      release=args.release, lifetime=args.lifetime)
     finally:
         progress.close()
     return _report(args, "get", summary)
@@ -7470,6 +8591,171 @@ def _cmd_sum(client, args):
                           % (args.algo or "known"), client.url_for(args.path))
     for algo, value in sorted(sums.items()):
         _out("%s %s\n" % (algo, value))
+    return 0
+
+
+_STAGE_DESCRIPTION = """\
+Ask the storage to bring files from tape to disk (WLCG Tape REST API), in
+requests of at most 1,000 files, and print the request ID (the IDs of several
+requests joined with ',' count as one). A recall takes minutes to hours: follow
+it with --status ID [--wait], download the files with `ctadata get --stage-id ID
+DEST` (on any machine), and let the storage drop the disk copies with `ctadata
+release ID`. With --wait, poll until no file is waiting (from every 1 s, backing
+off to every 60 s while nothing changes), showing the files on disk.
+
+exit status: 0 when every file is on disk (without --wait: when none failed),
+1 when some failed (listed with the storage's reason), 2 bad usage."""
+
+_STAGE_EPILOG = """\
+examples:
+  ctadata stage -r cta/DL0/20241114 --lifetime 2d     # prints ID; files on disk for 2 days
+  ctadata stage --status ID                           # how far it is
+  ctadata stage --status ID --wait                    # until every file is on disk
+  ctadata get --stage-id ID data/                     # -> data/cta/DL0/20241114/...
+  ctadata release ID                                  # done with them on disk
+  ctadata stage --cancel ID
+"""
+
+
+def _args_stage(sub):
+    sp = _subcommand(sub, "stage", _cmd_stage,
+                     "bring files from tape to disk (prints a stage request ID)",
+                     description=_STAGE_DESCRIPTION)
+    sp.epilog = _STAGE_EPILOG
+    sp.add_argument("paths", nargs="*", metavar="PATH",
+                    help="remote files, or folders with -r")
+    sp.add_argument("-r", "--recursive", action="store_true",
+                    help="stage every file below a folder")
+    sp.add_argument("--lifetime", metavar="DURATION",
+                    help="how long the files stay on disk: 1h, 30m, 2d, PT1H (default: the "
+                         "storage's)")
+    sp.add_argument("--wait", action="store_true",
+                    help="poll until no file is waiting; exit 0 only if every file is on disk")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--status", metavar="ID",
+                   help="show how the files of an earlier request are doing (with --wait: "
+                        "until they are done)")
+    g.add_argument("--cancel", metavar="ID",
+                   help="stop staging the files of a request that are not on disk yet")
+    sp.add_argument("--json", action="store_true",
+                    help="print the request as JSON: {id, ids, files: [{path, api_path, "
+                         "request, state, on_disk, error}], on_disk, waiting, failed, done}")
+    _args_filters(sp)
+
+
+def _plural(n, word):
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+class _StageProgress:
+    """What `stage --wait` shows after each poll: a live line on a terminal,
+    else a line whenever the count of files on disk or failed changed."""
+
+    def __init__(self, args):
+        self.quiet = _opt(args, "quiet")
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.last = None
+        self.drawn = False
+
+    def __call__(self, req):
+        key = (req.on_disk, req.failed, len(req.files))
+        if self.quiet or (key == self.last and not self.tty):
+            return
+        self.last = key
+        line = "stage: %d/%d files on disk%s, %d:%02d elapsed" % (
+            (req.on_disk, len(req.files), ", %d failed" % req.failed if req.failed else "")
+            + divmod(int(time.monotonic() - self.started), 60))
+        if self.tty:
+            sys.stderr.write("\r" + line + "\x1b[K")
+            self.drawn = True
+        else:
+            sys.stderr.write("ctadata: %s\n" % line)
+        sys.stderr.flush()
+
+    def close(self):
+        if self.drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _cmd_stage(client, args):
+    if (args.status or args.cancel) and (args.paths or args.recursive or args.lifetime or
+                                         _cli_selector(args) is not None):
+        raise ConfigError("--status and --cancel take a request ID only")
+    if args.cancel:
+        if args.wait:
+            raise ConfigError("--cancel does not wait")
+        req = client.stage_request(args.cancel)
+        _note(args, "cancelled %s of %s" % (_plural(req.cancel(), "file"), req.id))
+        _stage_report(args, req, sys.stdout, failures=False)
+        return 0
+    if args.status:
+        req = client.stage_request(args.status)
+    elif not args.paths:
+        raise ConfigError("stage needs remote paths (or --status ID, --cancel ID)")
+    else:
+        req = client.stage(args.paths, lifetime=args.lifetime, recursive=args.recursive,
+                           select=_cli_selector(args))
+        if not args.json:
+            _out(req.id + "\n")
+            sys.stdout.flush()
+        _note(args, "%s in %s; follow with `ctadata stage --status ID --wait`, download "
+                    "with `ctadata get --stage-id ID DEST`" % (
+                        _plural(len(req.files), "file"), _plural(len(req.ids), "stage request")))
+        if not args.wait:
+            if args.json:
+                return _stage_report(args, req, sys.stdout)
+            return 0
+    if args.wait:
+        show = _StageProgress(args)
+        try:
+            req.wait(progress=show)
+        finally:
+            show.close()
+    return _stage_report(args, req, sys.stdout if args.status else sys.stderr)
+
+
+def _stage_report(args, req, stream, failures=True):
+    """Print how a stage request is doing (JSON, or a summary line and, with
+    *failures*, the failed files); return the exit code."""
+    if args.json:
+        import json
+        _out(json.dumps(req.to_dict(), indent=1) + "\n")
+    elif not _opt(args, "quiet"):
+        states = {}
+        for f in req.files:
+            states[f.state] = states.get(f.state, 0) + 1
+        stream.write("stage %s: %s, %d on disk, %d waiting, %d failed (%s)\n" % (
+            req.id, _plural(len(req.files), "file"), req.on_disk, req.waiting, req.failed,
+            ", ".join("%s %d" % kv for kv in sorted(states.items()))))
+    failures = req.failures if failures else []
+    for f in failures[:20]:
+        sys.stderr.write("ctadata: failed: %s: %s\n" % (f.path, f.problem))
+    if len(failures) > 20:
+        sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
+    if args.wait and not req.ok:
+        return 1
+    return 1 if failures else 0
+
+
+def _args_release(sub):
+    sp = _subcommand(sub, "release", _cmd_release,
+                     "let the storage drop the disk copies of staged files",
+                     description="Tell the storage that the files of a stage request (all "
+                                 "of them, or the PATHs given) are no longer needed on disk: "
+                                 "it may drop their disk copies (they stay on tape). "
+                                 "`get --stage --release` does it for each file after its "
+                                 "download.")
+    sp.add_argument("id", metavar="ID", help="the stage request, as `ctadata stage` printed it")
+    sp.add_argument("paths", nargs="*", metavar="PATH",
+                    help="only these files of the request (remote paths)")
+
+
+def _cmd_release(client, args):
+    req = client.stage_request(args.id)
+    _note(args, "released %s of %s" % (_plural(req.release(args.paths or None), "file"),
+                                       req.id))
     return 0
 
 

@@ -55,7 +55,7 @@ done
 
 printf '$ ctadata serve %s --port 0 --tape '"'"'cta/DL0/**'"'"' --token-file %s &\n' \
     "$archive" "$work/token"
-"$PYTHON" "$PYZ" serve "$archive" --port 0 --tape 'cta/DL0/**' --stage-delay 1 \
+"$PYTHON" "$PYZ" serve "$archive" --port 0 --tape 'cta/DL0/**' --stage-delay 0.5 \
     --token-file "$work/token" >"$work/url" 2>"$work/serve.log" &
 server=$!
 for _ in $(seq 100); do
@@ -82,11 +82,18 @@ step ctadata sum users/demo/results.txt
 step ctadata stat cta/DL0/20241114/LST-1.1.Run11111.0000.fits.fz
 step_fails ctadata get cta/DL0/20241114/LST-1.1.Run11111.0000.fits.fz downloads/
 if has stage; then
+    step ctadata ls -l cta/DL0/20241114
     step ctadata stage --wait cta/DL0/20241114/LST-1.1.Run11111.0000.fits.fz
     step ctadata get cta/DL0/20241114/LST-1.1.Run11111.0000.fits.fz downloads/
 fi
 if has_option get --stage; then
-    step ctadata get --stage cta/DL0/20241114/LST-1.1.Run11111.0001.fits.fz downloads/
+    step ctadata get --stage --release cta/DL0/20241114/LST-1.1.Run11111.0001.fits.fz downloads/
+fi
+if has_option get --stage-id; then
+    # stage in the evening, fetch in the morning (here: a second later), release
+    printf '\n$ id=$(ctadata stage -r cta/DL0)\n'
+    id=$(ctadata stage -q -r cta/DL0)
+    step ctadata get --stage-id "$id" morning/ --release
 fi
 if has share; then
     step ctadata share users/demo/results.txt --for 1h
