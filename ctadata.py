@@ -900,18 +900,22 @@ class _FileBody:
     or a redirect (dCache pool URLs are single-use, so a retried upload
     starts again at the door)."""
 
-    __slots__ = ("path", "size", "hash_algos", "hashers", "sent")
+    __slots__ = ("path", "size", "hash_algos", "hashers", "sent", "advance")
 
     def __init__(self, path, size, hash_algos=("adler32",)):
         self.path, self.size, self.hash_algos = path, size, hash_algos
         self.hashers = None
         self.sent = 0
+        self.advance = None  # a Progress's advance(), told of every block sent
 
     def chunks(self, cancel=None):
         """Yield the file's bytes in blocks, hashing them on the way (in this
         thread: a second one cost more in GIL hand-overs than the hashing,
         1 GiB uploads 1.5-3.1 s against 1.0-1.2 s inline)."""
         self.hashers = _Hashers(self.hash_algos)
+        advance = self.advance
+        if advance is not None and self.sent:
+            advance(-self.sent)  # sent again (a retry, a redirect): counted again
         self.sent = 0
         update = self.hashers.update if self.hashers.active else None
         with open(self.path, "rb", buffering=0) as f:
@@ -928,6 +932,8 @@ class _FileBody:
                     update(block)
                 yield block
                 self.sent += n
+                if advance is not None:
+                    advance(n)
                 if _PYPY:
                     _pypy_gc(n)
         if self.sent != self.size:
@@ -942,6 +948,8 @@ class _FileBody:
             raise TransferError("local file changed size during upload",
                                 hint=self.path, expected=self.size, received=len(data))
         self.hashers.update(data)
+        if self.advance is not None:
+            self.advance(len(data) - self.sent)
         self.sent = len(data)
         return data
 
@@ -3130,9 +3138,15 @@ class TransferSummary:
 
 class Progress:
     """Counts what a transfer has done.  The engine calls ``add_total``,
-    ``advance`` and ``file_done`` from its worker threads; this base class
-    only counts (thread-safe) and draws nothing.  The CLI subclasses it to
-    draw a status line on a terminal."""
+    ``advance`` and ``file_done`` from its worker threads, ``planned`` once
+    every file is known, and ``poll`` from the thread that waits for the
+    workers (the caller's), about five times a second.  This base class
+    only counts (thread-safe) and draws nothing; ``snapshot()`` returns the
+    numbers with a rate and an ETA.  A display sets ``interval`` (seconds
+    between two draws) and overrides ``show(snapshot)`` and ``close()``:
+    see the "Progress displays" section, and pass one as ``progress=``."""
+
+    interval = None  # seconds between two show() calls from poll(); None: never
 
     def __init__(self):
         self.lock = _thread.allocate_lock()
@@ -3141,6 +3155,8 @@ class Progress:
         self.failed = self.skipped = 0
         self.started = time.monotonic()
         self.planning = True  # more files may still be added (listing goes on)
+        self._shown = 0.0     # when show() last ran
+        self._marks = []      # (time, bytes done) of recent snapshots: the rate
 
     def planned(self):
         """Called once every file is known (totals are final)."""
@@ -3152,6 +3168,7 @@ class Progress:
             self.total_bytes += nbytes or 0
 
     def advance(self, nbytes):
+        """*nbytes* more moved (negative: a transfer starts again)."""
         with self.lock:
             self.done_bytes += nbytes
 
@@ -3163,8 +3180,89 @@ class Progress:
             elif result.status == "skipped":
                 self.skipped += 1
 
+    def snapshot(self, final=False):
+        """The counters now, with the recent rate and an ETA: a _Snapshot."""
+        now = time.monotonic()
+        with self.lock:
+            s = _Snapshot(self.done_files, self.total_files, self.done_bytes,
+                          self.total_bytes, self.failed, self.skipped,
+                          now - self.started, self.planning and not final, final)
+            # The rate of the last ~10 s: the average since the start counts
+            # the listing and stalls long gone.
+            marks = self._marks
+            if not marks or now - marks[-1][0] >= 0.5:
+                marks.append((now, s.bytes_done))
+            while len(marks) > 2 and now - marks[0][0] > _RATE_WINDOW:
+                del marks[0]
+        t0, b0 = marks[0]
+        if now - t0 >= 1.0 and not final:
+            s.rate = max(s.bytes_done - b0, 0) / (now - t0)
+        else:
+            s.rate = max(s.bytes_done, 0) / max(s.elapsed, 1e-6)
+        s.eta = _eta(s)
+        return s
+
+    def poll(self):
+        """Show a snapshot if *interval* seconds passed since the last one."""
+        if self.interval is None:
+            return
+        now = time.monotonic()
+        if now - self._shown >= self.interval:
+            self._shown = now
+            self.show(self.snapshot())
+
+    def show(self, snapshot):
+        """Draw *snapshot* (a display's job; the base class draws nothing)."""
+
     def close(self):
-        pass
+        """The transfer is over (a display shows its final state)."""
+
+
+# Seconds of recent history the rate of a progress display is taken over.
+_RATE_WINDOW = 10.0
+
+
+def _eta(s):
+    """Seconds left, estimated from what is known (None: nothing to go by):
+    the bytes left at the recent rate, else (sizes unknown) the files left
+    at the pace so far.  While listing (s.listing) it is a lower bound."""
+    files_left = s.files_total - s.files_done
+    bytes_left = s.bytes_total - s.bytes_done
+    if files_left <= 0 and (s.files_total or not s.listing):
+        return 0.0
+    if bytes_left > 0 and s.rate > 0:
+        return bytes_left / s.rate
+    if files_left > 0 and s.files_done > 0:
+        return s.elapsed * files_left / s.files_done
+    return None
+
+
+class _Snapshot:
+    """What a transfer has done so far, as a progress callback receives it:
+    files_done, files_total, bytes_done, bytes_total, failed, skipped,
+    elapsed (seconds), rate (bytes/s over the last seconds), eta (seconds
+    left, or None when unknown), listing (True while files may still be
+    added: the totals and the ETA are then lower bounds), final (True for
+    the last one, when the transfer is over)."""
+
+    __slots__ = ("files_done", "files_total", "bytes_done", "bytes_total", "failed",
+                 "skipped", "elapsed", "listing", "final", "rate", "eta")
+
+    def __init__(self, files_done, files_total, bytes_done, bytes_total, failed, skipped,
+                 elapsed, listing, final, rate=0.0, eta=None):
+        self.files_done, self.files_total = files_done, files_total
+        self.bytes_done, self.bytes_total = bytes_done, bytes_total
+        self.failed, self.skipped, self.elapsed = failed, skipped, elapsed
+        self.listing, self.final, self.rate, self.eta = listing, final, rate, eta
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return "<progress %d/%d%s files, %d/%d bytes, %.0f B/s, ETA %s%s>" % (
+            self.files_done, self.files_total, "+" if self.listing else "",
+            self.bytes_done, self.bytes_total, self.rate,
+            "-" if self.eta is None else "%.1f s" % self.eta, ", final" if self.final else "")
 
 
 def _makedirs(path):
@@ -3209,6 +3307,7 @@ class _Download:
         self.entry, self.progress, self.cancel = entry, progress, cancel
         self.resume, self.new_folder = resume, new_folder
         self.fetched = [0]  # bytes received over the network, all attempts
+        self.counted = 0    # bytes the progress was told of beside those fetched
 
     def run(self):
         mismatches = attempt = 0
@@ -3320,8 +3419,12 @@ class _Download:
                     _hash_head(f, offset, hashers)
                 f.seek(offset)
                 f.truncate()
-                if self.progress is not None:
-                    self.progress.advance(offset)
+            if self.progress is not None:
+                # this file now counts *offset* bytes (a retry: as many or
+                # fewer than were fetched; a resumed .part: more)
+                delta = offset - self.counted - self.fetched[0]
+                self.counted += delta
+                self.progress.advance(delta)
             try:
                 got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
                                  self.fetched, None if expected is None else expected - offset)
@@ -3475,6 +3578,9 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     dCache redirects them to a pool instead of proxying every byte through
     the door."""
     body, sums_of, local_md5 = _upload_body(local, size, _put_algos(tr, size), verify)
+    streamed = isinstance(body, _FileBody)
+    if streamed and progress is not None:
+        body.advance = progress.advance  # progress moves as the bytes are sent
     headers = {"Want-Digest": _WANT_DIGEST}
     if local_md5 is not None:
         import base64
@@ -3484,7 +3590,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     if local_md5 is not None:
         sums["md5"] = local_md5.hexdigest()
     _verify_upload(tr, url, local, size, sums, remote_sums)
-    if progress is not None:
+    if progress is not None and not streamed:
         progress.advance(size)
     res = TransferResult(local, url, size, "transferred", None, sums, size)
     try:
@@ -3589,6 +3695,8 @@ def _upload_service_file(tr, local, url, size, progress=None):
     others pass to fetch).  The service's ``total_written`` must equal the
     file's size, else TransferError."""
     body = _FileBody(local, size)
+    if progress is not None:
+        body.advance = progress.advance  # progress moves as the bytes are sent
     resp = tr.request("POST", url, {"Content-Type": "application/octet-stream",
                                     "Accept": "application/json"}, body,
                       ok=(200, 201), what="upload")
@@ -3597,8 +3705,6 @@ def _upload_service_file(tr, local, url, size, progress=None):
         raise TransferError("the service stored %d of %d bytes" % (
             answer["total_written"], size), url, expected=size,
             received=answer["total_written"])
-    if progress is not None:
-        progress.advance(size)
     res = _ServiceResult(local, url, size, "transferred", None,
                          body.hashers.result() if body.hashers else {}, size,
                          answer["path"])
@@ -3650,8 +3756,11 @@ class _WorkerPool:
             for t in threads:
                 t.start()
                 started += 1
-            while not self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
-                pass
+            while True:
+                if self.progress is not None:
+                    self.progress.poll()  # displays draw here, in the caller's thread
+                if self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
+                    break
         except BaseException:
             self._interrupt(started)
             raise
@@ -3938,6 +4047,8 @@ class _Planner:
                     t = TransferResult(t.source, t.dest, t.size, "planned")
                 results.append(t)
             return _summarize(results, started, False)
+        if isinstance(tasks, list):
+            progress.planned()  # every file is known: the ETA is not a lower bound
         pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort)
         return _summarize(pool.run(tasks), started, raise_on_failure)
 
@@ -4283,11 +4394,16 @@ class _ServiceUploads(_Uploads):
 
 
 ############################################################################
-# Progress displays (terminal)
+# Progress displays (terminal, notebook)
 ############################################################################
 
 # What the engine's Progress counters look like to a person: a live status
-# line on a terminal (notebook widgets would go here too).
+# line on a terminal, a plain line every few seconds in a log (a batch job's
+# stderr), an updating output in a Jupyter notebook (IPython.display, there
+# in every kernel: imported only inside one), or a function of the user's.
+# Each draws from poll(), in the thread that waits for the workers (a
+# notebook's output belongs to the cell that runs there), never from the
+# workers' hot loops.
 
 
 def _human(n):
@@ -4305,49 +4421,216 @@ def _human_bytes(n):
     return h + "B" if h[-1:].isdigit() else h + "iB"
 
 
-class _TermProgress(Progress):
-    """Progress that draws one live status line on a terminal (files
-    done/total, bytes, rate, ETA), at most 5 times a second."""
+def _clock(seconds):
+    """93 -> '1:33', 4000 -> '1:06:40'."""
+    m, sec = divmod(int(seconds + 0.5), 60)
+    return "%d:%02d:%02d" % (m // 60, m % 60, sec) if m >= 60 else "%d:%02d" % (m, sec)
 
-    def __init__(self, stream, label):
+
+def _eta_text(s):
+    """The ETA of a snapshot: '1:02', '1:02+' (a lower bound: still
+    listing) or '-' (nothing to go by yet)."""
+    if s.eta is None:
+        return "-"
+    return _clock(s.eta) + ("+" if s.listing else "")
+
+
+def _status_line(label, s):
+    """'get 3/10+ files  1.2MiB/4.0MiB+  45.0MiB/s  ETA 1:02+' (while
+    running) or 'get 10 files  4.0MiB  in 0:05  800.0KiB/s' (final)."""
+    if s.final:
+        line = "%s %d files  %s  in %s  %s/s" % (label, s.files_done, _human_bytes(
+            s.bytes_done), _clock(s.elapsed), _human_bytes(s.rate))
+    else:
+        more = "+" if s.listing else ""  # still listing: the totals may grow
+        line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
+            label, s.files_done, s.files_total, more, _human_bytes(s.bytes_done),
+            _human_bytes(s.bytes_total), more, _human_bytes(s.rate), _eta_text(s))
+    if s.skipped:
+        line += "  %d skipped" % s.skipped
+    if s.failed:
+        line += "  %d failed" % s.failed
+    return line
+
+
+class _TermProgress(Progress):
+    """One live status line on a terminal (files done/total, bytes, rate,
+    ETA), redrawn at most 5 times a second.  At the end it is cleared (the
+    CLI prints its summary line), or with *keep* left as a final line."""
+
+    interval = 0.2
+
+    def __init__(self, stream, label, keep=False):
         Progress.__init__(self)
-        self.stream, self.label = stream, label
-        self._last = 0.0
+        self.stream, self.label, self.keep = stream, label, keep
         self._drawn = False
 
-    def advance(self, nbytes):
-        Progress.advance(self, nbytes)
-        self._tick()
-
-    def file_done(self, result):
-        Progress.file_done(self, result)
-        self._tick()
-
-    def _tick(self):
-        now = time.monotonic()
-        if now - self._last < 0.2:
-            return
-        self._last = now
-        with self.lock:
-            elapsed = max(now - self.started, 1e-6)
-            rate = self.done_bytes / elapsed
-            left = self.total_bytes - self.done_bytes
-            eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 and left > 0 else "-"
-            more = "+" if self.planning else ""  # still listing
-            line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
-                self.label, self.done_files, self.total_files, more,
-                _human_bytes(self.done_bytes), _human_bytes(self.total_bytes), more,
-                _human_bytes(rate), eta if not more else "-")
-            if self.failed:
-                line += "  %d failed" % self.failed
-        self.stream.write("\r" + line[:200] + "\x1b[K")
+    def show(self, snapshot):
+        self.stream.write("\r" + _status_line(self.label, snapshot)[:200] + "\x1b[K")
         self.stream.flush()
         self._drawn = True
 
     def close(self):
-        if self._drawn:
+        if self.keep:
+            self.stream.write("\r" + _status_line(self.label, self.snapshot(True))[:200] +
+                              "\x1b[K\n")
+        elif self._drawn:
             self.stream.write("\r\x1b[K")
-            self.stream.flush()
+        self.stream.flush()
+
+
+class _LineProgress(Progress):
+    """A plain status line every *interval* seconds (default 5), for a log
+    that is not a terminal (a SLURM job's stderr): no "\\r", no escape codes.
+    With *keep*, a last line when the transfer is over."""
+
+    def __init__(self, stream, label, interval=5.0, keep=False):
+        Progress.__init__(self)
+        self.stream, self.label, self.interval, self.keep = stream, label, interval, keep
+
+    def show(self, snapshot):
+        self.stream.write(_status_line(self.label, snapshot) + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.keep:
+            self.show(self.snapshot(True))
+
+
+class _CallbackProgress(Progress):
+    """Calls *func(snapshot)* at most every *interval* seconds, and once more
+    with the final snapshot (``snapshot.final`` True) when the transfer is
+    over.  It runs in the caller's thread; an exception it raises stops the
+    transfer."""
+
+    def __init__(self, func, interval=0.5):
+        Progress.__init__(self)
+        self.func, self.interval = func, interval
+
+    def show(self, snapshot):
+        self.func(snapshot)
+
+    def close(self):
+        self.func(self.snapshot(True))
+
+
+class _NotebookProgress(Progress):
+    """An output of the running notebook cell that updates in place (at most
+    4 times a second): a bar and the status line, as HTML and as plain text
+    for front ends without HTML.  Its final state stays visible.  A failure
+    of the display turns it off; the transfer goes on."""
+
+    interval = 0.25
+
+    def __init__(self, label):
+        Progress.__init__(self)
+        self.label = label
+        self._handle = None
+
+    def show(self, snapshot):
+        bundle = {"text/plain": _status_line(self.label, snapshot),
+                  "text/html": _progress_html(self.label, snapshot)}
+        try:
+            if self._handle is None:
+                from IPython.display import display
+                self._handle = display(bundle, raw=True, display_id=True)
+            else:
+                self._handle.update(bundle, raw=True)
+        except Exception as e:  # a front end's trouble must not stop the transfer
+            self.interval = None
+            _log(30, "progress display failed: %s", e)
+
+    def close(self):
+        if self.interval is not None:
+            self.show(self.snapshot(True))
+
+
+def _progress_html(label, s):
+    """A notebook's progress output: a <progress> bar and the status line."""
+    import html
+    done = s.bytes_done if s.bytes_total else s.files_done
+    total = s.bytes_total or s.files_total
+    bar = '<progress value="%d" max="%d" style="width:16em"></progress>' % (
+        max(min(done, total), 0), max(total, 1)) if total and not s.final else ""
+    color = "#b00" if s.failed else "inherit"
+    return ('<div style="font-family:monospace;color:%s">%s %s</div>'
+            % (color, bar, html.escape(_status_line(label, s))))
+
+
+def _in_kernel():
+    """True inside an IPython kernel (Jupyter, VS Code, Colab), found without
+    importing anything: a kernel has loaded ipykernel and set get_ipython."""
+    if "ipykernel" not in sys.modules:
+        return False
+    import builtins
+    get = getattr(builtins, "get_ipython", None)
+    try:
+        shell = get() if get is not None else None
+    except Exception:
+        return False
+    return getattr(shell, "kernel", None) is not None
+
+
+def _interactive():
+    """A person at a prompt (python or IPython in a terminal), not a script."""
+    import builtins
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or \
+        hasattr(builtins, "get_ipython")
+
+
+def _stderr_is_terminal():
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_for(progress, label):
+    """The Progress a transfer method feeds, for its ``progress=`` argument,
+    and whether the method made it (and so closes it):
+
+    - a Progress (or subclass): used as it is, never closed here;
+    - a callable: called with a snapshot (see _CallbackProgress);
+    - True: a notebook output in a kernel, else a live line on stderr when
+      it is a terminal, else a plain line on stderr every 5 seconds;
+    - False: nothing shown;
+    - None (default): as True in a notebook, and at an interactive prompt
+      whose stderr is a terminal; nothing in a script (a library that draws
+      on its caller's terminal uninvited garbles the caller's own output:
+      scripts ask with progress=True)."""
+    if isinstance(progress, Progress):
+        return progress, False
+    if progress is None:
+        kernel = _in_kernel()
+        progress = kernel or (_interactive() and _stderr_is_terminal())
+    if progress is True:
+        if _in_kernel():
+            return _NotebookProgress(label), True
+        if _stderr_is_terminal():
+            return _TermProgress(sys.stderr, label, keep=True), True
+        return _LineProgress(sys.stderr, label, keep=True), True
+    if progress is False:
+        return Progress(), True
+    if callable(progress):
+        return _CallbackProgress(progress), True
+    raise ConfigError("progress= takes True, False, None, a function or a Progress, "
+                      "not %r" % (progress,))
+
+
+class _Shown:
+    """``with _Shown(progress, label) as p:`` the Progress for a transfer
+    method's *progress* argument (_progress_for), closed at the end when
+    the method made it (a display then shows its final state)."""
+
+    def __init__(self, progress, label):
+        self.progress, self.owned = _progress_for(progress, label)
+
+    def __enter__(self):
+        return self.progress
+
+    def __exit__(self, *exc):
+        if self.owned:
+            self.progress.close()
 
 
 ############################################################################
@@ -4636,11 +4919,21 @@ class Client:
         complete and verified.  *dry_run*: list and plan only (results have
         status "planned"), write nothing.
 
+        *progress* (every transfer method takes it): True shows files, bytes,
+        rate and ETA (an updating output in a notebook, a line on stderr
+        elsewhere), False nothing, a function is called with a snapshot
+        (``files_done``, ``files_total``, ``bytes_done``, ``bytes_total``,
+        ``rate``, ``eta``, ``listing``, ``final``, ...) at most twice a
+        second and once at the end, a Progress object is fed as it is.  The
+        default None shows it in a notebook and at an interactive prompt on
+        a terminal, not in a script.
+
         Returns a TransferSummary.  Raises PartialFailure (with the summary)
         if any file failed, NotFound/AuthError/RemoteError if *path* cannot be
         listed."""
-        return self._downloads.download(path, dest, recursive, overwrite, checksum, select,
-                                        dry_run, progress, jobs, raise_on_failure)
+        with _Shown(progress, "download") as p:
+            return self._downloads.download(path, dest, recursive, overwrite, checksum, select,
+                                            dry_run, p, jobs, raise_on_failure)
 
     def download_list(self, items, dest=".", strip_prefix=None, overwrite=False,
                       dry_run=False, progress=None, jobs=None, raise_on_failure=True):
@@ -4655,10 +4948,11 @@ class Client:
         only sent to the storage URL's origin.
 
         Returns a TransferSummary; raises PartialFailure if any file failed."""
-        return self._downloads.from_list(items, dest, strip_prefix, overwrite, dry_run,
-                                         progress, jobs, raise_on_failure)
+        with _Shown(progress, "download") as p:
+            return self._downloads.from_list(items, dest, strip_prefix, overwrite, dry_run,
+                                             p, jobs, raise_on_failure)
 
-    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
+    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True, progress=None):
         """Download one remote file (a path, URL, Entry or an entry of
         list_dir()); return the number of bytes written.
 
@@ -4667,14 +4961,14 @@ class Client:
         service's listing (it answers 200 even when the storage failed
         mid-way).  Raises NotFound, AuthError, TransferError,
         ChecksumMismatch."""
-        summary = self.download(path, save_to_fn, overwrite=overwrite,
+        summary = self.download(path, save_to_fn, overwrite=overwrite, progress=progress,
                                 raise_on_failure=False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         return sum(r.size or 0 for r in summary.results)
 
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False,
-                                   overwrite=False):
+                                   overwrite=False, progress=None):
         """Download a file, or with *recursive* a directory tree (kept below
         ``<save_to or .>/<name>``); return the TransferSummary.  Raises
         PartialFailure if any file failed.  ``(path, True)`` means
@@ -4683,7 +4977,8 @@ class Client:
             save_to, recursive = None, save_to
         if save_to is not None and recursive and not _names_folder(save_to):
             save_to = save_to + "/"
-        return self.download(path, save_to, recursive=recursive, overwrite=overwrite)
+        return self.download(path, save_to, recursive=recursive, overwrite=overwrite,
+                             progress=progress)
 
     def upload(self, local, remote="", recursive=False, verify=None, overwrite=False,
                checksum=False, select=None, dry_run=False, progress=None, jobs=None,
@@ -4703,17 +4998,18 @@ class Client:
         summary's) is the path the service reports.  Returns a
         TransferSummary; raises PartialFailure if any file failed,
         ConfigError for a bad local path."""
-        return self._uploads.upload(local, remote, recursive, verify, overwrite, checksum,
-                                    select, dry_run, progress, jobs, raise_on_failure)
+        with _Shown(progress, "upload") as p:
+            return self._uploads.upload(local, remote, recursive, verify, overwrite, checksum,
+                                        select, dry_run, p, jobs, raise_on_failure)
 
-    def upload_file(self, local, remote=""):
+    def upload_file(self, local, remote="", progress=None):
         """Upload one file; return ``{"path", "status", "total_written"}``: in
         service mode the service's own answer (``path`` is in your folder:
         what others pass to fetch), in direct mode a dict like it.  A *remote*
         ending with "/" is a folder: ``upload_file("latest.txt",
         "your-folder/")`` -> your-folder/latest.txt.  Raises ConfigError
         (bad local file or remote path), AuthError, TransferError."""
-        summary = self.upload(local, remote, raise_on_failure=False)
+        summary = self.upload(local, remote, progress=progress, raise_on_failure=False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         r = summary.results[0]
@@ -4721,10 +5017,10 @@ class Client:
             return dict(r.answer)
         return {"path": r.remote_path, "status": "uploaded", "total_written": r.size}
 
-    def upload_dir(self, local, remote=""):
+    def upload_dir(self, local, remote="", progress=None):
         """Upload a local directory tree to *remote* (into it when *remote*
         ends with "/"); return the TransferSummary.  Raises PartialFailure."""
-        return self.upload(local, remote, recursive=True)
+        return self.upload(local, remote, recursive=True, progress=progress)
 
     # -- namespace operations (WebDAV only) ---------------------------------------
 
@@ -4949,23 +5245,26 @@ class APIClient:
         """As the module function list_dir()."""
         return self._client(options, "list_dir").list_dir(path, recursive)
 
-    def fetch_and_save_file(self, path, save_to_fn=None, **options):
+    def fetch_and_save_file(self, path, save_to_fn=None, progress=None, **options):
         """As the module function fetch_and_save_file()."""
         return self._client(options, "fetch_and_save_file").fetch_and_save_file(
-            path, save_to_fn)
+            path, save_to_fn, progress=progress)
 
-    def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, **options):
+    def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, progress=None,
+                                   **options):
         """As the module function fetch_and_save_file_or_dir()."""
         return self._client(options, "fetch_and_save_file_or_dir") \
-            .fetch_and_save_file_or_dir(path, save_to, recursive)
+            .fetch_and_save_file_or_dir(path, save_to, recursive, progress=progress)
 
-    def upload_file(self, local_fn, path="", **options):
+    def upload_file(self, local_fn, path="", progress=None, **options):
         """As the module function upload_file()."""
-        return self._client(options, "upload_file").upload_file(local_fn, path)
+        return self._client(options, "upload_file").upload_file(local_fn, path,
+                                                                 progress=progress)
 
-    def upload_dir(self, local_dir, path="", **options):
+    def upload_dir(self, local_dir, path="", progress=None, **options):
         """As the module function upload_dir()."""
-        return self._client(options, "upload_dir").upload_dir(local_dir, path)
+        return self._client(options, "upload_dir").upload_dir(local_dir, path,
+                                                               progress=progress)
 
     def upload_certificate(self, path, certificate_key="cta", **options):
         """As the module function upload_certificate()."""
@@ -7221,9 +7520,27 @@ def _cmd_du(client, args):
     return 0
 
 
+def _args_progress(sp):
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show progress even when stderr is not a terminal: a plain line "
+                        "every 5 s (for batch jobs' logs); default: a live line on a "
+                        "terminal only")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="show no progress line")
+
+
 def _make_progress(args, label):
-    if not _opt(args, "quiet") and sys.stderr.isatty() and not getattr(args, "dry_run", 0):
+    """The progress display of get/put: a live line on a terminal, a plain
+    line every 5 s with --progress elsewhere, none with --no-progress, -q
+    (unless --progress) or a dry run."""
+    want = getattr(args, "progress", None)
+    if want is False or getattr(args, "dry_run", 0) or (_opt(args, "quiet") and not want):
+        return Progress()
+    if _stderr_is_terminal():
         return _TermProgress(sys.stderr, label)
+    if want:
+        return _LineProgress(sys.stderr, label)
     return Progress()
 
 
@@ -7320,6 +7637,7 @@ def _args_get(sub):
                     help="write one record per file (remote URL, local path, size, mtime, "
                          "checksums, status, error)")
     _args_output(sp, "the summary and one record per file")
+    _args_progress(sp)
     _args_filters(sp)
 
 
@@ -7380,6 +7698,7 @@ def _args_put(sub):
     sp.add_argument("--manifest", metavar="FILE.json",
                     help="write one record per file (as for get)")
     _args_output(sp, "the summary and one record per file")
+    _args_progress(sp)
     _args_filters(sp)
 
 
