@@ -446,6 +446,54 @@ def _unlink_quietly(path):
         pass
 
 
+# -- sizes and tables for people (a terminal, a notebook) ---------------------
+# Names come from servers: every cell of an HTML table is escaped.
+
+
+def _human(n):
+    """1234567 -> '1.2M' (binary units, like ls -h)."""
+    if n is None:
+        return "-"
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1024 or unit == "P":
+            return ("%d%s" % (n, unit)) if unit == "" else ("%.1f%s" % (n, unit))
+        n /= 1024.0
+
+
+def _human_bytes(n):
+    h = _human(n)
+    return h + "B" if h[-1:].isdigit() else h + "iB"
+
+
+def _html_table(header, rows, more=0, caption=None, right=()):
+    """A compact HTML table (a notebook's ``_repr_html_``): *header* names,
+    *rows* of values (None shows as empty), "... and N more" when *more*;
+    the columns numbered in *right* are right-aligned.  Everything is
+    escaped."""
+    import html
+    esc = html.escape
+
+    def cell(tag, i, value):
+        align = "right" if i in right else "left"
+        return '<%s style="text-align:%s">%s</%s>' % (
+            tag, align, esc("" if value is None else str(value)), tag)
+    out = ['<table class="ctadata">']
+    if caption:
+        out.append('<caption style="text-align:left">%s</caption>' % esc(caption))
+    out.append("<thead><tr>%s</tr></thead><tbody>" % "".join(
+        cell("th", i, h) for i, h in enumerate(header)))
+    for row in rows:
+        out.append("<tr>%s</tr>" % "".join(cell("td", i, v) for i, v in enumerate(row)))
+    if more:
+        out.append('<tr><td colspan="%d">... and %d more</td></tr>' % (len(header), more))
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+# Rows a notebook shows of a long listing (the rest: "... and N more").
+_HTML_ROWS = 200
+
+
 ############################################################################
 # Checksums
 ############################################################################
@@ -2346,6 +2394,7 @@ class Entry:
     is_dir    True for collections
     size      bytes, or None (directories, unknown)
     mtime     seconds since the epoch, or None when absent or unparsable
+              (``modified``: the same as a timezone-aware datetime, UTC)
     etag      entity tag as sent by the server, or None
     checksums dict algorithm -> lowercase hex digest (e.g. {"adler32": "..."})
     locality  dCache FileLocality (ONLINE, NEARLINE, ...) or None
@@ -2362,11 +2411,28 @@ class Entry:
         self.locality = locality
 
     def __repr__(self):
-        return "Entry(%r, is_dir=%r, size=%r)" % (self.path, self.is_dir, self.size)
+        if self.is_dir:
+            return "<Entry %r directory>" % self.path
+        when = " " + _iso(self.mtime).replace("T", " ").replace("Z", " UTC") \
+            if self.mtime is not None else ""
+        size = " " + _human_bytes(self.size) if self.size is not None else ""
+        return "<Entry %r file%s%s>" % (self.path, size, when)
 
     def __eq__(self, other):
         return isinstance(other, Entry) and all(
             getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    @property
+    def modified(self):
+        """The modification time as a timezone-aware datetime (UTC), or None."""
+        if self.mtime is None:
+            return None
+        import datetime
+        return datetime.datetime.fromtimestamp(self.mtime, datetime.timezone.utc)
+
+    def _repr_html_(self):
+        """A notebook shows an Entry as a one-row table."""
+        return _html_table(_ENTRY_HEADER, [_entry_row(self)], right=(2,))
 
     def to_dict(self):
         """A JSON-ready dict (mtime as ISO 8601 UTC)."""
@@ -2378,6 +2444,35 @@ class Entry:
 
 def _entry_key(e):
     return e.name
+
+
+_ENTRY_HEADER = ("path", "type", "size", "modified (UTC)", "checksums", "locality")
+
+
+def _entry_row(e):
+    """An Entry as the cells of a table row (notebooks)."""
+    return (e.path + ("/" if e.is_dir else ""), "directory" if e.is_dir else "file",
+            "" if e.is_dir or e.size is None else _human_bytes(e.size),
+            _iso(e.mtime).replace("T", " ").rstrip("Z") if e.mtime is not None else "",
+            " ".join("%s:%s" % kv for kv in sorted(e.checksums.items())), e.locality)
+
+
+class _Listing(list):
+    """What ``Client.ls`` returns: a plain list of Entry objects (equal to
+    any list with the same entries) that a notebook shows as a table (the
+    first _HTML_ROWS rows)."""
+
+    __slots__ = ()
+
+    def _repr_html_(self):
+        rows = [_entry_row(e) if isinstance(e, Entry) else (str(e),) + ("",) * 5
+                for e in self[:_HTML_ROWS]]
+        files = [e for e in self if isinstance(e, Entry) and not e.is_dir]
+        caption = "%d %s: %d %s, %s" % (
+            len(self), "entry" if len(self) == 1 else "entries", len(files),
+            "file" if len(files) == 1 else "files",
+            _human_bytes(sum(e.size or 0 for e in files)))
+        return _html_table(_ENTRY_HEADER, rows, len(self) - len(rows), caption, right=(2,))
 
 
 def _iso(ts):
@@ -3127,6 +3222,22 @@ class TransferSummary:
         return ("TransferSummary(files=%d, transferred=%d, skipped=%d, failed=%d, "
                 "bytes=%d, seconds=%.2f)" % (self.files, self.transferred, self.skipped,
                                              self.failed, self.bytes, self.seconds))
+
+    def _repr_html_(self):
+        """A notebook shows the counts, then the failures (first 20)."""
+        rate = self.bytes / self.seconds if self.seconds > 0 else 0
+        html = _html_table(
+            ("files", "transferred", "skipped", "failed", "planned", "bytes", "seconds",
+             "rate"),
+            [(self.files, self.transferred, self.skipped, self.failed, self.planned,
+              _human_bytes(self.bytes), "%.2f" % self.seconds, _human_bytes(rate) + "/s")],
+            right=range(8))
+        failures = self.failures
+        if failures:
+            html += _html_table(("failed", "error"), [
+                (_safe_url(r.source if "://" in str(r.source) else r.dest or r.source),
+                 r.error) for r in failures[:20]], len(failures) - min(len(failures), 20))
+        return html
 
     def to_dict(self):
         return {"files": self.files, "transferred": self.transferred,
@@ -4013,6 +4124,22 @@ def _usage_by_child(entry, tree, sel=None):
     return children
 
 
+class _Usage(dict):
+    """What ``Client.du`` returns: a plain dict (``path``, ``files``,
+    ``dirs``, ``bytes``, ``children``) that a notebook shows as a table."""
+
+    __slots__ = ()
+
+    def _repr_html_(self):
+        kids = self.get("children") or []
+        rows = [(c["name"] + ("/" if c["type"] == "directory" else ""), c["files"], c["dirs"],
+                 _human_bytes(c["bytes"])) for c in kids[:_HTML_ROWS]]
+        rows.append(("total", self["files"], self["dirs"], _human_bytes(self["bytes"])))
+        return _html_table(("name", "files", "dirs", "bytes"), rows,
+                           max(len(kids) - _HTML_ROWS, 0), self["path"] or "/",
+                           right=(1, 2, 3))
+
+
 # -- planners ----------------------------------------------------------------
 # A planner turns one call (download a tree, upload a folder...) into tasks
 # for a _WorkerPool: it lists, decides what is already there, makes the
@@ -4404,21 +4531,6 @@ class _ServiceUploads(_Uploads):
 # Each draws from poll(), in the thread that waits for the workers (a
 # notebook's output belongs to the cell that runs there), never from the
 # workers' hot loops.
-
-
-def _human(n):
-    """1234567 -> '1.2M' (binary units, like ls -h)."""
-    if n is None:
-        return "-"
-    for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1024 or unit == "P":
-            return ("%d%s" % (n, unit)) if unit == "" else ("%.1f%s" % (n, unit))
-        n /= 1024.0
-
-
-def _human_bytes(n):
-    h = _human(n)
-    return h + "B" if h[-1:].isdigit() else h + "iB"
 
 
 def _clock(seconds):
@@ -4859,11 +4971,11 @@ class Client:
         types only (see iter_dir).  Raises NotFound, AuthError, RemoteError."""
         sel = _selector(select)
         if not recursive:
-            return sorted((e for e in self.iter_dir(path, details)
-                           if sel is None or (not e.is_dir and sel(e.name))),
-                          key=_entry_key)
+            return _Listing(sorted((e for e in self.iter_dir(path, details)
+                                    if sel is None or (not e.is_dir and sel(e.name))),
+                                   key=_entry_key))
         root = self.url_for(path, collection=True)
-        out = []
+        out = _Listing()
         for _top, children in self.walk(path, details=details):
             out.extend(e for e in children if sel is None or (
                 not e.is_dir and sel(_rel_path(root, e.url))))
@@ -4891,14 +5003,14 @@ class Client:
         download).  Raises NotFound, AuthError, RemoteError."""
         entry = self.stat(path)
         if not entry.is_dir:
-            return {"path": entry.path, "files": 1, "dirs": 0, "bytes": entry.size or 0,
-                    "children": []}
+            return _Usage(path=entry.path, files=1, dirs=0, bytes=entry.size or 0,
+                          children=[])
         children = _usage_by_child(entry, self.walk(entry), _selector(select))
-        return {"path": entry.path,
-                "files": sum(c["files"] for c in children),
-                "dirs": sum(c["dirs"] + (c["type"] == "directory") for c in children),
-                "bytes": sum(c["bytes"] for c in children),
-                "children": children}
+        return _Usage(path=entry.path,
+                      files=sum(c["files"] for c in children),
+                      dirs=sum(c["dirs"] + (c["type"] == "directory") for c in children),
+                      bytes=sum(c["bytes"] for c in children),
+                      children=children)
 
     # -- transfers -------------------------------------------------------------------
 
