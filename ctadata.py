@@ -24,6 +24,7 @@ backend and the planners) -> Public functions -> CLI -> Entry point.
 """
 
 import _thread
+import io
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ import time
 # Everything else (threading, ssl, http.client, xml, concurrent.futures,
 # argparse, logging, urllib) is imported where it is used: `import ctadata`
 # and `ctadata --version` stay about as fast as starting Python itself.
+# (io is loaded by every Python at start-up, for sys.stdout: it costs nothing.)
 
 # Python 3.6 compatibility --------------------------------------------------
 # 3.6 is the system python3 of RHEL 8 and SLES 15 login nodes.  Older Pythons
@@ -600,6 +602,16 @@ def _hash_head(f, length, hashers):
         n = min(n, left)
         hashers.update(memoryview(buf)[:n])
         left -= n
+
+
+def _local_checksums(path, algos=("adler32",)):
+    """{algorithm: hex} of a local file, read in blocks (never whole:
+    `ctadata sum --local` of a 100 GB file needs 256 KiB of memory).
+    Raises OSError."""
+    hashers = _Hashers(algos)
+    with open(path, "rb", buffering=0) as f:
+        _hash_head(f, os.fstat(f.fileno()).st_size, hashers)
+    return hashers.result()
 
 
 def _file_matches(path, remote_sums):
@@ -4521,6 +4533,329 @@ class _ServiceUploads(_Uploads):
 
 
 ############################################################################
+# Remote files (reading without downloading)
+############################################################################
+
+# A remote file read in place.  _RemoteFile is a seekable, read-only binary
+# file that fetches what a reader asks for with HTTP Range requests (RFC
+# 9110 §14: one "bytes=FIRST-LAST" range per GET), in blocks kept in a small LRU cache, and
+# reads ahead (doubling, up to _READ_AHEAD) while the reads are
+# sequential: h5py, astropy.io.fits and zipfile then read only the parts
+# they need.  No If-Range: Apache takes a fresh file's validators as weak
+# and answers a whole 200; every answer's ETag and Last-Modified must be
+# those of the first one instead (a file changed meanwhile is an error).  The download service ignores Range: there the file reads
+# from start to end only (seek raises).  _copy_to streams a whole file to
+# a binary stream (`ctadata cat`), verified against the server's checksum.
+
+# Block size and cache of open(); measured with tests/bench/open_blocks.py
+# (see README "Reading without downloading").
+_OPEN_BLOCK = 1 << 20
+_OPEN_CACHE = 32 << 20
+# The most a sequential reader fetches ahead in one request.
+_READ_AHEAD = 8 << 20
+
+
+class _RemoteFile(io.RawIOBase):
+    """A remote file opened for reading (Client.open): read, readinto,
+    seek, tell, readall, close, a context manager; ``name`` (the remote
+    path), ``size``, ``mode`` ("rb"), ``url``, and what it cost so far:
+    ``requests`` (GETs sent) and ``fetched`` (bytes received).  Not safe
+    to share between threads (as no file object is)."""
+
+    def __init__(self, tr, entry, block_size=None, cache_size=None, ranges=True,
+                 cancel=None):
+        io.RawIOBase.__init__(self)
+        self.tr, self.entry, self.url, self.name = tr, entry, entry.url, entry.path
+        self.size = entry.size
+        self.mode = "rb"
+        self.block = _positive(block_size, _OPEN_BLOCK, "block_size", int)
+        self.cache_blocks = max(_positive(cache_size, _OPEN_CACHE, "cache_size", int) //
+                                self.block, 2)
+        self.ranges, self.cancel = ranges, cancel
+        self.requests = self.fetched = 0
+        import collections
+        self._cache = collections.OrderedDict()  # block number -> bytes, LRU first
+        self._pos = 0
+        self._last = -2   # the last block read: is the next read sequential?
+        self._ahead = 0   # blocks to read ahead on the next sequential miss
+        self._stream = None  # without ranges: the one GET, read front to back
+        self._version = None  # (ETag, Last-Modified) of the first answer
+
+    def __repr__(self):
+        return "<ctadata remote file %r, %s%s>" % (
+            self.name, _human_bytes(self.size), ", closed" if self.closed else "")
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return self.ranges
+
+    def tell(self):
+        self._check_open()
+        return self._pos
+
+    def seek(self, offset, whence=0):
+        self._check_open()
+        pos = {0: 0, 1: self._pos, 2: self.size}.get(whence)
+        if pos is None:
+            raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % whence)
+        pos += offset
+        if pos < 0:
+            raise ValueError("negative seek position %d" % pos)
+        if not self.ranges and pos != self._pos:
+            raise io.UnsupportedOperation(
+                "the download service ignores Range requests: this file reads only from "
+                "start to end (seeking needs direct mode, e.g. Client.webdav_client())")
+        self._pos = pos
+        return pos
+
+    def readinto(self, b):
+        self._check_open()
+        view = memoryview(b).cast("B")
+        end = min(self._pos + len(view), self.size)
+        if end <= self._pos:
+            return 0
+        if not self.ranges:
+            return self._read_stream(view[:end - self._pos])
+        bs, pos = self.block, self._pos
+        first, last = pos // bs, (end - 1) // bs
+        sequential = first in (self._last, self._last + 1)
+        self._ahead = min(max(self._ahead * 2, 1), _READ_AHEAD // bs) if sequential else 0
+        k = first
+        while k <= last:
+            data = self._cache.get(k)
+            if data is not None:
+                self._cache.move_to_end(k)
+                blocks = [data]
+            else:
+                blocks = self._fetch_run(k, last)
+            for data in blocks:
+                if k > last:
+                    break
+                lo = max(pos - k * bs, 0)
+                hi = min(end - k * bs, len(data))
+                at = k * bs + lo - self._pos
+                view[at:at + hi - lo] = data[lo:hi]
+                k += 1
+        self._last = last
+        n = end - self._pos
+        self._pos = end
+        return n
+
+    def readall(self):
+        """The rest of the file, fetched in as few requests as possible."""
+        self._check_open()
+        buf = bytearray(max(self.size - self._pos, 0))
+        n = self.readinto(buf) if buf else 0
+        del buf[n:]
+        return bytes(buf)
+
+    def close(self):
+        if self._stream is not None:
+            self.tr.release(self._stream)
+            self._stream = None
+        self._cache.clear()
+        io.RawIOBase.close(self)
+
+    def _check_open(self):
+        if self.closed:
+            raise ValueError("I/O operation on a closed file")
+
+    # -- fetching ----------------------------------------------------------------
+
+    def _fetch_run(self, k, last):
+        """Fetch the blocks from *k* that are not cached, up to *last* and
+        then as far as the read-ahead goes; cache them and return them."""
+        n_blocks = (self.size + self.block - 1) // self.block
+        stop = k + 1
+        while stop <= last and stop not in self._cache:
+            stop += 1
+        if stop > last:  # the request's end: read ahead beyond it
+            limit = min(last + 1 + self._ahead, n_blocks)
+            while stop < limit and stop not in self._cache:
+                stop += 1
+        blocks = self._fetch(k, stop)
+        for i, data in enumerate(blocks):
+            self._cache[k + i] = data
+        while len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
+        return blocks
+
+    def _fetch(self, k, stop):
+        """Blocks k..stop-1 in one GET (retried per the transport's policy)."""
+        start = k * self.block
+        end = min(stop * self.block, self.size) - 1
+        headers = {"Range": "bytes=%d-%d" % (start, end)}
+        attempt = 0
+        while True:
+            try:
+                return self._get(headers, start, end)
+            except CtadataError as e:
+                delay = _retry_delay(self.tr.policy, attempt, e)
+                if delay is None:
+                    raise
+                _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(self.url),
+                     delay, e)
+                self.tr.sleep(delay)
+                attempt += 1
+
+    def _get(self, headers, start, end):
+        resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="read",
+                               retry=False)
+        self.requests += 1
+        try:
+            first, total = _content_range(resp)
+            if resp.status != 206 or first != start:
+                raise TransferError("the server ignored the Range request (answer %d, %s)"
+                                    % (resp.status, resp.getheader("Content-Range")),
+                                    self.url, retryable=False)
+            self._version = _same_version(self._version, resp, total, self.size, self.url)
+            blocks, left = [], end - start + 1
+            while left > 0:
+                want = min(self.block - (start % self.block if not blocks else 0), left)
+                data = self._read_exactly(resp, want)
+                blocks.append(data)
+                left -= len(data)
+            return blocks
+        finally:
+            self.tr.release(resp)
+
+    def _read_exactly(self, resp, n):
+        parts, got = [], 0
+        try:
+            while got < n:
+                data = resp.read(n - got)
+                if not data:
+                    raise TransferError("short read: the server sent %d of %d bytes"
+                                        % (got, n), self.url)
+                parts.append(data)
+                got += len(data)
+        except TransferError:
+            raise
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            raise _network_error(e, self.url, "read")
+        self.fetched += n
+        if self.cancel is not None and self.cancel.is_set():
+            raise KeyboardInterrupt
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_stream(self, view):
+        """Without ranges: read on from the one GET (made at the first read)."""
+        if self._stream is None:
+            self._stream = self.tr.request("GET", self.url, ok=(200,), what="read")
+            self.requests += 1
+        try:
+            n = self._stream.readinto(view)
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            raise _network_error(e, self.url, "read")
+        if not n:
+            raise TransferError("short read: the server sent %d of %d bytes"
+                                % (self._pos, self.size), self.url)
+        self.fetched += n
+        self._pos += n
+        return n
+
+
+def _same_version(version, resp, total, size, url):
+    """The (ETag, Last-Modified) of a range answer, which must be those of
+    the earlier answers (*version*, None for the first) and say the size
+    the file had: else the file changed while it was being read."""
+    now = (resp.getheader("ETag"), resp.getheader("Last-Modified"))
+    if (total is not None and total != size) or version is not None and any(
+            a is not None and b is not None and a != b for a, b in zip(version, now)):
+        raise TransferError("the file changed since it was opened", url, retryable=False)
+    return now
+
+
+def _copy_to(tr, entry, out, resumable, cancel=None):
+    """Write the remote file *entry* to the binary stream *out* (stdout for
+    `ctadata cat`); return the bytes written.  A transient failure resumes
+    with Range where the bytes written end (direct mode; elsewhere only
+    while nothing is written yet).  The size and the server's checksum (the
+    answer's Digest, else the listing's) are checked at the end: the bytes
+    are written by then, so a mismatch raises ChecksumMismatch (a short
+    file TransferError) for the caller to report.  A failed write (a
+    closed pipe) is raised as it is."""
+    state = {"written": 0, "hashers": None, "sums": None, "version": None}
+    attempt = 0
+    while True:
+        try:
+            _copy_attempt(tr, entry, out, state, cancel)
+            break
+        except CtadataError as e:
+            written = state["written"]
+            can = not written or resumable
+            delay = _retry_delay(tr.policy, attempt, e) if can else None
+            if delay is None:
+                raise
+            _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(entry.url),
+                 delay, e)
+            tr.sleep(delay)
+            attempt += 1
+    bad = _first_mismatch(state["hashers"].result(), state["sums"])
+    if bad:
+        raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s; the "
+                               "bytes written are not the file" % bad, entry.url, *bad)
+    return state["written"]
+
+
+def _copy_attempt(tr, entry, out, state, cancel):
+    """One GET of _copy_to, from where the bytes written end (the answer
+    must be the same version of the file: see _same_version)."""
+    written = state["written"]
+    headers = {"Want-Digest": _WANT_DIGEST}
+    if written:
+        headers["Range"] = "bytes=%d-" % written
+    resp = tr.request("GET", entry.url, headers, ok=(200, 206), what="read", retry=False)
+    try:
+        first, total = _content_range(resp)
+        if (resp.status == 206) != bool(written) or (written and first != written):
+            raise TransferError("cannot resume after %d bytes were written: the server "
+                                "ignores Range" % written, entry.url, retryable=False)
+        if written:
+            _same_version(state["version"], resp, total, entry.size, entry.url)
+        else:
+            state["version"] = (resp.getheader("ETag"), resp.getheader("Last-Modified"))
+        if state["hashers"] is None:
+            state["sums"] = _parse_digest(resp.getheader("Digest")) or entry.checksums
+            state["hashers"] = _Hashers(_algos_for(state["sums"], False))
+        update = state["hashers"].update if state["hashers"].active else None
+        size = total if total is not None else entry.size
+        read = resp.read1 if hasattr(resp, "read1") else resp.read
+        while True:
+            try:
+                block = read(_CHUNK)
+            except Exception as e:
+                if not _is_transient(e):
+                    raise
+                raise _network_error(e, entry.url, "read")
+            if not block:
+                break
+            try:
+                out.write(block)
+            except BrokenPipeError:
+                raise
+            except OSError as e:
+                raise TransferError("cannot write the output: %s" % (e.strerror or e),
+                                    retryable=False)
+            if update is not None:
+                update(block)
+            state["written"] += len(block)
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt
+    finally:
+        tr.release(resp)
+    if size is not None and state["written"] != size:
+        raise TransferError("short read: %d of %d bytes" % (state["written"], size),
+                            entry.url, expected=size, received=state["written"])
+
+
+############################################################################
 # Progress displays (terminal, notebook)
 ############################################################################
 
@@ -5134,6 +5469,50 @@ class Client:
         ends with "/"); return the TransferSummary.  Raises PartialFailure."""
         return self.upload(local, remote, recursive=True, progress=progress)
 
+    # -- reading without downloading ----------------------------------------------
+
+    def open(self, path, mode="rb", block_size=None, cache_size=None):
+        """Open a remote file for reading without downloading it: return a
+        seekable, read-only binary file object (read, readinto, seek, tell,
+        close; ``with``; ``name``, ``size``, and ``requests`` / ``fetched``:
+        the GETs and bytes it cost so far) that fetches only the parts read,
+        with HTTP Range requests, in blocks of *block_size* bytes (default
+        1 MiB) kept in a cache of *cache_size* bytes (default 32 MiB),
+        reading ahead while reads are sequential.  ``h5py.File(f)``,
+        ``astropy.io.fits.open(f)`` and ``zipfile.ZipFile(f)`` take it.
+        Nothing is checksummed (use download or cat for that).  In service
+        mode (the download service ignores Range) the file reads from start
+        to end only: seek() raises io.UnsupportedOperation.  Raises NotFound,
+        ConfigError (a directory, a mode other than "rb"), AuthError; reads
+        raise TransferError (also when the file changed since it was opened)."""
+        if mode != "rb":
+            raise ConfigError("open() reads bytes: mode must be 'rb', not %r (for text, "
+                              "wrap the file in io.TextIOWrapper)" % (mode,))
+        entry = self._readable(path, "open")
+        return _RemoteFile(self._transport, entry, block_size, cache_size,
+                           self._remote.resumable)
+
+    def cat(self, path, out):
+        """Write a remote file to the binary stream *out* (e.g.
+        ``sys.stdout.buffer``) as it arrives; return the number of bytes
+        written.  A dropped connection resumes where it stopped (direct
+        mode).  The size and the server's checksum are checked at the end,
+        after the bytes are written: a mismatch raises ChecksumMismatch (the
+        output is then not the file).  Raises NotFound, ConfigError (a
+        directory), TransferError."""
+        entry = self._readable(path, "cat")
+        return _copy_to(self._transport, entry, out, self._remote.resumable)
+
+    def _readable(self, path, verb):
+        """The Entry of a remote file to read (not a directory, size known)."""
+        entry = self._remote.stat(path)
+        if entry.is_dir:
+            raise ConfigError("%s is a directory (%s reads files)" % (entry.path or "/", verb))
+        if entry.size is None:
+            raise ProtocolError("the server does not say the size of %s" % entry.path,
+                                entry.url)
+        return entry
+
     # -- namespace operations (WebDAV only) ---------------------------------------
 
     def mkdir(self, path, parents=False):
@@ -5449,6 +5828,18 @@ remove = _default_client_function("remove")
 move = _default_client_function("move")
 du = _default_client_function("du")
 checksum = _default_client_function("checksum")
+
+
+class _Module(type(sys)):
+    """The type of the ctadata module: it adds ``ctadata.open(path, "rb")``
+    (Client.open on the default client, as tarfile.open or gzip.open),
+    without a global ``open`` that would hide the built-in open() from this
+    module's own code and from ``from ctadata import *``."""
+
+    open = staticmethod(_default_client_function("open"))
+
+
+sys.modules[__name__].__class__ = _Module
 
 
 ############################################################################
@@ -7410,7 +7801,7 @@ def _build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_args_ls, _args_stat, _args_du, _args_get, _args_put, _args_mkdir, _args_rm,
-                _args_mv, _args_sum, _args_config, _args_completion, _args_upload_cert,
+                _args_mv, _args_sum, _args_cat, _args_config, _args_completion, _args_upload_cert,
                 _args_login, _args_logout, _args_token, _args_serve, _args_old_names):
         add(sub)
     return p
@@ -7729,7 +8120,8 @@ def _args_get(sub):
     sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
     sp.add_argument("dest", nargs="?", default=None, help=(
         "local file or folder (default: current folder). With -r, the tree goes to "
-        "DEST/NAME when DEST ends with '/' (or is '.'), else to DEST itself"))
+        "DEST/NAME when DEST ends with '/' (or is '.'), else to DEST itself; '-' writes "
+        "the file to standard output (as `ctadata cat`)"))
     sp.add_argument("-r", "--recursive", action="store_true", help="download a directory tree")
     sp.add_argument("--from-list", metavar="FILE", help=(
         "download every URL or remote path listed in FILE ('-': standard input; one "
@@ -7765,6 +8157,11 @@ def _cmd_get(client, args):
         raise ConfigError("get needs a remote path (or --from-list FILE)")
     elif args.strip_prefix:
         raise ConfigError("--strip-prefix goes with --from-list")
+    if args.dest == "-":
+        if args.recursive or args.from_list or sel is not None or args.dry_run:
+            raise ConfigError("get PATH - writes one file to standard output: no -r, "
+                              "--from-list, --include/--exclude or --dry-run")
+        return _to_stdout(client, [args.source])
     progress = _make_progress(args, "get")
     try:
         if args.from_list:
@@ -7886,21 +8283,70 @@ def _cmd_mv(client, args):
 
 
 def _args_sum(sub):
-    sp = _subcommand(sub, "sum", _cmd_sum, "print the server's checksum of a file")
-    sp.add_argument("path", help="remote path")
+    sp = _subcommand(sub, "sum", _cmd_sum, "print the server's checksum of a file "
+                     "(--local: of local files)", description=(
+                         "Print the server's checksums of remote files (what it has: adler32, "
+                         "md5), or with --local compute those of local files, reading them "
+                         "in blocks (any size, little memory). One line per checksum: "
+                         "'ALGO VALUE', followed by '  PATH' when several paths are given, "
+                         "so that the two compare with diff."))
+    sp.add_argument("paths", nargs="+", metavar="PATH",
+                    help="remote path (with --local: local file)")
+    sp.add_argument("--local", action="store_true",
+                    help="checksum local files (default algorithm adler32)")
     sp.add_argument("--algo", choices=("adler32", "md5"), default=None,
-                    help="only this algorithm")
+                    help="only this algorithm (with --local: this one instead of adler32)")
 
 
 def _cmd_sum(client, args):
-    sums = client.checksum(args.path)
-    if args.algo:
-        sums = {k: v for k, v in sums.items() if k == args.algo}
-    if not sums:
-        raise RemoteError("the server has no %s checksum for this file"
-                          % (args.algo or "known"), client.url_for(args.path))
-    for algo, value in sorted(sums.items()):
-        _out("%s %s\n" % (algo, value))
+    several = len(args.paths) > 1
+    lines = []
+    for path in args.paths:
+        if args.local:
+            try:
+                sums = _local_checksums(path, (args.algo or "adler32",))
+            except OSError as e:
+                raise ConfigError("cannot read %s: %s" % (path, e.strerror or e))
+        else:
+            sums = client.checksum(path)
+            if args.algo:
+                sums = {k: v for k, v in sums.items() if k == args.algo}
+            if not sums:
+                raise RemoteError("the server has no %s checksum for this file"
+                                  % (args.algo or "known"), client.url_for(path))
+        for algo, value in sorted(sums.items()):
+            lines.append("%s %s%s\n" % (algo, value, "  " + path if several else ""))
+        if several:  # one file at a time: a long run shows as it goes
+            _out("".join(lines))
+            del lines[:]
+    _out("".join(lines))
+    return 0
+
+
+def _args_cat(sub):
+    sp = _subcommand(sub, "cat", _cmd_cat, "write remote files to standard output",
+                     description=(
+                         "Write remote files to standard output as they arrive (binary-"
+                         "safe), e.g. `ctadata cat lst/run.json | jq .`; `get PATH -` does "
+                         "the same. A dropped connection resumes where it stopped. Each "
+                         "file's size and the server's checksum (when it has one) are "
+                         "checked at the end: the bytes are written by then, so a mismatch "
+                         "ends with an error on stderr and exit status 1 (the output is "
+                         "not the file)."))
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="remote path or URL")
+
+
+def _cmd_cat(client, args):
+    return _to_stdout(client, args.paths)
+
+
+def _to_stdout(client, paths):
+    """Write remote files to the binary standard output (cat, get PATH -)."""
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", sys.stdout)
+    for path in paths:
+        client.cat(path, out)
+    out.flush()
     return 0
 
 
