@@ -5004,8 +5004,14 @@ def _progress_html(label, s):
     import html
     done = s.bytes_done if s.bytes_total else s.files_done
     total = s.bytes_total or s.files_total
-    bar = '<progress value="%d" max="%d" style="width:16em"></progress>' % (
-        max(min(done, total), 0), max(total, 1)) if total and not s.final else ""
+    if s.final:
+        bar = ""
+    elif total:
+        bar = '<progress value="%d" max="%d" style="width:16em"></progress>' % (
+            max(min(done, total), 0), total)
+    else:  # nothing known yet: an indeterminate bar
+        bar = '<progress style="width:16em"></progress>'
+
     color = "#b00" if s.failed else "inherit"
     return ('<div style="font-family:monospace;color:%s">%s %s</div>'
             % (color, bar, html.escape(_status_line(label, s))))
