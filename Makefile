@@ -33,9 +33,9 @@ test-pypy: deps  ## the same suite under PyPy 3 (Debian's pypy3, pytest in a ven
 
 # Test-only packages, never needed by ctadata: a real IPython kernel
 # (ipykernel, jupyter_client) for the notebook progress test, h5py and
-# astropy for open(), pandas for the DataFrame recipe.  A venv of their own (~20 s and ~300 MB the first
-# time, from PyPI); without PyPI the run is skipped, as those tests are in
-# the main run.
+# astropy for open(), pandas for the DataFrame recipe.  A venv of their
+# own (~25 s and ~300 MB the first time, from PyPI); without PyPI this run
+# is skipped (the main run skips those tests too).
 EXTRAS_VENV = build/extras-venv
 EXTRAS_TESTS = tests/test_notebook.py tests/test_remote_files.py tests/test_display.py
 test-extras: deps  ## notebook, h5py and astropy tests in a venv that has those packages

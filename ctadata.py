@@ -4755,11 +4755,13 @@ class _RemoteFile(io.RawIOBase):
             self._stream = self.tr.request("GET", self.url, ok=(200,), what="read")
             self.requests += 1
         try:
-            n = self._stream.readinto(view)
+            data = self._stream.read(len(view))  # (PyPy's readinto refuses a cast view)
         except Exception as e:
             if not _is_transient(e):
                 raise
             raise _network_error(e, self.url, "read")
+        n = len(data)
+        view[:n] = data
         if not n:
             raise TransferError("short read: the server sent %d of %d bytes"
                                 % (self._pos, self.size), self.url)
