@@ -10,7 +10,8 @@ keyword arguments, ``APIClient`` class and exception names are all here.
 It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
-  ``ctadata.upload_file(...)`` or an explicit ``ctadata.Client(...)``;
+  ``ctadata.upload_file(...)``, ``ctadata.open(path, "rb")`` or an explicit
+  ``ctadata.Client(...)``;
 * from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat``;
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
@@ -19,8 +20,9 @@ it.  Constants -> Errors -> Paths & names -> Checksums -> Settings -> HTTP
 transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
 _DAV, the direct-mode backend) -> Download service & JupyterHub services
 (_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
-the worker pool, the planners) -> Progress displays -> Client (a face over a
-backend and the planners) -> Public functions -> CLI -> Entry point.
+the worker pool, the planners) -> Remote files (open, cat) -> Progress
+displays (terminal, notebook) -> Client (a face over a backend and the
+planners) -> Public functions -> CLI -> Entry point.
 """
 
 import _thread
@@ -7795,6 +7797,7 @@ examples:
   ctadata ls -l -h lst/some-dir
   ctadata get -r lst/some-dir ./data/
   ctadata put -r results/ your-folder/
+  ctadata cat lst/some-dir/run.json | jq .
   ctadata --service put results.txt your-folder/     # prints where it landed
   ctadata upload-cert --key lst ~/x509up.pem
 exit status: 0 success, 1 a failure, 2 bad usage, 130 interrupted.
@@ -8300,11 +8303,12 @@ def _cmd_mv(client, args):
 def _args_sum(sub):
     sp = _subcommand(sub, "sum", _cmd_sum, "print the server's checksum of a file "
                      "(--local: of local files)", description=(
-                         "Print the server's checksums of remote files (what it has: adler32, "
-                         "md5), or with --local compute those of local files, reading them "
-                         "in blocks (any size, little memory). One line per checksum: "
-                         "'ALGO VALUE', followed by '  PATH' when several paths are given, "
-                         "so that the two compare with diff."))
+                         "Print the server's checksums of remote files (what it has: adler32,\n"
+                         "md5), or with --local compute those of local files, reading them in\n"
+                         "blocks (any size, little memory). One line per checksum, 'ALGO VALUE',\n"
+                         "followed by '  PATH' when several paths are given, so that the two\n"
+                         "compare with diff:\n"
+                         "  diff <(ctadata sum --algo adler32 lst/f.h5) <(ctadata sum --local f.h5)"))
     sp.add_argument("paths", nargs="+", metavar="PATH",
                     help="remote path (with --local: local file)")
     sp.add_argument("--local", action="store_true",
@@ -8341,13 +8345,12 @@ def _cmd_sum(client, args):
 def _args_cat(sub):
     sp = _subcommand(sub, "cat", _cmd_cat, "write remote files to standard output",
                      description=(
-                         "Write remote files to standard output as they arrive (binary-"
-                         "safe), e.g. `ctadata cat lst/run.json | jq .`; `get PATH -` does "
-                         "the same. A dropped connection resumes where it stopped. Each "
-                         "file's size and the server's checksum (when it has one) are "
-                         "checked at the end: the bytes are written by then, so a mismatch "
-                         "ends with an error on stderr and exit status 1 (the output is "
-                         "not the file)."))
+                         "Write remote files to standard output as they arrive (binary-safe),\n"
+                         "e.g. `ctadata cat lst/run.json | jq .`; `get PATH -` does the same.\n"
+                         "A dropped connection resumes where it stopped. Each file's size and\n"
+                         "the server's checksum (when it has one) are checked at the end: the\n"
+                         "bytes are written by then, so a mismatch ends with an error on\n"
+                         "stderr and exit status 1 (the output is not the file)."))
     sp.add_argument("paths", nargs="+", metavar="PATH", help="remote path or URL")
 
 

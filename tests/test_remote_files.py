@@ -311,3 +311,15 @@ def test_local_checksums_do_not_read_the_whole_file(tmp_path):
         tracemalloc.stop()
     assert peak < 2 << 20
     assert sums["md5"] == hashlib.md5(big.read_bytes()).hexdigest()
+
+
+def test_open_through_the_services_webdav_pass_through_seeks(svc):
+    # the pass-through forwards Range to the storage (as the double does)
+    with svc.webdav_client() as dav_client:
+        with dav_client.open("lst/data/run1/a.bin", block_size=65536) as f:
+            assert f.seekable()
+            f.seek(-100, 2)
+            assert f.read() == SERVICE_A_BIN[-100:]
+            f.seek(1000)
+            assert f.read(10) == SERVICE_A_BIN[1000:1010]
+            assert f.fetched < len(SERVICE_A_BIN)
