@@ -3312,6 +3312,8 @@ class Progress:
             s = _Snapshot(self.done_files, self.total_files, self.done_bytes,
                           self.total_bytes, self.failed, self.skipped,
                           now - self.started, self.planning and not final, final)
+            # files waiting to come from tape (downloads with staging, issue 12)
+            s.waiting = getattr(self, "waiting", 0)
             # The rate of the last ~10 s: the average since the start counts
             # the listing and stalls long gone.
             marks = self._marks
@@ -3368,10 +3370,11 @@ class _Snapshot:
     elapsed (seconds), rate (bytes/s over the last seconds), eta (seconds
     left, or None when unknown), listing (True while files may still be
     added: the totals and the ETA are then lower bounds), final (True for
-    the last one, when the transfer is over)."""
+    the last one, when the transfer is over), waiting (files still to come
+    from tape, with staging)."""
 
     __slots__ = ("files_done", "files_total", "bytes_done", "bytes_total", "failed",
-                 "skipped", "elapsed", "listing", "final", "rate", "eta")
+                 "skipped", "elapsed", "listing", "final", "rate", "eta", "waiting")
 
     def __init__(self, files_done, files_total, bytes_done, bytes_total, failed, skipped,
                  elapsed, listing, final, rate=0.0, eta=None):
@@ -3379,6 +3382,7 @@ class _Snapshot:
         self.bytes_done, self.bytes_total = bytes_done, bytes_total
         self.failed, self.skipped, self.elapsed = failed, skipped, elapsed
         self.listing, self.final, self.rate, self.eta = listing, final, rate, eta
+        self.waiting = 0
 
     def to_dict(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -4908,6 +4912,8 @@ def _status_line(label, s):
         line += "  %d skipped" % s.skipped
     if s.failed:
         line += "  %d failed" % s.failed
+    if s.waiting:
+        line += "  %d on tape" % s.waiting
     return line
 
 
