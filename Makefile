@@ -4,7 +4,7 @@ PYTEST ?= $(PYTHON) -m pytest
 TASKS ?=
 PYTHONS ?=
 
-.PHONY: help demo install test test-pypy test-matrix deps zipapp lint bench clean
+.PHONY: help demo install test test-pypy test-matrix test-extras deps zipapp lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,6 +22,7 @@ test: deps  ## the whole suite against real local servers: CPython, PyPy, then e
 	$(PYTEST) -q
 	@if command -v pypy3 >/dev/null 2>&1; then $(MAKE) --no-print-directory test-pypy; \
 	 else echo "pypy3 not installed: PyPy run skipped (tests/install-deps.sh installs it)"; fi
+	@$(MAKE) --no-print-directory test-extras
 	@$(MAKE) --no-print-directory test-matrix
 
 PYPY_VENV = build/pypy-venv
@@ -29,6 +30,19 @@ test-pypy: deps  ## the same suite under PyPy 3 (Debian's pypy3, pytest in a ven
 	@test -x $(PYPY_VENV)/bin/python || { pypy3 -m venv $(PYPY_VENV) && \
 	  $(PYPY_VENV)/bin/python -m pip install -q pytest; }
 	$(PYPY_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# Test-only packages, never needed by ctadata: a real IPython kernel
+# (ipykernel, jupyter_client) for the notebook progress test, h5py and
+# astropy for open(), pandas for the DataFrame recipe.  A venv of their
+# own (~25 s and ~300 MB the first time, from PyPI); without PyPI this run
+# is skipped (the main run skips those tests too).
+EXTRAS_VENV = build/extras-venv
+EXTRAS_TESTS = tests/test_notebook.py tests/test_remote_files.py tests/test_display.py
+test-extras: deps  ## notebook, h5py and astropy tests in a venv that has those packages
+	@test -x $(EXTRAS_VENV)/bin/python || { $(PYTHON) -m venv $(EXTRAS_VENV) && \
+	  $(EXTRAS_VENV)/bin/python -m pip install -q pytest ipykernel jupyter_client h5py astropy pandas; } || \
+	  { rm -rf $(EXTRAS_VENV); echo "test-extras: could not install the test-only packages: skipped"; exit 0; }
+	@test ! -x $(EXTRAS_VENV)/bin/python || $(EXTRAS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(EXTRAS_TESTS)
 
 test-matrix: deps  ## the suite under each pyenv Python 3.6-3.13, a line each (PYTHONS="3.6 3.7": those)
 	@PYTHON=$(PYTHON) PYTHONS="$(PYTHONS)" bash tests/matrix.sh

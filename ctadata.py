@@ -10,7 +10,8 @@ keyword arguments, ``APIClient`` class and exception names are all here.
 It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
-  ``ctadata.upload_file(...)`` or an explicit ``ctadata.Client(...)``;
+  ``ctadata.upload_file(...)``, ``ctadata.open(path, "rb")`` or an explicit
+  ``ctadata.Client(...)``;
 * from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat / stage``;
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
@@ -20,11 +21,13 @@ transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
 _DAV, the direct-mode backend) -> Tape (the WLCG Tape REST API: _TapeAPI,
 StageRequest) -> Download service & JupyterHub services
 (_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
-the worker pool, the planners) -> Progress displays -> Client (a face over a
-backend and the planners) -> Public functions -> CLI -> Entry point.
+the worker pool, the planners) -> Remote files (open, cat) -> Progress
+displays (terminal, notebook) -> Client (a face over a backend and the
+planners) -> Public functions -> CLI -> Entry point.
 """
 
 import _thread
+import io
 import os
 import sys
 import time
@@ -32,6 +35,7 @@ import time
 # Everything else (threading, ssl, http.client, xml, concurrent.futures,
 # argparse, logging, urllib) is imported where it is used: `import ctadata`
 # and `ctadata --version` stay about as fast as starting Python itself.
+# (io is loaded by every Python at start-up, for sys.stdout: it costs nothing.)
 
 # Python 3.6 compatibility --------------------------------------------------
 # 3.6 is the system python3 of RHEL 8 and SLES 15 login nodes.  Older Pythons
@@ -466,6 +470,54 @@ def _unlink_quietly(path):
         pass
 
 
+# -- sizes and tables for people (a terminal, a notebook) ---------------------
+# Names come from servers: every cell of an HTML table is escaped.
+
+
+def _human(n):
+    """1234567 -> '1.2M' (binary units, like ls -h)."""
+    if n is None:
+        return "-"
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1024 or unit == "P":
+            return ("%d%s" % (n, unit)) if unit == "" else ("%.1f%s" % (n, unit))
+        n /= 1024.0
+
+
+def _human_bytes(n):
+    h = _human(n)
+    return h + "B" if h[-1:].isdigit() else h + "iB"
+
+
+def _html_table(header, rows, more=0, caption=None, right=()):
+    """A compact HTML table (a notebook's ``_repr_html_``): *header* names,
+    *rows* of values (None shows as empty), "... and N more" when *more*;
+    the columns numbered in *right* are right-aligned.  Everything is
+    escaped."""
+    import html
+    esc = html.escape
+
+    def cell(tag, i, value):
+        align = "right" if i in right else "left"
+        return '<%s style="text-align:%s">%s</%s>' % (
+            tag, align, esc("" if value is None else str(value)), tag)
+    out = ['<table class="ctadata">']
+    if caption:
+        out.append('<caption style="text-align:left">%s</caption>' % esc(caption))
+    out.append("<thead><tr>%s</tr></thead><tbody>" % "".join(
+        cell("th", i, h) for i, h in enumerate(header)))
+    for row in rows:
+        out.append("<tr>%s</tr>" % "".join(cell("td", i, v) for i, v in enumerate(row)))
+    if more:
+        out.append('<tr><td colspan="%d">... and %d more</td></tr>' % (len(header), more))
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+# Rows a notebook shows of a long listing (the rest: "... and N more").
+_HTML_ROWS = 200
+
+
 ############################################################################
 # Checksums
 ############################################################################
@@ -572,6 +624,16 @@ def _hash_head(f, length, hashers):
         n = min(n, left)
         hashers.update(memoryview(buf)[:n])
         left -= n
+
+
+def _local_checksums(path, algos=("adler32",)):
+    """{algorithm: hex} of a local file, read in blocks (never whole:
+    `ctadata sum --local` of a 100 GB file needs 256 KiB of memory).
+    Raises OSError."""
+    hashers = _Hashers(algos)
+    with open(path, "rb", buffering=0) as f:
+        _hash_head(f, os.fstat(f.fileno()).st_size, hashers)
+    return hashers.result()
 
 
 def _file_matches(path, remote_sums):
@@ -979,18 +1041,22 @@ class _FileBody:
     or a redirect (dCache pool URLs are single-use, so a retried upload
     starts again at the door)."""
 
-    __slots__ = ("path", "size", "hash_algos", "hashers", "sent")
+    __slots__ = ("path", "size", "hash_algos", "hashers", "sent", "advance")
 
     def __init__(self, path, size, hash_algos=("adler32",)):
         self.path, self.size, self.hash_algos = path, size, hash_algos
         self.hashers = None
         self.sent = 0
+        self.advance = None  # a Progress's advance(), told of every block sent
 
     def chunks(self, cancel=None):
         """Yield the file's bytes in blocks, hashing them on the way (in this
         thread: a second one cost more in GIL hand-overs than the hashing,
         1 GiB uploads 1.5-3.1 s against 1.0-1.2 s inline)."""
         self.hashers = _Hashers(self.hash_algos)
+        advance = self.advance
+        if advance is not None and self.sent:
+            advance(-self.sent)  # sent again (a retry, a redirect): counted again
         self.sent = 0
         update = self.hashers.update if self.hashers.active else None
         with open(self.path, "rb", buffering=0) as f:
@@ -1007,6 +1073,8 @@ class _FileBody:
                     update(block)
                 yield block
                 self.sent += n
+                if advance is not None:
+                    advance(n)
                 if _PYPY:
                     _pypy_gc(n)
         if self.sent != self.size:
@@ -1021,6 +1089,8 @@ class _FileBody:
             raise TransferError("local file changed size during upload",
                                 hint=self.path, expected=self.size, received=len(data))
         self.hashers.update(data)
+        if self.advance is not None:
+            self.advance(len(data) - self.sent)
         self.sent = len(data)
         return data
 
@@ -2449,6 +2519,7 @@ class Entry:
     is_dir    True for collections
     size      bytes, or None (directories, unknown)
     mtime     seconds since the epoch, or None when absent or unparsable
+              (``modified``: the same as a timezone-aware datetime, UTC)
     etag      entity tag as sent by the server, or None
     checksums dict algorithm -> lowercase hex digest (e.g. {"adler32": "..."})
     locality  dCache FileLocality (ONLINE, NEARLINE, ...) or None
@@ -2465,11 +2536,28 @@ class Entry:
         self.locality = locality
 
     def __repr__(self):
-        return "Entry(%r, is_dir=%r, size=%r)" % (self.path, self.is_dir, self.size)
+        if self.is_dir:
+            return "<Entry %r directory>" % self.path
+        when = " " + _iso(self.mtime).replace("T", " ").replace("Z", " UTC") \
+            if self.mtime is not None else ""
+        size = " " + _human_bytes(self.size) if self.size is not None else ""
+        return "<Entry %r file%s%s>" % (self.path, size, when)
 
     def __eq__(self, other):
         return isinstance(other, Entry) and all(
             getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    @property
+    def modified(self):
+        """The modification time as a timezone-aware datetime (UTC), or None."""
+        if self.mtime is None:
+            return None
+        import datetime
+        return datetime.datetime.fromtimestamp(self.mtime, datetime.timezone.utc)
+
+    def _repr_html_(self):
+        """A notebook shows an Entry as a one-row table."""
+        return _html_table(_ENTRY_HEADER, [_entry_row(self)], right=(2,))
 
     def to_dict(self):
         """A JSON-ready dict (mtime as ISO 8601 UTC)."""
@@ -2481,6 +2569,35 @@ class Entry:
 
 def _entry_key(e):
     return e.name
+
+
+_ENTRY_HEADER = ("path", "type", "size", "modified (UTC)", "checksums", "locality")
+
+
+def _entry_row(e):
+    """An Entry as the cells of a table row (notebooks)."""
+    return (e.path + ("/" if e.is_dir else ""), "directory" if e.is_dir else "file",
+            "" if e.is_dir or e.size is None else _human_bytes(e.size),
+            _iso(e.mtime).replace("T", " ").rstrip("Z") if e.mtime is not None else "",
+            " ".join("%s:%s" % kv for kv in sorted(e.checksums.items())), e.locality)
+
+
+class _Listing(list):
+    """What ``Client.ls`` returns: a plain list of Entry objects (equal to
+    any list with the same entries) that a notebook shows as a table (the
+    first _HTML_ROWS rows)."""
+
+    __slots__ = ()
+
+    def _repr_html_(self):
+        rows = [_entry_row(e) if isinstance(e, Entry) else (str(e),) + ("",) * 5
+                for e in self[:_HTML_ROWS]]
+        files = [e for e in self if isinstance(e, Entry) and not e.is_dir]
+        caption = "%d %s: %d %s, %s" % (
+            len(self), "entry" if len(self) == 1 else "entries", len(files),
+            "file" if len(files) == 1 else "files",
+            _human_bytes(sum(e.size or 0 for e in files)))
+        return _html_table(_ENTRY_HEADER, rows, len(self) - len(rows), caption, right=(2,))
 
 
 def _iso(ts):
@@ -3730,6 +3847,22 @@ class TransferSummary:
                 "bytes=%d, seconds=%.2f)" % (self.files, self.transferred, self.skipped,
                                              self.failed, self.bytes, self.seconds))
 
+    def _repr_html_(self):
+        """A notebook shows the counts, then the failures (first 20)."""
+        rate = self.bytes / self.seconds if self.seconds > 0 else 0
+        html = _html_table(
+            ("files", "transferred", "skipped", "failed", "planned", "bytes", "seconds",
+             "rate"),
+            [(self.files, self.transferred, self.skipped, self.failed, self.planned,
+              _human_bytes(self.bytes), "%.2f" % self.seconds, _human_bytes(rate) + "/s")],
+            right=range(8))
+        failures = self.failures
+        if failures:
+            html += _html_table(("failed", "error"), [
+                (_safe_url(r.source if "://" in str(r.source) else r.dest or r.source),
+                 r.error) for r in failures[:20]], len(failures) - min(len(failures), 20))
+        return html
+
     def to_dict(self):
         return {"files": self.files, "transferred": self.transferred,
                 "skipped": self.skipped, "failed": self.failed, "planned": self.planned,
@@ -3740,9 +3873,15 @@ class TransferSummary:
 
 class Progress:
     """Counts what a transfer has done.  The engine calls ``add_total``,
-    ``advance`` and ``file_done`` from its worker threads; this base class
-    only counts (thread-safe) and draws nothing.  The CLI subclasses it to
-    draw a status line on a terminal."""
+    ``advance`` and ``file_done`` from its worker threads, ``planned`` once
+    every file is known, and ``poll`` from the thread that waits for the
+    workers (the caller's), about five times a second.  This base class
+    only counts (thread-safe) and draws nothing; ``snapshot()`` returns the
+    numbers with a rate and an ETA.  A display sets ``interval`` (seconds
+    between two draws) and overrides ``show(snapshot)`` and ``close()``:
+    see the "Progress displays" section, and pass one as ``progress=``."""
+
+    interval = None  # seconds between two show() calls from poll(); None: never
 
     def __init__(self):
         self.lock = _thread.allocate_lock()
@@ -3751,6 +3890,8 @@ class Progress:
         self.failed = self.skipped = 0
         self.started = time.monotonic()
         self.planning = True  # more files may still be added (listing goes on)
+        self._shown = 0.0     # when show() last ran
+        self._marks = []      # (time, bytes done) of recent snapshots: the rate
         self.waiting = 0      # files waiting to come from tape (downloads with staging)
 
     def planned(self):
@@ -3763,6 +3904,7 @@ class Progress:
             self.total_bytes += nbytes or 0
 
     def advance(self, nbytes):
+        """*nbytes* more moved (negative: a transfer starts again)."""
         with self.lock:
             self.done_bytes += nbytes
 
@@ -3780,8 +3922,93 @@ class Progress:
         with self.lock:
             self.waiting = waiting
 
+    def snapshot(self, final=False):
+        """The counters now, with the recent rate and an ETA: a _Snapshot."""
+        now = time.monotonic()
+        with self.lock:
+            s = _Snapshot(self.done_files, self.total_files, self.done_bytes,
+                          self.total_bytes, self.failed, self.skipped,
+                          now - self.started, self.planning and not final, final)
+            # files waiting to come from tape (downloads with staging, issue 12)
+            s.waiting = getattr(self, "waiting", 0)
+            # The rate of the last ~10 s: the average since the start counts
+            # the listing and stalls long gone.
+            marks = self._marks
+            if not marks or now - marks[-1][0] >= 0.5:
+                marks.append((now, s.bytes_done))
+            while len(marks) > 2 and now - marks[0][0] > _RATE_WINDOW:
+                del marks[0]
+        t0, b0 = marks[0]
+        if now - t0 >= 1.0 and not final:
+            s.rate = max(s.bytes_done - b0, 0) / (now - t0)
+        else:
+            s.rate = max(s.bytes_done, 0) / max(s.elapsed, 1e-6)
+        s.eta = _eta(s)
+        return s
+
+    def poll(self):
+        """Show a snapshot if *interval* seconds passed since the last one."""
+        if self.interval is None:
+            return
+        now = time.monotonic()
+        if now - self._shown >= self.interval:
+            self._shown = now
+            self.show(self.snapshot())
+
+    def show(self, snapshot):
+        """Draw *snapshot* (a display's job; the base class draws nothing)."""
+
     def close(self):
-        pass
+        """The transfer is over (a display shows its final state)."""
+
+
+# Seconds of recent history the rate of a progress display is taken over.
+_RATE_WINDOW = 10.0
+
+
+def _eta(s):
+    """Seconds left, estimated from what is known (None: nothing to go by):
+    the bytes left at the recent rate, else (sizes unknown) the files left
+    at the pace so far.  While listing (s.listing) it is a lower bound."""
+    files_left = s.files_total - s.files_done
+    bytes_left = s.bytes_total - s.bytes_done
+    if files_left <= 0 and (s.files_total or not s.listing):
+        return 0.0
+    if bytes_left > 0 and s.rate > 0:
+        return bytes_left / s.rate
+    if files_left > 0 and s.files_done > 0:
+        return s.elapsed * files_left / s.files_done
+    return None
+
+
+class _Snapshot:
+    """What a transfer has done so far, as a progress callback receives it:
+    files_done, files_total, bytes_done, bytes_total, failed, skipped,
+    elapsed (seconds), rate (bytes/s over the last seconds), eta (seconds
+    left, or None when unknown), listing (True while files may still be
+    added: the totals and the ETA are then lower bounds), final (True for
+    the last one, when the transfer is over), waiting (files still to come
+    from tape, with staging)."""
+
+    __slots__ = ("files_done", "files_total", "bytes_done", "bytes_total", "failed",
+                 "skipped", "elapsed", "listing", "final", "rate", "eta", "waiting")
+
+    def __init__(self, files_done, files_total, bytes_done, bytes_total, failed, skipped,
+                 elapsed, listing, final, rate=0.0, eta=None):
+        self.files_done, self.files_total = files_done, files_total
+        self.bytes_done, self.bytes_total = bytes_done, bytes_total
+        self.failed, self.skipped, self.elapsed = failed, skipped, elapsed
+        self.listing, self.final, self.rate, self.eta = listing, final, rate, eta
+        self.waiting = 0
+
+    def to_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return "<progress %d/%d%s files, %d/%d bytes, %.0f B/s, ETA %s%s>" % (
+            self.files_done, self.files_total, "+" if self.listing else "",
+            self.bytes_done, self.bytes_total, self.rate,
+            "-" if self.eta is None else "%.1f s" % self.eta, ", final" if self.final else "")
 
 
 def _makedirs(path):
@@ -3826,6 +4053,7 @@ class _Download:
         self.entry, self.progress, self.cancel = entry, progress, cancel
         self.resume, self.new_folder = resume, new_folder
         self.fetched = [0]  # bytes received over the network, all attempts
+        self.counted = 0    # bytes the progress was told of beside those fetched
 
     def run(self):
         mismatches = attempt = 0
@@ -3937,8 +4165,12 @@ class _Download:
                     _hash_head(f, offset, hashers)
                 f.seek(offset)
                 f.truncate()
-                if self.progress is not None:
-                    self.progress.advance(offset)
+            if self.progress is not None:
+                # this file now counts *offset* bytes (a retry: as many or
+                # fewer than were fetched; a resumed .part: more)
+                delta = offset - self.counted - self.fetched[0]
+                self.counted += delta
+                self.progress.advance(delta)
             try:
                 got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
                                  self.fetched, None if expected is None else expected - offset)
@@ -4092,6 +4324,9 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     dCache redirects them to a pool instead of proxying every byte through
     the door."""
     body, sums_of, local_md5 = _upload_body(local, size, _put_algos(tr, size), verify)
+    streamed = isinstance(body, _FileBody)
+    if streamed and progress is not None:
+        body.advance = progress.advance  # progress moves as the bytes are sent
     headers = {"Want-Digest": _WANT_DIGEST}
     if local_md5 is not None:
         import base64
@@ -4101,7 +4336,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     if local_md5 is not None:
         sums["md5"] = local_md5.hexdigest()
     _verify_upload(tr, url, local, size, sums, remote_sums)
-    if progress is not None:
+    if progress is not None and not streamed:
         progress.advance(size)
     res = TransferResult(local, url, size, "transferred", None, sums, size)
     try:
@@ -4206,6 +4441,8 @@ def _upload_service_file(tr, local, url, size, progress=None):
     others pass to fetch).  The service's ``total_written`` must equal the
     file's size, else TransferError."""
     body = _FileBody(local, size)
+    if progress is not None:
+        body.advance = progress.advance  # progress moves as the bytes are sent
     resp = tr.request("POST", url, {"Content-Type": "application/octet-stream",
                                     "Accept": "application/json"}, body,
                       ok=(200, 201), what="upload")
@@ -4214,8 +4451,6 @@ def _upload_service_file(tr, local, url, size, progress=None):
         raise TransferError("the service stored %d of %d bytes" % (
             answer["total_written"], size), url, expected=size,
             received=answer["total_written"])
-    if progress is not None:
-        progress.advance(size)
     res = _ServiceResult(local, url, size, "transferred", None,
                          body.hashers.result() if body.hashers else {}, size,
                          answer["path"])
@@ -4267,8 +4502,11 @@ class _WorkerPool:
             for t in threads:
                 t.start()
                 started += 1
-            while not self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
-                pass
+            while True:
+                if self.progress is not None:
+                    self.progress.poll()  # displays draw here, in the caller's thread
+                if self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
+                    break
         except BaseException:
             self._interrupt(started)
             raise
@@ -4521,6 +4759,22 @@ def _usage_by_child(entry, tree, sel=None):
     return children
 
 
+class _Usage(dict):
+    """What ``Client.du`` returns: a plain dict (``path``, ``files``,
+    ``dirs``, ``bytes``, ``children``) that a notebook shows as a table."""
+
+    __slots__ = ()
+
+    def _repr_html_(self):
+        kids = self.get("children") or []
+        rows = [(c["name"] + ("/" if c["type"] == "directory" else ""), c["files"], c["dirs"],
+                 _human_bytes(c["bytes"])) for c in kids[:_HTML_ROWS]]
+        rows.append(("total", self["files"], self["dirs"], _human_bytes(self["bytes"])))
+        return _html_table(("name", "files", "dirs", "bytes"), rows,
+                           max(len(kids) - _HTML_ROWS, 0), self["path"] or "/",
+                           right=(1, 2, 3))
+
+
 # -- planners ----------------------------------------------------------------
 # A planner turns one call (download a tree, upload a folder...) into tasks
 # for a _WorkerPool: it lists, decides what is already there, makes the
@@ -4555,6 +4809,8 @@ class _Planner:
                     t = TransferResult(t.source, t.dest, t.size, "planned")
                 results.append(t)
             return _summarize(results, started, False)
+        if isinstance(tasks, list):
+            progress.planned()  # every file is known: the ETA is not a lower bound
         pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort)
         return _summarize(pool.run(tasks), started, raise_on_failure)
 
@@ -5130,7 +5386,10 @@ class _TapeDownloads(_Downloads):
             if dry_run:
                 return tasks, self.worker(progress)
         gate = _TapeGate(self, stage, progress)
-        return gate.tasks(tasks), gate.worker(self.worker(progress))
+        gated = gate.tasks(tasks)
+        if isinstance(tasks, list) and stage is None:
+            gated = list(gated)  # still every file known at once (ETA no lower bound)
+        return gated, gate.worker(self.worker(progress))
 
     # -- stage, look up, archive info --------------------------------------------
 
@@ -5275,77 +5534,568 @@ class _TapeDownloads(_Downloads):
 
 
 ############################################################################
-# Progress displays (terminal)
+# Remote files (reading without downloading)
+############################################################################
+
+# A remote file read in place.  _RemoteFile is a seekable, read-only binary
+# file that fetches what a reader asks for with HTTP Range requests (RFC
+# 9110 §14: one "bytes=FIRST-LAST" range per GET), in blocks kept in a small LRU cache, and
+# reads ahead (doubling, up to _READ_AHEAD) while the reads are
+# sequential: h5py, astropy.io.fits and zipfile then read only the parts
+# they need.  No If-Range: Apache takes a fresh file's validators as weak
+# and answers a whole 200; every answer's ETag and Last-Modified must be
+# those of the first one instead (a file changed meanwhile is an error).  The download service ignores Range: there the file reads
+# from start to end only (seek raises).  _copy_to streams a whole file to
+# a binary stream (`ctadata cat`), verified against the server's checksum.
+
+# Block size and cache of open(), measured with tests/bench/open_blocks.py
+# (nginx; requests / bytes for blocks of 64K, 256K, 1M, 4M): h5py keys() of
+# a 1 GiB file 1 request / 64K, 256K, 1M, 4M; keys, attributes and two
+# slices 3 / 148K, 542K, 2.1M, 8.4M; astropy, five HDUs and a column of a
+# 192 MiB file 4 / 219K, 809K, 3.2M, 12.6M; zipfile, listing and two
+# members of 100 MiB 3 / 1.3M, 1.8M, 4.2M, 4.2M (2 requests).  The request
+# counts hardly change, so small blocks win on these; but a reader that
+# jumps about within a region pays a round trip (~20 ms over a wide-area
+# link: 2 MB at 100 MB/s) per block it misses, and 256 KiB costs 2.6 ms.
+_OPEN_BLOCK = 256 << 10
+_OPEN_CACHE = 32 << 20
+# The most a sequential reader fetches ahead in one request.
+_READ_AHEAD = 8 << 20
+
+
+class _RemoteFile(io.RawIOBase):
+    """A remote file opened for reading (Client.open): read, readinto,
+    seek, tell, readall, close, a context manager; ``name`` (the remote
+    path), ``size``, ``mode`` ("rb"), ``url``, and what it cost so far:
+    ``requests`` (GETs sent) and ``fetched`` (bytes received).  Not safe
+    to share between threads (as no file object is)."""
+
+    def __init__(self, tr, entry, block_size=None, cache_size=None, ranges=True,
+                 cancel=None):
+        io.RawIOBase.__init__(self)
+        self.tr, self.entry, self.url, self.name = tr, entry, entry.url, entry.path
+        self.size = entry.size
+        self.mode = "rb"
+        self.block = _positive(block_size, _OPEN_BLOCK, "block_size", int)
+        self.cache_blocks = max(_positive(cache_size, _OPEN_CACHE, "cache_size", int) //
+                                self.block, 2)
+        self.ranges, self.cancel = ranges, cancel
+        self.requests = self.fetched = 0
+        import collections
+        self._cache = collections.OrderedDict()  # block number -> bytes, LRU first
+        self._pos = 0
+        self._last = -2   # the last block read: is the next read sequential?
+        self._ahead = 0   # blocks to read ahead on the next sequential miss
+        self._stream = None  # without ranges: the one GET, read front to back
+        self._version = None  # (ETag, Last-Modified) of the first answer
+
+    def __repr__(self):
+        return "<ctadata remote file %r, %s%s>" % (
+            self.name, _human_bytes(self.size), ", closed" if self.closed else "")
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return self.ranges
+
+    def tell(self):
+        self._check_open()
+        return self._pos
+
+    def seek(self, offset, whence=0):
+        self._check_open()
+        pos = {0: 0, 1: self._pos, 2: self.size}.get(whence)
+        if pos is None:
+            raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % whence)
+        pos += offset
+        if pos < 0:
+            raise ValueError("negative seek position %d" % pos)
+        if not self.ranges and pos != self._pos:
+            raise io.UnsupportedOperation(
+                "the download service ignores Range requests: this file reads only from "
+                "start to end (seeking needs direct mode, e.g. Client.webdav_client())")
+        self._pos = pos
+        return pos
+
+    def readinto(self, b):
+        self._check_open()
+        view = memoryview(b).cast("B")
+        end = min(self._pos + len(view), self.size)
+        if end <= self._pos:
+            return 0
+        if not self.ranges:
+            return self._read_stream(view[:end - self._pos])
+        bs, pos = self.block, self._pos
+        first, last = pos // bs, (end - 1) // bs
+        sequential = first in (self._last, self._last + 1)
+        self._ahead = min(max(self._ahead * 2, 1), _READ_AHEAD // bs) if sequential else 0
+        k = first
+        while k <= last:
+            data = self._cache.get(k)
+            if data is not None:
+                self._cache.move_to_end(k)
+                blocks = [data]
+            else:
+                blocks = self._fetch_run(k, last)
+            for data in blocks:
+                if k > last:
+                    break
+                lo = max(pos - k * bs, 0)
+                hi = min(end - k * bs, len(data))
+                at = k * bs + lo - self._pos
+                view[at:at + hi - lo] = data[lo:hi]
+                k += 1
+        self._last = last
+        n = end - self._pos
+        self._pos = end
+        return n
+
+    def readall(self):
+        """The rest of the file, fetched in as few requests as possible."""
+        self._check_open()
+        buf = bytearray(max(self.size - self._pos, 0))
+        n = self.readinto(buf) if buf else 0
+        del buf[n:]
+        return bytes(buf)
+
+    def close(self):
+        if self._stream is not None:
+            self.tr.release(self._stream)
+            self._stream = None
+        self._cache.clear()
+        io.RawIOBase.close(self)
+
+    def _check_open(self):
+        if self.closed:
+            raise ValueError("I/O operation on a closed file")
+
+    # -- fetching ----------------------------------------------------------------
+
+    def _fetch_run(self, k, last):
+        """Fetch the blocks from *k* that are not cached, up to *last* and
+        then as far as the read-ahead goes; cache them and return them."""
+        n_blocks = (self.size + self.block - 1) // self.block
+        stop = k + 1
+        while stop <= last and stop not in self._cache:
+            stop += 1
+        if stop > last:  # the request's end: read ahead beyond it
+            limit = min(last + 1 + self._ahead, n_blocks)
+            while stop < limit and stop not in self._cache:
+                stop += 1
+        blocks = self._fetch(k, stop)
+        for i, data in enumerate(blocks):
+            self._cache[k + i] = data
+        while len(self._cache) > self.cache_blocks:
+            self._cache.popitem(last=False)
+        return blocks
+
+    def _fetch(self, k, stop):
+        """Blocks k..stop-1 in one GET (retried per the transport's policy)."""
+        start = k * self.block
+        end = min(stop * self.block, self.size) - 1
+        headers = {"Range": "bytes=%d-%d" % (start, end)}
+        attempt = 0
+        while True:
+            try:
+                return self._get(headers, start, end)
+            except CtadataError as e:
+                delay = _retry_delay(self.tr.policy, attempt, e)
+                if delay is None:
+                    raise
+                _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(self.url),
+                     delay, e)
+                self.tr.sleep(delay)
+                attempt += 1
+
+    def _get(self, headers, start, end):
+        resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="read",
+                               retry=False)
+        self.requests += 1
+        try:
+            first, total = _content_range(resp)
+            if resp.status != 206 or first != start:
+                raise TransferError("the server ignored the Range request (answer %d, %s)"
+                                    % (resp.status, resp.getheader("Content-Range")),
+                                    self.url, retryable=False)
+            self._version = _same_version(self._version, resp, total, self.size, self.url)
+            blocks, left = [], end - start + 1
+            while left > 0:
+                want = min(self.block - (start % self.block if not blocks else 0), left)
+                data = self._read_exactly(resp, want)
+                blocks.append(data)
+                left -= len(data)
+            return blocks
+        finally:
+            self.tr.release(resp)
+
+    def _read_exactly(self, resp, n):
+        parts, got = [], 0
+        try:
+            while got < n:
+                data = resp.read(n - got)
+                if not data:
+                    raise TransferError("short read: the server sent %d of %d bytes"
+                                        % (got, n), self.url)
+                parts.append(data)
+                got += len(data)
+        except TransferError:
+            raise
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            raise _network_error(e, self.url, "read")
+        self.fetched += n
+        if self.cancel is not None and self.cancel.is_set():
+            raise KeyboardInterrupt
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_stream(self, view):
+        """Without ranges: read on from the one GET (made at the first read)."""
+        if self._stream is None:
+            self._stream = self.tr.request("GET", self.url, ok=(200,), what="read")
+            self.requests += 1
+        try:
+            data = self._stream.read(len(view))  # (PyPy's readinto refuses a cast view)
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            raise _network_error(e, self.url, "read")
+        n = len(data)
+        view[:n] = data
+        if not n:
+            raise TransferError("short read: the server sent %d of %d bytes"
+                                % (self._pos, self.size), self.url)
+        self.fetched += n
+        self._pos += n
+        return n
+
+
+def _same_version(version, resp, total, size, url):
+    """The (ETag, Last-Modified) of a range answer, which must be those of
+    the earlier answers (*version*, None for the first) and say the size
+    the file had: else the file changed while it was being read."""
+    now = (resp.getheader("ETag"), resp.getheader("Last-Modified"))
+    if (total is not None and total != size) or version is not None and any(
+            a is not None and b is not None and a != b for a, b in zip(version, now)):
+        raise TransferError("the file changed since it was opened", url, retryable=False)
+    return now
+
+
+def _copy_to(tr, entry, out, resumable, cancel=None):
+    """Write the remote file *entry* to the binary stream *out* (stdout for
+    `ctadata cat`); return the bytes written.  A transient failure resumes
+    with Range where the bytes written end (direct mode; elsewhere only
+    while nothing is written yet).  The size and the server's checksum (the
+    answer's Digest, else the listing's) are checked at the end: the bytes
+    are written by then, so a mismatch raises ChecksumMismatch (a short
+    file TransferError) for the caller to report.  A failed write (a
+    closed pipe) is raised as it is."""
+    state = {"written": 0, "hashers": None, "sums": None, "version": None}
+    attempt = 0
+    while True:
+        try:
+            _copy_attempt(tr, entry, out, state, cancel)
+            break
+        except CtadataError as e:
+            written = state["written"]
+            can = not written or resumable
+            delay = _retry_delay(tr.policy, attempt, e) if can else None
+            if delay is None:
+                raise
+            _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(entry.url),
+                 delay, e)
+            tr.sleep(delay)
+            attempt += 1
+    bad = _first_mismatch(state["hashers"].result(), state["sums"])
+    if bad:
+        raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s; the "
+                               "bytes written are not the file" % bad, entry.url, *bad)
+    return state["written"]
+
+
+def _copy_attempt(tr, entry, out, state, cancel):
+    """One GET of _copy_to, from where the bytes written end (the answer
+    must be the same version of the file: see _same_version)."""
+    written = state["written"]
+    headers = {"Want-Digest": _WANT_DIGEST}
+    if written:
+        headers["Range"] = "bytes=%d-" % written
+    resp = tr.request("GET", entry.url, headers, ok=(200, 206), what="read", retry=False)
+    try:
+        first, total = _content_range(resp)
+        if (resp.status == 206) != bool(written) or (written and first != written):
+            raise TransferError("cannot resume after %d bytes were written: the server "
+                                "ignores Range" % written, entry.url, retryable=False)
+        if written:
+            _same_version(state["version"], resp, total, entry.size, entry.url)
+        else:
+            state["version"] = (resp.getheader("ETag"), resp.getheader("Last-Modified"))
+        if state["hashers"] is None:
+            state["sums"] = _parse_digest(resp.getheader("Digest")) or entry.checksums
+            state["hashers"] = _Hashers(_algos_for(state["sums"], False))
+        update = state["hashers"].update if state["hashers"].active else None
+        size = total if total is not None else entry.size
+        read = resp.read1 if hasattr(resp, "read1") else resp.read
+        while True:
+            try:
+                block = read(_CHUNK)
+            except Exception as e:
+                if not _is_transient(e):
+                    raise
+                raise _network_error(e, entry.url, "read")
+            if not block:
+                break
+            try:
+                out.write(block)
+            except BrokenPipeError:
+                raise
+            except OSError as e:
+                raise TransferError("cannot write the output: %s" % (e.strerror or e),
+                                    retryable=False)
+            if update is not None:
+                update(block)
+            state["written"] += len(block)
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt
+    finally:
+        tr.release(resp)
+    if size is not None and state["written"] != size:
+        raise TransferError("short read: %d of %d bytes" % (state["written"], size),
+                            entry.url, expected=size, received=state["written"])
+
+
+############################################################################
+# Progress displays (terminal, notebook)
 ############################################################################
 
 # What the engine's Progress counters look like to a person: a live status
-# line on a terminal (notebook widgets would go here too).
+# line on a terminal, a plain line every few seconds in a log (a batch job's
+# stderr), an updating output in a Jupyter notebook (IPython.display, there
+# in every kernel: imported only inside one), or a function of the user's.
+# Each draws from poll(), in the thread that waits for the workers (a
+# notebook's output belongs to the cell that runs there), never from the
+# workers' hot loops.
 
 
-def _human(n):
-    """1234567 -> '1.2M' (binary units, like ls -h)."""
-    if n is None:
+def _clock(seconds):
+    """93 -> '1:33', 4000 -> '1:06:40'."""
+    m, sec = divmod(int(seconds + 0.5), 60)
+    return "%d:%02d:%02d" % (m // 60, m % 60, sec) if m >= 60 else "%d:%02d" % (m, sec)
+
+
+def _eta_text(s):
+    """The ETA of a snapshot: '1:02', '1:02+' (a lower bound: still
+    listing) or '-' (nothing to go by yet)."""
+    if s.eta is None:
         return "-"
-    for unit in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1024 or unit == "P":
-            return ("%d%s" % (n, unit)) if unit == "" else ("%.1f%s" % (n, unit))
-        n /= 1024.0
+    return _clock(s.eta) + ("+" if s.listing else "")
 
 
-def _human_bytes(n):
-    h = _human(n)
-    return h + "B" if h[-1:].isdigit() else h + "iB"
+def _status_line(label, s):
+    """'get 3/10+ files  1.2MiB/4.0MiB+  45.0MiB/s  ETA 1:02+' (while
+    running) or 'get 10 files  4.0MiB  in 0:05  800.0KiB/s' (final)."""
+    if s.final:
+        line = "%s %d files  %s  in %s  %s/s" % (label, s.files_done, _human_bytes(
+            s.bytes_done), _clock(s.elapsed), _human_bytes(s.rate))
+    else:
+        more = "+" if s.listing else ""  # still listing: the totals may grow
+        line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
+            label, s.files_done, s.files_total, more, _human_bytes(s.bytes_done),
+            _human_bytes(s.bytes_total), more, _human_bytes(s.rate), _eta_text(s))
+    if s.skipped:
+        line += "  %d skipped" % s.skipped
+    if s.failed:
+        line += "  %d failed" % s.failed
+    if s.waiting:
+        line += "  %d on tape" % s.waiting
+    return line
 
 
 class _TermProgress(Progress):
-    """Progress that draws one live status line on a terminal (files
-    done/total, bytes, rate, ETA), at most 5 times a second."""
+    """One live status line on a terminal (files done/total, bytes, rate,
+    ETA), redrawn at most 5 times a second.  At the end it is cleared (the
+    CLI prints its summary line), or with *keep* left as a final line."""
 
-    def __init__(self, stream, label):
+    interval = 0.2
+
+    def __init__(self, stream, label, keep=False):
         Progress.__init__(self)
-        self.stream, self.label = stream, label
-        self._last = 0.0
+        self.stream, self.label, self.keep = stream, label, keep
         self._drawn = False
 
-    def advance(self, nbytes):
-        Progress.advance(self, nbytes)
-        self._tick()
-
-    def file_done(self, result):
-        Progress.file_done(self, result)
-        self._tick()
-
-    def staging(self, waiting):
-        Progress.staging(self, waiting)
-        self._tick()
-
-    def _tick(self):
-        now = time.monotonic()
-        if now - self._last < 0.2:
-            return
-        self._last = now
-        with self.lock:
-            elapsed = max(now - self.started, 1e-6)
-            rate = self.done_bytes / elapsed
-            left = self.total_bytes - self.done_bytes
-            eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 and left > 0 else "-"
-            more = "+" if self.planning else ""  # still listing
-            line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
-                self.label, self.done_files, self.total_files, more,
-                _human_bytes(self.done_bytes), _human_bytes(self.total_bytes), more,
-                _human_bytes(rate), eta if not more else "-")
-            if self.failed:
-                line += "  %d failed" % self.failed
-            if self.waiting:
-                line += "  %d on tape" % self.waiting
-        self.stream.write("\r" + line[:200] + "\x1b[K")
+    def show(self, snapshot):
+        self.stream.write("\r" + _status_line(self.label, snapshot)[:200] + "\x1b[K")
         self.stream.flush()
         self._drawn = True
 
     def close(self):
-        if self._drawn:
+        if self.keep:
+            self.stream.write("\r" + _status_line(self.label, self.snapshot(True))[:200] +
+                              "\x1b[K\n")
+        elif self._drawn:
             self.stream.write("\r\x1b[K")
-            self.stream.flush()
+        self.stream.flush()
+
+
+class _LineProgress(Progress):
+    """A plain status line every *interval* seconds (default 5), for a log
+    that is not a terminal (a SLURM job's stderr): no "\\r", no escape codes.
+    With *keep*, a last line when the transfer is over."""
+
+    def __init__(self, stream, label, interval=5.0, keep=False):
+        Progress.__init__(self)
+        self.stream, self.label, self.interval, self.keep = stream, label, interval, keep
+
+    def show(self, snapshot):
+        self.stream.write(_status_line(self.label, snapshot) + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.keep:
+            self.show(self.snapshot(True))
+
+
+class _CallbackProgress(Progress):
+    """Calls *func(snapshot)* at most every *interval* seconds, and once more
+    with the final snapshot (``snapshot.final`` True) when the transfer is
+    over.  It runs in the caller's thread; an exception it raises stops the
+    transfer."""
+
+    def __init__(self, func, interval=0.5):
+        Progress.__init__(self)
+        self.func, self.interval = func, interval
+
+    def show(self, snapshot):
+        self.func(snapshot)
+
+    def close(self):
+        self.func(self.snapshot(True))
+
+
+class _NotebookProgress(Progress):
+    """An output of the running notebook cell that updates in place (at most
+    4 times a second): a bar and the status line, as HTML and as plain text
+    for front ends without HTML.  Its final state stays visible.  A failure
+    of the display turns it off; the transfer goes on."""
+
+    interval = 0.25
+
+    def __init__(self, label):
+        Progress.__init__(self)
+        self.label = label
+        self._handle = None
+
+    def show(self, snapshot):
+        bundle = {"text/plain": _status_line(self.label, snapshot),
+                  "text/html": _progress_html(self.label, snapshot)}
+        try:
+            if self._handle is None:
+                from IPython.display import display
+                self._handle = display(bundle, raw=True, display_id=True)
+            else:
+                self._handle.update(bundle, raw=True)
+        except Exception as e:  # a front end's trouble must not stop the transfer
+            self.interval = None
+            _log(30, "progress display failed: %s", e)
+
+    def close(self):
+        if self.interval is not None:
+            self.show(self.snapshot(True))
+
+
+def _progress_html(label, s):
+    """A notebook's progress output: a <progress> bar and the status line."""
+    import html
+    done = s.bytes_done if s.bytes_total else s.files_done
+    total = s.bytes_total or s.files_total
+    if s.final:
+        bar = ""
+    elif total:
+        bar = '<progress value="%d" max="%d" style="width:16em"></progress>' % (
+            max(min(done, total), 0), total)
+    else:  # nothing known yet: an indeterminate bar
+        bar = '<progress style="width:16em"></progress>'
+
+    color = "#b00" if s.failed else "inherit"
+    return ('<div style="font-family:monospace;color:%s">%s %s</div>'
+            % (color, bar, html.escape(_status_line(label, s))))
+
+
+def _in_kernel():
+    """True inside an IPython kernel (Jupyter, VS Code, Colab), found without
+    importing anything: a kernel has loaded ipykernel and set get_ipython."""
+    if "ipykernel" not in sys.modules:
+        return False
+    import builtins
+    get = getattr(builtins, "get_ipython", None)
+    try:
+        shell = get() if get is not None else None
+    except Exception:
+        return False
+    return getattr(shell, "kernel", None) is not None
+
+
+def _interactive():
+    """A person at a prompt (python or IPython in a terminal), not a script."""
+    import builtins
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or \
+        hasattr(builtins, "get_ipython")
+
+
+def _stderr_is_terminal():
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_for(progress, label):
+    """The Progress a transfer method feeds, for its ``progress=`` argument,
+    and whether the method made it (and so closes it):
+
+    - a Progress (or subclass): used as it is, never closed here;
+    - a callable: called with a snapshot (see _CallbackProgress);
+    - True: a notebook output in a kernel, else a live line on stderr when
+      it is a terminal, else a plain line on stderr every 5 seconds;
+    - False: nothing shown;
+    - None (default): as True in a notebook, and at an interactive prompt
+      whose stderr is a terminal; nothing in a script (a library that draws
+      on its caller's terminal uninvited garbles the caller's own output:
+      scripts ask with progress=True)."""
+    if isinstance(progress, Progress):
+        return progress, False
+    if progress is None:
+        kernel = _in_kernel()
+        progress = kernel or (_interactive() and _stderr_is_terminal())
+    if progress is True:
+        if _in_kernel():
+            return _NotebookProgress(label), True
+        if _stderr_is_terminal():
+            return _TermProgress(sys.stderr, label, keep=True), True
+        return _LineProgress(sys.stderr, label, keep=True), True
+    if progress is False:
+        return Progress(), True
+    if callable(progress):
+        return _CallbackProgress(progress), True
+    raise ConfigError("progress= takes True, False, None, a function or a Progress, "
+                      "not %r" % (progress,))
+
+
+class _Shown:
+    """``with _Shown(progress, label) as p:`` the Progress for a transfer
+    method's *progress* argument (_progress_for), closed at the end when
+    the method made it (a display then shows its final state)."""
+
+    def __init__(self, progress, label):
+        self.progress, self.owned = _progress_for(progress, label)
+
+    def __enter__(self):
+        return self.progress
+
+    def __exit__(self, *exc):
+        if self.owned:
+            self.progress.close()
 
 
 ############################################################################
@@ -5587,11 +6337,11 @@ class Client:
         types only (see iter_dir).  Raises NotFound, AuthError, RemoteError."""
         sel = _selector(select)
         if not recursive:
-            return sorted((e for e in self.iter_dir(path, details)
-                           if sel is None or (not e.is_dir and sel(e.name))),
-                          key=_entry_key)
+            return _Listing(sorted((e for e in self.iter_dir(path, details)
+                                    if sel is None or (not e.is_dir and sel(e.name))),
+                                   key=_entry_key))
         root = self.url_for(path, collection=True)
-        out = []
+        out = _Listing()
         for _top, children in self.walk(path, details=details):
             out.extend(e for e in children if sel is None or (
                 not e.is_dir and sel(_rel_path(root, e.url))))
@@ -5619,14 +6369,14 @@ class Client:
         download).  Raises NotFound, AuthError, RemoteError."""
         entry = self.stat(path)
         if not entry.is_dir:
-            return {"path": entry.path, "files": 1, "dirs": 0, "bytes": entry.size or 0,
-                    "children": []}
+            return _Usage(path=entry.path, files=1, dirs=0, bytes=entry.size or 0,
+                          children=[])
         children = _usage_by_child(entry, self.walk(entry), _selector(select))
-        return {"path": entry.path,
-                "files": sum(c["files"] for c in children),
-                "dirs": sum(c["dirs"] + (c["type"] == "directory") for c in children),
-                "bytes": sum(c["bytes"] for c in children),
-                "children": children}
+        return _Usage(path=entry.path,
+                      files=sum(c["files"] for c in children),
+                      dirs=sum(c["dirs"] + (c["type"] == "directory") for c in children),
+                      bytes=sum(c["bytes"] for c in children),
+                      children=children)
 
     # -- transfers -------------------------------------------------------------------
 
@@ -5647,6 +6397,16 @@ class Client:
         complete and verified.  *dry_run*: list and plan only (results have
         status "planned"), write nothing.
 
+        *progress* (every transfer method takes it): True shows files, bytes,
+        rate and ETA (an updating output in a notebook, a line on stderr
+        elsewhere), False nothing, a function is called with a snapshot
+        (``files_done``, ``files_total``, ``bytes_done``, ``bytes_total``,
+        ``rate``, ``eta``, ``listing``, ``final``, ...) at most twice a
+        second and once at the end, a Progress object is fed as it is.  The
+        default None shows it in a notebook and at an interactive prompt on
+        a terminal, not in a script.
+
+
         A file the storage reports as on tape only (dCache's FileLocality
         NEARLINE; also LOST, UNAVAILABLE) is never asked for: it fails at
         once, with a hint.  With *stage*, such files are staged (WLCG Tape
@@ -5665,8 +6425,9 @@ class Client:
         if stage:
             self._downloads.tape.require()      # service mode: said before anything is sent
             how = _StageOptions(_lifetime(lifetime), release)
-        return self._downloads.download(path, dest, recursive, overwrite, checksum, select,
-                                        dry_run, progress, jobs, raise_on_failure, how)
+        with _Shown(progress, "download") as p:
+            return self._downloads.download(path, dest, recursive, overwrite, checksum,
+                                            select, dry_run, p, jobs, raise_on_failure, how)
 
     def download_list(self, items, dest=".", strip_prefix=None, overwrite=False,
                       dry_run=False, progress=None, jobs=None, raise_on_failure=True):
@@ -5681,10 +6442,11 @@ class Client:
         only sent to the storage URL's origin.
 
         Returns a TransferSummary; raises PartialFailure if any file failed."""
-        return self._downloads.from_list(items, dest, strip_prefix, overwrite, dry_run,
-                                         progress, jobs, raise_on_failure)
+        with _Shown(progress, "download") as p:
+            return self._downloads.from_list(items, dest, strip_prefix, overwrite, dry_run,
+                                             p, jobs, raise_on_failure)
 
-    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True):
+    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True, progress=None):
         """Download one remote file (a path, URL, Entry or an entry of
         list_dir()); return the number of bytes written.
 
@@ -5693,14 +6455,14 @@ class Client:
         service's listing (it answers 200 even when the storage failed
         mid-way).  Raises NotFound, AuthError, TransferError,
         ChecksumMismatch."""
-        summary = self.download(path, save_to_fn, overwrite=overwrite,
+        summary = self.download(path, save_to_fn, overwrite=overwrite, progress=progress,
                                 raise_on_failure=False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         return sum(r.size or 0 for r in summary.results)
 
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False,
-                                   overwrite=False):
+                                   overwrite=False, progress=None):
         """Download a file, or with *recursive* a directory tree (kept below
         ``<save_to or .>/<name>``); return the TransferSummary.  Raises
         PartialFailure if any file failed.  ``(path, True)`` means
@@ -5709,7 +6471,8 @@ class Client:
             save_to, recursive = None, save_to
         if save_to is not None and recursive and not _names_folder(save_to):
             save_to = save_to + "/"
-        return self.download(path, save_to, recursive=recursive, overwrite=overwrite)
+        return self.download(path, save_to, recursive=recursive, overwrite=overwrite,
+                             progress=progress)
 
     def upload(self, local, remote="", recursive=False, verify=None, overwrite=False,
                checksum=False, select=None, dry_run=False, progress=None, jobs=None,
@@ -5729,17 +6492,18 @@ class Client:
         summary's) is the path the service reports.  Returns a
         TransferSummary; raises PartialFailure if any file failed,
         ConfigError for a bad local path."""
-        return self._uploads.upload(local, remote, recursive, verify, overwrite, checksum,
-                                    select, dry_run, progress, jobs, raise_on_failure)
+        with _Shown(progress, "upload") as p:
+            return self._uploads.upload(local, remote, recursive, verify, overwrite, checksum,
+                                        select, dry_run, p, jobs, raise_on_failure)
 
-    def upload_file(self, local, remote=""):
+    def upload_file(self, local, remote="", progress=None):
         """Upload one file; return ``{"path", "status", "total_written"}``: in
         service mode the service's own answer (``path`` is in your folder:
         what others pass to fetch), in direct mode a dict like it.  A *remote*
         ending with "/" is a folder: ``upload_file("latest.txt",
         "your-folder/")`` -> your-folder/latest.txt.  Raises ConfigError
         (bad local file or remote path), AuthError, TransferError."""
-        summary = self.upload(local, remote, raise_on_failure=False)
+        summary = self.upload(local, remote, progress=progress, raise_on_failure=False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         r = summary.results[0]
@@ -5747,10 +6511,54 @@ class Client:
             return dict(r.answer)
         return {"path": r.remote_path, "status": "uploaded", "total_written": r.size}
 
-    def upload_dir(self, local, remote=""):
+    def upload_dir(self, local, remote="", progress=None):
         """Upload a local directory tree to *remote* (into it when *remote*
         ends with "/"); return the TransferSummary.  Raises PartialFailure."""
-        return self.upload(local, remote, recursive=True)
+        return self.upload(local, remote, recursive=True, progress=progress)
+
+    # -- reading without downloading ----------------------------------------------
+
+    def open(self, path, mode="rb", block_size=None, cache_size=None):
+        """Open a remote file for reading without downloading it: return a
+        seekable, read-only binary file object (read, readinto, seek, tell,
+        close; ``with``; ``name``, ``size``, and ``requests`` / ``fetched``:
+        the GETs and bytes it cost so far) that fetches only the parts read,
+        with HTTP Range requests, in blocks of *block_size* bytes (default
+        256 KiB) kept in a cache of *cache_size* bytes (default 32 MiB),
+        reading ahead while reads are sequential.  ``h5py.File(f)``,
+        ``astropy.io.fits.open(f)`` and ``zipfile.ZipFile(f)`` take it.
+        Nothing is checksummed (use download or cat for that).  In service
+        mode (the download service ignores Range) the file reads from start
+        to end only: seek() raises io.UnsupportedOperation.  Raises NotFound,
+        ConfigError (a directory, a mode other than "rb"), AuthError; reads
+        raise TransferError (also when the file changed since it was opened)."""
+        if mode != "rb":
+            raise ConfigError("open() reads bytes: mode must be 'rb', not %r (for text, "
+                              "wrap the file in io.TextIOWrapper)" % (mode,))
+        entry = self._readable(path, "open")
+        return _RemoteFile(self._transport, entry, block_size, cache_size,
+                           self._remote.resumable)
+
+    def cat(self, path, out):
+        """Write a remote file to the binary stream *out* (e.g.
+        ``sys.stdout.buffer``) as it arrives; return the number of bytes
+        written.  A dropped connection resumes where it stopped (direct
+        mode).  The size and the server's checksum are checked at the end,
+        after the bytes are written: a mismatch raises ChecksumMismatch (the
+        output is then not the file).  Raises NotFound, ConfigError (a
+        directory), TransferError."""
+        entry = self._readable(path, "cat")
+        return _copy_to(self._transport, entry, out, self._remote.resumable)
+
+    def _readable(self, path, verb):
+        """The Entry of a remote file to read (not a directory, size known)."""
+        entry = self._remote.stat(path)
+        if entry.is_dir:
+            raise ConfigError("%s is a directory (%s reads files)" % (entry.path or "/", verb))
+        if entry.size is None:
+            raise ProtocolError("the server does not say the size of %s" % entry.path,
+                                entry.url)
+        return entry
 
     # -- tape (WLCG Tape REST API) ---------------------------------------------------
 
@@ -5797,8 +6605,10 @@ class Client:
         as for download(stage=True).  Returns a TransferSummary; raises
         PartialFailure, NotFound (unknown or forgotten request),
         ConfigError (service mode)."""
-        return self._downloads.download_request(request, dest, overwrite, checksum, release,
-                                                dry_run, progress, jobs, raise_on_failure)
+        with _Shown(progress, "download") as p:
+            return self._downloads.download_request(request, dest, overwrite, checksum,
+                                                    release, dry_run, p, jobs,
+                                                    raise_on_failure)
 
     # -- namespace operations (WebDAV only) ---------------------------------------
 
@@ -6023,23 +6833,26 @@ class APIClient:
         """As the module function list_dir()."""
         return self._client(options, "list_dir").list_dir(path, recursive)
 
-    def fetch_and_save_file(self, path, save_to_fn=None, **options):
+    def fetch_and_save_file(self, path, save_to_fn=None, progress=None, **options):
         """As the module function fetch_and_save_file()."""
         return self._client(options, "fetch_and_save_file").fetch_and_save_file(
-            path, save_to_fn)
+            path, save_to_fn, progress=progress)
 
-    def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, **options):
+    def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, progress=None,
+                                   **options):
         """As the module function fetch_and_save_file_or_dir()."""
         return self._client(options, "fetch_and_save_file_or_dir") \
-            .fetch_and_save_file_or_dir(path, save_to, recursive)
+            .fetch_and_save_file_or_dir(path, save_to, recursive, progress=progress)
 
-    def upload_file(self, local_fn, path="", **options):
+    def upload_file(self, local_fn, path="", progress=None, **options):
         """As the module function upload_file()."""
-        return self._client(options, "upload_file").upload_file(local_fn, path)
+        return self._client(options, "upload_file").upload_file(local_fn, path,
+                                                                 progress=progress)
 
-    def upload_dir(self, local_dir, path="", **options):
+    def upload_dir(self, local_dir, path="", progress=None, **options):
         """As the module function upload_dir()."""
-        return self._client(options, "upload_dir").upload_dir(local_dir, path)
+        return self._client(options, "upload_dir").upload_dir(local_dir, path,
+                                                               progress=progress)
 
     def upload_certificate(self, path, certificate_key="cta", **options):
         """As the module function upload_certificate()."""
@@ -6115,6 +6928,18 @@ checksum = _default_client_function("checksum")
 stage = _default_client_function("stage")
 stage_request = _default_client_function("stage_request")
 archive_info = _default_client_function("archive_info")
+
+
+class _Module(type(sys)):
+    """The type of the ctadata module: it adds ``ctadata.open(path, "rb")``
+    (Client.open on the default client, as tarfile.open or gzip.open),
+    without a global ``open`` that would hide the built-in open() from this
+    module's own code and from ``from ctadata import *``."""
+
+    open = staticmethod(_default_client_function("open"))
+
+
+sys.modules[__name__].__class__ = _Module
 
 
 ############################################################################
@@ -8043,6 +8868,7 @@ examples:
   ctadata ls -l -h lst/some-dir
   ctadata get -r lst/some-dir ./data/
   ctadata put -r results/ your-folder/
+  ctadata cat lst/some-dir/run.json | jq .
   ctadata --service put results.txt your-folder/     # prints where it landed
   ctadata upload-cert --key lst ~/x509up.pem
 exit status: 0 success, 1 a failure, 2 bad usage, 130 interrupted.
@@ -8064,7 +8890,7 @@ def _build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_args_ls, _args_stat, _args_du, _args_get, _args_put, _args_mkdir, _args_rm,
-                _args_mv, _args_sum, _args_stage, _args_release, _args_config,
+                _args_mv, _args_sum, _args_cat, _args_stage, _args_release, _args_config,
                 _args_completion, _args_upload_cert,
                 _args_login, _args_logout, _args_token, _args_serve, _args_old_names):
         add(sub)
@@ -8299,9 +9125,27 @@ def _cmd_du(client, args):
     return 0
 
 
+def _args_progress(sp):
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show progress even when stderr is not a terminal: a plain line "
+                        "every 5 s (for batch jobs' logs); default: a live line on a "
+                        "terminal only")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="show no progress line")
+
+
 def _make_progress(args, label):
-    if not _opt(args, "quiet") and sys.stderr.isatty() and not getattr(args, "dry_run", 0):
+    """The progress display of get/put: a live line on a terminal, a plain
+    line every 5 s with --progress elsewhere, none with --no-progress, -q
+    (unless --progress) or a dry run."""
+    want = getattr(args, "progress", None)
+    if want is False or getattr(args, "dry_run", 0) or (_opt(args, "quiet") and not want):
+        return Progress()
+    if _stderr_is_terminal():
         return _TermProgress(sys.stderr, label)
+    if want:
+        return _LineProgress(sys.stderr, label)
     return Progress()
 
 
@@ -8378,7 +9222,8 @@ def _args_get(sub):
     sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
     sp.add_argument("dest", nargs="?", default=None, help=(
         "local file or folder (default: current folder). With -r, the tree goes to "
-        "DEST/NAME when DEST ends with '/' (or is '.'), else to DEST itself"))
+        "DEST/NAME when DEST ends with '/' (or is '.'), else to DEST itself; '-' writes "
+        "the file to standard output (as `ctadata cat`)"))
     sp.add_argument("-r", "--recursive", action="store_true", help="download a directory tree")
     sp.add_argument("--from-list", metavar="FILE", help=(
         "download every URL or remote path listed in FILE ('-': standard input; one "
@@ -8398,6 +9243,7 @@ def _args_get(sub):
                     help="write one record per file (remote URL, local path, size, mtime, "
                          "checksums, status, error)")
     _args_output(sp, "the summary and one record per file")
+    _args_progress(sp)
     _args_filters(sp)
     g = sp.add_argument_group(
         "files on tape", "A file the storage reports as on tape only (NEARLINE) is never\n"
@@ -8450,6 +9296,12 @@ def _get_checks(args, sel):
 def _cmd_get(client, args):
     sel = _cli_selector(args)
     dest = _get_checks(args, sel)
+    if args.dest == "-":
+        if (args.recursive or args.from_list or sel is not None or args.dry_run or
+                getattr(args, "stage", False) or getattr(args, "stage_id", None)):
+            raise ConfigError("get PATH - writes one file to standard output: no -r, "
+                              "--from-list, --include/--exclude, --dry-run or --stage")
+        return _to_stdout(client, [args.source])
     progress = _make_progress(args, "get")
     try:
         if args.from_list:
@@ -8501,6 +9353,7 @@ def _args_put(sub):
     sp.add_argument("--manifest", metavar="FILE.json",
                     help="write one record per file (as for get)")
     _args_output(sp, "the summary and one record per file")
+    _args_progress(sp)
     _args_filters(sp)
 
 
@@ -8576,21 +9429,70 @@ def _cmd_mv(client, args):
 
 
 def _args_sum(sub):
-    sp = _subcommand(sub, "sum", _cmd_sum, "print the server's checksum of a file")
-    sp.add_argument("path", help="remote path")
+    sp = _subcommand(sub, "sum", _cmd_sum, "print the server's checksum of a file "
+                     "(--local: of local files)", description=(
+                         "Print the server's checksums of remote files (what it has: adler32,\n"
+                         "md5), or with --local compute those of local files, reading them in\n"
+                         "blocks (any size, little memory). One line per checksum, 'ALGO VALUE',\n"
+                         "followed by '  PATH' when several paths are given, so that the two\n"
+                         "compare with diff:\n"
+                         "  diff <(ctadata sum --algo adler32 lst/f.h5) <(ctadata sum --local f.h5)"))
+    sp.add_argument("paths", nargs="+", metavar="PATH",
+                    help="remote path (with --local: local file)")
+    sp.add_argument("--local", action="store_true",
+                    help="checksum local files (default algorithm adler32)")
     sp.add_argument("--algo", choices=("adler32", "md5"), default=None,
-                    help="only this algorithm")
+                    help="only this algorithm (with --local: this one instead of adler32)")
 
 
 def _cmd_sum(client, args):
-    sums = client.checksum(args.path)
-    if args.algo:
-        sums = {k: v for k, v in sums.items() if k == args.algo}
-    if not sums:
-        raise RemoteError("the server has no %s checksum for this file"
-                          % (args.algo or "known"), client.url_for(args.path))
-    for algo, value in sorted(sums.items()):
-        _out("%s %s\n" % (algo, value))
+    several = len(args.paths) > 1
+    lines = []
+    for path in args.paths:
+        if args.local:
+            try:
+                sums = _local_checksums(path, (args.algo or "adler32",))
+            except OSError as e:
+                raise ConfigError("cannot read %s: %s" % (path, e.strerror or e))
+        else:
+            sums = client.checksum(path)
+            if args.algo:
+                sums = {k: v for k, v in sums.items() if k == args.algo}
+            if not sums:
+                raise RemoteError("the server has no %s checksum for this file"
+                                  % (args.algo or "known"), client.url_for(path))
+        for algo, value in sorted(sums.items()):
+            lines.append("%s %s%s\n" % (algo, value, "  " + path if several else ""))
+        if several:  # one file at a time: a long run shows as it goes
+            _out("".join(lines))
+            del lines[:]
+    _out("".join(lines))
+    return 0
+
+
+def _args_cat(sub):
+    sp = _subcommand(sub, "cat", _cmd_cat, "write remote files to standard output",
+                     description=(
+                         "Write remote files to standard output as they arrive (binary-safe),\n"
+                         "e.g. `ctadata cat lst/run.json | jq .`; `get PATH -` does the same.\n"
+                         "A dropped connection resumes where it stopped. Each file's size and\n"
+                         "the server's checksum (when it has one) are checked at the end: the\n"
+                         "bytes are written by then, so a mismatch ends with an error on\n"
+                         "stderr and exit status 1 (the output is not the file)."))
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="remote path or URL")
+
+
+def _cmd_cat(client, args):
+    return _to_stdout(client, args.paths)
+
+
+def _to_stdout(client, paths):
+    """Write remote files to the binary standard output (cat, get PATH -)."""
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", sys.stdout)
+    for path in paths:
+        client.cat(path, out)
+    out.flush()
     return 0
 
 

@@ -27,16 +27,64 @@ def test_term_progress_draws_and_clears():
     p = ctadata._TermProgress(stream, "get")
     p.add_total(2, 3 * 1024 * 1024)
     p.advance(1024 * 1024)
-    assert "2+ files" in stream.getvalue()   # still listing: totals may grow
+    assert stream.getvalue() == ""          # workers only count: poll() draws
+    p.started -= 10                          # 1 MiB in 10 s: 2 MiB left take 20 s
+    p.poll()
+    text = stream.getvalue()
+    assert "2+ files" in text                # still listing: totals may grow
+    assert "ETA 0:20+" in text               # ... and the ETA is a lower bound
     p.planned()
     r = ctadata.TransferResult("s", "d", 10)
-    p._last = 0
     p.file_done(r)
+    p.poll()
+    assert stream.getvalue() == text         # at most 5 lines a second
+    p._shown = 0
+    p.poll()
     text = stream.getvalue()
     assert text.startswith("\r") and "get 1/2 files" in text and "1.0MiB/3.0MiB" in text
-    assert "ETA" in text and "/s" in text
+    assert "ETA 0:20\x1b[K" in text and "/s" in text
     p.close()
     assert stream.getvalue().endswith("\r\x1b[K")
+
+
+def test_eta_is_estimated_from_what_is_known():
+    p = ctadata.Progress()
+    p.add_total(1, 100 << 20)
+    p.started -= 4
+    p.advance(10 << 20)                      # 10 MiB in 4 s
+    s = p.snapshot()
+    assert s.listing and s.rate == pytest.approx(2.5 * (1 << 20), rel=0.05)
+    assert s.eta == pytest.approx(36, rel=0.05)
+    p.planned()
+    assert not p.snapshot().listing
+    q = ctadata.Progress()                   # sizes unknown (a URL list): by files
+    q.add_total(4, 0)
+    q.planned()
+    q.started -= 6
+    q.file_done(ctadata.TransferResult("s", "d", None))
+    assert q.snapshot().eta == pytest.approx(18, rel=0.05)
+    assert ctadata.Progress().snapshot().eta is None     # nothing to go by
+    q.advance(5)
+    f = q.snapshot(final=True)
+    assert f.final and not f.listing and f.to_dict()["bytes_done"] == 5
+
+
+def test_line_progress_for_logs():
+    stream = io.StringIO()
+    p = ctadata._LineProgress(stream, "put", interval=5.0, keep=True)
+    p.add_total(1, 2048)
+    p.planned()
+    p.poll()
+    p.advance(1024)
+    p.poll()                                 # not 5 s yet: nothing more
+    lines = stream.getvalue().splitlines()
+    assert lines == ["put 0/1 files  0B/2.0KiB  0B/s  ETA -"]
+    p.file_done(ctadata.TransferResult("s", "d", 2048))
+    p.advance(1024)
+    p.close()
+    last = stream.getvalue().splitlines()[-1]
+    assert last.startswith("put 1 files  2.0KiB  in 0:00")
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
 
 
 def test_progress_draws_nothing_without_a_terminal(monkeypatch):
