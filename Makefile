@@ -120,7 +120,10 @@ def load(os, dfd, name, head):
     import stat
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
-    except OSError:
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # a symbolic link (O_NOFOLLOW), no permission
+        note("%s ignored: %s" % (name, e))
         return None
     with open(fd, "rb") as f:
         st = os.fstat(fd)
