@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Where a zipapp run spends its time: cProfile over every thread.
 
-    python3 tests/bench/profile.py ls -U wide
-    python3 tests/bench/profile.py get -r many /tmp/out --rtt 20
-    python3 tests/bench/profile.py --top 40 --sort tottime get big.bin /tmp/big.bin
+    python3 tests/bench/profile_run.py ls -U wide
+    python3 tests/bench/profile_run.py get -r many /tmp/out --rtt 20
+    python3 tests/bench/profile_run.py --top 40 --sort tottime get big.bin /tmp/big.bin
 
 Starts nginx (as `make bench` does) on the loopback bench data
 (tests/bench/data/full/root, generated when missing; --profile wan for the
 WAN data), optionally behind the latency proxy (--rtt MS), then runs
 `dist/ctadata.pyz ARGS...` *in this process* under cProfile, the main thread
 and every worker thread (threading.setprofile), with the wall clock as timer
-(time spent waiting on the network shows up in recv/poll).  Prints the total,
+(time spent waiting on the network, or for the GIL after a system call, shows
+up in recv/sendall/open) or, with --cpu, each thread's CPU time.  Prints the total,
 the top functions by cumulative and by own time, merged over all threads,
 and writes the stats to tests/bench/results/profile.pstats (snakeviz,
 `python3 -m pstats`).  The cache of the pyz is warmed first, so the run
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--window", type=float, default=4.0, help="latency proxy window, MiB")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default=None, help="only this order (cumulative, tottime, ...)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="per-thread CPU time as the timer instead of the wall clock")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "profile.pstats"))
     ap.add_argument("args", nargs=argparse.REMAINDER, help="ctadata's arguments (after --url)")
     a = ap.parse_args()
@@ -77,9 +80,10 @@ def main():
                 shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
         profs = []
         lock = threading.Lock()
+        timer = time.thread_time if a.cpu else time.perf_counter
 
         def start_thread_profile(*_):
-            p = cProfile.Profile(time.perf_counter)
+            p = cProfile.Profile(timer)
             with lock:
                 profs.append(p)
             p.enable()
@@ -88,7 +92,7 @@ def main():
         real_stdout = sys.stdout
         sys.stdout = open(os.devnull, "w")  # ls output is not what is measured
         threading.setprofile(start_thread_profile)
-        main_prof = cProfile.Profile(time.perf_counter)
+        main_prof = cProfile.Profile(timer)
         t0 = time.perf_counter()
         main_prof.enable()
         code = 0
@@ -112,8 +116,9 @@ def main():
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         stats.dump_stats(a.out)
         print("ctadata %s: exit %s, %.3f s wall in this process (profiled: slower than a real run), "
-              "%d worker thread(s) profiled%s" % (" ".join(a.args), code, wall, len(profs),
-                                                 ", RTT %d ms" % a.rtt if a.rtt else ""))
+              "%d worker thread(s) profiled%s; times: %s summed over threads"
+              % (" ".join(a.args), code, wall, len(profs), ", RTT %d ms" % a.rtt if a.rtt else "",
+                 "CPU" if a.cpu else "wall clock"))
         for order in ([a.sort] if a.sort else ["cumulative", "tottime"]):
             buf = io.StringIO()
             pstats.Stats(a.out, stream=buf).strip_dirs().sort_stats(order).print_stats(a.top)
