@@ -257,7 +257,7 @@ lint:  ## syntax for Python 3.8, pyflakes-style checks with the stdlib only
 bench: deps  ## the zipapp against curl, davix, rclone (TASKS="get_big ls_wide"; WAN=1 [RTT=20,80 NETS=http,https,door])
 	@bash tests/bench/install-peers.sh
 	$(PYTHON) tests/bench/run.py $(if $(WAN),--mode wan) $(if $(TASKS),--tasks "$(TASKS)") \
-	  $(if $(RTT),--rtt "$(RTT)") $(if $(NETS),--nets "$(NETS)")
+	  $(if $(REPS),--reps $(REPS)) $(if $(RTT),--rtt "$(RTT)") $(if $(NETS),--nets "$(NETS)")
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache __pycache__ tests/__pycache__

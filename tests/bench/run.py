@@ -831,6 +831,59 @@ def table(results, wan):
     return "\n".join(lines)
 
 
+TASK_LABELS = {
+    "ls_wide": "ls 20,000 names" , "get_big": "get big.bin", "get_many": "get -r many",
+    "put_big": "put big.bin", "put_many": "put -r many", "ls_huge": "ls 200,000 names",
+}
+
+
+def compact_table(results, p):
+    """One row per task (and network): wall s / peak RSS MB of each tool, and
+    ctadata against the best peer (the README's table)."""
+    cols = ["ctadata", "curl", "davix", "rclone"]
+    lines = ["| task | " + " | ".join(cols) + " | ctadata / best peer |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for res in results.values():
+        task = res["task"]
+        if task in ("startup", "zipapp"):
+            continue
+        label = TASK_LABELS.get(task, task)
+        if task in ("get_big", "put_big"):
+            label = label.replace("big.bin", "%d MiB" % (p["big_bytes"] >> 20) if p["big_bytes"] < 1 << 30
+                                  else "%d GiB" % (p["big_bytes"] >> 30))
+        elif task in ("get_many", "put_many"):
+            label = label.replace("many", "%s × %d KiB" % ("{:,}".format(p["many_files"]), p["many_bytes"] >> 10))
+        if res.get("net") not in (None, "loopback"):
+            label += ", " + res["net"]
+        cells = []
+        for col in cols:
+            tr = next((t for n, t in res["tools"].items()
+                       if (n == "ctadata" if col == "ctadata" else n.startswith(col))), None)
+            if tr is None or tr.get("missing"):
+                cells.append("")
+            elif not tr["ok"]:
+                cells.append("fails")
+            else:
+                nd = 3 if tr["median_wall_s"] < 1 else 2
+                cells.append("%s / %s" % (fmt(tr["median_wall_s"], nd), fmt(tr["median_rss_mb"], 0)))
+        ratio = ("%.2f × %s" % (res["ratio_vs_best_peer"], res["best_peer"].split()[0])
+                 if res.get("ratio_vs_best_peer") is not None else "")
+        lines.append("| %s | %s | %s |" % (label, " | ".join(cells), ratio))
+    return "\n".join(lines)
+
+
+def startup_table(results):
+    res = results.get("startup")
+    if not res:
+        return ""
+    lines = ["| `--version` | wall ms (median) | peak RSS MB | × python3 -c pass |", "|---|---|---|---|"]
+    for name, tr in res["tools"].items():
+        lines.append("| `%s` | %s | %s | %s |" % (
+            name, fmt(tr["median_wall_s"] and tr["median_wall_s"] * 1000, 0), fmt(tr["median_rss_mb"], 1),
+            "%.2f" % tr["ratio"] if tr.get("ratio") is not None else ""))
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("loopback", "wan"), default="loopback",
@@ -951,6 +1004,14 @@ def main(argv=None):
     print()
     print(table(bench.results, bench.wan))
     print()
+    print("compact (wall s / peak RSS MB, medians):")
+    print()
+    if "startup" in bench.results:
+        print(startup_table(bench.results))
+        print()
+    if any(r["task"] not in ("startup", "zipapp") for r in bench.results.values()):
+        print(compact_table(bench.results, p))
+        print()
     shown = os.path.abspath(args.json)
     if shown.startswith(REPO + os.sep):
         shown = os.path.relpath(shown, REPO)
