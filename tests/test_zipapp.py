@@ -1,7 +1,7 @@
-"""The zipapp's start-up: dist/ctadata.pyz keeps ctadata's compiled code in a
-private cache ($XDG_CACHE_HOME/ctadata/, default ~/.cache/ctadata/) and runs
-it from there from the second run on (the __main__.py that `make zipapp`
-writes; README: Performance).
+"""The one-file tool's start-up: dist/ctadata.pyz (a script with ctadata.py
+inside, written by `make zipapp`; README: Performance) keeps ctadata's
+compiled code in a private cache ($XDG_CACHE_HOME/ctadata/, default
+~/.cache/ctadata/) and runs it from there from the second run on.
 
 What is checked: the cache file appears with mode 0600 in a 0700 folder and
 its code is what the second run executes (a planted code object in a good
@@ -9,7 +9,8 @@ cache file runs: no timing involved); a cache that someone else could have
 written (another owner, group- or world-writable, a symlink) is never
 executed; a damaged file is ignored and replaced; a read-only, missing or
 impossible cache folder still runs (compiling); Python 2.7 gets one line and
-exit status 2; every pyenv interpreter found (3.6-3.13) and PyPy use the cache.
+exit status 2; every pyenv interpreter found (3.6-3.13) and PyPy use the cache;
+files next to the pyz do not shadow the modules ctadata imports.
 """
 
 import os
@@ -18,7 +19,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,12 +40,9 @@ def pyz(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def boot(pyz, tmp_path_factory):
-    """The functions of the pyz's __main__.py (run under another name: no start-up)."""
-    path = tmp_path_factory.mktemp("main") / "pyz_main.py"
-    with zipfile.ZipFile(str(pyz)) as z:
-        path.write_bytes(z.read("__main__.py"))
-    return runpy.run_path(str(path), run_name="pyz_main")
+def boot(pyz):
+    """The pyz's functions (run under another name: no start-up)."""
+    return runpy.run_path(str(pyz), run_name="pyz_main")
 
 
 def version():
@@ -347,3 +344,20 @@ def test_every_python_uses_the_cache(pyz, tmp_path):
         tags.add(subprocess.check_output([exe, "-c", "import sys; print(sys.implementation.cache_tag)"],
                                          universal_newlines=True).strip())
     assert {f.name.split(".")[1] for f in cache_files(cache)} == tags
+
+
+def test_the_source_inside_is_ctadata_py(boot):
+    assert boot["source"]() == (REPO / "ctadata.py").read_bytes()
+    assert boot["Loader"]().get_source("ctadata") == (REPO / "ctadata.py").read_text("utf-8")
+
+
+def test_files_next_to_the_pyz_do_not_shadow_modules(pyz, tmp_path):
+    """A script's folder comes first on sys.path: the pyz takes it away, so an
+    argparse.py (or ssl.py, ...) beside it is not what ctadata imports."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(str(pyz), str(d / "ctadata.pyz"))
+    (d / "argparse.py").write_text("raise SystemExit('the wrong argparse')\n")
+    for _ in range(2):
+        rc, out, err = run(d / "ctadata.pyz", tmp_path / "cache", "--help", verbose=False)
+        assert rc == 0 and "usage:" in out and "wrong" not in err, err
