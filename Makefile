@@ -47,7 +47,7 @@ src = open("ctadata.py", "rb").read()
 b64 = base64.b64encode(zlib.compress(src, 9)).decode()
 text = os.environ["CTADATA_PYZ_MAIN"].replace("@SOURCE_SHA256@", hashlib.sha256(src).hexdigest())
 text = text.replace("@SOURCE@", "\n".join('    "%s"' % b64[i:i + 1000] for i in range(0, len(b64), 1000)))
-with open(out + ".tmp", "w") as f:
+with open(out + ".tmp", "w", encoding="ascii") as f:  # Python 2.7 must parse it
     f.write(text + "\n")
 os.chmod(out + ".tmp", 0o755)
 os.replace(out + ".tmp", out)
