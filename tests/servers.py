@@ -783,6 +783,7 @@ def _nginx_conf(
     auth_url: Optional[str] = None,
     client_ca: Optional[str] = None,
     limit_rate: Optional[str] = None,
+    redirect_get: Optional[str] = None,
 ) -> str:
     q = _conf_quote
     conf = _nginx_configure()
@@ -891,8 +892,12 @@ def _nginx_conf(
             ]
         else:
             lines.append("        if ($ctadata_authorized = 0) { return 401; }")
+        lines.append("        location / {")
+        if redirect_get:
+            # a dCache door: a GET is answered with a 307 to a pool
+            lines.append("            if ($request_method = GET) { return 307 %s$request_uri; }"
+                         % redirect_get.rstrip("/"))
         lines += [
-            "        location / {",
             "            dav_methods PUT DELETE MKCOL COPY MOVE;",
             "            dav_ext_methods PROPFIND OPTIONS;",
             "            dav_access user:rw group:rw all:r;",
@@ -919,6 +924,7 @@ def start_nginx(
     auth_url: Optional[str] = None,
     client_certs: bool = False,
     limit_rate: Optional[str] = None,
+    redirect_get: Optional[str] = None,
 ) -> RunningServer:
     """Start nginx serving ``root``; see the module docstring for the variants.
 
@@ -932,6 +938,9 @@ def start_nginx(
     ``client_certs`` (with ``tls``): a client certificate signed by the test CA
     is accepted instead of the token.
     ``limit_rate``: nginx ``limit_rate`` for responses (e.g. ``"100k"``).
+    ``redirect_get``: answer every authorized GET with a 307 to this base URL
+    + the request URI, as a dCache door sends a GET to a pool (the other
+    methods are served here).
     """
     reason = nginx_missing_reason(static_only=static_only, tls=tls,
                                   auth_request=auth_url is not None)
@@ -965,7 +974,7 @@ def start_nginx(
             _nginx_conf(port=port, root=root, token=token, workdir=workdir,
                         static_only=static_only, tls=tls_files, auth_url=auth_url,
                         client_ca=ca_file if client_certs else None,
-                        limit_rate=limit_rate)
+                        limit_rate=limit_rate, redirect_get=redirect_get)
         )
         argv = [
             _nginx_binary() or "nginx",

@@ -164,7 +164,10 @@ def test_zipapp_builds_and_runs(nginx_server, tmp_path):
     subprocess.run(["make", "-s", "zipapp"], cwd=str(REPO), check=True,
                    stdout=PIPE, stderr=PIPE)
     pyz = REPO / "dist" / "ctadata.pyz"
-    assert pyz.stat().st_size < 150 * 1024
+    # One file to copy to a login node: ctadata.py zlib-compressed inside a
+    # script (~30 % of the source).  A guard against shipping something else.
+    src = (REPO / "ctadata.py").stat().st_size
+    assert pyz.stat().st_size < 0.5 * src
     (nginx_server.root / "zipapp-test.txt").write_bytes(b"from the zipapp")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BEARER_TOKEN": nginx_server.token}
     r = subprocess.run([sys.executable, str(pyz), "--version"], stdout=PIPE, stderr=PIPE,

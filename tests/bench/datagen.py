@@ -4,6 +4,7 @@ Layout of ``<profile>/root`` (served as the nginx document root):
 
     big.bin                       one random file (1 GiB; quick: 64 MiB)
     many/dNN/fNNNN.bin            5,000 random 16 KiB files in 50 directories
+                                  (wan: 250 in 10 directories, 256 MiB big.bin)
     wide/wNNNNN.dat               20,000 random 1 KiB files in one directory
     huge/hNNNNNN                  200,000 empty files (only for ls_huge)
     scratch/                      upload target, emptied between runs
@@ -32,6 +33,14 @@ PROFILES = {
     "quick": {"big_bytes": 64 << 20, "many_files": 500, "many_dirs": 50,
               "many_bytes": 16 << 10, "wide_files": 2000, "wide_bytes": 1 << 10,
               "huge_files": 20000},
+    # the WAN mode: every small file costs round trips, every MiB a share of
+    # the emulated window: fewer files and a smaller big file keep a run short
+    "wan": {"big_bytes": 256 << 20, "many_files": 250, "many_dirs": 10,
+            "many_bytes": 16 << 10, "wide_files": 20000, "wide_bytes": 1 << 10,
+            "huge_files": 20000},
+    "wan-quick": {"big_bytes": 16 << 20, "many_files": 100, "many_dirs": 10,
+                  "many_bytes": 16 << 10, "wide_files": 2000, "wide_bytes": 1 << 10,
+                  "huge_files": 20000},
 }
 
 
