@@ -210,25 +210,34 @@ class CtadataError(Exception):
     """Root of every error ctadata raises.
 
     Fields: ``message``; ``url`` (credentials and query removed); ``status``
-    (HTTP status or None); ``hint`` (what the user can do about it).
+    (HTTP status or None); ``hint`` (what the user can do about it, in
+    Python's words: "use recursive=True"); ``cli_hint`` (the same on the
+    command line, "use get -r", when the words differ); ``path`` (the remote
+    path it is about, as a user writes it, when known).
     """
 
     exit_code = 1
 
-    def __init__(self, message, url=None, status=None, hint=None):
+    def __init__(self, message, url=None, status=None, hint=None, cli_hint=None, path=None):
         Exception.__init__(self, message)
         self.message = message
         self.url = _safe_url(url)
         self.status = status
         self.hint = hint
+        self.cli_hint = cli_hint
+        self.path = path
         self.retry_after = None  # the server's Retry-After, when it sent one
 
     def __str__(self):
+        return self.text(self.hint)
+
+    def text(self, hint):
+        """The message, the URL (unless the message has it) and *hint*."""
         text = self.message
         if self.url and self.url not in text:
             text += " (%s)" % self.url
-        if self.hint:
-            text += "; " + self.hint
+        if hint:
+            text += "; " + hint
         return text
 
 
@@ -321,8 +330,27 @@ def _error_text(body):
     return " ".join(text.split())
 
 
-def _error_for_status(status, url, body=b"", what=None, auth=None):
-    """Map an HTTP error status to the right exception (the one place that does)."""
+# What a request was for (_Transport.request's *what*) when a 404 to it
+# means that the path the user named does not exist.
+_PATH_WHATS = frozenset(("list", "check", "checksum", "download", "mkdir", "move", "read",
+                         "remove"))
+
+
+def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
+    """Map an HTTP error status to the right exception (the one place that
+    does).  *what* says what the request was for ("list", "mkdir", ...);
+    *path* is the remote path it was about, as a user writes it (messages
+    name it; default: the URL).  The statuses of RFC 4918 that have a plain
+    meaning get plain words: 404 "no such file or folder", and for MKCOL 405
+    (the name exists) and 409 (no parent folder), for MOVE 409 (no folder
+    for the destination) and 412 (the destination exists, Overwrite: F)."""
+    where = path if path is not None else _safe_url(url)
+    where = where or "/"
+    if status == 404 and what in _PATH_WHATS:
+        return NotFound("no such file or folder: %s" % where, url, status, path=where)
+    if (what, status) in _PLAIN_STATUS:
+        message, hint, cli_hint = _PLAIN_STATUS[what, status]
+        return RemoteError(message % where, url, status, hint, cli_hint, path=where)
     text = _error_text(body)
     echo = "Error: %d" % status  # the download service's prefix to upstream errors
     if text.startswith(echo):
@@ -340,10 +368,23 @@ def _error_for_status(status, url, body=b"", what=None, auth=None):
         return AuthError(msg, url, status,
                          "the token is valid but lacks permission for this path")
     if status == 404:
-        return NotFound(msg, url, status)
+        return NotFound(msg, url, status, path=path)
     if status == 507:
         return RemoteError(msg, url, status, "the storage is out of space")
     return RemoteError(msg, url, status)
+
+
+# (what, status) -> (message with %s for the path, hint, hint on the command line)
+_PLAIN_STATUS = {
+    ("mkdir", 405): ("already exists: %s", "parents=True accepts an existing folder",
+                     "mkdir -p accepts an existing folder"),
+    ("mkdir", 409): ("no parent folder for %s", "parents=True makes the missing folders",
+                     "use -p to make the missing folders"),
+    ("move", 409): ("no folder for the destination of %s", "make that folder first (mkdir)",
+                    "make that folder first (mkdir -p)"),
+    ("move", 412): ("the destination of %s exists already", "overwrite=True replaces it",
+                    "use --overwrite to replace it"),
+}
 
 
 def _log(level, msg, *args):
@@ -1248,9 +1289,23 @@ class _Transport:
         self._open = weakref.WeakSet()  # every connection, for abort()
         self._ua = "ctadata/%s python/%d.%d" % ((__version__,) + sys.version_info[:2])
         self._siblings = []             # see sibling()
+        # where remote paths start, for messages (describe); the download
+        # service's backend puts its endpoints here
+        self.roots = (settings.url.rstrip("/") + "/",)
 
     def __repr__(self):
         return "<ctadata transport %s://%s:%d>" % self.auth_origin
+
+    def describe(self, url):
+        """The remote path *url* names, as a user writes it (decoded,
+        relative to the storage URL, without a trailing "/"), or None for a
+        URL elsewhere: what messages call it."""
+        from urllib.parse import unquote
+        bare = url.partition("?")[0]
+        for root in self.roots:
+            if bare.startswith(root) or bare + "/" == root:
+                return unquote(bare[len(root):]).strip("/")
+        return None
 
     # -- connections -------------------------------------------------------
 
@@ -1510,13 +1565,15 @@ class _Transport:
             delay = _should_retry(self.policy, attempt, status=resp.status,
                                   retry_after=resp.getheader("Retry-After")) if retry else None
             if delay is None:
-                raise self._status_error(resp, err_body, what)
+                raise self._status_error(resp, err_body, what, url)
             self._pause(method, url, delay, "HTTP %d" % resp.status)
             attempt += 1
 
-    def _status_error(self, resp, body, what):
-        """The exception for an answer with an error status."""
-        err = _error_for_status(resp.status, resp.ctadata_url, body, what, self.auth)
+    def _status_error(self, resp, body, what, url):
+        """The exception for an answer with an error status to a request
+        for *url* (the answer may come from where it was redirected)."""
+        err = _error_for_status(resp.status, resp.ctadata_url, body, what, self.auth,
+                                self.describe(url))
         if resp.status == 401 and not self._auth_ok:
             err.hint = "no token is sent over plain http to another machine: use https"
         err.retry_after = resp.getheader("Retry-After")
@@ -2909,7 +2966,9 @@ class _DAV:
         for _ in self.propfind(self.url_for(target), 0, found.append):
             pass
         if not found:
-            raise NotFound("no such file or directory", self.url_for(target))
+            url = self.url_for(target)
+            where = self.tr.describe(url)
+            raise NotFound("no such file or folder: %s" % (where or url), url, 404, path=where)
         return found[0]
 
     def list_dir(self, target, recursive, ls):
@@ -3624,6 +3683,8 @@ class _Service:
     def __init__(self, tr, base, warn):
         self.tr, self.warn = tr, warn
         self.base = self.service_url = base.rstrip("/")
+        # messages name storage paths, not the service's endpoints
+        tr.roots = tuple("%s/%s/" % (self.base, e) for e in ("list", "fetch", "upload", "webdav"))
 
     def url(self, endpoint, path):
         """``{base}/{endpoint}/{path}``, percent-encoded."""
@@ -3685,7 +3746,8 @@ class _Service:
             return found[0]
         if children:  # a listing without its own entry: still a directory
             return Entry(path.rpartition("/")[2], path, self.url("fetch", path) + "/", True)
-        raise NotFound("no such file or directory", self.url("list", path), 404)
+        raise NotFound("no such file or folder: %s" % (path or "/"), self.url("list", path), 404,
+                       path=path or "/")
 
     def list_dir(self, target, recursive, ls=None):
         """The service's listing as it sent it (_ListingEntry dicts, the
@@ -4834,7 +4896,8 @@ class _Downloads(_Planner):
             tasks, work = self.gate(tasks, progress, stage, dry_run)
             return self.run(tasks, work, 1, progress, started, raise_on_failure, dry_run)
         if not recursive:
-            raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
+            raise ConfigError("%s is a directory" % (entry.path or "/"), hint="use recursive=True",
+                              cli_hint="use get -r")
         if dest is None or _names_folder(dest):
             target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
         else:
@@ -4990,7 +5053,8 @@ class _Uploads(_Planner):
         target = remote + name if _names_folder(remote) else remote
         if os.path.isdir(local):
             if not recursive:
-                raise ConfigError("%s is a directory (use recursive=True / put -r)" % local)
+                raise ConfigError("%s is a directory" % local, hint="use recursive=True",
+                                  cli_hint="use put -r")
             return self.tree(local, target, verify, overwrite, checksum, _selector(select),
                              dry_run, progress, jobs, started, raise_on_failure)
         if not os.path.isfile(local):
@@ -5435,8 +5499,8 @@ class _TapeDownloads(_Downloads):
                 yield entry
                 continue
             if not recursive:
-                raise ConfigError("%s is a directory (use recursive=True / stage -r)"
-                                  % (entry.path or "/"))
+                raise ConfigError("%s is a directory" % (entry.path or "/"),
+                                  hint="use recursive=True", cli_hint="use stage -r")
             root = self.remote.url_for(entry, collection=True)
             for _top, children in self.walk(entry, details=False):
                 for e in children:
@@ -6626,7 +6690,8 @@ class Client:
         dav = self._remote.webdav("remove")
         entry = dav.stat(path)
         if entry.is_dir and not recursive:
-            raise ConfigError("%s is a directory (use recursive=True / rm -r)" % entry.path)
+            raise ConfigError("%s is a directory" % (entry.path or "/"),
+                              hint="use recursive=True", cli_hint="use rm -r")
         if dry_run:
             return [entry] + (self.ls(entry, recursive=True) if entry.is_dir else [])
         dav.delete(dav.url_for(entry, collection=entry.is_dir))
@@ -9327,6 +9392,11 @@ def _cmd_get(client, args):
                                       select=sel, dry_run=args.dry_run, progress=progress,
                                       raise_on_failure=False, stage=args.stage,
                                       release=args.release, lifetime=args.lifetime)
+    except NotFound as e:
+        if args.source and "://" not in args.source and os.path.exists(args.source):
+            e.cli_hint = "%s is a local %s: did you mean put?" % (
+                args.source, "folder" if os.path.isdir(args.source) else "file")
+        raise
     finally:
         progress.close()
     return _report(args, "get", summary)
@@ -10032,6 +10102,17 @@ def _setup_logging(args):
                     logging.ERROR if _opt(args, "quiet") else logging.WARNING)
 
 
+def _cli_error(args, e):
+    """An error as the command line says it: the hint in its words (get -r,
+    not recursive=True), and an error about a remote path the server
+    refused (no such file or folder, already exists) under the command the
+    user typed."""
+    text = e.text(e.cli_hint or e.hint)
+    if isinstance(e, RemoteError) and e.path is not None:
+        text = "%s: %s" % (args.command, text)
+    return text
+
+
 def main(argv=None):
     """Run the command line; return the exit status (0 ok, 1 failure,
     2 usage, 130 interrupted).  Never calls sys.exit."""
@@ -10061,7 +10142,7 @@ def main(argv=None):
             sys.stderr.write("\nctadata: interrupted\n")
         return 130
     except CtadataError as e:
-        sys.stderr.write("ctadata: error: %s\n" % e)
+        sys.stderr.write("ctadata: error: %s\n" % _cli_error(args, e))
         return e.exit_code
     except BrokenPipeError:
         # stdout closed early (e.g. `ctadata ls | head`): not an error.

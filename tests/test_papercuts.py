@@ -1,0 +1,81 @@
+"""Things a user tripped over (issue 14 part 4) and the old client's API,
+exactly (part 5): each case as a user meets it, against real nginx and
+Apache where the server's answer matters, ctadata serve and the download
+service double (tests/dsserver.py) elsewhere, the CLI in-process."""
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import ctadata
+from conftest import HUB_TOKEN, make_tree
+
+
+# -- errors in plain words ------------------------------------------------------------
+
+def test_mkdir_mv_and_404_say_what_happened(cli, dav, tmp_path):
+    make_tree(dav.root, {"d/f.txt": b"f", "d/g.txt": b"g"})
+    code, _, err = cli("mkdir", "d")
+    assert code == 1 and err.startswith("ctadata: error: mkdir: already exists: d ("), err
+    assert "mkdir -p accepts an existing folder" in err
+    code, _, err = cli("mkdir", "a/b/c")
+    assert code == 1 and "mkdir: no parent folder for a/b/c" in err and "use -p" in err, err
+    code, _, err = cli("mv", "d/f.txt", "d/g.txt")
+    assert code == 1 and "mv: the destination of d/f.txt exists already" in err, err
+    assert "use --overwrite" in err
+    assert (dav.root / "d/g.txt").read_bytes() == b"g"
+    for argv, verb in ((("get", "nope.h5"), "get"), (("ls", "d/nope"), "ls"),
+                       (("rm", "d/nope"), "rm"), (("stat", "nope"), "stat"),
+                       (("ls", "-R", "nope/"), "ls"), (("du", "nope"), "du")):
+        code, _, err = cli(*argv)
+        assert code == 1, err
+        assert err.startswith("ctadata: error: %s: no such file or folder: %s (" % (
+            verb, argv[-1].rstrip("/"))), err
+        assert "list" not in err.split("(")[0]
+    # in Python: the same words, the Python hint
+    c = ctadata.Client(url=dav.url, token=dav.token, retries=0)
+    with pytest.raises(ctadata.NotFound) as ei:
+        c.download("d/nope")
+    assert ei.value.path == "d/nope" and str(ei.value).startswith("no such file or folder: ")
+    with pytest.raises(ctadata.RemoteError) as ei:
+        c.mkdir("d")
+    assert ei.value.status == 405 and "parents=True" in str(ei.value)
+    c.mkdir("d", parents=True)   # an existing folder is fine with parents
+
+
+def test_move_into_a_missing_folder(tmp_path, capsys, monkeypatch):
+    """RFC 4918 §9.9.4: 409 (as dCache and ctadata serve answer; nginx makes
+    the folders, Apache answers 500)."""
+    make_tree(tmp_path / "srv", {"d/f.txt": b"f"})
+    with ctadata.serve(str(tmp_path / "srv"), token="tok-mv") as srv:
+        monkeypatch.setenv("BEARER_TOKEN", "tok-mv")
+        assert ctadata.main(["--url", srv.url, "mv", "d/f.txt", "nowhere/f.txt"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ctadata: error: mv: no folder for the destination of d/f.txt ("), err
+    assert err.endswith("; make that folder first (mkdir -p)\n")
+
+
+def test_is_a_directory_names_the_option_of_each_world(cli, dav, tmp_path):
+    make_tree(dav.root, {"d/f.txt": b"f"})
+    code, _, err = cli("get", "d", str(tmp_path) + "/")
+    assert code == 2 and err == "ctadata: error: d is a directory; use get -r\n"
+    code, _, err = cli("rm", "d")
+    assert code == 2 and err.endswith("use rm -r\n") and (dav.root / "d").is_dir()
+    (tmp_path / "up").mkdir()
+    code, _, err = cli("put", tmp_path / "up", "x/")
+    assert code == 2 and err.endswith("use put -r\n"), err
+    c = ctadata.Client(url=dav.url, token=dav.token, retries=0)
+    with pytest.raises(ctadata.ConfigError) as ei:
+        c.download("d")
+    assert str(ei.value) == "d is a directory; use recursive=True"
+
+
+def test_get_of_a_local_path_suggests_put(cli, dav, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("results.txt").write_text("mine")
+    code, _, err = cli("get", "results.txt", "somewhere/")
+    assert code == 1 and "no such file or folder: results.txt" in err
+    assert "results.txt is a local file: did you mean put?" in err, err
