@@ -1014,6 +1014,12 @@ def _origin(url):
             port or (443 if scheme == "https" else 80))
 
 
+def _hostport(key):
+    """"host:port" of an origin key (IPv6 in brackets), for messages."""
+    host = key[1]
+    return "%s:%d" % ("[%s]" % host if ":" in host else host, key[2])
+
+
 class _RetryPolicy:
     """How often and how long to retry: bounded attempts, exponential
     backoff with full jitter, Retry-After honoured (capped)."""
@@ -1576,6 +1582,14 @@ class _Transport:
                                 self.describe(url))
         if resp.status == 401 and not self._auth_ok:
             err.hint = "no token is sent over plain http to another machine: use https"
+        elif resp.status in (401, 403) and resp.ctadata_key != self.auth_origin:
+            # the token was not refused: it never went there (see _headers)
+            there = _hostport(resp.ctadata_key)
+            err.hint = err.cli_hint = (
+                "token not sent: %s is not the storage URL (--url)" % there
+                if _origin(url) != self.auth_origin else
+                "token not sent: the request was redirected to %s, which is not the "
+                "storage URL" % there)
         err.retry_after = resp.getheader("Retry-After")
         return err
 

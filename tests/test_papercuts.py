@@ -79,3 +79,25 @@ def test_get_of_a_local_path_suggests_put(cli, dav, tmp_path, monkeypatch):
     code, _, err = cli("get", "results.txt", "somewhere/")
     assert code == 1 and "no such file or folder: results.txt" in err
     assert "results.txt is a local file: did you mean put?" in err, err
+
+
+# -- the token and where it goes ----------------------------------------------------------
+
+def test_a_url_on_another_host_says_the_token_was_not_sent(nginx_server, tmp_path, capsys,
+                                                             monkeypatch):
+    (tmp_path / "srv").mkdir()
+    with ctadata.serve(str(tmp_path / "srv"), token="tok-here") as srv:
+        monkeypatch.setenv("BEARER_TOKEN", "tok-here")
+        other = nginx_server.url + "/"
+        port = int(nginx_server.url.rsplit(":", 1)[1])
+        assert ctadata.main(["--url", srv.url, "ls", other]) == 1
+        err = capsys.readouterr().err
+        assert "HTTP 401" in err and err.rstrip().endswith(
+            "; token not sent: 127.0.0.1:%d is not the storage URL (--url)" % port), err
+        assert "tok-here" not in err and "refused" not in err
+        c = ctadata.Client(url=srv.url, retries=0)
+        with pytest.raises(ctadata.AuthError) as ei:
+            c.ls(other)
+        assert ei.value.hint == "token not sent: 127.0.0.1:%d is not the storage URL (--url)" \
+            % port
+        assert [r for r in srv.requests] == []       # nothing went to the storage itself
