@@ -1561,11 +1561,12 @@ class _Transport:
                 return resp
             err_body = _read_limited(resp)
             self.release(resp)
-            if resp.status == 401 and not auth_retried and \
+            if resp.status == 401 and not auth_retried and self._auth_ok and \
                     resp.ctadata_key == self.auth_origin and \
                     self.auth.on_unauthorized(resp.ctadata_auth):
                 # A token can die before its "exp" (revoked, server clock):
-                # one refresh, then the same request again.
+                # one refresh (or a second look for one), then the same
+                # request again.
                 auth_retried = True
                 continue
             delay = _should_retry(self.policy, attempt, status=resp.status,
@@ -2363,23 +2364,47 @@ class _Auth:
     def load(self):
         """Run discovery (once); return the _Token found, or None."""
         with self._lock:
-            if self._loaded:
+            if not self._loaded:
+                self._cred, self.looked = self._discover()
+                self._loaded = True
+            return self._cred
+
+    def _discover(self):
+        """(the first _Token of the discovery order or None, [(source, what
+        was found there)])."""
+        looked, cred = [], None
+        if self.mode != "x509":
+            for label, loader in self._sources():
+                found = loader()
+                if isinstance(found, _Token):
+                    looked.append((label, "found"))
+                    cred = found
+                    break
+                looked.append((label, found))
+        if cred is not None:
+            self.secrets.add(cred.value)
+        return cred, looked
+
+    def _look_again(self, old):
+        """Run discovery again, since *old* (the token in use, or None) will
+        not do: none was found, it expired, or the server refused it.  A
+        notebook may have set $BEARER_TOKEN since, an agent rewritten the
+        token file.  Return the token found when it is another one (it is
+        then used from now on), else None.  Only these three events cause a
+        look (never a request as such: a token file is not read again for
+        every file of a transfer)."""
+        with self._lock:
+            if self._cred is not old:          # another thread has looked already
                 return self._cred
-            looked = self.looked = []
-            cred = None
-            if self.mode != "x509":
-                for label, loader in self._sources():
-                    found = loader()
-                    if isinstance(found, _Token):
-                        looked.append((label, "found"))
-                        cred = found
-                        break
-                    looked.append((label, found))
-            if cred is not None:
-                self.secrets.add(cred.value)
-            self._cred = cred
-            self._loaded = True
-            return cred
+            cred, looked = self._discover()
+            if cred is None or (old is not None and cred.value == old.value):
+                if old is None:
+                    self.looked = looked
+                return None
+            self._cred, self.looked, self._loaded = cred, looked, True
+        _log(20, "using the token from %s (%s)", cred.source,
+             "found on a second look" if old is None else "it changed")
+        return cred
 
     def client_cert(self):
         """Path of the client certificate (+ key) to present, or None:
@@ -2411,29 +2436,37 @@ class _Auth:
 
     # -- per request -------------------------------------------------------
 
-    def header(self):
+    def header(self, need=False):
         """The Authorization value for the next request, or None.  Refreshes
         a refreshable token that expires within its margin; raises AuthError
-        for an expired one (or none at all with auth "token") before
-        anything is sent."""
+        for an expired one (or none at all with auth "token", or *need*)
+        before anything is sent."""
         cred = self._cred if self._loaded else self.load()
+        if cred is None and (need or self.mode == "token"):
+            cred = self._look_again(None)
+            if cred is None:
+                raise AuthError("no token found", hint=self.looked_in())
         if cred is None:
-            if self.mode == "token":
-                raise AuthError("no token found", hint=self.hint())
-            return None
+            return None   # (auto: a 401 makes on_unauthorized look again)
         return "Bearer " + self._usable(cred).value
 
     def _usable(self, cred):
+        """*cred*, or its refreshed successor, or the token a second look
+        finds when it has expired; AuthError when there is none."""
         if cred.exp is None:
             return cred
         now = self.clock()
         left = cred.exp - now
         if cred.refresh is not None and left < cred.margin and (
                 self._failed is not cred or now >= self._retry_at):
-            return self._refresh(cred, False)
-        if left <= 0:
-            raise self._expired(cred)
-        return cred
+            cred = self._refresh(cred, False)
+            left = cred.exp - self.clock() if cred.exp is not None else 1
+        if left > 0:
+            return cred
+        new = self._look_again(cred)
+        if new is not None:
+            return self._usable(new)
+        raise self._expired(cred)
 
     def _refresh(self, used, forced):
         """Replace *used* by a fresh token and return it; only one thread at
@@ -2457,9 +2490,7 @@ class _Auth:
                         return self._replace(new, forced)
                     self._failure = "%s had no newer token" % used.source
                 self._failed, self._retry_at = used, self.clock() + _REFRESH_RETRY
-            if forced or (used.exp is not None and used.exp > self.clock()):
-                return used
-            raise self._expired(used)
+            return used
 
     def _replace(self, new, forced):
         self.refreshes += 1
@@ -2472,17 +2503,20 @@ class _Auth:
 
     def on_unauthorized(self, used):
         """The server answered 401 to a request sent with Authorization
-        *used*.  Return True when repeating it is worth it: the token was
-        replaced meanwhile, or a forced refresh got a new one (at most once
-        in a row, so a server that refuses every token costs one refresh)."""
+        *used* (None: without).  Return True when repeating it is worth it:
+        the token was replaced meanwhile, a forced refresh got a new one (at
+        most once in a row, so a server that refuses every token costs one
+        refresh), or a second look found a token where there was none or
+        another one than that refused (set or rewritten since)."""
+        if self.mode == "x509":
+            return False
         cred = self._cred
-        if cred is None or not used:
-            return False
-        if "Bearer " + cred.value != used:
+        if cred is not None and used and "Bearer " + cred.value != used:
             return True
-        if cred.refresh is None or self._forced is cred:
-            return False
-        return self._refresh(cred, True) is not cred
+        if cred is not None and used and cred.refresh is not None and \
+                self._forced is not cred and self._refresh(cred, True) is not cred:
+            return True
+        return self._look_again(cred) is not None
 
     def _expired(self, cred):
         msg = "token expired at %s (source: %s)" % (_when(cred.exp), cred.source)
@@ -2514,7 +2548,11 @@ class _Auth:
             else:
                 extra = " (expired or not valid here?)"
             return "the token from %s was refused%s" % (cred.source, extra)
-        return "no token found; looked in: " + ", ".join(label for label, _ in self.looked)
+        return "no token found; " + self.looked_in()
+
+    def looked_in(self):
+        """Where discovery looked, for a message that says none was found."""
+        return "looked in: " + ", ".join(label for label, _ in self.looked)
 
     def explain(self):
         """Lines saying where discovery looked and what it found, for
@@ -2522,7 +2560,7 @@ class _Auth:
         lines = []
         error = None
         try:
-            cred = self.load()
+            cred = self.load() or self._look_again(None)
         except CtadataError as e:
             cred, error = None, e
         if self.mode == "x509":
@@ -6329,10 +6367,7 @@ class Client:
         """Return the bearer token this client sends (refreshed first when it
         is about to expire), e.g. for curl.  Raises AuthError when there is
         none, ConfigError for an unreadable or unsafe token file."""
-        value = self._auth.header()
-        if value is None:
-            raise AuthError("no token found", hint=self._auth.hint())
-        return value[len("Bearer "):]
+        return self._auth.header(need=True)[len("Bearer "):]
 
     def explain_token(self):
         """Return lines saying where the token was looked for and what was

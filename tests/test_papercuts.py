@@ -101,3 +101,72 @@ def test_a_url_on_another_host_says_the_token_was_not_sent(nginx_server, tmp_pat
         assert ei.value.hint == "token not sent: 127.0.0.1:%d is not the storage URL (--url)" \
             % port
         assert [r for r in srv.requests] == []       # nothing went to the storage itself
+
+
+def _private(path, text):
+    Path(path).write_text(text)
+    os.chmod(str(path), 0o600)
+    return str(path)
+
+
+def test_a_token_set_after_the_first_call_is_found(dav, monkeypatch, tmp_path):
+    """A notebook: the first call fails (no token), then the user sets
+    $BEARER_TOKEN; the same Client (and the module functions) find it."""
+    make_tree(dav.root, {"d/f.txt": b"f"})
+    c = ctadata.Client(url=dav.url, retries=0)
+    with pytest.raises(ctadata.AuthError) as ei:
+        c.ls("d")
+    assert ei.value.status == 401 and "no token found; looked in:" in ei.value.hint
+    with pytest.raises(ctadata.AuthError, match="^no token found; looked in: "):
+        c.token()
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    assert [e.name for e in c.ls("d")] == ["f.txt"]
+    assert c.token_source == "$BEARER_TOKEN"
+    # auth "token" (fails before sending): looks again too
+    monkeypatch.delenv("BEARER_TOKEN")
+    strict = ctadata.Client(url=dav.url, retries=0, auth="token")
+    with pytest.raises(ctadata.AuthError, match="no token found"):
+        strict.ls("d")
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    assert [e.name for e in strict.ls("d")] == ["f.txt"]
+
+
+def test_a_token_file_rewritten_by_an_agent_is_read_again(dav, monkeypatch, tmp_path):
+    make_tree(dav.root, {"d/f.txt": b"f"})
+    tok = _private(tmp_path / "bt", "stale-token-of-yesterday\n")
+    monkeypatch.setenv("BEARER_TOKEN_FILE", tok)
+    c = ctadata.Client(url=dav.url, retries=0)
+    with pytest.raises(ctadata.AuthError) as ei:
+        c.ls("d")
+    assert "was refused" in ei.value.hint
+    _private(tok, dav.token + "\n")                      # the agent writes a new one
+    assert [e.name for e in c.ls("d")] == ["f.txt"]      # a 401, a second look, a retry
+    # ... and an expired JWT is followed by the file's next token
+    jwt_srv_root = tmp_path / "srv"
+    jwt_srv_root.mkdir()
+    from oidcserver import make_jwt
+    fresh = make_jwt(time.time() + 3600, sub="alice")
+    with ctadata.serve(str(jwt_srv_root), token=fresh) as srv:
+        _private(tok, make_jwt(time.time() - 60, sub="alice") + "\n")
+        c = ctadata.Client(url=srv.url, retries=0)
+        with pytest.raises(ctadata.AuthError, match="^token expired at "):
+            c.ls("")
+        assert srv.requests == []                        # refused before sending
+        _private(tok, fresh + "\n")
+        assert c.ls("") == []
+        assert [r["status"] for r in srv.requests] == [207]
+
+
+def test_the_token_file_is_not_read_for_every_request(dav, monkeypatch, tmp_path):
+    make_tree(dav.root, {"t/f%d" % i: b"x" * i for i in range(20)})
+    monkeypatch.setenv("BEARER_TOKEN_FILE", _private(tmp_path / "bt", dav.token))
+    reads = []
+    real = ctadata._read_private
+
+    def counting(path, what="token file"):
+        reads.append(path)
+        return real(path, what)
+    monkeypatch.setattr(ctadata, "_read_private", counting)
+    c = ctadata.Client(url=dav.url, retries=0)
+    assert c.download("t", str(tmp_path / "out") + "/", recursive=True).transferred == 20
+    assert reads == [str(tmp_path / "bt")]
