@@ -4897,6 +4897,30 @@ class _Usage(dict):
 # _ServiceUploads: the download service's POST).
 
 
+# Is a file already there (then a transfer skips it)?  rclone's rule: the
+# same size and modification time, within the 1 s of an HTTP date.  A
+# download gives the local file the server's mtime, so the two agree until
+# either side changes (a reprocessed FITS file often keeps its size: FITS
+# pads to blocks of 2,880 bytes).  No WebDAV server lets a client set a
+# file's mtime (nginx, Apache, XRootD and dCache stamp an upload with the
+# time it arrived), so for an upload "the same" means the same size and a
+# remote copy not older than the local file: one made after the local file
+# last changed.  With checksum=True (--checksum) the size and the checksums
+# decide instead (a worker hashes the local file), where the server has
+# checksums; where it has none, size and time do, and a warning says so once.
+_MTIME_WINDOW = 1.0
+
+
+def _same_time(local, remote, upload=False):
+    """Do these modification times say "the same file" (see above)?  An
+    unknown one (a server that lists none) leaves it to the size."""
+    if local is None or remote is None:
+        return True
+    if upload:
+        return remote > local - _MTIME_WINDOW
+    return abs(remote - local) < _MTIME_WINDOW
+
+
 class _Planner:
     """What the planners of one Client share: its backend *remote* (_DAV or
     _Service), the transport, the cancel event (Ctrl-C), the default number
@@ -4904,6 +4928,7 @@ class _Planner:
 
     def __init__(self, remote, tr, cancel, jobs, warn):
         self.remote, self.tr, self.cancel, self.jobs, self.warn = remote, tr, cancel, jobs, warn
+        self.said_no_sums = False
 
     def walk(self, path, jobs=None, details=True):
         return _walk(self.remote, path, jobs or self.jobs, details, self.warn)
@@ -4911,7 +4936,25 @@ class _Planner:
     def start(self, progress):
         """(start time, the Progress to feed) of a new transfer."""
         self.cancel.clear()
+        self.said_no_sums = False
         return time.monotonic(), progress if progress is not None else Progress()
+
+    def same(self, size, mtime, entry, checksum, upload=False):
+        """Is the local file of *size* and *mtime* the one the remote *entry*
+        (or None) describes?  "same" (skip it), "hash" (skip it if the
+        checksums agree: a worker hashes it), or None (transfer it).  The
+        rule is explained above _same_time."""
+        if entry is None or entry.size is None or size != entry.size:
+            return None
+        if checksum:
+            if entry.checksums:
+                return "hash"
+            if not self.said_no_sums:
+                self.said_no_sums = True
+                self.warn("the server has no checksums to compare (%s, for one): size and "
+                          "modification time decide what is already there" % (
+                              entry.path or _safe_url(entry.url)))
+        return "same" if _same_time(mtime, entry.mtime, upload) else None
 
     def run(self, tasks, worker, jobs, progress, started, raise_on_failure, dry_run):
         """Run planned tasks on a worker pool (or, for a dry run, only list
@@ -5003,20 +5046,20 @@ class _Downloads(_Planner):
 
     def task(self, entry, dest, overwrite, checksum, progress, new_folder=False):
         """The _Task of downloading *entry* to *dest*, or the "skipped"
-        result when a file of the same size is there (and, with *checksum*,
-        the server has no checksum to compare: else a worker compares)."""
+        result when the same file is there (same(): size and mtime; with
+        *checksum*, size and checksum, which a worker compares)."""
         check = False
         if not overwrite and not new_folder and entry.size is not None:
             try:
-                same_size = os.stat(dest).st_size == entry.size
+                st = os.stat(dest)
             except OSError:
-                same_size = False
-            if same_size:
-                if not (checksum and entry.checksums):
-                    res = TransferResult(entry.url, dest, entry.size, "skipped")
-                    res.mtime = entry.mtime
-                    return res
-                check = True  # hashing the local copy is left to a worker
+                st = None
+            how = self.same(st.st_size, st.st_mtime, entry, checksum) if st else None
+            if how == "same":
+                res = TransferResult(entry.url, dest, entry.size, "skipped")
+                res.mtime = entry.mtime
+                return res
+            check = how == "hash"  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
         return _Task(entry.url, dest, entry.size, entry, check, new_folder=new_folder)
 
@@ -5076,17 +5119,19 @@ class _Downloads(_Planner):
 
     def list_worker(self, overwrite, progress):
         """Files of a URL list come without a listing: a present file is
-        skipped when HEAD says it has the same size."""
+        skipped when HEAD says it is the same (size and Last-Modified)."""
         tr, cancel = self.tr, self.cancel
 
         def work(t):
             _makedirs(os.path.dirname(t.dest) or ".")
             if not overwrite and os.path.exists(t.dest):
                 resp = tr.request("HEAD", t.source, ok=(200,), what="check")
-                size = _count(resp.getheader("Content-Length"))
+                there = Entry("", "", t.source, False, _count(resp.getheader("Content-Length")),
+                              _parse_http_date(resp.getheader("Last-Modified")))
                 tr.release(resp)
-                if size is not None and size == os.path.getsize(t.dest):
-                    return TransferResult(t.source, t.dest, size, "skipped")
+                st = os.stat(t.dest)
+                if self.same(st.st_size, st.st_mtime, there, False) == "same":
+                    return TransferResult(t.source, t.dest, there.size, "skipped")
             return _download_file(tr, t.source, t.dest, None, progress, cancel)
         return work
 
@@ -5111,11 +5156,20 @@ class _Uploads(_Planner):
                              dry_run, progress, jobs, started, raise_on_failure)
         if not os.path.isfile(local):
             raise ConfigError("no such local file: %s" % local)
-        size = os.path.getsize(local)
-        progress.add_total(1, size)
-        task = _Task(local, self.url(target), size, remote=target)
-        summary = self.run([task], lambda t: self.send(t, verify, progress), 1, progress,
-                           started, raise_on_failure, dry_run)
+        st = os.stat(local)
+        have = None if overwrite else self.present(target)
+        how = self.same(st.st_size, st.st_mtime, have, checksum, upload=True)
+        if how == "same":   # a re-run skips it, as it skips the files of a tree
+            task = TransferResult(local, have.url, st.st_size, "skipped", remote_path=target)
+        else:
+            progress.add_total(1, st.st_size)
+            task = _Task(local, self.url(target), st.st_size, have, how == "hash", target)
+
+        def work(t):
+            if t.check and _file_matches(t.source, t.entry.checksums):
+                return TransferResult(t.source, t.dest, t.size, "skipped", remote_path=t.remote)
+            return self.send(t, verify, progress)
+        summary = self.run([task], work, 1, progress, started, raise_on_failure, dry_run)
         for r in summary.results:
             if r.remote_path is None:
                 r.remote_path = target
@@ -5150,19 +5204,20 @@ class _Uploads(_Planner):
                 path = os.path.join(dirpath, fn)
                 rpath = (rdir + "/" + fn) if rdir else fn
                 try:
-                    size = os.path.getsize(path)
+                    st = os.stat(path)
                 except OSError as e:
                     yield TransferResult(path, rpath, None, "failed",
                                          str(_local_error(e, path)))
                     continue
+                size = st.st_size
                 have = existing.get("/".join(rparts + [fn]))
-                if have is not None and have.size == size and not (
-                        checksum and have.checksums):
+                how = self.same(size, st.st_mtime, have, checksum, upload=True)
+                if how == "same":
                     yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
                     continue
                 progress.add_total(1, size)
-                yield _Task(path, self.url(rpath), size, have,
-                            check=have is not None and have.size == size, remote=rpath)
+                yield _Task(path, self.url(rpath), size, have, check=how == "hash",
+                            remote=rpath)
 
     # -- what differs between WebDAV and the download service -------------------
 
@@ -5188,6 +5243,18 @@ class _Uploads(_Planner):
                 raise
         self.remote.mkdir(parent, parents=True)
         return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+
+    def present(self, target):
+        """The Entry of the remote file *target*, or None when there is no
+        file there (or the server will not say: then the upload goes)."""
+        try:
+            entry = self.remote.stat(target)
+        except (NotFound, ProtocolError):
+            return None
+        except RemoteError as e:   # e.g. a server that refuses PROPFIND
+            _log(10, "could not look at %s before uploading: %s", target, e)
+            return None
+        return None if entry.is_dir else entry
 
     def existing(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
@@ -5258,6 +5325,9 @@ class _ServiceUploads(_Uploads):
 
     def existing(self, target):
         return {}  # the service offers no listing of what is already there to skip
+
+    def present(self, target):
+        return None  # (nor a stat of it: the path in the caller's folder is not known yet)
 
     def folder_maker(self, base, dry_run):
         return lambda rdir: None  # the service makes folders itself
@@ -6504,9 +6574,10 @@ class Client:
         else to *dest* itself.  *select* keeps only some files of a tree (a
         glob, list of globs, compiled regex or callable, applied to the path
         relative to the tree; see README "Selecting files").  Files already
-        there with the same size are skipped unless *overwrite*; with
-        *checksum*, only if their checksum also equals the server's (when it
-        has one).  Each file streams to ``name.part`` and is renamed when
+        there are skipped unless *overwrite*: those of the same size and
+        modification time (a download gives a file the server's); with
+        *checksum*, those of the same size and checksum, where the server
+        has checksums (where it has none, a warning says so once).  Each file streams to ``name.part`` and is renamed when
         complete and verified.  *dry_run*: list and plan only (results have
         status "planned"), write nothing.
 
@@ -6549,8 +6620,8 @@ class Client:
         archive's tree: the local path is what follows *strip_prefix* in the
         URL, or else the whole URL path (for a remote path: that path).
         Works with plain HTTP(S) file servers (no WebDAV needed: no listing
-        is made).  Present files of the
-        same size (asked with HEAD) are skipped unless *overwrite*; transfers
+        is made).  Present files of the same size and modification time
+        (asked with HEAD) are skipped unless *overwrite*; transfers
         are parallel, resumable and verified like any download.  The token is
         only sent to the storage URL's origin.
 
@@ -6594,10 +6665,15 @@ class Client:
 
         A remote path ending with "/" (or empty) names the folder to upload
         *into* (``remote/<local name>``); otherwise it is the new name.
-        Missing remote folders are created.  A tree upload first lists what
-        is already at the destination and skips files of the same size (and,
-        with *checksum*, the same checksum when the server has one) unless
-        *overwrite*; *select* keeps only some files (as for download).
+        Missing remote folders are created.  What is already there is
+        skipped unless *overwrite* (a tree upload lists the destination
+        first, one file is looked up): a remote file of the same size that
+        is not older than the local one (servers stamp an upload with the
+        time it arrived, so a local file changed after its upload goes
+        again); with *checksum*, one of the same size and checksum, where
+        the server has checksums.  In service mode nothing is skipped (the
+        service cannot say what is there).  *select* keeps only some files
+        (as for download).
         *verify*: see _upload_file (True: Content-MD5 for every file; None:
         for files up to 1 MiB; False: never).  *dry_run*: plan only, send
         nothing that changes the storage.  In service mode everything lands
@@ -6616,7 +6692,9 @@ class Client:
         ending with "/" is a folder: ``upload_file("latest.txt",
         "your-folder/")`` -> your-folder/latest.txt.  Raises ConfigError
         (bad local file or remote path), AuthError, TransferError."""
-        summary = self.upload(local, remote, progress=progress, raise_on_failure=False)
+        # overwrite: the old client's upload_file always sent the file
+        summary = self.upload(local, remote, overwrite=True, progress=progress,
+                              raise_on_failure=False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         r = summary.results[0]
@@ -9331,7 +9409,8 @@ def _args_get(sub):
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
                 "verified against the server's checksum; an interrupted download resumes "
-                "from its .part file; files already present with the same size are skipped; "
+                "from its .part file; files already there (the same size and modification "
+                "time) are skipped; "
                 "transient failures are retried with backoff (--retries)."))
     sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
     sp.add_argument("dest", nargs="?", default=None, help=(
@@ -9347,10 +9426,11 @@ def _args_get(sub):
         "with --from-list: the part of each URL to drop; the local tree starts after "
         "it (default: keep the whole URL path)"))
     sp.add_argument("--overwrite", action="store_true",
-                    help="download even files that are already present")
+                    help="download even files that are already there")
     sp.add_argument("--checksum", action="store_true",
-                    help="skip a present file only if its checksum also matches the "
-                         "server's (reads the local file)")
+                    help="a file already there is one of the same size and checksum as "
+                         "the server's (reads the local file), not of the same size and "
+                         "modification time")
     sp.add_argument("-n", "--dry-run", action="store_true",
                     help="list what would be downloaded and the totals; write nothing")
     sp.add_argument("--manifest", metavar="FILE.json",
@@ -9459,9 +9539,11 @@ def _args_put(sub):
     sp.add_argument("dest", nargs="?", default="", help="remote path (default: the root)")
     sp.add_argument("-r", "--recursive", action="store_true", help="upload a directory tree")
     sp.add_argument("--overwrite", action="store_true",
-                    help="with -r: upload even files already present with the same size")
+                    help="upload even files already there (by default a remote file of the "
+                         "same size, not older than the local one, is not sent again)")
     sp.add_argument("--checksum", action="store_true",
-                    help="with -r: skip a present file only if its checksum also matches")
+                    help="a file already there is one of the same size and checksum (reads "
+                         "the local file)")
     sp.add_argument("--verify", action="store_const", const=True, default=None,
                     help="send Content-MD5 for every file so the server checks it "
                          "(reads files over 1 MiB twice; default: files up to 1 MiB)")

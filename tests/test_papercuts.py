@@ -170,3 +170,106 @@ def test_the_token_file_is_not_read_for_every_request(dav, monkeypatch, tmp_path
     c = ctadata.Client(url=dav.url, retries=0)
     assert c.download("t", str(tmp_path / "out") + "/", recursive=True).transferred == 20
     assert reads == [str(tmp_path / "bt")]
+
+
+# -- what "already there" means: size and modification time ----------------------------
+
+HOUR = 3600
+
+
+def _age(path, seconds):
+    t = time.time() - seconds
+    os.utime(str(path), (t, t))
+
+
+def test_get_rerun_fetches_a_reprocessed_file_of_the_same_size(cli, dav, tmp_path):
+    """FITS pads to 2,880-byte blocks: a reprocessed file often keeps its size."""
+    make_tree(dav.root, {"night/a.fits": b"A" * 2880, "night/b.fits": b"B" * 2880})
+    for name in ("a", "b"):
+        _age(dav.root / ("night/%s.fits" % name), 2 * HOUR)
+    code, _, err = cli("get", "-r", "night", str(tmp_path) + "/")
+    assert code == 0 and "2 transferred" in err, err
+    local = tmp_path / "night"
+    assert abs(os.stat(str(local / "a.fits")).st_mtime - (time.time() - 2 * HOUR)) < 5
+    code, _, err = cli("get", "-r", "night", str(tmp_path) + "/")
+    assert "0 transferred, 2 skipped" in err, err
+    (dav.root / "night/a.fits").write_bytes(b"a" * 2880)        # reprocessed on the server
+    (local / "b.fits").write_bytes(b"x" * 2880)                  # changed here
+    code, _, err = cli("get", "-r", "night", str(tmp_path) + "/")
+    assert code == 0 and "2 transferred, 0 skipped" in err, err
+    assert (local / "a.fits").read_bytes() == b"a" * 2880
+    assert (local / "b.fits").read_bytes() == b"B" * 2880
+    # one file too
+    _age(local / "a.fits", HOUR)                                 # (an older copy here)
+    (dav.root / "night/a.fits").write_bytes(b"1" * 2880)
+    code, _, err = cli("get", "night/a.fits", str(local) + "/")
+    assert "1 transferred" in err and (local / "a.fits").read_bytes() == b"1" * 2880
+    code, _, err = cli("get", "night/a.fits", str(local) + "/")
+    assert "0 transferred, 1 skipped" in err, err
+
+
+def test_checksum_without_server_checksums_says_so_once(cli, dav, tmp_path):
+    """nginx and Apache keep no checksums: --checksum falls back to size and
+    time, and says so once."""
+    make_tree(dav.root, {"n/%d.bin" % i: b"x" * 100 for i in range(5)})
+    assert cli("get", "-r", "n", str(tmp_path) + "/")[0] == 0
+    code, _, err = cli("get", "-r", "--checksum", "n", str(tmp_path) + "/")
+    assert code == 0 and "5 skipped" in err
+    assert err.count("the server has no checksums to compare") == 1, err
+    code, _, err = cli("put", "-r", "--checksum", tmp_path / "n", "n2/")
+    assert code == 0 and err.count("the server has no checksums to compare") == 0
+    code, _, err = cli("put", "-r", "--checksum", tmp_path / "n", "n2/")
+    assert "5 skipped" in err and err.count("the server has no checksums to compare") == 1
+
+
+def test_put_rerun_skips_unless_the_local_file_changed_since(cli, dav, tmp_path):
+    src = make_tree(tmp_path / "src", {"a.txt": b"a" * 50, "b.txt": b"b" * 50})
+    for name in ("a", "b"):
+        _age(src / ("%s.txt" % name), HOUR)
+    code, _, err = cli("put", "-r", src, "up/")
+    assert code == 0 and "2 transferred" in err, err
+    # the server stamps the upload with its own time: not older than the local file
+    for name in ("a", "b"):
+        assert os.stat(str(dav.root / ("up/src/%s.txt" % name))).st_mtime >= \
+            os.stat(str(src / ("%s.txt" % name))).st_mtime
+    code, _, err = cli("put", "-r", src, "up/")
+    assert "0 transferred, 2 skipped" in err, err
+    (src / "b.txt").write_bytes(b"B" * 50)                       # changed after the upload
+    _age(dav.root / "up/src/b.txt", HOUR / 2)
+    code, _, err = cli("put", "-r", src, "up/")
+    assert "1 transferred, 1 skipped" in err, err
+    assert (dav.root / "up/src/b.txt").read_bytes() == b"B" * 50
+    # one file: a re-run skips it too (it was sent every time)
+    one = tmp_path / "one.txt"
+    one.write_bytes(b"1" * 10)
+    _age(one, HOUR)
+    code, out, err = cli("put", one, "up/")
+    assert code == 0 and "1 transferred" in err and out == "up/one.txt\n", err
+    code, out, err = cli("put", one, "up/")
+    assert code == 0 and "0 transferred, 1 skipped" in err and out == "", err
+    code, out, err = cli("put", "--overwrite", one, "up/")
+    assert "1 transferred" in err, err
+    one.write_bytes(b"2" * 10)                                   # changed since: sent
+    _age(dav.root / "up/one.txt", HOUR / 2)
+    code, out, err = cli("put", one, "up/")
+    assert "1 transferred" in err and (dav.root / "up/one.txt").read_bytes() == b"2" * 10
+    # the old upload_file always sends, as the old client did
+    c = ctadata.Client(url=dav.url, token=dav.token, retries=0)
+    _age(one, HOUR)
+    assert c.upload("%s" % one, "up/").skipped == 1
+    assert c.upload_file(str(one), "up/") == {"path": "up/one.txt", "status": "uploaded",
+                                              "total_written": 10}
+
+
+def test_from_list_rerun_compares_last_modified(nginx_static_server, tmp_path, capsys):
+    srv = nginx_static_server
+    make_tree(srv.root, {"pc/f.gz": b"one" * 10})
+    _age(srv.root / "pc/f.gz", HOUR)
+    lst = tmp_path / "urls.txt"
+    lst.write_text(srv.url + "/pc/f.gz\n")
+    argv = ["get", "--from-list", str(lst), str(tmp_path / "dest")]
+    assert ctadata.main(argv) == 0
+    assert ctadata.main(argv) == 0 and "1 skipped" in capsys.readouterr().err
+    (srv.root / "pc/f.gz").write_bytes(b"two" * 10)                # same size, newer
+    assert ctadata.main(argv) == 0 and "1 transferred" in capsys.readouterr().err
+    assert (tmp_path / "dest/pc/f.gz").read_bytes() == b"two" * 10
