@@ -1053,6 +1053,27 @@ def _should_retry(policy, attempt, status=None, exc=None, retry_after=None,
     return delay
 
 
+def _log_retry(method, url, delay, why, attempt, policy):
+    """Say that a request is tried again, one line per retry: "retrying GET
+    URL in 2.1 s after: connection reset by peer (attempt 2 of 6)".  At INFO
+    on the logger "ctadata.retry", which the command line shows on stderr
+    (not with -q): a server that accepts and never answers is then not
+    minutes of silence.  *attempt* counts the failures before this one."""
+    if isinstance(why, CtadataError):
+        # "HTTP 503", "connection reset by peer": the request is named already
+        verb, sep, rest = why.message.partition(": ")
+        why = "HTTP %d" % why.status if why.status else rest if sep and " " not in verb \
+            else why.message
+    elif isinstance(why, BaseException):
+        why = _network_error(why, url).message
+    why = str(why)
+    import logging
+    logging.getLogger("ctadata.retry").info(
+        "retrying %s %s in %.1f s after: %s (attempt %d of %d)", method, _safe_url(url), delay,
+        why[:1].lower() + why[1:] if why[1:2].islower() else why, attempt + 2,
+        policy.retries + 1)
+
+
 def _is_transient(exc):
     import http.client
     import socket
@@ -1554,7 +1575,7 @@ class _Transport:
                 delay = _should_retry(self.policy, attempt, exc=e) if retry else None
                 if delay is None:
                     raise _network_error(e, url, what)
-                self._pause(method, url, delay, e)
+                self._pause(method, url, delay, e, attempt)
                 attempt += 1
                 continue
             if resp.status in ok:
@@ -1573,7 +1594,7 @@ class _Transport:
                                   retry_after=resp.getheader("Retry-After")) if retry else None
             if delay is None:
                 raise self._status_error(resp, err_body, what, url)
-            self._pause(method, url, delay, "HTTP %d" % resp.status)
+            self._pause(method, url, delay, "HTTP %d" % resp.status, attempt)
             attempt += 1
 
     def _status_error(self, resp, body, what, url):
@@ -1594,8 +1615,8 @@ class _Transport:
         err.retry_after = resp.getheader("Retry-After")
         return err
 
-    def _pause(self, method, url, delay, why):
-        _log(20, "retrying %s %s in %.1fs after: %s", method, _safe_url(url), delay, why)
+    def _pause(self, method, url, delay, why, attempt):
+        _log_retry(method, url, delay, why, attempt, self.policy)
         self.sleep(delay)
 
     def sleep(self, delay):
@@ -4187,8 +4208,7 @@ class _Download:
                     if not self.resume:
                         _unlink_missing_ok(self.part)
                     raise
-                _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(self.url),
-                     delay, e)
+                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
                 self.tr.sleep(delay)
                 attempt += 1
                 continue
@@ -5889,8 +5909,7 @@ class _RemoteFile(io.RawIOBase):
                 delay = _retry_delay(self.tr.policy, attempt, e)
                 if delay is None:
                     raise
-                _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(self.url),
-                     delay, e)
+                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
                 self.tr.sleep(delay)
                 attempt += 1
 
@@ -5989,8 +6008,7 @@ def _copy_to(tr, entry, out, resumable, cancel=None):
             delay = _retry_delay(tr.policy, attempt, e) if can else None
             if delay is None:
                 raise
-            _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(entry.url),
-                 delay, e)
+            _log_retry("GET", entry.url, delay, e, attempt, tr.policy)
             tr.sleep(delay)
             attempt += 1
     bad = _first_mismatch(state["hashers"].result(), state["sums"])
@@ -9013,7 +9031,8 @@ def _add_common(parser, suppress):
                    help="seconds before a silent connection fails (default %d)"
                         % _DEFAULT_TIMEOUT)
     g.add_argument("--retries", type=int, default=d, metavar="N",
-                   help="retries of transient failures (default %d)" % _DEFAULT_RETRIES)
+                   help="retries of transient failures, each said on stderr (default %d)"
+                        % _DEFAULT_RETRIES)
     g.add_argument("--ca-file", default=d, metavar="PEM",
                    help="extra CA certificates (env X509_CERT_FILE)")
     g.add_argument("--ca-dir", default=d, metavar="DIR",
@@ -10229,8 +10248,11 @@ def _setup_logging(args):
     logger.addHandler(handler)
     logger.propagate = False
     verbose = _opt(args, "verbose", 0)
-    logger.setLevel(logging.DEBUG if verbose else
-                    logging.ERROR if _opt(args, "quiet") else logging.WARNING)
+    quiet = _opt(args, "quiet")
+    logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    # one line per retry (INFO, see _log_retry), unless -q
+    logging.getLogger("ctadata.retry").setLevel(logging.ERROR if quiet and not verbose
+                                                else logging.INFO)
 
 
 def _cli_error(args, e):

@@ -273,3 +273,35 @@ def test_from_list_rerun_compares_last_modified(nginx_static_server, tmp_path, c
     (srv.root / "pc/f.gz").write_bytes(b"two" * 10)                # same size, newer
     assert ctadata.main(argv) == 0 and "1 transferred" in capsys.readouterr().err
     assert (tmp_path / "dest/pc/f.gz").read_bytes() == b"two" * 10
+
+
+# -- retries are not silent ---------------------------------------------------------------
+
+def test_each_retry_is_one_line_on_stderr(tmp_path, capsys, monkeypatch):
+    from faultserver import FaultServer
+    root = tmp_path / "remote"
+    make_tree(root, {"f.bin": b"x" * 5000, "g.bin": b"y" * 5000})
+    with FaultServer(root, "tok-retry") as fs:
+        monkeypatch.setenv("BEARER_TOKEN", "tok-retry")
+        fs.add_fault("status", method="GET", path="/f.bin", times=2,
+                     headers={"Retry-After": "0"})
+        assert ctadata.main(["--url", fs.url, "--retries", "3", "get", "f.bin",
+                             str(tmp_path) + "/"]) == 0
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if "retrying" in ln]
+        assert len(lines) == 2, err
+        for n, line in zip((2, 3), lines):
+            assert line.startswith("ctadata: retrying GET %s/f.bin in " % fs.url), line
+            assert line.endswith(" s after: HTTP 503 (attempt %d of 4)" % n), line
+        fs.add_fault("reset", method="GET", path="/g.bin", times=1)
+        assert ctadata.main(["--url", fs.url, "get", "g.bin", str(tmp_path) + "/"]) == 0
+        err = capsys.readouterr().err
+        assert "retrying GET %s/g.bin in " % fs.url in err and "(attempt 2 of 6)" in err, err
+        assert "connection reset" in err.lower()
+        fs.add_fault("status", method="GET", path="/f.bin", times=1,
+                     headers={"Retry-After": "0"})
+        assert ctadata.main(["--url", fs.url, "-q", "get", "--overwrite", "f.bin",
+                             str(tmp_path) + "/"]) == 0
+        assert capsys.readouterr().err == ""
+    # the library itself prints nothing: the lines go to the logger "ctadata.retry"
+    assert logging.getLogger("ctadata.retry").name == "ctadata.retry"
