@@ -9222,7 +9222,9 @@ def _args_ls(sub):
                      description="List a remote directory: names one per line, sorted, "
                                  "directories ending with '/'.  Without -l, --json or "
                                  "--jsonl only names and types are asked of the server "
-                                 "(faster, and no checksum or tape lookups on dCache).")
+                                 "(faster, and no checksum or tape lookups on dCache).  "
+                                 "--include selects files; --exclude leaves out the files "
+                                 "and folders it names (with -R: files only).")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
     sp.add_argument("-l", dest="long", action="store_true",
                     help="long format: type, size, modification time (UTC), where the "
@@ -9237,17 +9239,28 @@ def _args_ls(sub):
     _args_filters(sp)
 
 
+def _ls_filter(args, sel):
+    """What `ls` without -R shows with --include/--exclude: the files they
+    select; folders only without --include (which names files), unless an
+    --exclude names them (hiding every folder for an --exclude hid
+    everything in a folder of folders)."""
+    if sel is None:
+        return None
+    return lambda e: not args.include and sel(e.name) if e.is_dir else sel(e.name)
+
+
 def _cmd_ls(client, args):
     sel = _cli_selector(args)
     out = _RecordWriter(args)
     # names only: ask the server for nothing else
     details = bool(args.long or out.json or out.jsonl)
+    shown = _ls_filter(args, sel)
     if args.unsorted and not args.recursive:
         # Constant memory however big the folder: print as entries parse.
         structured = out.json or out.jsonl
         locality = None     # a locality column from the first entry that has one on
         for e in client.iter_dir(args.path, details):
-            if sel is None or (not e.is_dir and sel(e.name)):
+            if shown is None or shown(e):
                 if structured:
                     out.item(e.to_dict())
                 else:
@@ -9265,7 +9278,8 @@ def _cmd_ls(client, args):
                     rows.append((rel, e))
         rows.sort(key=lambda r: r[0])
     else:
-        rows = [(e.name, e) for e in client.ls(args.path, select=sel, details=details)]
+        rows = [(e.name, e) for e in client.ls(args.path, details=details)
+                if shown is None or shown(e)]
     if out.json or out.jsonl:
         for _n, e in rows:
             out.item(e.to_dict())

@@ -305,3 +305,18 @@ def test_each_retry_is_one_line_on_stderr(tmp_path, capsys, monkeypatch):
         assert capsys.readouterr().err == ""
     # the library itself prints nothing: the lines go to the logger "ctadata.retry"
     assert logging.getLogger("ctadata.retry").name == "ctadata.retry"
+
+
+# -- small things of the command line -----------------------------------------------------
+
+def test_ls_exclude_without_r_keeps_the_folders(cli, dav):
+    make_tree(dav.root, {"n/v0.1/a.h5": b"a", "n/v0.2/b.h5": b"b", "n/datacheck/c.h5": b"c",
+                         "n/notes.txt": b"t", "n/run.h5": b"r"})
+    code, out, err = cli("ls", "n", "--exclude", "datacheck*")
+    assert code == 0 and out.splitlines() == ["notes.txt", "run.h5", "v0.1/", "v0.2/"], err
+    code, out, _ = cli("ls", "-U", "n", "--exclude", "*.txt", "--exclude", "v0.2")
+    assert sorted(out.splitlines()) == ["datacheck/", "run.h5", "v0.1/"]
+    code, out, _ = cli("ls", "n", "--include", "*.h5")            # names files
+    assert out.splitlines() == ["run.h5"]
+    code, out, _ = cli("ls", "-R", "n", "--exclude", "datacheck/**")   # -R: files only
+    assert out.splitlines() == ["notes.txt", "run.h5", "v0.1/a.h5", "v0.2/b.h5"]
