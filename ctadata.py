@@ -199,6 +199,12 @@ def _safe_url(url):
     return urlunsplit((p.scheme, netloc, p.path, "", ""))
 
 
+def _safe_place(place):
+    """A URL fit for messages (_safe_url), or a local path as it is: "#" and
+    "?" are parts of file names, not fragments and queries."""
+    return _safe_url(place) if "://" in str(place) else place
+
+
 def _printable(text, limit=300):
     """Text from a server, fit for a message: no control characters (no
     terminal escapes), one line, bounded."""
@@ -294,7 +300,7 @@ class PartialFailure(CtadataError):
         first = summary.failures[0]
         CtadataError.__init__(
             self, "%d of %d files failed; first: %s: %s" % (
-                summary.failed, summary.files, _safe_url(first.source), first.error))
+                summary.failed, summary.files, _safe_place(first.source), first.error))
         self.summary = summary
 
 
@@ -3935,8 +3941,8 @@ class TransferResult:
         self.exception = None  # the CtadataError of a failed transfer
 
     def __repr__(self):
-        return "TransferResult(%r -> %r, %s)" % (_safe_url(self.source), self.dest,
-                                                 self.status)
+        return "TransferResult(%r -> %r, %s)" % (_safe_place(self.source),
+                                                 _safe_place(self.dest), self.status)
 
     def to_dict(self):
         """The manifest record: remote (URL), local (path), remote_path, size,
@@ -9409,7 +9415,7 @@ def _report(args, verb, summary):
     elif getattr(args, "dry_run", False):
         lines = []
         for r in summary.results:
-            src, dst = _safe_url(r.source), _safe_url(r.dest)
+            src, dst = _safe_place(r.source), _safe_place(r.dest)
             what = "would %s" % verb if r.status == "planned" else r.status
             size = "" if r.size is None else " (%s)" % _human_bytes(r.size)
             lines.append("%s %s -> %s%s\n" % (what, src, dst, size))
@@ -9417,7 +9423,7 @@ def _report(args, verb, summary):
     failures = summary.failures
     for r in failures[:20]:
         where = r.dest if verb == "get" and r.dest else r.source
-        sys.stderr.write("ctadata: failed: %s: %s\n" % (_safe_url(where), r.error))
+        sys.stderr.write("ctadata: failed: %s: %s\n" % (_safe_place(where), r.error))
     if len(failures) > 20:
         sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
     if getattr(args, "dry_run", False):

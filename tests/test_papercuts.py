@@ -320,3 +320,17 @@ def test_ls_exclude_without_r_keeps_the_folders(cli, dav):
     assert out.splitlines() == ["run.h5"]
     code, out, _ = cli("ls", "-R", "n", "--exclude", "datacheck/**")   # -R: files only
     assert out.splitlines() == ["notes.txt", "run.h5", "v0.1/a.h5", "v0.2/b.h5"]
+
+
+def test_dry_run_and_failures_keep_hash_and_question_mark_in_local_names(cli, dav, tmp_path):
+    make_tree(dav.root, {"odd/hash#tag.h5": b"h", "odd/q?x.txt": b"q"})
+    code, out, err = cli("get", "-n", "-r", "odd", str(tmp_path) + "/")
+    assert code == 0
+    assert "-> %s\n" % (tmp_path / "odd" / "hash#tag.h5") in out.replace(" (1B)", ""), out
+    assert "-> %s\n" % (tmp_path / "odd" / "q?x.txt") in out.replace(" (1B)", ""), out
+    src = make_tree(tmp_path / "up", {"a#b.txt": b"1", "c?d.txt": b"2"})
+    code, out, err = cli("put", "-n", "-r", src, "dst/")
+    assert "would put %s -> " % (src / "a#b.txt") in out and \
+        "would put %s -> " % (src / "c?d.txt") in out, out
+    assert repr(ctadata.TransferResult(str(src / "a#b.txt"), "x")).startswith(
+        "TransferResult(%r" % str(src / "a#b.txt"))
