@@ -4836,7 +4836,7 @@ def _walk(remote, path, jobs, details=True, warn=None):
     """Yield (entry of a directory, sorted list of its entries) for *path*
     and every directory below it, depth first, on a backend (_DAV or
     _Service).  Listings run ahead in parallel on *jobs* threads; the order
-    is deterministic."""
+    is deterministic.  A file has no directory to walk: nothing is yielded."""
     from concurrent.futures import ThreadPoolExecutor
     from collections import deque
 
@@ -4845,11 +4845,26 @@ def _walk(remote, path, jobs, details=True, warn=None):
         children = sorted(remote.children(p, selfs.append, details), key=_entry_key)
         return (selfs[0] if selfs else None), _unique(children, warn)
 
+    def first(p):
+        """The listing of *path*, or (None, None) for a file."""
+        try:
+            top, children = listing(p)
+        except RemoteError as e:
+            # Apache answers 400 to a file's name with "/" appended
+            if isinstance(e, NotFound) or remote.stat(path).is_dir:
+                raise
+            return None, None
+        if top is not None and not top.is_dir:   # nginx, dCache, the service list a file
+            return None, None
+        return top, children
+
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        queue = deque([ex.submit(listing, remote.url_for(path, collection=True))])
+        queue = deque([ex.submit(first, remote.url_for(path, collection=True))])
         try:
             while queue:
                 top, children = queue.popleft().result()
+                if children is None:
+                    return
                 subdirs = [e for e in children if e.is_dir]
                 for e in reversed(subdirs):
                     queue.appendleft(ex.submit(listing, remote.url_for(e, True)))
@@ -6530,9 +6545,9 @@ class Client:
 
     def walk(self, path="", jobs=None, details=True):
         """Yield (entry of a directory, sorted list of its entries) for *path*
-        and every directory below it, depth first.  Directory listings run
-        ahead in parallel (*jobs* threads); the order is deterministic.
-        *details*: as for iter_dir."""
+        and every directory below it, depth first (for a file: nothing).
+        Directory listings run ahead in parallel (*jobs* threads); the order
+        is deterministic.  *details*: as for iter_dir."""
         return _walk(self._remote, path, jobs or self.settings.jobs, details, self._warn)
 
     def ls(self, path="", recursive=False, select=None, details=True):
@@ -6549,9 +6564,13 @@ class Client:
                                    key=_entry_key))
         root = self.url_for(path, collection=True)
         out = _Listing()
+        walked = False
         for _top, children in self.walk(path, details=details):
+            walked = True
             out.extend(e for e in children if sel is None or (
                 not e.is_dir and sel(_rel_path(root, e.url))))
+        if not walked:   # a file: its own entry, as without recursive
+            return self.ls(path, False, select, details)
         return out
 
     def list_dir(self, path="", recursive=False, n_threads=None):
@@ -9277,11 +9296,16 @@ def _cmd_ls(client, args):
     if args.recursive:
         root = client.url_for(args.path, collection=True)
         rows = []
+        walked = False
         for _top, children in client.walk(args.path, details=details):
+            walked = True
             for e in children:
                 rel = _rel_path(root, e.url)
                 if sel is None or (not e.is_dir and sel(rel)):
                     rows.append((rel, e))
+        if not walked:   # a file: listed as without -R
+            rows = [(e.name, e) for e in client.iter_dir(args.path, details)
+                    if sel is None or sel(e.name)]
         rows.sort(key=lambda r: r[0])
     else:
         rows = [(e.name, e) for e in client.ls(args.path, details=details)

@@ -334,3 +334,15 @@ def test_dry_run_and_failures_keep_hash_and_question_mark_in_local_names(cli, da
         "would put %s -> " % (src / "c?d.txt") in out, out
     assert repr(ctadata.TransferResult(str(src / "a#b.txt"), "x")).startswith(
         "TransferResult(%r" % str(src / "a#b.txt"))
+
+
+def test_ls_r_of_a_file_lists_the_file(cli, dav):
+    make_tree(dav.root, {"d/f.txt": b"12345"})
+    assert cli("ls", "d/f.txt")[1] == "f.txt\n"
+    code, out, err = cli("ls", "-R", "d/f.txt")
+    assert (code, out) == (0, "f.txt\n"), err
+    code, out, err = cli("ls", "-R", "-l", "d/f.txt")
+    assert code == 0 and out.startswith("- 5 ") and out.endswith(" f.txt\n"), out
+    c = ctadata.Client(url=dav.url, token=dav.token, retries=0)
+    assert [e.path for e in c.ls("d/f.txt", recursive=True)] == ["d/f.txt"]
+    assert [(top, [e.path for e in kids]) for top, kids in c.walk("d/f.txt")] == []
