@@ -9599,7 +9599,9 @@ def _args_put(sub):
                 "Upload a local file, or with -r a directory tree. A remote path ending "
                 "with '/' is a folder to upload into; missing folders are created."))
     sp.add_argument("source", help="local file or folder")
-    sp.add_argument("dest", nargs="?", default="", help="remote path (default: the root)")
+    sp.add_argument("dest", nargs="?", default="", help=(
+        "remote folder to put it into (ending with '/'; '/' is the storage root) or its new "
+        "name; required, except in service mode (default: your own folder)"))
     sp.add_argument("-r", "--recursive", action="store_true", help="upload a directory tree")
     sp.add_argument("--overwrite", action="store_true",
                     help="upload even files already there (by default a remote file of the "
@@ -9622,6 +9624,10 @@ def _args_put(sub):
 
 
 def _cmd_put(client, args):
+    if not args.dest and not client.service:
+        # (it meant the storage root: rarely what a user wants, never by accident)
+        raise ConfigError("put needs a destination: a remote folder ending with '/' "
+                          "(e.g. your-folder/), or the new name; '/' is the storage root")
     progress = _make_progress(args, "put")
     try:
         summary = client.upload(args.source, args.dest, recursive=args.recursive,

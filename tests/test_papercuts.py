@@ -346,3 +346,21 @@ def test_ls_r_of_a_file_lists_the_file(cli, dav):
     c = ctadata.Client(url=dav.url, token=dav.token, retries=0)
     assert [e.path for e in c.ls("d/f.txt", recursive=True)] == ["d/f.txt"]
     assert [(top, [e.path for e in kids]) for top, kids in c.walk("d/f.txt")] == []
+
+
+def test_put_without_a_destination_asks_for_one(cli, dav, tmp_path):
+    f = tmp_path / "f.txt"
+    f.write_bytes(b"f")
+    code, out, err = cli("put", f)
+    assert code == 2 and "put needs a destination" in err and not (dav.root / "f.txt").exists()
+    assert cli("put", f, "/")[0] == 0 and (dav.root / "f.txt").read_bytes() == b"f"
+
+
+def test_put_without_a_destination_in_service_mode_is_your_folder(hub, upstream, tmp_path,
+                                                                    capsys):
+    f = tmp_path / "mine.txt"
+    f.write_bytes(b"m")
+    assert ctadata.main(["put", str(f)]) == 0
+    from conftest import HUB_AREA
+    assert capsys.readouterr().out == HUB_AREA + "/mine.txt\n"
+    assert (upstream.root / HUB_AREA / "mine.txt").read_bytes() == b"m"
