@@ -9030,11 +9030,30 @@ def serve(root, port=0, bind="127.0.0.1", token=None, token_file=None, auth=True
 # Client and prints; the options of a command (_args_X) sit beside it.
 
 
+class _Unlisted:
+    """Adds options to a command's parser without listing them in its
+    --help: the options every command takes, listed once by `ctadata --help`."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+    def add_argument(self, *names, **kw):
+        import argparse
+        kw["help"] = argparse.SUPPRESS
+        return self.parser.add_argument(*names, **kw)
+
+
+_COMMON_POINTER = """\
+The options of every command (--url, --token-file, -j, --timeout, --retries,
+-q, -v, ...) go before or after it: `ctadata --help` lists them."""
+
+
 def _add_common(parser, suppress):
-    """Options every subcommand accepts (before or after its name)."""
+    """Options every subcommand accepts (before or after its name); after it
+    (*suppress*) they are accepted but not listed in the command's help."""
     import argparse
     d = argparse.SUPPRESS if suppress else None
-    g = parser.add_argument_group("storage and connection")
+    g = _Unlisted(parser) if suppress else parser.add_argument_group("storage and connection")
     g.add_argument("--url", default=d, metavar="URL",
                    help="storage URL; remote paths are relative to it "
                         "(env CTADATA_URL; default %s)" % DEFAULT_URL)
@@ -9069,7 +9088,8 @@ def _add_common(parser, suppress):
                    help="print only errors")
     g.add_argument("-v", "--verbose", action="count", default=d or 0,
                    help="log requests (never credentials) to stderr")
-    _add_credential_options(parser.add_argument_group("credentials", _CREDENTIALS_HELP), d)
+    _add_credential_options(_Unlisted(parser) if suppress else
+                            parser.add_argument_group("credentials", _CREDENTIALS_HELP), d)
 
 
 def _add_credential_options(g, d):
@@ -9138,7 +9158,7 @@ def _subcommand(sub, name, func, help_, description=None, add_help=True, aliases
     import argparse
     sp = sub.add_parser(name, help=help_, description=description or help_,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        add_help=add_help, aliases=list(aliases))
+                        add_help=add_help, aliases=list(aliases), epilog=_COMMON_POINTER)
     if not add_help:
         sp.add_argument("--help", action="help", help="show this help and exit")
     _add_common(sp, suppress=True)
@@ -9793,7 +9813,7 @@ def _args_stage(sub):
     sp = _subcommand(sub, "stage", _cmd_stage,
                      "bring files from tape to disk (prints a stage request ID)",
                      description=_STAGE_DESCRIPTION)
-    sp.epilog = _STAGE_EPILOG
+    sp.epilog = _STAGE_EPILOG + "\n" + _COMMON_POINTER
     sp.add_argument("paths", nargs="*", metavar="PATH",
                     help="remote files, or folders with -r")
     sp.add_argument("-r", "--recursive", action="store_true",

@@ -364,3 +364,18 @@ def test_put_without_a_destination_in_service_mode_is_your_folder(hub, upstream,
     from conftest import HUB_AREA
     assert capsys.readouterr().out == HUB_AREA + "/mine.txt\n"
     assert (upstream.root / HUB_AREA / "mine.txt").read_bytes() == b"m"
+
+
+def test_a_command_help_points_to_the_common_options_once(capsys, dav, monkeypatch):
+    assert ctadata.main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert "--ca-dir DIR" in top and "--insecure" in top and "--token-file FILE" in top
+    for cmd in ("get", "put", "ls", "mkdir", "stage", "token"):
+        assert ctadata.main([cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "--ca-dir" not in out and "--insecure" not in out and "--oidc-agent" not in out
+        assert "`ctadata --help` lists them" in out, cmd
+    assert len(out.splitlines()) < 20                     # token --help: 58 lines before
+    # ... and they are still taken after the command
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    assert ctadata.main(["ls", "--url", dav.url, "-j", "2", "--timeout", "9", "-q"]) == 0
