@@ -10081,13 +10081,16 @@ def _cmd_config(client, args):
 
 def _completion_words(parser):
     """{subcommand: [option strings]} and the global options, read from
-    the argparse tree itself (never a hand-written copy)."""
+    the argparse tree itself (never a hand-written copy).  Only the commands
+    `ctadata --help` lists: not the old names (start-agent...) nor aliases
+    (list), which still work."""
     import argparse
     glob = [o for a in parser._actions for o in a.option_strings]
     subs = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sp in action.choices.items():
+            for listed in action._choices_actions:
+                name, sp = listed.dest, action.choices[listed.dest]
                 words = [o for a in sp._actions for o in a.option_strings]
                 for a in sp._actions:
                     if not a.option_strings and a.choices:

@@ -379,3 +379,17 @@ def test_a_command_help_points_to_the_common_options_once(capsys, dav, monkeypat
     # ... and they are still taken after the command
     monkeypatch.setenv("BEARER_TOKEN", dav.token)
     assert ctadata.main(["ls", "--url", dav.url, "-j", "2", "--timeout", "9", "-q"]) == 0
+
+
+def test_completion_offers_the_listed_commands_only(capsys, tmp_path):
+    import subprocess
+    assert ctadata.main(["completion", "bash"]) == 0
+    script = tmp_path / "c.bash"
+    script.write_text(capsys.readouterr().out)
+    r = subprocess.run(["bash", "-c", 'source "$0"; COMP_WORDS=(ctadata ""); COMP_CWORD=1; '
+                        '_ctadata; echo "${COMPREPLY[@]}"', str(script)],
+                       stdout=subprocess.PIPE, universal_newlines=True)
+    offered = set(r.stdout.split())
+    assert {"ls", "get", "put", "login", "token", "stage", "serve", "completion"} <= offered
+    assert not offered & {"start-agent", "print-token", "stop-agent", "reset-config", "list"}
+    assert ctadata.main(["print-token", "--help"]) == 0       # (the old names still work)
