@@ -299,8 +299,8 @@ class PartialFailure(CtadataError):
     def __init__(self, summary):
         first = summary.failures[0]
         CtadataError.__init__(
-            self, "%d of %d files failed; first: %s: %s" % (
-                summary.failed, summary.files, _safe_place(first.source), first.error))
+            self, "%d of %s failed; first: %s: %s" % (
+                summary.failed, _plural(summary.files, "file"), _safe_place(first.source), first.error))
         self.summary = summary
 
 
@@ -519,6 +519,11 @@ def _unlink_quietly(path):
 
 # -- sizes and tables for people (a terminal, a notebook) ---------------------
 # Names come from servers: every cell of an HTML table is escaped.
+
+
+def _plural(n, word):
+    """1 file, 2 files (*word* takes an "s")."""
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
 
 
 def _human(n):
@@ -6121,12 +6126,13 @@ def _status_line(label, s):
     """'get 3/10+ files  1.2MiB/4.0MiB+  45.0MiB/s  ETA 1:02+' (while
     running) or 'get 10 files  4.0MiB  in 0:05  800.0KiB/s' (final)."""
     if s.final:
-        line = "%s %d files  %s  in %s  %s/s" % (label, s.files_done, _human_bytes(
+        line = "%s %s  %s  in %s  %s/s" % (label, _plural(s.files_done, "file"), _human_bytes(
             s.bytes_done), _clock(s.elapsed), _human_bytes(s.rate))
     else:
         more = "+" if s.listing else ""  # still listing: the totals may grow
-        line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
-            label, s.files_done, s.files_total, more, _human_bytes(s.bytes_done),
+        line = "%s %d/%d%s file%s  %s/%s%s  %s/s  ETA %s" % (
+            label, s.files_done, s.files_total, more,
+            "" if s.files_total == 1 and not more else "s", _human_bytes(s.bytes_done),
             _human_bytes(s.bytes_total), more, _human_bytes(s.rate), _eta_text(s))
     if s.skipped:
         line += "  %d skipped" % s.skipped
@@ -9381,6 +9387,14 @@ def _args_du(sub):
     _args_filters(sp)
 
 
+def _files(n):
+    return "file" if n == 1 else "files"
+
+
+def _dirs(n):
+    return "dir" if n == 1 else "dirs"
+
+
 def _cmd_du(client, args):
     report = client.du(args.path, select=_cli_selector(args))
     size = _human if args.human else str
@@ -9391,11 +9405,13 @@ def _cmd_du(client, args):
     out = _RecordWriter(args)
     total = {k: report[k] for k in ("path", "files", "dirs", "bytes")}
     for c in report["children"]:
-        out.item(c, "%10s  %8d files %6d dirs  %s%s" % (
-            size(c["bytes"]), c["files"], c["dirs"], c["name"],
+        out.item(c, "%10s  %8d %-5s %6d %-4s  %s%s" % (
+            size(c["bytes"]), c["files"], _files(c["files"]), c["dirs"], _dirs(c["dirs"]),
+            c["name"],
             "/" if c["type"] == "directory" else ""))
-    out.item(dict(total, name="total"), "%10s  %8d files %6d dirs  total (%s)" % (
-        size(report["bytes"]), report["files"], report["dirs"], report["path"] or "/"))
+    out.item(dict(total, name="total"), "%10s  %8d %-5s %6d %-4s  total (%s)" % (
+        size(report["bytes"]), report["files"], _files(report["files"]), report["dirs"],
+        _dirs(report["dirs"]), report["path"] or "/"))
     out.close()
     return 0
 
@@ -9472,15 +9488,16 @@ def _report(args, verb, summary):
         sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
     if getattr(args, "dry_run", False):
         planned = [r for r in summary.results if r.status == "planned"]
-        sys.stderr.write("dry run: %d files (%s) would be %s, %d skipped (already there), "
-                         "%d failed\n" % (len(planned), _human_bytes(sum(
+        sys.stderr.write("dry run: %s (%s) would be %s, %d skipped (already there), "
+                         "%d failed\n" % (_plural(len(planned), "file"), _human_bytes(sum(
                              r.size or 0 for r in planned)),
                              "downloaded" if verb == "get" else "uploaded",
                              summary.skipped, summary.failed))
     elif not _opt(args, "quiet"):
         rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0
-        sys.stderr.write("%s: %d files (%d transferred, %d skipped, %d failed), %s in "
-                         "%.2f s, %s/s\n" % (verb, summary.files, summary.transferred,
+        sys.stderr.write("%s: %s (%d transferred, %d skipped, %d failed), %s in "
+                         "%.2f s, %s/s\n" % (verb, _plural(summary.files, "file"),
+                                             summary.transferred,
                                              summary.skipped, summary.failed,
                                              _human_bytes(summary.bytes),
                                              summary.seconds, _human_bytes(rate)))
@@ -9693,9 +9710,9 @@ def _cmd_rm(client, args):
         _out("".join("would remove %s%s\n" % (e.path, "/" if e.is_dir else "")
                      for e in gone))
         files = [e for e in gone if not e.is_dir]
-        sys.stderr.write("dry run: %d files (%s) and %d folders would be removed\n" % (
-            len(files), _human_bytes(sum(e.size or 0 for e in files)),
-            len(gone) - len(files)))
+        sys.stderr.write("dry run: %s (%s) and %s would be removed\n" % (
+            _plural(len(files), "file"), _human_bytes(sum(e.size or 0 for e in files)),
+            _plural(len(gone) - len(files), "folder")))
     return 0
 
 
@@ -9835,10 +9852,6 @@ def _args_stage(sub):
     _args_filters(sp)
 
 
-def _plural(n, word):
-    return "%d %s%s" % (n, word, "" if n == 1 else "s")
-
-
 class _StageProgress:
     """What `stage --wait` shows after each poll: a live line on a terminal,
     else a line whenever the count of files on disk or failed changed."""
@@ -9855,8 +9868,9 @@ class _StageProgress:
         if self.quiet or (key == self.last and not self.tty):
             return
         self.last = key
-        line = "stage: %d/%d files on disk%s, %d:%02d elapsed" % (
-            (req.on_disk, len(req.files), ", %d failed" % req.failed if req.failed else "")
+        line = "stage: %d/%s on disk%s, %d:%02d elapsed" % (
+            (req.on_disk, _plural(len(req.files), "file"),
+             ", %d failed" % req.failed if req.failed else "")
             + divmod(int(time.monotonic() - self.started), 60))
         if self.tty:
             sys.stderr.write("\r" + line + "\x1b[K")

@@ -393,3 +393,19 @@ def test_completion_offers_the_listed_commands_only(capsys, tmp_path):
     assert {"ls", "get", "put", "login", "token", "stage", "serve", "completion"} <= offered
     assert not offered & {"start-agent", "print-token", "stop-agent", "reset-config", "list"}
     assert ctadata.main(["print-token", "--help"]) == 0       # (the old names still work)
+
+
+def test_one_file_is_not_1_files(cli, dav, tmp_path):
+    make_tree(dav.root, {"one/f.txt": b"f"})
+    code, _, err = cli("get", "-r", "one", str(tmp_path) + "/")
+    assert "get: 1 file (1 transferred" in err and "1 files" not in err, err
+    code, _, err = cli("get", "-n", "-r", "one", str(tmp_path / "n") + "/")
+    assert "dry run: 1 file (1B) would be downloaded" in err, err
+    code, _, err = cli("rm", "-n", "-r", "one")
+    assert "dry run: 1 file (1B) and 1 folder would be removed" in err, err
+    code, out, _ = cli("du", "one")
+    assert out.splitlines()[-1].split()[:5] == ["1", "1", "file", "0", "dirs"], out
+    s = ctadata._Snapshot(1, 1, 1, 1, 0, 0, 1.0, False, True)
+    assert ctadata._status_line("get", s).startswith("get 1 file  1B  in 0:01")
+    s.final = False
+    assert ctadata._status_line("get", s).startswith("get 1/1 file  1B/1B")
