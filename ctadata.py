@@ -10325,10 +10325,15 @@ def _args_old_names(sub):
 
 
 def _setup_logging(args):
+    """Log to stderr as "ctadata: ..." for the run of one command; return
+    the function that puts the loggers back as they were (main() may run
+    many times in one process: a test, a notebook, a script's loop)."""
     import logging
     logger = logging.getLogger("ctadata")
+    retry = logging.getLogger("ctadata.retry")
+    before = (logger.propagate, logger.level, retry.level)
     for h in [h for h in logger.handlers if getattr(h, "_ctadata_cli", False)]:
-        logger.removeHandler(h)  # main() may run many times in one process
+        logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._ctadata_cli = True
     handler.setFormatter(logging.Formatter("ctadata: %(message)s"))
@@ -10338,8 +10343,14 @@ def _setup_logging(args):
     quiet = _opt(args, "quiet")
     logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     # one line per retry (INFO, see _log_retry), unless -q
-    logging.getLogger("ctadata.retry").setLevel(logging.ERROR if quiet and not verbose
-                                                else logging.INFO)
+    retry.setLevel(logging.ERROR if quiet and not verbose else logging.INFO)
+
+    def restore():
+        logger.removeHandler(handler)
+        logger.propagate, level, retry_level = before
+        logger.setLevel(level)
+        retry.setLevel(retry_level)
+    return restore
 
 
 def _cli_error(args, e):
@@ -10367,13 +10378,16 @@ def main(argv=None):
         args = parser.parse_args(_service_flag(argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    _setup_logging(args)
+    restore_logging = _setup_logging(args)
     if getattr(args, "alias_of", None):
         sys.stderr.write("ctadata: note: `%s` is now `ctadata %s`\n"
                          % (args.command, args.alias_of))
     try:
-        client = None if getattr(args, "no_client", False) else _client_from_args(args)
-        return args.func(client, args) or 0
+        try:
+            client = None if getattr(args, "no_client", False) else _client_from_args(args)
+            return args.func(client, args) or 0
+        finally:
+            restore_logging()
     except KeyboardInterrupt:
         if args.command == "get":
             sys.stderr.write("\nctadata: interrupted (partial downloads kept as .part "
