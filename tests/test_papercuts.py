@@ -409,3 +409,13 @@ def test_one_file_is_not_1_files(cli, dav, tmp_path):
     assert ctadata._status_line("get", s).startswith("get 1 file  1B  in 0:01")
     s.final = False
     assert ctadata._status_line("get", s).startswith("get 1/1 file  1B/1B")
+
+
+def test_main_leaves_the_loggers_as_it_found_them(capsys):
+    logger = logging.getLogger("ctadata")
+    before = (logger.propagate, logger.level, list(logger.handlers),
+              logging.getLogger("ctadata.retry").level)
+    assert ctadata.main(["-v", "config"]) == 0
+    assert ctadata.main(["--url", "ftp://nope", "ls"]) == 2
+    assert (logger.propagate, logger.level, list(logger.handlers),
+            logging.getLogger("ctadata.retry").level) == before
