@@ -527,7 +527,7 @@ def _plural(n, word):
 
 
 def _human(n):
-    """1234567 -> '1.2M' (binary units, like ls -h)."""
+    """1234567 -> '1.2M' (binary units; _human_bytes says them)."""
     if n is None:
         return "-"
     for unit in ("", "K", "M", "G", "T", "P"):
@@ -537,6 +537,8 @@ def _human(n):
 
 
 def _human_bytes(n):
+    """1234567 -> '1.2MiB', 512 -> '512B': the one way sizes are shown to
+    people (ls -h, du -h, progress, summaries, notebooks)."""
     h = _human(n)
     return h + "B" if h[-1:].isdigit() else h + "iB"
 
@@ -9221,7 +9223,7 @@ def _entry_line(e, long, human, name, locality=None):
     no such column; the server reports no locality)."""
     if not long:
         return name + ("/" if e.is_dir else "")
-    size = "-" if e.is_dir else (_human(e.size) if human else str(e.size))
+    size = "-" if e.is_dir else (_human_bytes(e.size) if human else str(e.size))
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime)) if e.mtime else "-"
     if locality is not None:
         when += " " + (e.locality or "-").ljust(locality)
@@ -9283,7 +9285,7 @@ def _args_ls(sub):
                          "only, ONLINE_AND_NEARLINE, LOST; when the server reports it), name")
     sp.add_argument("-R", "--recursive", action="store_true",
                     help="list everything below PATH (paths relative to it)")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
+    sp.add_argument("-h", "--human", action="store_true", help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
     sp.add_argument("-U", "--unsorted", action="store_true",
                     help="print entries as the server sends them, in constant memory")
     _args_output(sp, "a list of entries (README: JSON output)")
@@ -9382,7 +9384,7 @@ def _args_du(sub):
                      add_help=False, description="Count files, folders and bytes below a remote "
                      "path, per immediate child and in total (listing in parallel).")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
+    sp.add_argument("-h", "--human", action="store_true", help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
     _args_output(sp, "totals and a list of children")
     _args_filters(sp)
 
@@ -9397,7 +9399,7 @@ def _dirs(n):
 
 def _cmd_du(client, args):
     report = client.du(args.path, select=_cli_selector(args))
-    size = _human if args.human else str
+    size = _human_bytes if args.human else str
     if args.json:
         import json
         _out(json.dumps(report, indent=1) + "\n")

@@ -77,7 +77,7 @@ def test_du_totals_match_the_disk(cli, dav):
                            "bytes": 90}
     assert kids["notes.txt"]["type"] == "file" and kids["notes.txt"]["bytes"] == 60
     code, out, _ = cli("du", "-h", "night")
-    assert out.splitlines()[-1].split()[0] == "210" and "total" in out
+    assert out.splitlines()[-1].split()[0] == "210B" and "total" in out
     code, out, _ = cli("du", "--jsonl", "night")
     lines = [json.loads(x) for x in out.splitlines()]
     assert lines[-1]["name"] == "total" and lines[-1]["bytes"] == 210

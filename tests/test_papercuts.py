@@ -419,3 +419,14 @@ def test_main_leaves_the_loggers_as_it_found_them(capsys):
     assert ctadata.main(["--url", "ftp://nope", "ls"]) == 2
     assert (logger.propagate, logger.level, list(logger.handlers),
             logging.getLogger("ctadata.retry").level) == before
+
+
+def test_one_convention_for_sizes(cli, dav, tmp_path):
+    make_tree(dav.root, {"u/k.bin": b"k" * 4096, "u/small": b"s" * 10})
+    code, out, _ = cli("ls", "-l", "-h", "u")
+    sizes = [ln.split()[1] for ln in out.splitlines()]
+    assert sizes == ["4.0KiB", "10B"], out
+    code, out, _ = cli("du", "-h", "u")
+    assert out.splitlines()[-1].split()[0] == "4.0KiB", out
+    code, _, err = cli("get", "-r", "u", str(tmp_path) + "/")
+    assert "4.0KiB in " in err, err
