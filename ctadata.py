@@ -526,6 +526,20 @@ def _plural(n, word):
     return "%d %s%s" % (n, word, "" if n == 1 else "s")
 
 
+def _span(seconds):
+    """A duration for people: '45 s', '12 min 5 s', '3 h 20 min', '2 days 4 h',
+    '73 years 47 days' (a year of 365 days)."""
+    s = max(int(seconds), 0)
+    if s < 3600:
+        return "%d s" % s if s < 60 else "%d min %d s" % divmod(s, 60)
+    if s < 86400:
+        return "%d h %d min" % (s // 3600, s % 3600 // 60)
+    if s < 365 * 86400:
+        return "%s %d h" % (_plural(s // 86400, "day"), s % 86400 // 3600)
+    return "%s %s" % (_plural(s // (365 * 86400), "year"),
+                      _plural(s % (365 * 86400) // 86400, "day"))
+
+
 def _human(n):
     """1234567 -> '1.2M' (binary units; _human_bytes says them)."""
     if n is None:
@@ -2632,8 +2646,7 @@ def _describe_token(cred, now):
     else:
         left = cred.exp - now
         out.append("%s %s (%s)" % ("expires" if left > 0 else "EXPIRED at", _when(cred.exp),
-                                    "in %d min %d s" % divmod(int(left), 60) if left > 0
-                                    else "%d s ago" % -left))
+                                    "in " + _span(left) if left > 0 else _span(-left) + " ago"))
     out.append("refreshed automatically: %s" % (
         "yes, %d s before it expires" % cred.margin if cred.refresh else "no"))
     return out

@@ -430,3 +430,20 @@ def test_one_convention_for_sizes(cli, dav, tmp_path):
     assert out.splitlines()[-1].split()[0] == "4.0KiB", out
     code, _, err = cli("get", "-r", "u", str(tmp_path) + "/")
     assert "4.0KiB in " in err, err
+
+
+def test_token_explain_says_far_expiries_in_days_and_years(capsys, monkeypatch):
+    from oidcserver import make_jwt
+    now = time.time()
+    for seconds, said in ((38439991 * 60 + 49, "in 73 years 49 days"), (3 * 86400 + 7300, "in 3 days 2 h"),
+                          (5400, "in 1 h 30 min"), (125, "in 2 min 5 s")):
+        monkeypatch.setenv("BEARER_TOKEN", make_jwt(now + seconds + 0.5))
+        assert ctadata.main(["token", "--explain"]) == 0
+        out = capsys.readouterr().out
+        line = [ln for ln in out.splitlines() if "expires" in ln][0]
+        assert line.endswith("(%s)" % said), line
+    monkeypatch.setenv("BEARER_TOKEN", make_jwt(now - 2 * 86400 - 60))
+    ctadata.main(["token", "--explain"])
+    assert "(2 days 0 h ago)" in capsys.readouterr().out
+    assert ctadata._span(1) == "1 s" and ctadata._span(86400) == "1 day 0 h"
+    assert ctadata._span(365 * 86400) == "1 year 0 days"
