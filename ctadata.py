@@ -959,7 +959,7 @@ class _Options:
                  backoff=0.5, expect_threshold=_EXPECT_THRESHOLD):
         env = os.environ if env is None else env
         name = profile or ("dev" if dev else None) or env.get("CTADATA_PROFILE") or "default"
-        self.profile, self.env = name, env
+        self.profile, self.env, self.dev = name, env, dev
         self.sources = {"profile": "argument" if profile else "--dev/dev=" if dev else
                         "$CTADATA_PROFILE" if env.get("CTADATA_PROFILE") else
                         "built-in default"}
@@ -983,7 +983,8 @@ class _Options:
             var = _PROFILE_KEYS[key]
             if value is not None:
                 self.sources[key] = "argument"
-            elif var and self.env.get(var):
+            elif var and self.env.get(var) and not (key == "url" and self.dev):
+                # (--dev is on the command line: its URL beats $CTADATA_URL)
                 self.sources[key] = "$" + var
             elif key in prof and not (key == "service" and given["url"] is not None) and \
                     not (key == "url" and given["service"] not in (None, False)):

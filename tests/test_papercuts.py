@@ -447,3 +447,16 @@ def test_token_explain_says_far_expiries_in_days_and_years(capsys, monkeypatch):
     assert "(2 days 0 h ago)" in capsys.readouterr().out
     assert ctadata._span(1) == "1 s" and ctadata._span(86400) == "1 day 0 h"
     assert ctadata._span(365 * 86400) == "1 year 0 days"
+
+
+def test_dev_config_does_not_credit_ctadata_url(capsys, monkeypatch):
+    monkeypatch.setenv("CTADATA_URL", "https://dcache.example.org:2880")
+    assert ctadata.main(["--dev", "config"]) == 0
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("url ")][0]
+    assert ctadata.DEV_URL in row and "$CTADATA_URL" not in row, row
+    assert row.split()[-1] == "dev" and "profile" in row     # the built-in profile dev
+    assert ctadata.Client(dev=True).url == ctadata.DEV_URL
+    assert ctadata.Client().url == "https://dcache.example.org:2880"
+    assert ctadata.main(["config"]) == 0
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("url ")][0]
+    assert "dcache.example.org" in row and row.endswith("$CTADATA_URL")
