@@ -2116,11 +2116,16 @@ class _Token:
 
     def __init__(self, value, source, refresh=None, exp=None):
         value = (value or "").strip()
+        if value[:7].lower() == "bearer " and value[7:].strip():
+            # BEARER_TOKEN="Bearer ey...", as an Authorization header says it:
+            # the scheme is not part of the token
+            value = value[7:].strip()
         # RFC 6750 §2.1: a b64token.  A space or line break inside would split
         # the header (and http.client would quote the value in its error).
         if not value or any(not ("!" <= c <= "~") for c in value):
             raise ConfigError("the token from %s is not one line of printable ASCII"
-                              % source, hint="a token file holds the token and nothing else")
+                              % source, hint="a token file holds the token and nothing else "
+                              "(no 'Authorization:', no quotes)")
         self.value, self.source, self.refresh = value, source, refresh
         self.claims = _jwt_claims(value)
         self.exp = _claim_time(self.claims, "exp") or exp

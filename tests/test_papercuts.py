@@ -460,3 +460,14 @@ def test_dev_config_does_not_credit_ctadata_url(capsys, monkeypatch):
     assert ctadata.main(["config"]) == 0
     row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("url ")][0]
     assert "dcache.example.org" in row and row.endswith("$CTADATA_URL")
+
+
+def test_a_token_given_with_its_bearer_prefix(dav, monkeypatch, tmp_path, capsys):
+    make_tree(dav.root, {"b/f.txt": b"f"})
+    monkeypatch.setenv("BEARER_TOKEN", "Bearer " + dav.token)
+    assert ctadata.main(["--url", dav.url, "ls", "b"]) == 0
+    assert capsys.readouterr().out == "f.txt\n"
+    monkeypatch.delenv("BEARER_TOKEN")
+    monkeypatch.setenv("BEARER_TOKEN_FILE", _private(tmp_path / "t", "bearer  %s\n" % dav.token))
+    assert ctadata.Client(url=dav.url).ls("b")[0].name == "f.txt"
+    assert ctadata.Client(url=dav.url).token() == dav.token
