@@ -825,7 +825,7 @@ class Settings:
         env = os.environ if env is None else env
         url = url or env.get("CTADATA_URL") or DEFAULT_URL
         if "://" not in url:
-            url = "https://" + url
+            url = "https://" + url   # dCache's doors speak https (see _is_plain_http)
         from urllib.parse import urlsplit
         p = urlsplit(url)
         if p.scheme not in ("http", "https") or not p.hostname:
@@ -1102,6 +1102,18 @@ def _log_retry(method, url, delay, why, attempt, policy):
         policy.retries + 1)
 
 
+# What OpenSSL says when the server answers a TLS handshake in plain text.
+_PLAIN_HTTP_REASONS = frozenset(("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                                 "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"))
+
+
+def _is_plain_http(exc):
+    """A TLS handshake that a plain-http server answered (https:// asked of
+    it, or a URL without a scheme, which means https)."""
+    import ssl
+    return isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) in _PLAIN_HTTP_REASONS
+
+
 def _is_transient(exc):
     import http.client
     import socket
@@ -1112,7 +1124,7 @@ def _is_transient(exc):
         return exc.retryable and not isinstance(exc, ChecksumMismatch)
     import ssl
     if isinstance(exc, ssl.SSLError) and not _is_cert_error(exc):
-        return True
+        return not _is_plain_http(exc)
     return isinstance(exc, OSError) and getattr(exc, "errno", None) in (
         104, 110, 111, 113, 32)  # reset, timed out, refused, no route, broken pipe
 
@@ -1738,6 +1750,11 @@ def _network_error(exc, url, what=None):
         return TransferError("TLS certificate verification failed: %s"
                              % getattr(exc, "verify_message", text), url,
                              hint="use --ca-file/--ca-dir for a private CA")
+    if _is_plain_http(exc):
+        there = _hostport(_origin(url))
+        return TransferError("%s answered https in plain http" % there, url, retryable=False,
+                             hint="if it is a plain http server, say so: http://%s "
+                                  "(a URL without a scheme means https)" % there)
     if isinstance(exc, TransferError):
         return exc
     return TransferError("%s%s" % (what + ": " if what else "", text), url)
@@ -7970,6 +7987,11 @@ class _DavRequest:
         header line over it, more than _SERVE_HEADER_COUNT headers or more
         than _SERVE_HEAD_LIMIT bytes of them (431)."""
         rfile = self.rfile
+        peek = getattr(rfile, "peek", None)
+        if peek is not None and peek(1)[:1] == b"\x16":
+            # a TLS handshake (an https:// URL, or one without a scheme): say
+            # so at once, as nginx does, instead of waiting for a line
+            raise _Refusal(400, "this server speaks plain http, not https")
         line = rfile.readline(_SERVE_LINE_LIMIT + 1)
         for _ in range(4):                  # RFC 9112 §2.2: a few empty lines may come first
             if line not in (b"\r\n", b"\n"):
@@ -9082,8 +9104,9 @@ def _add_common(parser, suppress):
     d = argparse.SUPPRESS if suppress else None
     g = _Unlisted(parser) if suppress else parser.add_argument_group("storage and connection")
     g.add_argument("--url", default=d, metavar="URL",
-                   help="storage URL; remote paths are relative to it "
-                        "(env CTADATA_URL; default %s)" % DEFAULT_URL)
+                   help="storage URL; remote paths are relative to it; HOST:PORT without "
+                        "a scheme means https://HOST:PORT (env CTADATA_URL; default %s)"
+                        % DEFAULT_URL)
     g.add_argument("--dev", action="store_true", default=d or False,
                    help="use the development storage %s (the built-in profile "
                         "'dev')" % DEV_URL)

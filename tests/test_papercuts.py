@@ -471,3 +471,24 @@ def test_a_token_given_with_its_bearer_prefix(dav, monkeypatch, tmp_path, capsys
     monkeypatch.setenv("BEARER_TOKEN_FILE", _private(tmp_path / "t", "bearer  %s\n" % dav.token))
     assert ctadata.Client(url=dav.url).ls("b")[0].name == "f.txt"
     assert ctadata.Client(url=dav.url).token() == dav.token
+
+
+@pytest.mark.parametrize("server", ["serve", "nginx"])
+def test_url_without_a_scheme_on_a_plain_http_server(server, nginx_server, tmp_path, capsys,
+                                                      monkeypatch):
+    """HOST:PORT means https://HOST:PORT (dCache's doors); a plain-http server
+    answers the TLS handshake in plain text (ctadata serve waited for a
+    request line: 2 minutes of silence with the default timeout)."""
+    (tmp_path / "srv").mkdir()
+    with ctadata.serve(str(tmp_path / "srv"), token="tok-s") as srv:
+        url = srv.url if server == "serve" else nginx_server.url
+        hostport = url.split("://")[1]
+        monkeypatch.setenv("BEARER_TOKEN", "tok-s")
+        t0 = time.monotonic()
+        assert ctadata.main(["--url", hostport, "--timeout", "30", "ls"]) == 1
+        assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert err.startswith("ctadata: error: %s answered https in plain http (https://%s/); if it"
+                          " is a plain http server, say so: http://%s" % (hostport, hostport,
+                                                                         hostport)), err
+    assert "retrying" not in err
