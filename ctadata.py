@@ -257,7 +257,17 @@ class AuthError(CtadataError):
     """No usable credentials, or the server refused them (401/403)."""
 
 
-class RemoteError(CtadataError):
+class StorageException(CtadataError):
+    """The old client's error, which its scripts catch: every RemoteError
+    is one, and so is every error that a function of the old client's API
+    raises (list_dir, fetch_and_save_file, fetch_and_save_file_or_dir,
+    upload_file, upload_dir, the certificate uploads, APIClient's methods),
+    whatever its class: a ConfigError for a path above the storage root, an
+    AuthError for a refused token, a TransferError are then also
+    StorageExceptions, as the old client reported them (see _old_api_error)."""
+
+
+class RemoteError(StorageException):
     """The server answered with an HTTP error status."""
 
 
@@ -304,8 +314,36 @@ class PartialFailure(CtadataError):
         self.summary = summary
 
 
-# The old client's name for storage errors; scripts catch it.
-StorageException = RemoteError
+# Errors of the old client's functions: each class with a twin that is
+# also a StorageException (same name, fields, message and exit code), made
+# on first use.  A twin pickles as its class plus the twin mark, so that a
+# worker process can send one back (multiprocessing).
+_OLD_API_ERRORS = {}
+
+
+def _old_api_error(e):
+    """*e* made a StorageException, in place (its class becomes the twin of
+    its class): `except StorageException` of an old script catches it,
+    `except ConfigError` of a new one still does.  Returns *e*."""
+    if isinstance(e, StorageException):
+        return e
+    cls = type(e)
+    twin = _OLD_API_ERRORS.get(cls)
+    if twin is None:
+        twin = _OLD_API_ERRORS[cls] = type(cls.__name__, (cls, StorageException), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__, "__reduce__": _old_api_reduce})
+    e.__class__ = twin
+    return e
+
+
+def _old_api_reduce(e):
+    return _old_api_rebuilt, (type(e).__bases__[0], e.args), e.__dict__
+
+
+def _old_api_rebuilt(cls, args):
+    """Unpickling: an error of class *cls*, made an old-API one."""
+    return _old_api_error(cls.__new__(cls, *args))
 
 
 def _error_text(body):
@@ -7046,6 +7084,26 @@ def set_default_client(client):
         _compat = None
 
 
+# The old client's functions (module-level, and APIClient's methods): what
+# they raise is a StorageException (_old_api_error), as the old client's was.
+_OLD_NAMES = ("list_dir", "fetch_and_save_file", "fetch_and_save_file_or_dir", "upload_file",
+              "upload_dir", "upload_certificate", "upload_personal_certificate",
+              "upload_shared_certificate", "webdav4_client")
+
+
+def _old_api(func):
+    """*func*, raising its errors as StorageExceptions too (_old_api_error)."""
+    def old(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CtadataError as e:
+            _old_api_error(e)
+            raise
+    old.__name__, old.__qualname__, old.__doc__ = func.__name__, func.__qualname__, func.__doc__
+    old.__wrapped__ = func
+    return old
+
+
 def _client(options=None, func="function"):
     """The Client for one module-level call: the default one, unless the old
     client's keyword arguments (*options*) or APIClient's class attributes
@@ -7108,31 +7166,37 @@ class APIClient:
                 merged[k] = v
         return _client(merged, func)
 
+    @_old_api
     def list_dir(self, path="", recursive=False, n_threads=None, **options):
         """As the module function list_dir()."""
         return self._client(options, "list_dir").list_dir(path, recursive)
 
+    @_old_api
     def fetch_and_save_file(self, path, save_to_fn=None, progress=None, **options):
         """As the module function fetch_and_save_file()."""
         return self._client(options, "fetch_and_save_file").fetch_and_save_file(
             path, save_to_fn, progress=progress)
 
+    @_old_api
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, progress=None,
                                    **options):
         """As the module function fetch_and_save_file_or_dir()."""
         return self._client(options, "fetch_and_save_file_or_dir") \
             .fetch_and_save_file_or_dir(path, save_to, recursive, progress=progress)
 
+    @_old_api
     def upload_file(self, local_fn, path="", progress=None, **options):
         """As the module function upload_file()."""
         return self._client(options, "upload_file").upload_file(local_fn, path,
                                                                  progress=progress)
 
+    @_old_api
     def upload_dir(self, local_dir, path="", progress=None, **options):
         """As the module function upload_dir()."""
         return self._client(options, "upload_dir").upload_dir(local_dir, path,
                                                                progress=progress)
 
+    @_old_api
     def upload_certificate(self, path, certificate_key="cta", **options):
         """As the module function upload_certificate()."""
         return self._client(options, "upload_certificate").upload_certificate(
@@ -7140,6 +7204,7 @@ class APIClient:
 
     upload_personal_certificate = upload_certificate
 
+    @_old_api
     def upload_shared_certificate(self, path, **options):
         """As the module function upload_shared_certificate()."""
         return self._client(options, "upload_shared_certificate") \
@@ -7149,6 +7214,7 @@ class APIClient:
         """As the module function webdav_client()."""
         return self._client(options, "webdav_client").webdav_client()
 
+    @_old_api
     def webdav4_client(self, **options):
         """As the module function webdav4_client()."""
         return self._client(options, "webdav4_client").webdav4_client()
@@ -7178,6 +7244,8 @@ def _default_client_function(name, method=None):
             elif k not in params:
                 raise TypeError("%s() got an unexpected keyword argument %r" % (name, k))
         return getattr(_client(options, name), method or name)(*args, **kwargs)
+    if name in _OLD_NAMES:
+        function = _old_api(function)
     function.__name__ = function.__qualname__ = name
     function.__doc__ = "%s%s\n\n%s" % ("The old name of %s(). " % method if method else "",
                                        unbound.__doc__, _DEFAULT_CLIENT_NOTE)

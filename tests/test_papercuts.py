@@ -492,3 +492,61 @@ def test_url_without_a_scheme_on_a_plain_http_server(server, nginx_server, tmp_p
                           " is a plain http server, say so: http://%s" % (hostport, hostport,
                                                                          hostport)), err
     assert "retrying" not in err
+
+
+# -- the old client's API, exactly ----------------------------------------------------------
+
+def test_what_the_old_functions_raise_is_a_storage_exception(ds, upstream, tmp_path,
+                                                              monkeypatch, old_api):
+    """The service's own tests: `with pytest.raises(ctadata.api.StorageException):
+    ctadata.upload_file(origin_file, '../example-file')`."""
+    import inspect
+    import pickle
+    local = tmp_path / "local-file"
+    local.write_bytes(b"x" * 1000)
+    kw = {"token": HUB_TOKEN, "downloadservice": ds.base_url}
+    with pytest.raises(ctadata.api.StorageException) as ei:
+        ctadata.upload_file(str(local), "../example-file", **kw)
+    e = ei.value
+    assert isinstance(e, ctadata.ConfigError) and type(e).__name__ == "ConfigError"
+    assert e.exit_code == 2 and "climbs above the storage root" in str(e)
+    assert not [r for r in ds.requests if "/upload" in r["path"]]     # nothing was sent
+    again = pickle.loads(pickle.dumps(e))
+    assert isinstance(again, ctadata.StorageException) and isinstance(again, ctadata.ConfigError)
+    assert str(again) == str(e)
+    with pytest.raises(ctadata.StorageException) as ei:                # a 401
+        ctadata.list_dir("lst", token="wrong", downloadservice=ds.base_url)
+    assert isinstance(ei.value, ctadata.AuthError) and ei.value.status == 401
+    with pytest.raises(ctadata.StorageException):                       # the service's 404
+        ctadata.list_dir("fake-temp", **kw)
+    with pytest.raises(ctadata.StorageException):                       # a missing local file
+        ctadata.upload_file(str(tmp_path / "nope"), "x", **kw)
+    ctadata.APIClient.downloadservice = ds.base_url
+    ctadata.APIClient.token = HUB_TOKEN
+    with pytest.raises(ctadata.StorageException):
+        ctadata.APIClient().upload_file(str(local), "../x")
+    with pytest.raises(ctadata.StorageException):
+        ctadata.fetch_and_save_file_or_dir("../x")
+    # the new API keeps its classes; ConfigError still catches the old one's
+    with pytest.raises(ctadata.ConfigError) as ei:
+        ctadata.Client(service=ds.base_url, token=HUB_TOKEN).upload_file(str(local), "../x")
+    assert not isinstance(ei.value, ctadata.StorageException)
+    with pytest.raises(ctadata.ConfigError):
+        ctadata.upload_file(str(local), "../x")
+    assert issubclass(ctadata.RemoteError, ctadata.StorageException)
+    assert not issubclass(ctadata.ConfigError, ctadata.StorageException)
+    assert list(inspect.signature(ctadata.upload_file).parameters)[:2] == ["local", "remote"]
+
+
+def test_old_functions_in_direct_mode_raise_storage_exceptions(dav, monkeypatch, tmp_path):
+    monkeypatch.setenv("CTADATA_URL", dav.url)
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    (tmp_path / "x").write_bytes(b"x")
+    from ctadata import direct
+    with pytest.raises(direct.StorageException):
+        direct.upload_file(str(tmp_path / "x"), "../x")
+    with pytest.raises(direct.StorageException):
+        direct.fetch_and_save_file("nope", str(tmp_path / "y"))
+    with pytest.raises(direct.StorageException) as ei:
+        direct.list_dir("", token="wrong")
+    assert isinstance(ei.value, ctadata.AuthError)
