@@ -4437,6 +4437,67 @@ class _Download:
         return res
 
 
+# The old client's chunk size: its APIClient.chunk_size, and the download
+# service's default.
+_OLD_CHUNK_SIZE = 10 * 1024 * 1024
+
+
+class _ChunkLog:
+    """The progress of one download as the old client logged it while it
+    fetched a file from the download service (ctadata/api.py,
+    fetch_and_save_file): at INFO, on the logger of its module,
+    "ctadata.api", "wrote %.2f / %.2f Mb in %d chunks in %.2f seconds" when
+    a chunk of *chunk_size* bytes has arrived and the whole percentage of
+    the file grew since the last line: the bytes before that chunk and the
+    file's size in Mb (bytes / 1024 / 1024), the chunks before it (counted
+    from 0), the seconds since the download started.  So, as there, no line
+    for the first chunk (0 %) nor for the one that ends the file.  Scripts
+    and the service's own tests read these lines.  Everything else goes to
+    *progress* (a Progress)."""
+
+    def __init__(self, progress, size, chunk_size):
+        import logging
+        self.progress, self.size, self.chunk = progress, size, chunk_size
+        self.got = 0       # bytes received
+        self.chunks = 0    # chunks complete
+        self.last_pc = 0
+        self.t0 = time.monotonic()
+        self.log = logging.getLogger("ctadata.api")
+
+    def advance(self, nbytes):
+        self.progress.advance(nbytes)
+        self.got += nbytes
+        if nbytes < 0:     # a download started again (the service cannot resume)
+            self.chunks = min(self.chunks, max(self.got, 0) // self.chunk)
+        size, chunk = self.size, self.chunk
+        if not size:
+            return
+        while (self.chunks + 1) * chunk <= self.got or (
+                self.got >= size and self.chunks * chunk < size):
+            before = self.chunks * chunk
+            pc = int(before / size * 100)
+            if pc > self.last_pc:
+                self.log.info("wrote %.2f / %.2f Mb in %d chunks in %.2f seconds",
+                              before / 1024 / 1024, size / 1024 / 1024, self.chunks,
+                              time.monotonic() - self.t0)
+                self.last_pc = pc
+            self.chunks += 1
+
+    def __getattr__(self, name):
+        return getattr(self.progress, name)
+
+
+def _chunked_download(tr, t, progress, cancel, chunk_size):
+    """Download task *t* from the download service as the old client did:
+    asking for ``?chunk_size=N`` (the service then reads the storage, and
+    sends, in pieces of N bytes) and logging each chunk (_ChunkLog)."""
+    url = t.source + ("&" if "?" in t.source else "?") + "chunk_size=%d" % chunk_size
+    res = _download_file(tr, url, t.dest, t.entry, _ChunkLog(progress, t.size, chunk_size),
+                         cancel, False, t.new_folder)
+    res.source = t.source
+    return res
+
+
 def _retry_delay(policy, attempt, err):
     """_should_retry for a CtadataError raised by a request or a transfer."""
     if isinstance(err, RemoteError):
@@ -5098,8 +5159,9 @@ class _Downloads(_Planner):
     """Plans downloads: a file, a tree (listed as it goes), a list of URLs."""
 
     def download(self, path, dest, recursive, overwrite, checksum, select, dry_run,
-                 progress, jobs, raise_on_failure, stage=None):
-        """See Client.download."""
+                 progress, jobs, raise_on_failure, stage=None, chunk_size=None):
+        """See Client.download; *chunk_size*: see _ChunkLog (service mode,
+        the old functions)."""
         started, progress = self.start(progress)
         entry = self.remote.stat(self.remote.url_for(path))
         if not entry.is_dir:
@@ -5111,6 +5173,8 @@ class _Downloads(_Planner):
                 dest = os.path.join(dest, entry.name)
             tasks = [self.task(entry, dest, overwrite, checksum, progress)]
             tasks, work = self.gate(tasks, progress, stage, dry_run)
+            if chunk_size:   # (service mode: no tape to gate)
+                work = self.worker(progress, chunk_size)
             return self.run(tasks, work, 1, progress, started, raise_on_failure, dry_run)
         if not recursive:
             raise ConfigError("%s is a directory" % (entry.path or "/"), hint="use recursive=True",
@@ -5122,6 +5186,8 @@ class _Downloads(_Planner):
         tasks = self.tree_tasks(entry, target, overwrite, checksum, _selector(select),
                                 dry_run, progress, jobs)
         tasks, work = self.gate(tasks, progress, stage, dry_run)
+        if chunk_size:
+            work = self.worker(progress, chunk_size)
         return self.run(tasks, work, jobs, progress, started, raise_on_failure, dry_run)
 
     def gate(self, tasks, progress, stage, dry_run):
@@ -5185,12 +5251,14 @@ class _Downloads(_Planner):
         progress.add_total(1, entry.size)
         return _Task(entry.url, dest, entry.size, entry, check, new_folder=new_folder)
 
-    def worker(self, progress):
+    def worker(self, progress, chunk_size=None):
         tr, cancel, resume = self.tr, self.cancel, self.remote.resumable
 
         def work(t):
             if t.check and _file_matches(t.dest, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped")
+            if chunk_size:
+                return _chunked_download(tr, t, progress, cancel, chunk_size)
             return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
                                   t.new_folder)
         return work
@@ -6755,33 +6823,50 @@ class Client:
             return self._downloads.from_list(items, dest, strip_prefix, overwrite, dry_run,
                                              p, jobs, raise_on_failure)
 
-    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True, progress=None):
+    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True, progress=None,
+                            chunk_size=None):
         """Download one remote file (a path, URL, Entry or an entry of
         list_dir()); return the number of bytes written.
 
         *save_to_fn* defaults to the file's name in the current folder (as in
         the old client).  In service mode the size is checked against the
         service's listing (it answers 200 even when the storage failed
-        mid-way).  Raises NotFound, AuthError, TransferError,
-        ChecksumMismatch."""
-        summary = self.download(path, save_to_fn, overwrite=overwrite, progress=progress,
-                                raise_on_failure=False)
+        mid-way), and, as the old client did there, *chunk_size* (default
+        10 MiB) is sent to the service (``/fetch/PATH?chunk_size=N``: it
+        reads the storage and sends in pieces of N bytes) and a line "wrote
+        %.2f / %.2f Mb in %d chunks in %.2f seconds" is logged at INFO on the
+        logger "ctadata.api" as the chunks arrive (each time the percentage
+        grew).  Raises NotFound, AuthError, TransferError, ChecksumMismatch."""
+        summary = self._old_download(path, save_to_fn, False, overwrite, progress, chunk_size,
+                                     False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         return sum(r.size or 0 for r in summary.results)
 
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False,
-                                   overwrite=False, progress=None):
+                                   overwrite=False, progress=None, chunk_size=None):
         """Download a file, or with *recursive* a directory tree (kept below
         ``<save_to or .>/<name>``); return the TransferSummary.  Raises
         PartialFailure if any file failed.  ``(path, True)`` means
-        recursive, as in the old client, whose second argument it was."""
+        recursive, as in the old client, whose second argument it was.
+        *chunk_size*: as for fetch_and_save_file (service mode)."""
         if isinstance(save_to, bool):
             save_to, recursive = None, save_to
         if save_to is not None and recursive and not _names_folder(save_to):
             save_to = save_to + "/"
-        return self.download(path, save_to, recursive=recursive, overwrite=overwrite,
-                             progress=progress)
+        return self._old_download(path, save_to, recursive, overwrite, progress, chunk_size,
+                                  True)
+
+    def _old_download(self, path, dest, recursive, overwrite, progress, chunk_size,
+                      raise_on_failure):
+        """download() as the old functions make it: in service mode with the
+        old client's chunk size (see fetch_and_save_file)."""
+        if self.service:
+            chunk_size = _positive(chunk_size, _OLD_CHUNK_SIZE, "chunk_size", int)
+        with _Shown(progress, "download") as p:
+            return self._downloads.download(path, dest, recursive, overwrite, False, None,
+                                            False, p, None, raise_on_failure,
+                                            chunk_size=chunk_size if self.service else None)
 
     def upload(self, local, remote="", recursive=False, verify=None, overwrite=False,
                checksum=False, select=None, dry_run=False, progress=None, jobs=None,
@@ -7118,7 +7203,7 @@ def _client(options=None, func="function"):
             raise TypeError("%s() got an unexpected keyword argument %r" % (func, k))
         if v is not None:  # as in the old client, None means "not given"
             wanted[k] = v
-    wanted.pop("chunk_size", None)  # accepted, ignored: ctadata picks its block size
+    wanted.pop("chunk_size", None)  # not a setting of the Client: see fetch_and_save_file
     if not any(wanted.values()):
         return default_client()
     key = (tuple(sorted(wanted.items())), _env_key())
@@ -7137,9 +7222,11 @@ class APIClient:
     Scripts set its class attributes and later module-level calls honour
     them: ``ctadata.APIClient.downloadservice = url`` (service mode with that
     service), ``certificateservice`` (the certificate service), ``token``
-    (the JupyterHub API token); ``chunk_size`` is accepted and ignored
-    (ctadata picks its own block size).  None, the default, means "from the
-    environment" ($CTADS_URL, $CTACS_URL, $JUPYTERHUB_API_TOKEN).
+    (the JupyterHub API token), ``chunk_size`` (service mode: what
+    fetch_and_save_file asks the service for and logs per chunk, default
+    10 MiB, as the old client did; direct mode ignores it).  None, the
+    default, means "from the environment" ($CTADS_URL, $CTACS_URL,
+    $JUPYTERHUB_API_TOKEN), or 10 MiB for chunk_size.
 
     The old functions also take these as keyword arguments (``token=``,
     ``downloadservice=``, ``certificateservice=``, ``chunk_size=``), and
@@ -7175,14 +7262,16 @@ class APIClient:
     def fetch_and_save_file(self, path, save_to_fn=None, progress=None, **options):
         """As the module function fetch_and_save_file()."""
         return self._client(options, "fetch_and_save_file").fetch_and_save_file(
-            path, save_to_fn, progress=progress)
+            path, save_to_fn, progress=progress,
+            chunk_size=options.get("chunk_size") or self.chunk_size)
 
     @_old_api
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, progress=None,
                                    **options):
         """As the module function fetch_and_save_file_or_dir()."""
         return self._client(options, "fetch_and_save_file_or_dir") \
-            .fetch_and_save_file_or_dir(path, save_to, recursive, progress=progress)
+            .fetch_and_save_file_or_dir(path, save_to, recursive, progress=progress,
+                                        chunk_size=options.get("chunk_size") or self.chunk_size)
 
     @_old_api
     def upload_file(self, local_fn, path="", progress=None, **options):
@@ -7243,6 +7332,8 @@ def _default_client_function(name, method=None):
                 options[k] = kwargs.pop(k)
             elif k not in params:
                 raise TypeError("%s() got an unexpected keyword argument %r" % (name, k))
+        if "chunk_size" in params:  # (fetch_and_save_file...: see APIClient.chunk_size)
+            kwargs["chunk_size"] = options.get("chunk_size") or APIClient.chunk_size
         return getattr(_client(options, name), method or name)(*args, **kwargs)
     if name in _OLD_NAMES:
         function = _old_api(function)

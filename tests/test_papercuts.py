@@ -550,3 +550,79 @@ def test_old_functions_in_direct_mode_raise_storage_exceptions(dav, monkeypatch,
     with pytest.raises(direct.StorageException) as ei:
         direct.list_dir("", token="wrong")
     assert isinstance(ei.value, ctadata.AuthError)
+
+
+def _old_client_lines(size, chunk):
+    """The lines the old client's loop (ctadata/api.py, fetch_and_save_file)
+    logs for a file of *size* bytes read in chunks of *chunk*."""
+    lines, total, last_pc, i = [], 0, 0, 0
+    while total < size:
+        pc = int(total / size * 100)
+        if pc > last_pc:
+            lines.append("wrote %.2f / %.2f Mb in %d chunks in" % (
+                total / 1024 / 1024, size / 1024 / 1024, i))
+            last_pc = pc
+        total += min(chunk, size - total)
+        i += 1
+    return lines
+
+
+def _chunk_lines(caplog):
+    return [r.getMessage().rsplit(" ", 2)[0] for r in caplog.records
+            if r.name == "ctadata.api" and r.levelno == logging.INFO]
+
+
+def test_chunk_size_is_sent_and_each_chunk_logged_as_the_old_client_did(
+        ds, upstream, tmp_path, monkeypatch, caplog, old_api):
+    """The download service's own test (tests/test_ctadata.py of
+    cta-epfl/downloadservice): a 10 MiB file fetched with chunk_size=2 MiB
+    logs 'in 4 chunks' and not 'in 9 chunks'; with 1 MiB, 'in 9 chunks'."""
+    caplog.set_level(logging.DEBUG)
+    size = 10 * 1024 ** 2
+    (upstream.root / "lst/remote-file").write_bytes(os.urandom(size))
+    ctadata.APIClient.downloadservice = ds.base_url
+    ctadata.APIClient.token = HUB_TOKEN
+    for chunk in (2 * 1024 ** 2, 1024 ** 2):
+        caplog.clear()
+        n = len(ds.requests)
+        assert ctadata.fetch_and_save_file("lst/remote-file", chunk_size=chunk,
+                                           save_to_fn=str(tmp_path / "copy")) == size
+        assert _chunk_lines(caplog) == _old_client_lines(size, chunk)
+        fetches = [r for r in ds.requests[n:] if "/fetch/" in r["path"]]
+        assert [r["query"] for r in fetches] == [{"chunk_size": [str(chunk)]}]
+    assert "in 9 chunks" in caplog.text and "in 10 chunks" not in caplog.text
+    # APIClient.chunk_size, an instance's, and the default (10 MiB: one chunk, no line)
+    ctadata.APIClient.chunk_size = 3 * 1024 ** 2
+    caplog.clear()
+    ctadata.fetch_and_save_file_or_dir("lst/remote-file", str(tmp_path / "c2"))
+    assert _chunk_lines(caplog) == _old_client_lines(size, 3 * 1024 ** 2) != []
+    api = ctadata.APIClient()
+    api.chunk_size = 4 * 1024 ** 2
+    caplog.clear()
+    api.fetch_and_save_file("lst/remote-file", str(tmp_path / "c3"))
+    assert _chunk_lines(caplog) == _old_client_lines(size, 4 * 1024 ** 2) != []
+    ctadata.APIClient.chunk_size = None
+    caplog.clear()
+    n = len(ds.requests)
+    ctadata.fetch_and_save_file("lst/remote-file", str(tmp_path / "c4"))
+    assert _chunk_lines(caplog) == [] and [r["query"] for r in ds.requests[n:]
+                                           if "/fetch/" in r["path"]] == [
+        {"chunk_size": [str(10 * 1024 ** 2)]}]
+    assert (tmp_path / "c4").read_bytes() == (upstream.root / "lst/remote-file").read_bytes()
+    # a tree: per file, as the old client's recursive fetch
+    caplog.clear()
+    ctadata.fetch_and_save_file_or_dir("lst/data/run1", str(tmp_path / "tree"), True,
+                                       chunk_size=100000)
+    assert _chunk_lines(caplog) == _old_client_lines(len(upstream.root.joinpath(
+        "lst/data/run1/a.bin").read_bytes()), 100000)
+
+
+def test_chunk_size_only_in_service_mode(dav, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    make_tree(dav.root, {"big.bin": b"b" * 300000})
+    monkeypatch.setenv("CTADATA_URL", dav.url)
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    sent = []
+    monkeypatch.setattr(ctadata, "_chunked_download", lambda *a: sent.append(a))
+    assert ctadata.fetch_and_save_file("big.bin", str(tmp_path / "b"), chunk_size=1000) == 300000
+    assert _chunk_lines(caplog) == [] and sent == []
