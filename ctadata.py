@@ -310,7 +310,8 @@ class PartialFailure(CtadataError):
         first = summary.failures[0]
         CtadataError.__init__(
             self, "%d of %s failed; first: %s: %s" % (
-                summary.failed, _plural(summary.files, "file"), _safe_place(first.source), first.error))
+                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
+                first.error))
         self.summary = summary
 
 
@@ -6770,7 +6771,8 @@ class Client:
         there are skipped unless *overwrite*: those of the same size and
         modification time (a download gives a file the server's); with
         *checksum*, those of the same size and checksum, where the server
-        has checksums (where it has none, a warning says so once).  Each file streams to ``name.part`` and is renamed when
+        has checksums (where it has none, a warning says so once).  Each
+        file streams to ``name.part`` and is renamed when
         complete and verified.  *dry_run*: list and plan only (results have
         status "planned"), write nothing.
 
@@ -9486,7 +9488,8 @@ def _args_ls(sub):
                          "only, ONLINE_AND_NEARLINE, LOST; when the server reports it), name")
     sp.add_argument("-R", "--recursive", action="store_true",
                     help="list everything below PATH (paths relative to it)")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
+    sp.add_argument("-h", "--human", action="store_true",
+                    help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
     sp.add_argument("-U", "--unsorted", action="store_true",
                     help="print entries as the server sends them, in constant memory")
     _args_output(sp, "a list of entries (README: JSON output)")
@@ -9585,7 +9588,8 @@ def _args_du(sub):
                      add_help=False, description="Count files, folders and bytes below a remote "
                      "path, per immediate child and in total (listing in parallel).")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
+    sp.add_argument("-h", "--human", action="store_true",
+                    help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
     _args_output(sp, "totals and a list of children")
     _args_filters(sp)
 

@@ -435,8 +435,9 @@ def test_one_convention_for_sizes(cli, dav, tmp_path):
 def test_token_explain_says_far_expiries_in_days_and_years(capsys, monkeypatch):
     from oidcserver import make_jwt
     now = time.time()
-    for seconds, said in ((38439991 * 60 + 49, "in 73 years 49 days"), (3 * 86400 + 7300, "in 3 days 2 h"),
-                          (5400, "in 1 h 30 min"), (125, "in 2 min 5 s")):
+    for seconds, said in ((38439991 * 60 + 49, "in 73 years 49 days"),
+                          (3 * 86400 + 7300, "in 3 days 2 h"), (5400, "in 1 h 30 min"),
+                          (125, "in 2 min 5 s")):
         monkeypatch.setenv("BEARER_TOKEN", make_jwt(now + seconds + 0.5))
         assert ctadata.main(["token", "--explain"]) == 0
         out = capsys.readouterr().out
