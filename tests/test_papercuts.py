@@ -434,11 +434,12 @@ def test_one_convention_for_sizes(cli, dav, tmp_path):
 
 def test_token_explain_says_far_expiries_in_days_and_years(capsys, monkeypatch):
     from oidcserver import make_jwt
-    now = time.time()
+    now = int(time.time())
+    monkeypatch.setattr(ctadata._Auth, "clock", staticmethod(lambda: float(now)))
     for seconds, said in ((38439991 * 60 + 49, "in 73 years 49 days"),
                           (3 * 86400 + 7300, "in 3 days 2 h"), (5400, "in 1 h 30 min"),
                           (125, "in 2 min 5 s")):
-        monkeypatch.setenv("BEARER_TOKEN", make_jwt(now + seconds + 0.5))
+        monkeypatch.setenv("BEARER_TOKEN", make_jwt(now + seconds))
         assert ctadata.main(["token", "--explain"]) == 0
         out = capsys.readouterr().out
         line = [ln for ln in out.splitlines() if "expires" in ln][0]
