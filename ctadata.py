@@ -199,6 +199,12 @@ def _safe_url(url):
     return urlunsplit((p.scheme, netloc, p.path, "", ""))
 
 
+def _safe_place(place):
+    """A URL fit for messages (_safe_url), or a local path as it is: "#" and
+    "?" are parts of file names, not fragments and queries."""
+    return _safe_url(place) if "://" in str(place) else place
+
+
 def _printable(text, limit=300):
     """Text from a server, fit for a message: no control characters (no
     terminal escapes), one line, bounded."""
@@ -210,25 +216,34 @@ class CtadataError(Exception):
     """Root of every error ctadata raises.
 
     Fields: ``message``; ``url`` (credentials and query removed); ``status``
-    (HTTP status or None); ``hint`` (what the user can do about it).
+    (HTTP status or None); ``hint`` (what the user can do about it, in
+    Python's words: "use recursive=True"); ``cli_hint`` (the same on the
+    command line, "use get -r", when the words differ); ``path`` (the remote
+    path it is about, as a user writes it, when known).
     """
 
     exit_code = 1
 
-    def __init__(self, message, url=None, status=None, hint=None):
+    def __init__(self, message, url=None, status=None, hint=None, cli_hint=None, path=None):
         Exception.__init__(self, message)
         self.message = message
         self.url = _safe_url(url)
         self.status = status
         self.hint = hint
+        self.cli_hint = cli_hint
+        self.path = path
         self.retry_after = None  # the server's Retry-After, when it sent one
 
     def __str__(self):
+        return self.text(self.hint)
+
+    def text(self, hint):
+        """The message, the URL (unless the message has it) and *hint*."""
         text = self.message
         if self.url and self.url not in text:
             text += " (%s)" % self.url
-        if self.hint:
-            text += "; " + self.hint
+        if hint:
+            text += "; " + hint
         return text
 
 
@@ -242,7 +257,17 @@ class AuthError(CtadataError):
     """No usable credentials, or the server refused them (401/403)."""
 
 
-class RemoteError(CtadataError):
+class StorageException(CtadataError):
+    """The old client's error, which its scripts catch: every RemoteError
+    is one, and so is every error that a function of the old client's API
+    raises (list_dir, fetch_and_save_file, fetch_and_save_file_or_dir,
+    upload_file, upload_dir, the certificate uploads, APIClient's methods),
+    whatever its class: a ConfigError for a path above the storage root, an
+    AuthError for a refused token, a TransferError are then also
+    StorageExceptions, as the old client reported them (see _old_api_error)."""
+
+
+class RemoteError(StorageException):
     """The server answered with an HTTP error status."""
 
 
@@ -284,13 +309,42 @@ class PartialFailure(CtadataError):
     def __init__(self, summary):
         first = summary.failures[0]
         CtadataError.__init__(
-            self, "%d of %d files failed; first: %s: %s" % (
-                summary.failed, summary.files, _safe_url(first.source), first.error))
+            self, "%d of %s failed; first: %s: %s" % (
+                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
+                first.error))
         self.summary = summary
 
 
-# The old client's name for storage errors; scripts catch it.
-StorageException = RemoteError
+# Errors of the old client's functions: each class with a twin that is
+# also a StorageException (same name, fields, message and exit code), made
+# on first use.  A twin pickles as its class plus the twin mark, so that a
+# worker process can send one back (multiprocessing).
+_OLD_API_ERRORS = {}
+
+
+def _old_api_error(e):
+    """*e* made a StorageException, in place (its class becomes the twin of
+    its class): `except StorageException` of an old script catches it,
+    `except ConfigError` of a new one still does.  Returns *e*."""
+    if isinstance(e, StorageException):
+        return e
+    cls = type(e)
+    twin = _OLD_API_ERRORS.get(cls)
+    if twin is None:
+        twin = _OLD_API_ERRORS[cls] = type(cls.__name__, (cls, StorageException), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__, "__reduce__": _old_api_reduce})
+    e.__class__ = twin
+    return e
+
+
+def _old_api_reduce(e):
+    return _old_api_rebuilt, (type(e).__bases__[0], e.args), e.__dict__
+
+
+def _old_api_rebuilt(cls, args):
+    """Unpickling: an error of class *cls*, made an old-API one."""
+    return _old_api_error(cls.__new__(cls, *args))
 
 
 def _error_text(body):
@@ -321,8 +375,27 @@ def _error_text(body):
     return " ".join(text.split())
 
 
-def _error_for_status(status, url, body=b"", what=None, auth=None):
-    """Map an HTTP error status to the right exception (the one place that does)."""
+# What a request was for (_Transport.request's *what*) when a 404 to it
+# means that the path the user named does not exist.
+_PATH_WHATS = frozenset(("list", "check", "checksum", "download", "mkdir", "move", "read",
+                         "remove"))
+
+
+def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
+    """Map an HTTP error status to the right exception (the one place that
+    does).  *what* says what the request was for ("list", "mkdir", ...);
+    *path* is the remote path it was about, as a user writes it (messages
+    name it; default: the URL).  The statuses of RFC 4918 that have a plain
+    meaning get plain words: 404 "no such file or folder", and for MKCOL 405
+    (the name exists) and 409 (no parent folder), for MOVE 409 (no folder
+    for the destination) and 412 (the destination exists, Overwrite: F)."""
+    where = path if path is not None else _safe_url(url)
+    where = where or "/"
+    if status == 404 and what in _PATH_WHATS:
+        return NotFound("no such file or folder: %s" % where, url, status, path=where)
+    if (what, status) in _PLAIN_STATUS:
+        message, hint, cli_hint = _PLAIN_STATUS[what, status]
+        return RemoteError(message % where, url, status, hint, cli_hint, path=where)
     text = _error_text(body)
     echo = "Error: %d" % status  # the download service's prefix to upstream errors
     if text.startswith(echo):
@@ -340,10 +413,23 @@ def _error_for_status(status, url, body=b"", what=None, auth=None):
         return AuthError(msg, url, status,
                          "the token is valid but lacks permission for this path")
     if status == 404:
-        return NotFound(msg, url, status)
+        return NotFound(msg, url, status, path=path)
     if status == 507:
         return RemoteError(msg, url, status, "the storage is out of space")
     return RemoteError(msg, url, status)
+
+
+# (what, status) -> (message with %s for the path, hint, hint on the command line)
+_PLAIN_STATUS = {
+    ("mkdir", 405): ("already exists: %s", "parents=True accepts an existing folder",
+                     "mkdir -p accepts an existing folder"),
+    ("mkdir", 409): ("no parent folder for %s", "parents=True makes the missing folders",
+                     "use -p to make the missing folders"),
+    ("move", 409): ("no folder for the destination of %s", "make that folder first (mkdir)",
+                    "make that folder first (mkdir -p)"),
+    ("move", 412): ("the destination of %s exists already", "overwrite=True replaces it",
+                    "use --overwrite to replace it"),
+}
 
 
 def _log(level, msg, *args):
@@ -474,8 +560,27 @@ def _unlink_quietly(path):
 # Names come from servers: every cell of an HTML table is escaped.
 
 
+def _plural(n, word):
+    """1 file, 2 files (*word* takes an "s")."""
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+def _span(seconds):
+    """A duration for people: '45 s', '12 min 5 s', '3 h 20 min', '2 days 4 h',
+    '73 years 47 days' (a year of 365 days)."""
+    s = max(int(seconds), 0)
+    if s < 3600:
+        return "%d s" % s if s < 60 else "%d min %d s" % divmod(s, 60)
+    if s < 86400:
+        return "%d h %d min" % (s // 3600, s % 3600 // 60)
+    if s < 365 * 86400:
+        return "%s %d h" % (_plural(s // 86400, "day"), s % 86400 // 3600)
+    return "%s %s" % (_plural(s // (365 * 86400), "year"),
+                      _plural(s % (365 * 86400) // 86400, "day"))
+
+
 def _human(n):
-    """1234567 -> '1.2M' (binary units, like ls -h)."""
+    """1234567 -> '1.2M' (binary units; _human_bytes says them)."""
     if n is None:
         return "-"
     for unit in ("", "K", "M", "G", "T", "P"):
@@ -485,6 +590,8 @@ def _human(n):
 
 
 def _human_bytes(n):
+    """1234567 -> '1.2MiB', 512 -> '512B': the one way sizes are shown to
+    people (ls -h, du -h, progress, summaries, notebooks)."""
     h = _human(n)
     return h + "B" if h[-1:].isdigit() else h + "iB"
 
@@ -757,7 +864,7 @@ class Settings:
         env = os.environ if env is None else env
         url = url or env.get("CTADATA_URL") or DEFAULT_URL
         if "://" not in url:
-            url = "https://" + url
+            url = "https://" + url   # dCache's doors speak https (see _is_plain_http)
         from urllib.parse import urlsplit
         p = urlsplit(url)
         if p.scheme not in ("http", "https") or not p.hostname:
@@ -891,7 +998,7 @@ class _Options:
                  backoff=0.5, expect_threshold=_EXPECT_THRESHOLD):
         env = os.environ if env is None else env
         name = profile or ("dev" if dev else None) or env.get("CTADATA_PROFILE") or "default"
-        self.profile, self.env = name, env
+        self.profile, self.env, self.dev = name, env, dev
         self.sources = {"profile": "argument" if profile else "--dev/dev=" if dev else
                         "$CTADATA_PROFILE" if env.get("CTADATA_PROFILE") else
                         "built-in default"}
@@ -915,7 +1022,8 @@ class _Options:
             var = _PROFILE_KEYS[key]
             if value is not None:
                 self.sources[key] = "argument"
-            elif var and self.env.get(var):
+            elif var and self.env.get(var) and not (key == "url" and self.dev):
+                # (--dev is on the command line: its URL beats $CTADATA_URL)
                 self.sources[key] = "$" + var
             elif key in prof and not (key == "service" and given["url"] is not None) and \
                     not (key == "url" and given["service"] not in (None, False)):
@@ -973,6 +1081,12 @@ def _origin(url):
             port or (443 if scheme == "https" else 80))
 
 
+def _hostport(key):
+    """"host:port" of an origin key (IPv6 in brackets), for messages."""
+    host = key[1]
+    return "%s:%d" % ("[%s]" % host if ":" in host else host, key[2])
+
+
 class _RetryPolicy:
     """How often and how long to retry: bounded attempts, exponential
     backoff with full jitter, Retry-After honoured (capped)."""
@@ -1006,6 +1120,39 @@ def _should_retry(policy, attempt, status=None, exc=None, retry_after=None,
     return delay
 
 
+def _log_retry(method, url, delay, why, attempt, policy):
+    """Say that a request is tried again, one line per retry: "retrying GET
+    URL in 2.1 s after: connection reset by peer (attempt 2 of 6)".  At INFO
+    on the logger "ctadata.retry", which the command line shows on stderr
+    (not with -q): a server that accepts and never answers is then not
+    minutes of silence.  *attempt* counts the failures before this one."""
+    if isinstance(why, CtadataError):
+        # "HTTP 503", "connection reset by peer": the request is named already
+        verb, sep, rest = why.message.partition(": ")
+        why = "HTTP %d" % why.status if why.status else rest if sep and " " not in verb \
+            else why.message
+    elif isinstance(why, BaseException):
+        why = _network_error(why, url).message
+    why = str(why)
+    import logging
+    logging.getLogger("ctadata.retry").info(
+        "retrying %s %s in %.1f s after: %s (attempt %d of %d)", method, _safe_url(url), delay,
+        why[:1].lower() + why[1:] if why[1:2].islower() else why, attempt + 2,
+        policy.retries + 1)
+
+
+# What OpenSSL says when the server answers a TLS handshake in plain text.
+_PLAIN_HTTP_REASONS = frozenset(("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                                 "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"))
+
+
+def _is_plain_http(exc):
+    """A TLS handshake that a plain-http server answered (https:// asked of
+    it, or a URL without a scheme, which means https)."""
+    import ssl
+    return isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) in _PLAIN_HTTP_REASONS
+
+
 def _is_transient(exc):
     import http.client
     import socket
@@ -1016,7 +1163,7 @@ def _is_transient(exc):
         return exc.retryable and not isinstance(exc, ChecksumMismatch)
     import ssl
     if isinstance(exc, ssl.SSLError) and not _is_cert_error(exc):
-        return True
+        return not _is_plain_http(exc)
     return isinstance(exc, OSError) and getattr(exc, "errno", None) in (
         104, 110, 111, 113, 32)  # reset, timed out, refused, no route, broken pipe
 
@@ -1248,9 +1395,23 @@ class _Transport:
         self._open = weakref.WeakSet()  # every connection, for abort()
         self._ua = "ctadata/%s python/%d.%d" % ((__version__,) + sys.version_info[:2])
         self._siblings = []             # see sibling()
+        # where remote paths start, for messages (describe); the download
+        # service's backend puts its endpoints here
+        self.roots = (settings.url.rstrip("/") + "/",)
 
     def __repr__(self):
         return "<ctadata transport %s://%s:%d>" % self.auth_origin
+
+    def describe(self, url):
+        """The remote path *url* names, as a user writes it (decoded,
+        relative to the storage URL, without a trailing "/"), or None for a
+        URL elsewhere: what messages call it."""
+        from urllib.parse import unquote
+        bare = url.partition("?")[0]
+        for root in self.roots:
+            if bare.startswith(root) or bare + "/" == root:
+                return unquote(bare[len(root):]).strip("/")
+        return None
 
     # -- connections -------------------------------------------------------
 
@@ -1493,37 +1654,48 @@ class _Transport:
                 delay = _should_retry(self.policy, attempt, exc=e) if retry else None
                 if delay is None:
                     raise _network_error(e, url, what)
-                self._pause(method, url, delay, e)
+                self._pause(method, url, delay, e, attempt)
                 attempt += 1
                 continue
             if resp.status in ok:
                 return resp
             err_body = _read_limited(resp)
             self.release(resp)
-            if resp.status == 401 and not auth_retried and \
+            if resp.status == 401 and not auth_retried and self._auth_ok and \
                     resp.ctadata_key == self.auth_origin and \
                     self.auth.on_unauthorized(resp.ctadata_auth):
                 # A token can die before its "exp" (revoked, server clock):
-                # one refresh, then the same request again.
+                # one refresh (or a second look for one), then the same
+                # request again.
                 auth_retried = True
                 continue
             delay = _should_retry(self.policy, attempt, status=resp.status,
                                   retry_after=resp.getheader("Retry-After")) if retry else None
             if delay is None:
-                raise self._status_error(resp, err_body, what)
-            self._pause(method, url, delay, "HTTP %d" % resp.status)
+                raise self._status_error(resp, err_body, what, url)
+            self._pause(method, url, delay, "HTTP %d" % resp.status, attempt)
             attempt += 1
 
-    def _status_error(self, resp, body, what):
-        """The exception for an answer with an error status."""
-        err = _error_for_status(resp.status, resp.ctadata_url, body, what, self.auth)
+    def _status_error(self, resp, body, what, url):
+        """The exception for an answer with an error status to a request
+        for *url* (the answer may come from where it was redirected)."""
+        err = _error_for_status(resp.status, resp.ctadata_url, body, what, self.auth,
+                                self.describe(url))
         if resp.status == 401 and not self._auth_ok:
             err.hint = "no token is sent over plain http to another machine: use https"
+        elif resp.status in (401, 403) and resp.ctadata_key != self.auth_origin:
+            # the token was not refused: it never went there (see _headers)
+            there = _hostport(resp.ctadata_key)
+            err.hint = err.cli_hint = (
+                "token not sent: %s is not the storage URL (--url)" % there
+                if _origin(url) != self.auth_origin else
+                "token not sent: the request was redirected to %s, which is not the "
+                "storage URL" % there)
         err.retry_after = resp.getheader("Retry-After")
         return err
 
-    def _pause(self, method, url, delay, why):
-        _log(20, "retrying %s %s in %.1fs after: %s", method, _safe_url(url), delay, why)
+    def _pause(self, method, url, delay, why, attempt):
+        _log_retry(method, url, delay, why, attempt, self.policy)
         self.sleep(delay)
 
     def sleep(self, delay):
@@ -1617,6 +1789,11 @@ def _network_error(exc, url, what=None):
         return TransferError("TLS certificate verification failed: %s"
                              % getattr(exc, "verify_message", text), url,
                              hint="use --ca-file/--ca-dir for a private CA")
+    if _is_plain_http(exc):
+        there = _hostport(_origin(url))
+        return TransferError("%s answered https in plain http" % there, url, retryable=False,
+                             hint="if it is a plain http server, say so: http://%s "
+                                  "(a URL without a scheme means https)" % there)
     if isinstance(exc, TransferError):
         return exc
     return TransferError("%s%s" % (what + ": " if what else "", text), url)
@@ -1995,11 +2172,16 @@ class _Token:
 
     def __init__(self, value, source, refresh=None, exp=None):
         value = (value or "").strip()
+        if value[:7].lower() == "bearer " and value[7:].strip():
+            # BEARER_TOKEN="Bearer ey...", as an Authorization header says it:
+            # the scheme is not part of the token
+            value = value[7:].strip()
         # RFC 6750 §2.1: a b64token.  A space or line break inside would split
         # the header (and http.client would quote the value in its error).
         if not value or any(not ("!" <= c <= "~") for c in value):
             raise ConfigError("the token from %s is not one line of printable ASCII"
-                              % source, hint="a token file holds the token and nothing else")
+                              % source, hint="a token file holds the token and nothing else "
+                              "(no 'Authorization:', no quotes)")
         self.value, self.source, self.refresh = value, source, refresh
         self.claims = _jwt_claims(value)
         self.exp = _claim_time(self.claims, "exp") or exp
@@ -2292,23 +2474,47 @@ class _Auth:
     def load(self):
         """Run discovery (once); return the _Token found, or None."""
         with self._lock:
-            if self._loaded:
+            if not self._loaded:
+                self._cred, self.looked = self._discover()
+                self._loaded = True
+            return self._cred
+
+    def _discover(self):
+        """(the first _Token of the discovery order or None, [(source, what
+        was found there)])."""
+        looked, cred = [], None
+        if self.mode != "x509":
+            for label, loader in self._sources():
+                found = loader()
+                if isinstance(found, _Token):
+                    looked.append((label, "found"))
+                    cred = found
+                    break
+                looked.append((label, found))
+        if cred is not None:
+            self.secrets.add(cred.value)
+        return cred, looked
+
+    def _look_again(self, old):
+        """Run discovery again, since *old* (the token in use, or None) will
+        not do: none was found, it expired, or the server refused it.  A
+        notebook may have set $BEARER_TOKEN since, an agent rewritten the
+        token file.  Return the token found when it is another one (it is
+        then used from now on), else None.  Only these three events cause a
+        look (never a request as such: a token file is not read again for
+        every file of a transfer)."""
+        with self._lock:
+            if self._cred is not old:          # another thread has looked already
                 return self._cred
-            looked = self.looked = []
-            cred = None
-            if self.mode != "x509":
-                for label, loader in self._sources():
-                    found = loader()
-                    if isinstance(found, _Token):
-                        looked.append((label, "found"))
-                        cred = found
-                        break
-                    looked.append((label, found))
-            if cred is not None:
-                self.secrets.add(cred.value)
-            self._cred = cred
-            self._loaded = True
-            return cred
+            cred, looked = self._discover()
+            if cred is None or (old is not None and cred.value == old.value):
+                if old is None:
+                    self.looked = looked
+                return None
+            self._cred, self.looked, self._loaded = cred, looked, True
+        _log(20, "using the token from %s (%s)", cred.source,
+             "found on a second look" if old is None else "it changed")
+        return cred
 
     def client_cert(self):
         """Path of the client certificate (+ key) to present, or None:
@@ -2340,29 +2546,37 @@ class _Auth:
 
     # -- per request -------------------------------------------------------
 
-    def header(self):
+    def header(self, need=False):
         """The Authorization value for the next request, or None.  Refreshes
         a refreshable token that expires within its margin; raises AuthError
-        for an expired one (or none at all with auth "token") before
-        anything is sent."""
+        for an expired one (or none at all with auth "token", or *need*)
+        before anything is sent."""
         cred = self._cred if self._loaded else self.load()
+        if cred is None and (need or self.mode == "token"):
+            cred = self._look_again(None)
+            if cred is None:
+                raise AuthError("no token found", hint=self.looked_in())
         if cred is None:
-            if self.mode == "token":
-                raise AuthError("no token found", hint=self.hint())
-            return None
+            return None   # (auto: a 401 makes on_unauthorized look again)
         return "Bearer " + self._usable(cred).value
 
     def _usable(self, cred):
+        """*cred*, or its refreshed successor, or the token a second look
+        finds when it has expired; AuthError when there is none."""
         if cred.exp is None:
             return cred
         now = self.clock()
         left = cred.exp - now
         if cred.refresh is not None and left < cred.margin and (
                 self._failed is not cred or now >= self._retry_at):
-            return self._refresh(cred, False)
-        if left <= 0:
-            raise self._expired(cred)
-        return cred
+            cred = self._refresh(cred, False)
+            left = cred.exp - self.clock() if cred.exp is not None else 1
+        if left > 0:
+            return cred
+        new = self._look_again(cred)
+        if new is not None:
+            return self._usable(new)
+        raise self._expired(cred)
 
     def _refresh(self, used, forced):
         """Replace *used* by a fresh token and return it; only one thread at
@@ -2386,9 +2600,7 @@ class _Auth:
                         return self._replace(new, forced)
                     self._failure = "%s had no newer token" % used.source
                 self._failed, self._retry_at = used, self.clock() + _REFRESH_RETRY
-            if forced or (used.exp is not None and used.exp > self.clock()):
-                return used
-            raise self._expired(used)
+            return used
 
     def _replace(self, new, forced):
         self.refreshes += 1
@@ -2401,17 +2613,20 @@ class _Auth:
 
     def on_unauthorized(self, used):
         """The server answered 401 to a request sent with Authorization
-        *used*.  Return True when repeating it is worth it: the token was
-        replaced meanwhile, or a forced refresh got a new one (at most once
-        in a row, so a server that refuses every token costs one refresh)."""
+        *used* (None: without).  Return True when repeating it is worth it:
+        the token was replaced meanwhile, a forced refresh got a new one (at
+        most once in a row, so a server that refuses every token costs one
+        refresh), or a second look found a token where there was none or
+        another one than that refused (set or rewritten since)."""
+        if self.mode == "x509":
+            return False
         cred = self._cred
-        if cred is None or not used:
-            return False
-        if "Bearer " + cred.value != used:
+        if cred is not None and used and "Bearer " + cred.value != used:
             return True
-        if cred.refresh is None or self._forced is cred:
-            return False
-        return self._refresh(cred, True) is not cred
+        if cred is not None and used and cred.refresh is not None and \
+                self._forced is not cred and self._refresh(cred, True) is not cred:
+            return True
+        return self._look_again(cred) is not None
 
     def _expired(self, cred):
         msg = "token expired at %s (source: %s)" % (_when(cred.exp), cred.source)
@@ -2443,7 +2658,11 @@ class _Auth:
             else:
                 extra = " (expired or not valid here?)"
             return "the token from %s was refused%s" % (cred.source, extra)
-        return "no token found; looked in: " + ", ".join(label for label, _ in self.looked)
+        return "no token found; " + self.looked_in()
+
+    def looked_in(self):
+        """Where discovery looked, for a message that says none was found."""
+        return "looked in: " + ", ".join(label for label, _ in self.looked)
 
     def explain(self):
         """Lines saying where discovery looked and what it found, for
@@ -2451,7 +2670,7 @@ class _Auth:
         lines = []
         error = None
         try:
-            cred = self.load()
+            cred = self.load() or self._look_again(None)
         except CtadataError as e:
             cred, error = None, e
         if self.mode == "x509":
@@ -2489,8 +2708,7 @@ def _describe_token(cred, now):
     else:
         left = cred.exp - now
         out.append("%s %s (%s)" % ("expires" if left > 0 else "EXPIRED at", _when(cred.exp),
-                                    "in %d min %d s" % divmod(int(left), 60) if left > 0
-                                    else "%d s ago" % -left))
+                                    "in " + _span(left) if left > 0 else _span(-left) + " ago"))
     out.append("refreshed automatically: %s" % (
         "yes, %d s before it expires" % cred.margin if cred.refresh else "no"))
     return out
@@ -2909,7 +3127,9 @@ class _DAV:
         for _ in self.propfind(self.url_for(target), 0, found.append):
             pass
         if not found:
-            raise NotFound("no such file or directory", self.url_for(target))
+            url = self.url_for(target)
+            where = self.tr.describe(url)
+            raise NotFound("no such file or folder: %s" % (where or url), url, 404, path=where)
         return found[0]
 
     def list_dir(self, target, recursive, ls):
@@ -3624,6 +3844,8 @@ class _Service:
     def __init__(self, tr, base, warn):
         self.tr, self.warn = tr, warn
         self.base = self.service_url = base.rstrip("/")
+        # messages name storage paths, not the service's endpoints
+        tr.roots = tuple("%s/%s/" % (self.base, e) for e in ("list", "fetch", "upload", "webdav"))
 
     def url(self, endpoint, path):
         """``{base}/{endpoint}/{path}``, percent-encoded."""
@@ -3685,7 +3907,8 @@ class _Service:
             return found[0]
         if children:  # a listing without its own entry: still a directory
             return Entry(path.rpartition("/")[2], path, self.url("fetch", path) + "/", True)
-        raise NotFound("no such file or directory", self.url("list", path), 404)
+        raise NotFound("no such file or folder: %s" % (path or "/"), self.url("list", path), 404,
+                       path=path or "/")
 
     def list_dir(self, target, recursive, ls=None):
         """The service's listing as it sent it (_ListingEntry dicts, the
@@ -3800,8 +4023,8 @@ class TransferResult:
         self.exception = None  # the CtadataError of a failed transfer
 
     def __repr__(self):
-        return "TransferResult(%r -> %r, %s)" % (_safe_url(self.source), self.dest,
-                                                 self.status)
+        return "TransferResult(%r -> %r, %s)" % (_safe_place(self.source),
+                                                 _safe_place(self.dest), self.status)
 
     def to_dict(self):
         """The manifest record: remote (URL), local (path), remote_path, size,
@@ -4073,8 +4296,7 @@ class _Download:
                     if not self.resume:
                         _unlink_missing_ok(self.part)
                     raise
-                _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(self.url),
-                     delay, e)
+                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
                 self.tr.sleep(delay)
                 attempt += 1
                 continue
@@ -4214,6 +4436,67 @@ class _Download:
                              self.fetched[0])
         res.mtime = mtime
         return res
+
+
+# The old client's chunk size: its APIClient.chunk_size, and the download
+# service's default.
+_OLD_CHUNK_SIZE = 10 * 1024 * 1024
+
+
+class _ChunkLog:
+    """The progress of one download as the old client logged it while it
+    fetched a file from the download service (ctadata/api.py,
+    fetch_and_save_file): at INFO, on the logger of its module,
+    "ctadata.api", "wrote %.2f / %.2f Mb in %d chunks in %.2f seconds" when
+    a chunk of *chunk_size* bytes has arrived and the whole percentage of
+    the file grew since the last line: the bytes before that chunk and the
+    file's size in Mb (bytes / 1024 / 1024), the chunks before it (counted
+    from 0), the seconds since the download started.  So, as there, no line
+    for the first chunk (0 %) nor for the one that ends the file.  Scripts
+    and the service's own tests read these lines.  Everything else goes to
+    *progress* (a Progress)."""
+
+    def __init__(self, progress, size, chunk_size):
+        import logging
+        self.progress, self.size, self.chunk = progress, size, chunk_size
+        self.got = 0       # bytes received
+        self.chunks = 0    # chunks complete
+        self.last_pc = 0
+        self.t0 = time.monotonic()
+        self.log = logging.getLogger("ctadata.api")
+
+    def advance(self, nbytes):
+        self.progress.advance(nbytes)
+        self.got += nbytes
+        if nbytes < 0:     # a download started again (the service cannot resume)
+            self.chunks = min(self.chunks, max(self.got, 0) // self.chunk)
+        size, chunk = self.size, self.chunk
+        if not size:
+            return
+        while (self.chunks + 1) * chunk <= self.got or (
+                self.got >= size and self.chunks * chunk < size):
+            before = self.chunks * chunk
+            pc = int(before / size * 100)
+            if pc > self.last_pc:
+                self.log.info("wrote %.2f / %.2f Mb in %d chunks in %.2f seconds",
+                              before / 1024 / 1024, size / 1024 / 1024, self.chunks,
+                              time.monotonic() - self.t0)
+                self.last_pc = pc
+            self.chunks += 1
+
+    def __getattr__(self, name):
+        return getattr(self.progress, name)
+
+
+def _chunked_download(tr, t, progress, cancel, chunk_size):
+    """Download task *t* from the download service as the old client did:
+    asking for ``?chunk_size=N`` (the service then reads the storage, and
+    sends, in pieces of N bytes) and logging each chunk (_ChunkLog)."""
+    url = t.source + ("&" if "?" in t.source else "?") + "chunk_size=%d" % chunk_size
+    res = _download_file(tr, url, t.dest, t.entry, _ChunkLog(progress, t.size, chunk_size),
+                         cancel, False, t.new_folder)
+    res.source = t.source
+    return res
 
 
 def _retry_delay(policy, attempt, err):
@@ -4696,7 +4979,7 @@ def _walk(remote, path, jobs, details=True, warn=None):
     """Yield (entry of a directory, sorted list of its entries) for *path*
     and every directory below it, depth first, on a backend (_DAV or
     _Service).  Listings run ahead in parallel on *jobs* threads; the order
-    is deterministic."""
+    is deterministic.  A file has no directory to walk: nothing is yielded."""
     from concurrent.futures import ThreadPoolExecutor
     from collections import deque
 
@@ -4705,11 +4988,26 @@ def _walk(remote, path, jobs, details=True, warn=None):
         children = sorted(remote.children(p, selfs.append, details), key=_entry_key)
         return (selfs[0] if selfs else None), _unique(children, warn)
 
+    def first(p):
+        """The listing of *path*, or (None, None) for a file."""
+        try:
+            top, children = listing(p)
+        except RemoteError as e:
+            # Apache answers 400 to a file's name with "/" appended
+            if isinstance(e, NotFound) or remote.stat(path).is_dir:
+                raise
+            return None, None
+        if top is not None and not top.is_dir:   # nginx, dCache, the service list a file
+            return None, None
+        return top, children
+
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        queue = deque([ex.submit(listing, remote.url_for(path, collection=True))])
+        queue = deque([ex.submit(first, remote.url_for(path, collection=True))])
         try:
             while queue:
                 top, children = queue.popleft().result()
+                if children is None:
+                    return
                 subdirs = [e for e in children if e.is_dir]
                 for e in reversed(subdirs):
                     queue.appendleft(ex.submit(listing, remote.url_for(e, True)))
@@ -4783,6 +5081,30 @@ class _Usage(dict):
 # _ServiceUploads: the download service's POST).
 
 
+# Is a file already there (then a transfer skips it)?  rclone's rule: the
+# same size and modification time, within the 1 s of an HTTP date.  A
+# download gives the local file the server's mtime, so the two agree until
+# either side changes (a reprocessed FITS file often keeps its size: FITS
+# pads to blocks of 2,880 bytes).  No WebDAV server lets a client set a
+# file's mtime (nginx, Apache, XRootD and dCache stamp an upload with the
+# time it arrived), so for an upload "the same" means the same size and a
+# remote copy not older than the local file: one made after the local file
+# last changed.  With checksum=True (--checksum) the size and the checksums
+# decide instead (a worker hashes the local file), where the server has
+# checksums; where it has none, size and time do, and a warning says so once.
+_MTIME_WINDOW = 1.0
+
+
+def _same_time(local, remote, upload=False):
+    """Do these modification times say "the same file" (see above)?  An
+    unknown one (a server that lists none) leaves it to the size."""
+    if local is None or remote is None:
+        return True
+    if upload:
+        return remote > local - _MTIME_WINDOW
+    return abs(remote - local) < _MTIME_WINDOW
+
+
 class _Planner:
     """What the planners of one Client share: its backend *remote* (_DAV or
     _Service), the transport, the cancel event (Ctrl-C), the default number
@@ -4790,6 +5112,7 @@ class _Planner:
 
     def __init__(self, remote, tr, cancel, jobs, warn):
         self.remote, self.tr, self.cancel, self.jobs, self.warn = remote, tr, cancel, jobs, warn
+        self.said_no_sums = False
 
     def walk(self, path, jobs=None, details=True):
         return _walk(self.remote, path, jobs or self.jobs, details, self.warn)
@@ -4797,7 +5120,25 @@ class _Planner:
     def start(self, progress):
         """(start time, the Progress to feed) of a new transfer."""
         self.cancel.clear()
+        self.said_no_sums = False
         return time.monotonic(), progress if progress is not None else Progress()
+
+    def same(self, size, mtime, entry, checksum, upload=False):
+        """Is the local file of *size* and *mtime* the one the remote *entry*
+        (or None) describes?  "same" (skip it), "hash" (skip it if the
+        checksums agree: a worker hashes it), or None (transfer it).  The
+        rule is explained above _same_time."""
+        if entry is None or entry.size is None or size != entry.size:
+            return None
+        if checksum:
+            if entry.checksums:
+                return "hash"
+            if not self.said_no_sums:
+                self.said_no_sums = True
+                self.warn("the server has no checksums to compare (%s, for one): size and "
+                          "modification time decide what is already there" % (
+                              entry.path or _safe_url(entry.url)))
+        return "same" if _same_time(mtime, entry.mtime, upload) else None
 
     def run(self, tasks, worker, jobs, progress, started, raise_on_failure, dry_run):
         """Run planned tasks on a worker pool (or, for a dry run, only list
@@ -4819,8 +5160,9 @@ class _Downloads(_Planner):
     """Plans downloads: a file, a tree (listed as it goes), a list of URLs."""
 
     def download(self, path, dest, recursive, overwrite, checksum, select, dry_run,
-                 progress, jobs, raise_on_failure, stage=None):
-        """See Client.download."""
+                 progress, jobs, raise_on_failure, stage=None, chunk_size=None):
+        """See Client.download; *chunk_size*: see _ChunkLog (service mode,
+        the old functions)."""
         started, progress = self.start(progress)
         entry = self.remote.stat(self.remote.url_for(path))
         if not entry.is_dir:
@@ -4832,9 +5174,12 @@ class _Downloads(_Planner):
                 dest = os.path.join(dest, entry.name)
             tasks = [self.task(entry, dest, overwrite, checksum, progress)]
             tasks, work = self.gate(tasks, progress, stage, dry_run)
+            if chunk_size:   # (service mode: no tape to gate)
+                work = self.worker(progress, chunk_size)
             return self.run(tasks, work, 1, progress, started, raise_on_failure, dry_run)
         if not recursive:
-            raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
+            raise ConfigError("%s is a directory" % (entry.path or "/"), hint="use recursive=True",
+                              cli_hint="use get -r")
         if dest is None or _names_folder(dest):
             target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
         else:
@@ -4842,6 +5187,8 @@ class _Downloads(_Planner):
         tasks = self.tree_tasks(entry, target, overwrite, checksum, _selector(select),
                                 dry_run, progress, jobs)
         tasks, work = self.gate(tasks, progress, stage, dry_run)
+        if chunk_size:
+            work = self.worker(progress, chunk_size)
         return self.run(tasks, work, jobs, progress, started, raise_on_failure, dry_run)
 
     def gate(self, tasks, progress, stage, dry_run):
@@ -4888,29 +5235,31 @@ class _Downloads(_Planner):
 
     def task(self, entry, dest, overwrite, checksum, progress, new_folder=False):
         """The _Task of downloading *entry* to *dest*, or the "skipped"
-        result when a file of the same size is there (and, with *checksum*,
-        the server has no checksum to compare: else a worker compares)."""
+        result when the same file is there (same(): size and mtime; with
+        *checksum*, size and checksum, which a worker compares)."""
         check = False
         if not overwrite and not new_folder and entry.size is not None:
             try:
-                same_size = os.stat(dest).st_size == entry.size
+                st = os.stat(dest)
             except OSError:
-                same_size = False
-            if same_size:
-                if not (checksum and entry.checksums):
-                    res = TransferResult(entry.url, dest, entry.size, "skipped")
-                    res.mtime = entry.mtime
-                    return res
-                check = True  # hashing the local copy is left to a worker
+                st = None
+            how = self.same(st.st_size, st.st_mtime, entry, checksum) if st else None
+            if how == "same":
+                res = TransferResult(entry.url, dest, entry.size, "skipped")
+                res.mtime = entry.mtime
+                return res
+            check = how == "hash"  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
         return _Task(entry.url, dest, entry.size, entry, check, new_folder=new_folder)
 
-    def worker(self, progress):
+    def worker(self, progress, chunk_size=None):
         tr, cancel, resume = self.tr, self.cancel, self.remote.resumable
 
         def work(t):
             if t.check and _file_matches(t.dest, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped")
+            if chunk_size:
+                return _chunked_download(tr, t, progress, cancel, chunk_size)
             return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
                                   t.new_folder)
         return work
@@ -4961,17 +5310,19 @@ class _Downloads(_Planner):
 
     def list_worker(self, overwrite, progress):
         """Files of a URL list come without a listing: a present file is
-        skipped when HEAD says it has the same size."""
+        skipped when HEAD says it is the same (size and Last-Modified)."""
         tr, cancel = self.tr, self.cancel
 
         def work(t):
             _makedirs(os.path.dirname(t.dest) or ".")
             if not overwrite and os.path.exists(t.dest):
                 resp = tr.request("HEAD", t.source, ok=(200,), what="check")
-                size = _count(resp.getheader("Content-Length"))
+                there = Entry("", "", t.source, False, _count(resp.getheader("Content-Length")),
+                              _parse_http_date(resp.getheader("Last-Modified")))
                 tr.release(resp)
-                if size is not None and size == os.path.getsize(t.dest):
-                    return TransferResult(t.source, t.dest, size, "skipped")
+                st = os.stat(t.dest)
+                if self.same(st.st_size, st.st_mtime, there, False) == "same":
+                    return TransferResult(t.source, t.dest, there.size, "skipped")
             return _download_file(tr, t.source, t.dest, None, progress, cancel)
         return work
 
@@ -4990,16 +5341,26 @@ class _Uploads(_Planner):
         target = remote + name if _names_folder(remote) else remote
         if os.path.isdir(local):
             if not recursive:
-                raise ConfigError("%s is a directory (use recursive=True / put -r)" % local)
+                raise ConfigError("%s is a directory" % local, hint="use recursive=True",
+                                  cli_hint="use put -r")
             return self.tree(local, target, verify, overwrite, checksum, _selector(select),
                              dry_run, progress, jobs, started, raise_on_failure)
         if not os.path.isfile(local):
             raise ConfigError("no such local file: %s" % local)
-        size = os.path.getsize(local)
-        progress.add_total(1, size)
-        task = _Task(local, self.url(target), size, remote=target)
-        summary = self.run([task], lambda t: self.send(t, verify, progress), 1, progress,
-                           started, raise_on_failure, dry_run)
+        st = os.stat(local)
+        have = None if overwrite else self.present(target)
+        how = self.same(st.st_size, st.st_mtime, have, checksum, upload=True)
+        if how == "same":   # a re-run skips it, as it skips the files of a tree
+            task = TransferResult(local, have.url, st.st_size, "skipped", remote_path=target)
+        else:
+            progress.add_total(1, st.st_size)
+            task = _Task(local, self.url(target), st.st_size, have, how == "hash", target)
+
+        def work(t):
+            if t.check and _file_matches(t.source, t.entry.checksums):
+                return TransferResult(t.source, t.dest, t.size, "skipped", remote_path=t.remote)
+            return self.send(t, verify, progress)
+        summary = self.run([task], work, 1, progress, started, raise_on_failure, dry_run)
         for r in summary.results:
             if r.remote_path is None:
                 r.remote_path = target
@@ -5034,19 +5395,20 @@ class _Uploads(_Planner):
                 path = os.path.join(dirpath, fn)
                 rpath = (rdir + "/" + fn) if rdir else fn
                 try:
-                    size = os.path.getsize(path)
+                    st = os.stat(path)
                 except OSError as e:
                     yield TransferResult(path, rpath, None, "failed",
                                          str(_local_error(e, path)))
                     continue
+                size = st.st_size
                 have = existing.get("/".join(rparts + [fn]))
-                if have is not None and have.size == size and not (
-                        checksum and have.checksums):
+                how = self.same(size, st.st_mtime, have, checksum, upload=True)
+                if how == "same":
                     yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
                     continue
                 progress.add_total(1, size)
-                yield _Task(path, self.url(rpath), size, have,
-                            check=have is not None and have.size == size, remote=rpath)
+                yield _Task(path, self.url(rpath), size, have, check=how == "hash",
+                            remote=rpath)
 
     # -- what differs between WebDAV and the download service -------------------
 
@@ -5072,6 +5434,18 @@ class _Uploads(_Planner):
                 raise
         self.remote.mkdir(parent, parents=True)
         return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+
+    def present(self, target):
+        """The Entry of the remote file *target*, or None when there is no
+        file there (or the server will not say: then the upload goes)."""
+        try:
+            entry = self.remote.stat(target)
+        except (NotFound, ProtocolError):
+            return None
+        except RemoteError as e:   # e.g. a server that refuses PROPFIND
+            _log(10, "could not look at %s before uploading: %s", target, e)
+            return None
+        return None if entry.is_dir else entry
 
     def existing(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
@@ -5142,6 +5516,9 @@ class _ServiceUploads(_Uploads):
 
     def existing(self, target):
         return {}  # the service offers no listing of what is already there to skip
+
+    def present(self, target):
+        return None  # (nor a stat of it: the path in the caller's folder is not known yet)
 
     def folder_maker(self, base, dry_run):
         return lambda rdir: None  # the service makes folders itself
@@ -5435,8 +5812,8 @@ class _TapeDownloads(_Downloads):
                 yield entry
                 continue
             if not recursive:
-                raise ConfigError("%s is a directory (use recursive=True / stage -r)"
-                                  % (entry.path or "/"))
+                raise ConfigError("%s is a directory" % (entry.path or "/"),
+                                  hint="use recursive=True", cli_hint="use stage -r")
             root = self.remote.url_for(entry, collection=True)
             for _top, children in self.walk(entry, details=False):
                 for e in children:
@@ -5703,8 +6080,7 @@ class _RemoteFile(io.RawIOBase):
                 delay = _retry_delay(self.tr.policy, attempt, e)
                 if delay is None:
                     raise
-                _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(self.url),
-                     delay, e)
+                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
                 self.tr.sleep(delay)
                 attempt += 1
 
@@ -5803,8 +6179,7 @@ def _copy_to(tr, entry, out, resumable, cancel=None):
             delay = _retry_delay(tr.policy, attempt, e) if can else None
             if delay is None:
                 raise
-            _log(20, "retrying a read of %s in %.1fs after: %s", _safe_url(entry.url),
-                 delay, e)
+            _log_retry("GET", entry.url, delay, e, attempt, tr.policy)
             tr.sleep(delay)
             attempt += 1
     bad = _first_mismatch(state["hashers"].result(), state["sums"])
@@ -5896,12 +6271,13 @@ def _status_line(label, s):
     """'get 3/10+ files  1.2MiB/4.0MiB+  45.0MiB/s  ETA 1:02+' (while
     running) or 'get 10 files  4.0MiB  in 0:05  800.0KiB/s' (final)."""
     if s.final:
-        line = "%s %d files  %s  in %s  %s/s" % (label, s.files_done, _human_bytes(
+        line = "%s %s  %s  in %s  %s/s" % (label, _plural(s.files_done, "file"), _human_bytes(
             s.bytes_done), _clock(s.elapsed), _human_bytes(s.rate))
     else:
         more = "+" if s.listing else ""  # still listing: the totals may grow
-        line = "%s %d/%d%s files  %s/%s%s  %s/s  ETA %s" % (
-            label, s.files_done, s.files_total, more, _human_bytes(s.bytes_done),
+        line = "%s %d/%d%s file%s  %s/%s%s  %s/s  ETA %s" % (
+            label, s.files_done, s.files_total, more,
+            "" if s.files_total == 1 and not more else "s", _human_bytes(s.bytes_done),
             _human_bytes(s.bytes_total), more, _human_bytes(s.rate), _eta_text(s))
     if s.skipped:
         line += "  %d skipped" % s.skipped
@@ -6251,10 +6627,7 @@ class Client:
         """Return the bearer token this client sends (refreshed first when it
         is about to expire), e.g. for curl.  Raises AuthError when there is
         none, ConfigError for an unreadable or unsafe token file."""
-        value = self._auth.header()
-        if value is None:
-            raise AuthError("no token found", hint=self._auth.hint())
-        return value[len("Bearer "):]
+        return self._auth.header(need=True)[len("Bearer "):]
 
     def explain_token(self):
         """Return lines saying where the token was looked for and what was
@@ -6323,9 +6696,9 @@ class Client:
 
     def walk(self, path="", jobs=None, details=True):
         """Yield (entry of a directory, sorted list of its entries) for *path*
-        and every directory below it, depth first.  Directory listings run
-        ahead in parallel (*jobs* threads); the order is deterministic.
-        *details*: as for iter_dir."""
+        and every directory below it, depth first (for a file: nothing).
+        Directory listings run ahead in parallel (*jobs* threads); the order
+        is deterministic.  *details*: as for iter_dir."""
         return _walk(self._remote, path, jobs or self.settings.jobs, details, self._warn)
 
     def ls(self, path="", recursive=False, select=None, details=True):
@@ -6342,9 +6715,13 @@ class Client:
                                    key=_entry_key))
         root = self.url_for(path, collection=True)
         out = _Listing()
+        walked = False
         for _top, children in self.walk(path, details=details):
+            walked = True
             out.extend(e for e in children if sel is None or (
                 not e.is_dir and sel(_rel_path(root, e.url))))
+        if not walked:   # a file: its own entry, as without recursive
+            return self.ls(path, False, select, details)
         return out
 
     def list_dir(self, path="", recursive=False, n_threads=None):
@@ -6391,9 +6768,11 @@ class Client:
         else to *dest* itself.  *select* keeps only some files of a tree (a
         glob, list of globs, compiled regex or callable, applied to the path
         relative to the tree; see README "Selecting files").  Files already
-        there with the same size are skipped unless *overwrite*; with
-        *checksum*, only if their checksum also equals the server's (when it
-        has one).  Each file streams to ``name.part`` and is renamed when
+        there are skipped unless *overwrite*: those of the same size and
+        modification time (a download gives a file the server's); with
+        *checksum*, those of the same size and checksum, where the server
+        has checksums (where it has none, a warning says so once).  Each
+        file streams to ``name.part`` and is renamed when
         complete and verified.  *dry_run*: list and plan only (results have
         status "planned"), write nothing.
 
@@ -6436,8 +6815,8 @@ class Client:
         archive's tree: the local path is what follows *strip_prefix* in the
         URL, or else the whole URL path (for a remote path: that path).
         Works with plain HTTP(S) file servers (no WebDAV needed: no listing
-        is made).  Present files of the
-        same size (asked with HEAD) are skipped unless *overwrite*; transfers
+        is made).  Present files of the same size and modification time
+        (asked with HEAD) are skipped unless *overwrite*; transfers
         are parallel, resumable and verified like any download.  The token is
         only sent to the storage URL's origin.
 
@@ -6446,33 +6825,50 @@ class Client:
             return self._downloads.from_list(items, dest, strip_prefix, overwrite, dry_run,
                                              p, jobs, raise_on_failure)
 
-    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True, progress=None):
+    def fetch_and_save_file(self, path, save_to_fn=None, overwrite=True, progress=None,
+                            chunk_size=None):
         """Download one remote file (a path, URL, Entry or an entry of
         list_dir()); return the number of bytes written.
 
         *save_to_fn* defaults to the file's name in the current folder (as in
         the old client).  In service mode the size is checked against the
         service's listing (it answers 200 even when the storage failed
-        mid-way).  Raises NotFound, AuthError, TransferError,
-        ChecksumMismatch."""
-        summary = self.download(path, save_to_fn, overwrite=overwrite, progress=progress,
-                                raise_on_failure=False)
+        mid-way), and, as the old client did there, *chunk_size* (default
+        10 MiB) is sent to the service (``/fetch/PATH?chunk_size=N``: it
+        reads the storage and sends in pieces of N bytes) and a line "wrote
+        %.2f / %.2f Mb in %d chunks in %.2f seconds" is logged at INFO on the
+        logger "ctadata.api" as the chunks arrive (each time the percentage
+        grew).  Raises NotFound, AuthError, TransferError, ChecksumMismatch."""
+        summary = self._old_download(path, save_to_fn, False, overwrite, progress, chunk_size,
+                                     False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         return sum(r.size or 0 for r in summary.results)
 
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False,
-                                   overwrite=False, progress=None):
+                                   overwrite=False, progress=None, chunk_size=None):
         """Download a file, or with *recursive* a directory tree (kept below
         ``<save_to or .>/<name>``); return the TransferSummary.  Raises
         PartialFailure if any file failed.  ``(path, True)`` means
-        recursive, as in the old client, whose second argument it was."""
+        recursive, as in the old client, whose second argument it was.
+        *chunk_size*: as for fetch_and_save_file (service mode)."""
         if isinstance(save_to, bool):
             save_to, recursive = None, save_to
         if save_to is not None and recursive and not _names_folder(save_to):
             save_to = save_to + "/"
-        return self.download(path, save_to, recursive=recursive, overwrite=overwrite,
-                             progress=progress)
+        return self._old_download(path, save_to, recursive, overwrite, progress, chunk_size,
+                                  True)
+
+    def _old_download(self, path, dest, recursive, overwrite, progress, chunk_size,
+                      raise_on_failure):
+        """download() as the old functions make it: in service mode with the
+        old client's chunk size (see fetch_and_save_file)."""
+        if self.service:
+            chunk_size = _positive(chunk_size, _OLD_CHUNK_SIZE, "chunk_size", int)
+        with _Shown(progress, "download") as p:
+            return self._downloads.download(path, dest, recursive, overwrite, False, None,
+                                            False, p, None, raise_on_failure,
+                                            chunk_size=chunk_size if self.service else None)
 
     def upload(self, local, remote="", recursive=False, verify=None, overwrite=False,
                checksum=False, select=None, dry_run=False, progress=None, jobs=None,
@@ -6481,10 +6877,15 @@ class Client:
 
         A remote path ending with "/" (or empty) names the folder to upload
         *into* (``remote/<local name>``); otherwise it is the new name.
-        Missing remote folders are created.  A tree upload first lists what
-        is already at the destination and skips files of the same size (and,
-        with *checksum*, the same checksum when the server has one) unless
-        *overwrite*; *select* keeps only some files (as for download).
+        Missing remote folders are created.  What is already there is
+        skipped unless *overwrite* (a tree upload lists the destination
+        first, one file is looked up): a remote file of the same size that
+        is not older than the local one (servers stamp an upload with the
+        time it arrived, so a local file changed after its upload goes
+        again); with *checksum*, one of the same size and checksum, where
+        the server has checksums.  In service mode nothing is skipped (the
+        service cannot say what is there).  *select* keeps only some files
+        (as for download).
         *verify*: see _upload_file (True: Content-MD5 for every file; None:
         for files up to 1 MiB; False: never).  *dry_run*: plan only, send
         nothing that changes the storage.  In service mode everything lands
@@ -6503,7 +6904,9 @@ class Client:
         ending with "/" is a folder: ``upload_file("latest.txt",
         "your-folder/")`` -> your-folder/latest.txt.  Raises ConfigError
         (bad local file or remote path), AuthError, TransferError."""
-        summary = self.upload(local, remote, progress=progress, raise_on_failure=False)
+        # overwrite: the old client's upload_file always sent the file
+        summary = self.upload(local, remote, overwrite=True, progress=progress,
+                              raise_on_failure=False)
         if summary.failed:
             raise _failure_exception(summary.failures[0])
         r = summary.results[0]
@@ -6626,7 +7029,8 @@ class Client:
         dav = self._remote.webdav("remove")
         entry = dav.stat(path)
         if entry.is_dir and not recursive:
-            raise ConfigError("%s is a directory (use recursive=True / rm -r)" % entry.path)
+            raise ConfigError("%s is a directory" % (entry.path or "/"),
+                              hint="use recursive=True", cli_hint="use rm -r")
         if dry_run:
             return [entry] + (self.ls(entry, recursive=True) if entry.is_dir else [])
         dav.delete(dav.url_for(entry, collection=entry.is_dir))
@@ -6767,6 +7171,26 @@ def set_default_client(client):
         _compat = None
 
 
+# The old client's functions (module-level, and APIClient's methods): what
+# they raise is a StorageException (_old_api_error), as the old client's was.
+_OLD_NAMES = ("list_dir", "fetch_and_save_file", "fetch_and_save_file_or_dir", "upload_file",
+              "upload_dir", "upload_certificate", "upload_personal_certificate",
+              "upload_shared_certificate", "webdav4_client")
+
+
+def _old_api(func):
+    """*func*, raising its errors as StorageExceptions too (_old_api_error)."""
+    def old(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CtadataError as e:
+            _old_api_error(e)
+            raise
+    old.__name__, old.__qualname__, old.__doc__ = func.__name__, func.__qualname__, func.__doc__
+    old.__wrapped__ = func
+    return old
+
+
 def _client(options=None, func="function"):
     """The Client for one module-level call: the default one, unless the old
     client's keyword arguments (*options*) or APIClient's class attributes
@@ -6781,7 +7205,7 @@ def _client(options=None, func="function"):
             raise TypeError("%s() got an unexpected keyword argument %r" % (func, k))
         if v is not None:  # as in the old client, None means "not given"
             wanted[k] = v
-    wanted.pop("chunk_size", None)  # accepted, ignored: ctadata picks its block size
+    wanted.pop("chunk_size", None)  # not a setting of the Client: see fetch_and_save_file
     if not any(wanted.values()):
         return default_client()
     key = (tuple(sorted(wanted.items())), _env_key())
@@ -6800,9 +7224,11 @@ class APIClient:
     Scripts set its class attributes and later module-level calls honour
     them: ``ctadata.APIClient.downloadservice = url`` (service mode with that
     service), ``certificateservice`` (the certificate service), ``token``
-    (the JupyterHub API token); ``chunk_size`` is accepted and ignored
-    (ctadata picks its own block size).  None, the default, means "from the
-    environment" ($CTADS_URL, $CTACS_URL, $JUPYTERHUB_API_TOKEN).
+    (the JupyterHub API token), ``chunk_size`` (service mode: what
+    fetch_and_save_file asks the service for and logs per chunk, default
+    10 MiB, as the old client did; direct mode ignores it).  None, the
+    default, means "from the environment" ($CTADS_URL, $CTACS_URL,
+    $JUPYTERHUB_API_TOKEN), or 10 MiB for chunk_size.
 
     The old functions also take these as keyword arguments (``token=``,
     ``downloadservice=``, ``certificateservice=``, ``chunk_size=``), and
@@ -6829,31 +7255,39 @@ class APIClient:
                 merged[k] = v
         return _client(merged, func)
 
+    @_old_api
     def list_dir(self, path="", recursive=False, n_threads=None, **options):
         """As the module function list_dir()."""
         return self._client(options, "list_dir").list_dir(path, recursive)
 
+    @_old_api
     def fetch_and_save_file(self, path, save_to_fn=None, progress=None, **options):
         """As the module function fetch_and_save_file()."""
         return self._client(options, "fetch_and_save_file").fetch_and_save_file(
-            path, save_to_fn, progress=progress)
+            path, save_to_fn, progress=progress,
+            chunk_size=options.get("chunk_size") or self.chunk_size)
 
+    @_old_api
     def fetch_and_save_file_or_dir(self, path, save_to=None, recursive=False, progress=None,
                                    **options):
         """As the module function fetch_and_save_file_or_dir()."""
         return self._client(options, "fetch_and_save_file_or_dir") \
-            .fetch_and_save_file_or_dir(path, save_to, recursive, progress=progress)
+            .fetch_and_save_file_or_dir(path, save_to, recursive, progress=progress,
+                                        chunk_size=options.get("chunk_size") or self.chunk_size)
 
+    @_old_api
     def upload_file(self, local_fn, path="", progress=None, **options):
         """As the module function upload_file()."""
         return self._client(options, "upload_file").upload_file(local_fn, path,
                                                                  progress=progress)
 
+    @_old_api
     def upload_dir(self, local_dir, path="", progress=None, **options):
         """As the module function upload_dir()."""
         return self._client(options, "upload_dir").upload_dir(local_dir, path,
                                                                progress=progress)
 
+    @_old_api
     def upload_certificate(self, path, certificate_key="cta", **options):
         """As the module function upload_certificate()."""
         return self._client(options, "upload_certificate").upload_certificate(
@@ -6861,6 +7295,7 @@ class APIClient:
 
     upload_personal_certificate = upload_certificate
 
+    @_old_api
     def upload_shared_certificate(self, path, **options):
         """As the module function upload_shared_certificate()."""
         return self._client(options, "upload_shared_certificate") \
@@ -6870,6 +7305,7 @@ class APIClient:
         """As the module function webdav_client()."""
         return self._client(options, "webdav_client").webdav_client()
 
+    @_old_api
     def webdav4_client(self, **options):
         """As the module function webdav4_client()."""
         return self._client(options, "webdav4_client").webdav4_client()
@@ -6898,7 +7334,11 @@ def _default_client_function(name, method=None):
                 options[k] = kwargs.pop(k)
             elif k not in params:
                 raise TypeError("%s() got an unexpected keyword argument %r" % (name, k))
+        if "chunk_size" in params:  # (fetch_and_save_file...: see APIClient.chunk_size)
+            kwargs["chunk_size"] = options.get("chunk_size") or APIClient.chunk_size
         return getattr(_client(options, name), method or name)(*args, **kwargs)
+    if name in _OLD_NAMES:
+        function = _old_api(function)
     function.__name__ = function.__qualname__ = name
     function.__doc__ = "%s%s\n\n%s" % ("The old name of %s(). " % method if method else "",
                                        unbound.__doc__, _DEFAULT_CLIENT_NOTE)
@@ -7708,6 +8148,11 @@ class _DavRequest:
         header line over it, more than _SERVE_HEADER_COUNT headers or more
         than _SERVE_HEAD_LIMIT bytes of them (431)."""
         rfile = self.rfile
+        peek = getattr(rfile, "peek", None)
+        if peek is not None and peek(1)[:1] == b"\x16":
+            # a TLS handshake (an https:// URL, or one without a scheme): say
+            # so at once, as nginx does, instead of waiting for a line
+            raise _Refusal(400, "this server speaks plain http, not https")
         line = rfile.readline(_SERVE_LINE_LIMIT + 1)
         for _ in range(4):                  # RFC 9112 §2.2: a few empty lines may come first
             if line not in (b"\r\n", b"\n"):
@@ -8795,14 +9240,34 @@ def serve(root, port=0, bind="127.0.0.1", token=None, token_file=None, auth=True
 # Client and prints; the options of a command (_args_X) sit beside it.
 
 
+class _Unlisted:
+    """Adds options to a command's parser without listing them in its
+    --help: the options every command takes, listed once by `ctadata --help`."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+    def add_argument(self, *names, **kw):
+        import argparse
+        kw["help"] = argparse.SUPPRESS
+        return self.parser.add_argument(*names, **kw)
+
+
+_COMMON_POINTER = """\
+The options of every command (--url, --token-file, -j, --timeout, --retries,
+-q, -v, ...) go before or after it: `ctadata --help` lists them."""
+
+
 def _add_common(parser, suppress):
-    """Options every subcommand accepts (before or after its name)."""
+    """Options every subcommand accepts (before or after its name); after it
+    (*suppress*) they are accepted but not listed in the command's help."""
     import argparse
     d = argparse.SUPPRESS if suppress else None
-    g = parser.add_argument_group("storage and connection")
+    g = _Unlisted(parser) if suppress else parser.add_argument_group("storage and connection")
     g.add_argument("--url", default=d, metavar="URL",
-                   help="storage URL; remote paths are relative to it "
-                        "(env CTADATA_URL; default %s)" % DEFAULT_URL)
+                   help="storage URL; remote paths are relative to it; HOST:PORT without "
+                        "a scheme means https://HOST:PORT (env CTADATA_URL; default %s)"
+                        % DEFAULT_URL)
     g.add_argument("--dev", action="store_true", default=d or False,
                    help="use the development storage %s (the built-in profile "
                         "'dev')" % DEV_URL)
@@ -8821,7 +9286,8 @@ def _add_common(parser, suppress):
                    help="seconds before a silent connection fails (default %d)"
                         % _DEFAULT_TIMEOUT)
     g.add_argument("--retries", type=int, default=d, metavar="N",
-                   help="retries of transient failures (default %d)" % _DEFAULT_RETRIES)
+                   help="retries of transient failures, each said on stderr (default %d)"
+                        % _DEFAULT_RETRIES)
     g.add_argument("--ca-file", default=d, metavar="PEM",
                    help="extra CA certificates (env X509_CERT_FILE)")
     g.add_argument("--ca-dir", default=d, metavar="DIR",
@@ -8833,7 +9299,8 @@ def _add_common(parser, suppress):
                    help="print only errors")
     g.add_argument("-v", "--verbose", action="count", default=d or 0,
                    help="log requests (never credentials) to stderr")
-    _add_credential_options(parser.add_argument_group("credentials", _CREDENTIALS_HELP), d)
+    _add_credential_options(_Unlisted(parser) if suppress else
+                            parser.add_argument_group("credentials", _CREDENTIALS_HELP), d)
 
 
 def _add_credential_options(g, d):
@@ -8902,7 +9369,7 @@ def _subcommand(sub, name, func, help_, description=None, add_help=True, aliases
     import argparse
     sp = sub.add_parser(name, help=help_, description=description or help_,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        add_help=add_help, aliases=list(aliases))
+                        add_help=add_help, aliases=list(aliases), epilog=_COMMON_POINTER)
     if not add_help:
         sp.add_argument("--help", action="help", help="show this help and exit")
     _add_common(sp, suppress=True)
@@ -8959,7 +9426,7 @@ def _entry_line(e, long, human, name, locality=None):
     no such column; the server reports no locality)."""
     if not long:
         return name + ("/" if e.is_dir else "")
-    size = "-" if e.is_dir else (_human(e.size) if human else str(e.size))
+    size = "-" if e.is_dir else (_human_bytes(e.size) if human else str(e.size))
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime)) if e.mtime else "-"
     if locality is not None:
         when += " " + (e.locality or "-").ljust(locality)
@@ -9011,7 +9478,9 @@ def _args_ls(sub):
                      description="List a remote directory: names one per line, sorted, "
                                  "directories ending with '/'.  Without -l, --json or "
                                  "--jsonl only names and types are asked of the server "
-                                 "(faster, and no checksum or tape lookups on dCache).")
+                                 "(faster, and no checksum or tape lookups on dCache).  "
+                                 "--include selects files; --exclude leaves out the files "
+                                 "and folders it names (with -R: files only).")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
     sp.add_argument("-l", dest="long", action="store_true",
                     help="long format: type, size, modification time (UTC), where the "
@@ -9019,11 +9488,22 @@ def _args_ls(sub):
                          "only, ONLINE_AND_NEARLINE, LOST; when the server reports it), name")
     sp.add_argument("-R", "--recursive", action="store_true",
                     help="list everything below PATH (paths relative to it)")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
+    sp.add_argument("-h", "--human", action="store_true",
+                    help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
     sp.add_argument("-U", "--unsorted", action="store_true",
                     help="print entries as the server sends them, in constant memory")
     _args_output(sp, "a list of entries (README: JSON output)")
     _args_filters(sp)
+
+
+def _ls_filter(args, sel):
+    """What `ls` without -R shows with --include/--exclude: the files they
+    select; folders only without --include (which names files), unless an
+    --exclude names them (hiding every folder for an --exclude hid
+    everything in a folder of folders)."""
+    if sel is None:
+        return None
+    return lambda e: not args.include and sel(e.name) if e.is_dir else sel(e.name)
 
 
 def _cmd_ls(client, args):
@@ -9031,12 +9511,13 @@ def _cmd_ls(client, args):
     out = _RecordWriter(args)
     # names only: ask the server for nothing else
     details = bool(args.long or out.json or out.jsonl)
+    shown = _ls_filter(args, sel)
     if args.unsorted and not args.recursive:
         # Constant memory however big the folder: print as entries parse.
         structured = out.json or out.jsonl
         locality = None     # a locality column from the first entry that has one on
         for e in client.iter_dir(args.path, details):
-            if sel is None or (not e.is_dir and sel(e.name)):
+            if shown is None or shown(e):
                 if structured:
                     out.item(e.to_dict())
                 else:
@@ -9047,14 +9528,20 @@ def _cmd_ls(client, args):
     if args.recursive:
         root = client.url_for(args.path, collection=True)
         rows = []
+        walked = False
         for _top, children in client.walk(args.path, details=details):
+            walked = True
             for e in children:
                 rel = _rel_path(root, e.url)
                 if sel is None or (not e.is_dir and sel(rel)):
                     rows.append((rel, e))
+        if not walked:   # a file: listed as without -R
+            rows = [(e.name, e) for e in client.iter_dir(args.path, details)
+                    if sel is None or sel(e.name)]
         rows.sort(key=lambda r: r[0])
     else:
-        rows = [(e.name, e) for e in client.ls(args.path, select=sel, details=details)]
+        rows = [(e.name, e) for e in client.ls(args.path, details=details)
+                if shown is None or shown(e)]
     if out.json or out.jsonl:
         for _n, e in rows:
             out.item(e.to_dict())
@@ -9101,14 +9588,23 @@ def _args_du(sub):
                      add_help=False, description="Count files, folders and bytes below a remote "
                      "path, per immediate child and in total (listing in parallel).")
     sp.add_argument("path", nargs="?", default="", help="remote path or URL")
-    sp.add_argument("-h", "--human", action="store_true", help="sizes as 1.2K, 3.4M, ...")
+    sp.add_argument("-h", "--human", action="store_true",
+                    help="sizes as 512B, 1.2KiB, 3.4MiB (binary units)")
     _args_output(sp, "totals and a list of children")
     _args_filters(sp)
 
 
+def _files(n):
+    return "file" if n == 1 else "files"
+
+
+def _dirs(n):
+    return "dir" if n == 1 else "dirs"
+
+
 def _cmd_du(client, args):
     report = client.du(args.path, select=_cli_selector(args))
-    size = _human if args.human else str
+    size = _human_bytes if args.human else str
     if args.json:
         import json
         _out(json.dumps(report, indent=1) + "\n")
@@ -9116,11 +9612,13 @@ def _cmd_du(client, args):
     out = _RecordWriter(args)
     total = {k: report[k] for k in ("path", "files", "dirs", "bytes")}
     for c in report["children"]:
-        out.item(c, "%10s  %8d files %6d dirs  %s%s" % (
-            size(c["bytes"]), c["files"], c["dirs"], c["name"],
+        out.item(c, "%10s  %8d %-5s %6d %-4s  %s%s" % (
+            size(c["bytes"]), c["files"], _files(c["files"]), c["dirs"], _dirs(c["dirs"]),
+            c["name"],
             "/" if c["type"] == "directory" else ""))
-    out.item(dict(total, name="total"), "%10s  %8d files %6d dirs  total (%s)" % (
-        size(report["bytes"]), report["files"], report["dirs"], report["path"] or "/"))
+    out.item(dict(total, name="total"), "%10s  %8d %-5s %6d %-4s  total (%s)" % (
+        size(report["bytes"]), report["files"], _files(report["files"]), report["dirs"],
+        _dirs(report["dirs"]), report["path"] or "/"))
     out.close()
     return 0
 
@@ -9184,7 +9682,7 @@ def _report(args, verb, summary):
     elif getattr(args, "dry_run", False):
         lines = []
         for r in summary.results:
-            src, dst = _safe_url(r.source), _safe_url(r.dest)
+            src, dst = _safe_place(r.source), _safe_place(r.dest)
             what = "would %s" % verb if r.status == "planned" else r.status
             size = "" if r.size is None else " (%s)" % _human_bytes(r.size)
             lines.append("%s %s -> %s%s\n" % (what, src, dst, size))
@@ -9192,20 +9690,21 @@ def _report(args, verb, summary):
     failures = summary.failures
     for r in failures[:20]:
         where = r.dest if verb == "get" and r.dest else r.source
-        sys.stderr.write("ctadata: failed: %s: %s\n" % (_safe_url(where), r.error))
+        sys.stderr.write("ctadata: failed: %s: %s\n" % (_safe_place(where), r.error))
     if len(failures) > 20:
         sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
     if getattr(args, "dry_run", False):
         planned = [r for r in summary.results if r.status == "planned"]
-        sys.stderr.write("dry run: %d files (%s) would be %s, %d skipped (already there), "
-                         "%d failed\n" % (len(planned), _human_bytes(sum(
+        sys.stderr.write("dry run: %s (%s) would be %s, %d skipped (already there), "
+                         "%d failed\n" % (_plural(len(planned), "file"), _human_bytes(sum(
                              r.size or 0 for r in planned)),
                              "downloaded" if verb == "get" else "uploaded",
                              summary.skipped, summary.failed))
     elif not _opt(args, "quiet"):
         rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0
-        sys.stderr.write("%s: %d files (%d transferred, %d skipped, %d failed), %s in "
-                         "%.2f s, %s/s\n" % (verb, summary.files, summary.transferred,
+        sys.stderr.write("%s: %s (%d transferred, %d skipped, %d failed), %s in "
+                         "%.2f s, %s/s\n" % (verb, _plural(summary.files, "file"),
+                                             summary.transferred,
                                              summary.skipped, summary.failed,
                                              _human_bytes(summary.bytes),
                                              summary.seconds, _human_bytes(rate)))
@@ -9217,7 +9716,8 @@ def _args_get(sub):
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
                 "verified against the server's checksum; an interrupted download resumes "
-                "from its .part file; files already present with the same size are skipped; "
+                "from its .part file; files already there (the same size and modification "
+                "time) are skipped; "
                 "transient failures are retried with backoff (--retries)."))
     sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
     sp.add_argument("dest", nargs="?", default=None, help=(
@@ -9233,10 +9733,11 @@ def _args_get(sub):
         "with --from-list: the part of each URL to drop; the local tree starts after "
         "it (default: keep the whole URL path)"))
     sp.add_argument("--overwrite", action="store_true",
-                    help="download even files that are already present")
+                    help="download even files that are already there")
     sp.add_argument("--checksum", action="store_true",
-                    help="skip a present file only if its checksum also matches the "
-                         "server's (reads the local file)")
+                    help="a file already there is one of the same size and checksum as "
+                         "the server's (reads the local file), not of the same size and "
+                         "modification time")
     sp.add_argument("-n", "--dry-run", action="store_true",
                     help="list what would be downloaded and the totals; write nothing")
     sp.add_argument("--manifest", metavar="FILE.json",
@@ -9327,6 +9828,11 @@ def _cmd_get(client, args):
                                       select=sel, dry_run=args.dry_run, progress=progress,
                                       raise_on_failure=False, stage=args.stage,
                                       release=args.release, lifetime=args.lifetime)
+    except NotFound as e:
+        if args.source and "://" not in args.source and os.path.exists(args.source):
+            e.cli_hint = "%s is a local %s: did you mean put?" % (
+                args.source, "folder" if os.path.isdir(args.source) else "file")
+        raise
     finally:
         progress.close()
     return _report(args, "get", summary)
@@ -9337,12 +9843,16 @@ def _args_put(sub):
                 "Upload a local file, or with -r a directory tree. A remote path ending "
                 "with '/' is a folder to upload into; missing folders are created."))
     sp.add_argument("source", help="local file or folder")
-    sp.add_argument("dest", nargs="?", default="", help="remote path (default: the root)")
+    sp.add_argument("dest", nargs="?", default="", help=(
+        "remote folder to put it into (ending with '/'; '/' is the storage root) or its new "
+        "name; required, except in service mode (default: your own folder)"))
     sp.add_argument("-r", "--recursive", action="store_true", help="upload a directory tree")
     sp.add_argument("--overwrite", action="store_true",
-                    help="with -r: upload even files already present with the same size")
+                    help="upload even files already there (by default a remote file of the "
+                         "same size, not older than the local one, is not sent again)")
     sp.add_argument("--checksum", action="store_true",
-                    help="with -r: skip a present file only if its checksum also matches")
+                    help="a file already there is one of the same size and checksum (reads "
+                         "the local file)")
     sp.add_argument("--verify", action="store_const", const=True, default=None,
                     help="send Content-MD5 for every file so the server checks it "
                          "(reads files over 1 MiB twice; default: files up to 1 MiB)")
@@ -9358,6 +9868,10 @@ def _args_put(sub):
 
 
 def _cmd_put(client, args):
+    if not args.dest and not client.service:
+        # (it meant the storage root: rarely what a user wants, never by accident)
+        raise ConfigError("put needs a destination: a remote folder ending with '/' "
+                          "(e.g. your-folder/), or the new name; '/' is the storage root")
     progress = _make_progress(args, "put")
     try:
         summary = client.upload(args.source, args.dest, recursive=args.recursive,
@@ -9403,9 +9917,9 @@ def _cmd_rm(client, args):
         _out("".join("would remove %s%s\n" % (e.path, "/" if e.is_dir else "")
                      for e in gone))
         files = [e for e in gone if not e.is_dir]
-        sys.stderr.write("dry run: %d files (%s) and %d folders would be removed\n" % (
-            len(files), _human_bytes(sum(e.size or 0 for e in files)),
-            len(gone) - len(files)))
+        sys.stderr.write("dry run: %s (%s) and %s would be removed\n" % (
+            _plural(len(files), "file"), _human_bytes(sum(e.size or 0 for e in files)),
+            _plural(len(gone) - len(files), "folder")))
     return 0
 
 
@@ -9523,7 +10037,7 @@ def _args_stage(sub):
     sp = _subcommand(sub, "stage", _cmd_stage,
                      "bring files from tape to disk (prints a stage request ID)",
                      description=_STAGE_DESCRIPTION)
-    sp.epilog = _STAGE_EPILOG
+    sp.epilog = _STAGE_EPILOG + "\n" + _COMMON_POINTER
     sp.add_argument("paths", nargs="*", metavar="PATH",
                     help="remote files, or folders with -r")
     sp.add_argument("-r", "--recursive", action="store_true",
@@ -9545,10 +10059,6 @@ def _args_stage(sub):
     _args_filters(sp)
 
 
-def _plural(n, word):
-    return "%d %s%s" % (n, word, "" if n == 1 else "s")
-
-
 class _StageProgress:
     """What `stage --wait` shows after each poll: a live line on a terminal,
     else a line whenever the count of files on disk or failed changed."""
@@ -9565,8 +10075,9 @@ class _StageProgress:
         if self.quiet or (key == self.last and not self.tty):
             return
         self.last = key
-        line = "stage: %d/%d files on disk%s, %d:%02d elapsed" % (
-            (req.on_disk, len(req.files), ", %d failed" % req.failed if req.failed else "")
+        line = "stage: %d/%s on disk%s, %d:%02d elapsed" % (
+            (req.on_disk, _plural(len(req.files), "file"),
+             ", %d failed" % req.failed if req.failed else "")
             + divmod(int(time.monotonic() - self.started), 60))
         if self.tty:
             sys.stderr.write("\r" + line + "\x1b[K")
@@ -9791,13 +10302,16 @@ def _cmd_config(client, args):
 
 def _completion_words(parser):
     """{subcommand: [option strings]} and the global options, read from
-    the argparse tree itself (never a hand-written copy)."""
+    the argparse tree itself (never a hand-written copy).  Only the commands
+    `ctadata --help` lists: not the old names (start-agent...) nor aliases
+    (list), which still work."""
     import argparse
     glob = [o for a in parser._actions for o in a.option_strings]
     subs = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sp in action.choices.items():
+            for listed in action._choices_actions:
+                name, sp = listed.dest, action.choices[listed.dest]
                 words = [o for a in sp._actions for o in a.option_strings]
                 for a in sp._actions:
                     if not a.option_strings and a.choices:
@@ -10018,18 +10532,43 @@ def _args_old_names(sub):
 
 
 def _setup_logging(args):
+    """Log to stderr as "ctadata: ..." for the run of one command; return
+    the function that puts the loggers back as they were (main() may run
+    many times in one process: a test, a notebook, a script's loop)."""
     import logging
     logger = logging.getLogger("ctadata")
+    retry = logging.getLogger("ctadata.retry")
+    before = (logger.propagate, logger.level, retry.level)
     for h in [h for h in logger.handlers if getattr(h, "_ctadata_cli", False)]:
-        logger.removeHandler(h)  # main() may run many times in one process
+        logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._ctadata_cli = True
     handler.setFormatter(logging.Formatter("ctadata: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
     verbose = _opt(args, "verbose", 0)
-    logger.setLevel(logging.DEBUG if verbose else
-                    logging.ERROR if _opt(args, "quiet") else logging.WARNING)
+    quiet = _opt(args, "quiet")
+    logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    # one line per retry (INFO, see _log_retry), unless -q
+    retry.setLevel(logging.ERROR if quiet and not verbose else logging.INFO)
+
+    def restore():
+        logger.removeHandler(handler)
+        logger.propagate, level, retry_level = before
+        logger.setLevel(level)
+        retry.setLevel(retry_level)
+    return restore
+
+
+def _cli_error(args, e):
+    """An error as the command line says it: the hint in its words (get -r,
+    not recursive=True), and an error about a remote path the server
+    refused (no such file or folder, already exists) under the command the
+    user typed."""
+    text = e.text(e.cli_hint or e.hint)
+    if isinstance(e, RemoteError) and e.path is not None:
+        text = "%s: %s" % (args.command, text)
+    return text
 
 
 def main(argv=None):
@@ -10046,13 +10585,16 @@ def main(argv=None):
         args = parser.parse_args(_service_flag(argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    _setup_logging(args)
+    restore_logging = _setup_logging(args)
     if getattr(args, "alias_of", None):
         sys.stderr.write("ctadata: note: `%s` is now `ctadata %s`\n"
                          % (args.command, args.alias_of))
     try:
-        client = None if getattr(args, "no_client", False) else _client_from_args(args)
-        return args.func(client, args) or 0
+        try:
+            client = None if getattr(args, "no_client", False) else _client_from_args(args)
+            return args.func(client, args) or 0
+        finally:
+            restore_logging()
     except KeyboardInterrupt:
         if args.command == "get":
             sys.stderr.write("\nctadata: interrupted (partial downloads kept as .part "
@@ -10061,7 +10603,7 @@ def main(argv=None):
             sys.stderr.write("\nctadata: interrupted\n")
         return 130
     except CtadataError as e:
-        sys.stderr.write("ctadata: error: %s\n" % e)
+        sys.stderr.write("ctadata: error: %s\n" % _cli_error(args, e))
         return e.exit_code
     except BrokenPipeError:
         # stdout closed early (e.g. `ctadata ls | head`): not an error.

@@ -78,12 +78,12 @@ def test_line_progress_for_logs():
     p.advance(1024)
     p.poll()                                 # not 5 s yet: nothing more
     lines = stream.getvalue().splitlines()
-    assert lines == ["put 0/1 files  0B/2.0KiB  0B/s  ETA -"]
+    assert lines == ["put 0/1 file  0B/2.0KiB  0B/s  ETA -"]
     p.file_done(ctadata.TransferResult("s", "d", 2048))
     p.advance(1024)
     p.close()
     last = stream.getvalue().splitlines()[-1]
-    assert last.startswith("put 1 files  2.0KiB  in 0:00")
+    assert last.startswith("put 1 file  2.0KiB  in 0:00")
     assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
 
 

@@ -421,6 +421,8 @@ def test_symlinks_in_the_destination_are_not_followed(ngx, tmp_path, capsys, mon
         os.symlink(str(victim), str(out / "f.bin.part.meta"))
     elif kind == "final-same-size":
         victim.write_bytes(b"V" * size)
+        remote = os.stat(str(ngx.root / "f.bin")).st_mtime   # same size and mtime: "there"
+        os.utime(str(victim), (remote, remote))
         os.symlink(str(victim), str(out / "f.bin"))
     before = outside_state(outside)
     monkeypatch.setenv("BEARER_TOKEN", ngx.token)

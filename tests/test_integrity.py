@@ -350,11 +350,18 @@ def test_one_failing_file_does_not_stop_the_others(fs, tmp_path, capsys, monkeyp
 def test_rerun_skips_what_is_there_and_checksum_catches_same_size_changes(served, tmp_path):
     for i in range(3):
         put_remote(served, "d/f%d" % i, os.urandom(3000))
+        os.utime(str(served.root / ("d/f%d" % i)), (time.time() - 3600,) * 2)
     c = mkclient(served)
     assert c.download("d", str(tmp_path) + "/", recursive=True).transferred == 3
     again = c.download("d", str(tmp_path) + "/", recursive=True)
     assert (again.skipped, again.transferred) == (3, 0)
-    (tmp_path / "d/f1").write_bytes(b"\0" * 3000)          # same size, other bytes
+    f1 = tmp_path / "d/f1"
+    when = f1.stat().st_mtime
+    f1.write_bytes(b"\0" * 3000)                           # same size, other bytes, newer
+    again = c.download("d", str(tmp_path) + "/", recursive=True)   # size and mtime
+    assert (again.skipped, again.transferred) == (2, 1) and f1.read_bytes() != b"\0" * 3000
+    f1.write_bytes(b"\0" * 3000)
+    os.utime(str(f1), (when, when))                         # ... even the same mtime
     assert c.download("d", str(tmp_path) + "/", recursive=True).skipped == 3
     third = c.download("d", str(tmp_path) + "/", recursive=True, checksum=True)
     assert (third.skipped, third.transferred) == (2, 1)

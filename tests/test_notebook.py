@@ -103,7 +103,7 @@ def test_upload_progress_in_a_notebook(client, dav, tmp_path, monkeypatch):
     nb = FakeKernel(monkeypatch)
     (tmp_path / "big.bin").write_bytes(os.urandom(3 << 20))
     client.upload(str(tmp_path / "big.bin"), "big.bin")
-    assert nb.shown[-1][2]["text/plain"].startswith("upload 1 files  3.0MiB  in ")
+    assert nb.shown[-1][2]["text/plain"].startswith("upload 1 file  3.0MiB  in ")
 
 
 def test_no_kernel_no_notebook_display(monkeypatch):

@@ -120,7 +120,7 @@ def test_service_error_bodies_become_messages():
     assert isinstance(e, ctadata.AuthError) and DS_SCOPE in e.message
     e = ctadata._error_for_status(404, BASE, b"Error: 404 <html><body><h1>404 Not Found</h1></body></html>",
                                   "list")
-    assert isinstance(e, ctadata.NotFound) and e.message == "list: HTTP 404"
+    assert isinstance(e, ctadata.NotFound) and e.message == "no such file or folder: " + BASE
     e = ctadata._error_for_status(400, BASE, b"Error: path cannot contain '..'")
     assert e.message == "HTTP 400 Error: path cannot contain '..'"
 
@@ -652,7 +652,7 @@ def test_cli_service_ls_get_put(hub, upstream, tmp_path, run):
     code, out, err = run("put", "--json", tmp_path / "f.txt", "j")
     assert json.loads(out)["remote_path"] == AREA + "/j"
     code, out, err = run("get", "lst/nope")
-    assert code == 1 and err.startswith("ctadata: error: list: HTTP 404")
+    assert code == 1 and err.startswith("ctadata: error: get: no such file or folder: lst/nope (")
     code, out, err = run("mkdir", "x")
     assert code == 2 and "webdav_client" in err
     code, out, err = run("--url", "https://h:1", "--service", "ls")

@@ -335,7 +335,7 @@ def test_stage_wait_exit_status_and_failed_files(tmp_path, cli):
         code, out, err = cli(tape.url, "stage", "--status", doc["id"])
         assert code == 1 and "2 files, 1 on disk, 0 waiting, 1 failed" in out
         code, _, err = cli(tape.url, "stage", "raw")
-        assert code == 2 and "is a directory (use recursive=True / stage -r)" in err
+        assert code == 2 and "raw is a directory; use stage -r" in err
         code, _, err = cli(tape.url, "stage", "--status", rid, "raw")
         assert code == 2 and "take a request ID only" in err
         code, _, err = cli(tape.url, "stage")
