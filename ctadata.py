@@ -403,6 +403,226 @@ def _unlink_quietly(path):
 
 
 ############################################################################
+# Local files
+############################################################################
+
+# Everything a download writes below its destination goes through folder
+# file descriptors: each folder below the one the user named is opened
+# relative to its parent with O_NOFOLLOW, and every name in it relative to
+# that folder (openat, mkdirat, renameat...), so that no symlink planted in
+# a shared, group-writable folder can make ctadata write outside it.  The
+# folder the user names may itself be a symlink: that is the user's choice.
+# Without dir_fd support (Windows) the same calls take paths, each name
+# checked with lstat first (best effort: a window remains between the two).
+#
+# Two processes must never write one NAME.part: each holds a lock on it
+# (flock on the open part, or a NAME.part.lock file where flock is missing
+# or only local to one machine) from opening it until after the rename.
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_DIR_FDS = {os.open, os.mkdir, os.stat, os.unlink, os.rename} <= os.supports_dir_fd
+
+
+def _local_error(e, path):
+    """A local I/O failure, naming the path."""
+    return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
+
+
+def _open_regular(path):
+    """*path* opened for reading (uploads) if it is a regular file, else
+    TransferError.  Opened without blocking: a FIFO with no writer would
+    hang for ever (O_NONBLOCK changes nothing for a regular file)."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_NOCTTY", 0) |
+                     _O_CLOEXEC | _O_BINARY)
+    except OSError as e:
+        raise _local_error(e, path)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TransferError("not a regular file: %s" % path, retryable=False)
+    return open(fd, "rb", buffering=0)
+
+
+def _refusal(e, path, is_link):
+    if is_link:
+        return TransferError("refusing to write through a symbolic link: %s" % path,
+                             retryable=False)
+    if e.errno in (20, 17):  # ENOTDIR, EEXIST: a file where a folder should be
+        return TransferError("not a folder: %s" % path, retryable=False)
+    return _local_error(e, path)
+
+
+class _Folder:
+    """A local folder that downloads write into, opened without following
+    a symlink (see above); names are relative to it.  Shared by the tasks
+    in it: each holds it, the last release() closes it.  *created*: this
+    run made it (so it holds no file or .part of an earlier run)."""
+
+    __slots__ = ("path", "fd", "created", "tree", "users", "_lock")
+
+    def __init__(self, path, fd, created=False, tree=None):
+        self.path, self.fd, self.created, self.tree = path, fd, created, tree
+        self.users = 1
+        self._lock = _thread.allocate_lock()
+
+    def join(self, name):
+        return os.path.join(self.path, name)
+
+    def hold(self):
+        with self._lock:
+            self.users += 1
+        return self
+
+    def release(self):
+        with self._lock:
+            self.users -= 1
+            fd, self.fd = (self.fd, None) if not self.users else (None, self.fd)
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):  # a task that never ran (interrupted) did not release it
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def open(self, name, flags, mode=0o666):
+        flags |= _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
+        if self.fd is not None:
+            return os.open(name, flags, mode, dir_fd=self.fd)
+        path = self.join(name)
+        if os.path.islink(path):
+            import errno
+            raise OSError(errno.ELOOP, "Too many levels of symbolic links", path)
+        return os.open(path, flags, mode)
+
+    def lstat(self, name):
+        if self.fd is not None:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        return os.lstat(self.join(name))
+
+    def unlink(self, name):
+        if self.fd is not None:
+            os.unlink(name, dir_fd=self.fd)
+        else:
+            os.unlink(self.join(name))
+
+    def unlink_quietly(self, name):
+        try:
+            self.unlink(name)
+        except OSError:
+            pass
+
+    def replace(self, src, dst):
+        if self.fd is not None:
+            os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        else:
+            os.replace(self.join(src), self.join(dst))
+
+    def read(self, name):
+        """The regular file *name* opened for reading, or None."""
+        import stat
+        try:
+            fd = self.open(name, os.O_RDONLY | _O_NONBLOCK)
+        except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return open(fd, "rb", buffering=0)
+
+
+class _LocalTree:
+    """The folders below a local destination *root*: the user's folder (a
+    symlink is followed there; it is made when missing), below which
+    folder() opens (and makes) each one without following a symlink.
+    *dry_run*: look only (paths, nothing made)."""
+
+    def __init__(self, root, dry_run=False):
+        self.root = root or "."
+        self.fd = None
+        self.lock_mode = None  # decided at the first lock: see _lock_part
+        if dry_run:
+            return
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise _local_error(e, self.root)
+        if _DIR_FDS:
+            try:
+                self.fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            except OSError as e:
+                raise _local_error(e, self.root)
+
+    def close(self):
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            self.close()
+
+    def folder(self, parts, create=True):
+        """The held _Folder of root/parts (made when missing, with
+        *create*), or TransferError: a symlink or a file on the way."""
+        path = os.path.join(self.root, *parts)
+        if self.fd is None:
+            return self._folder_by_path(parts, path, create)
+        fd, created = self.fd, False
+        try:
+            for i, name in enumerate(parts):
+                created = False
+                if create:
+                    try:
+                        os.mkdir(name, 0o777, dir_fd=fd)
+                        created = True
+                    except FileExistsError:
+                        pass
+                    except OSError as e:
+                        raise _refusal(e, os.path.join(self.root, *parts[:i + 1]), False)
+                try:
+                    sub = os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC,
+                                  dir_fd=fd)
+                except OSError as e:
+                    import stat
+                    try:
+                        link = stat.S_ISLNK(os.stat(name, dir_fd=fd,
+                                                    follow_symlinks=False).st_mode)
+                    except OSError:
+                        link = False
+                    raise _refusal(e, os.path.join(self.root, *parts[:i + 1]), link)
+                if fd != self.fd:
+                    os.close(fd)
+                fd = sub
+        except BaseException:
+            if fd != self.fd:
+                os.close(fd)
+            raise
+        if fd == self.fd:
+            fd = os.dup(fd)
+        return _Folder(path, fd, created, self)
+
+    def _folder_by_path(self, parts, path, create):
+        created = False
+        for i in range(len(parts)):
+            sub = os.path.join(self.root, *parts[:i + 1])
+            if os.path.islink(sub):
+                raise _refusal(None, sub, True)
+            if create and not os.path.isdir(sub):
+                try:
+                    os.mkdir(sub)
+                    created = True
+                except OSError as e:
+                    raise _refusal(e, sub, False)
+        return _Folder(path, None, created, self)
+
+
+############################################################################
 # Checksums
 ############################################################################
 
@@ -512,10 +732,11 @@ def _hash_head(f, length, hashers):
 
 def _file_matches(path, remote_sums):
     """True when the local file's checksums (those the server has, adler32
-    preferred) equal the server's."""
+    preferred) equal the server's.  *path*: a path or an open binary file
+    (closed here)."""
     hashers = _Hashers(_algos_for(remote_sums))
     try:
-        with open(path, "rb", buffering=0) as f:
+        with (open(path, "rb", buffering=0) if isinstance(path, str) else path) as f:
             _hash_head(f, os.fstat(f.fileno()).st_size, hashers)
     except OSError:
         return False
@@ -3130,59 +3351,131 @@ def _makedirs(path):
         raise _local_error(e, path)
 
 
-def _local_error(e, path):
-    """A local I/O failure, naming the path."""
-    return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
-
-
-def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume=True,
-                   new_folder=False):
-    """Download *url* to *dest* through ``dest.part`` (renamed on success);
-    return a TransferResult.  See _Download; *new_folder*: *dest*'s folder
-    was just created, so the first attempt need not look for a .part."""
-    return _Download(tr, url, dest, entry, progress, cancel, resume, new_folder).run()
+def _download_file(tr, task, progress=None, cancel=None, resume=True, warn=None):
+    """Download *task* (a _Task: its URL, _Folder and name) through
+    ``NAME.part`` (renamed on success); return a TransferResult.  See
+    _Download."""
+    return _Download(tr, task, progress, cancel, resume, warn).run()
 
 
 class _Download:
-    """One file downloaded to *dest* through ``dest.part``, in the steps of
-    pip's network/download.py and httpie's downloads.py: decide what to
-    resume, ask (Range + If-Range), check the answer's range (one
-    Content-Range parser), stream into the part, verify (size, the
-    server's checksum from the Digest header, else from the listing), and
-    commit (rename).
+    """One file downloaded to NAME in a _Folder through ``NAME.part``, in
+    the steps of pip's network/download.py and httpie's downloads.py: open
+    the part (never through a symlink), decide what to resume, ask (Range +
+    If-Range), check the answer's range (one Content-Range parser), stream
+    into the part, verify (the size on disk, the server's checksum from the
+    Digest header, else from the listing), and commit (rename).
 
     Transient failures are retried per the transport's policy, resuming
     each time (one retry budget for the whole file).  A checksum mismatch
-    deletes the .part and starts over once.  run() returns a TransferResult
-    or raises CtadataError, leaving at most a .part file behind (never a
-    wrong file under the final name).  Without *resume* (the download
-    service ignores Range), every attempt starts from byte 0 and a failed
-    download leaves no .part either."""
+    starts over from zero once.  run() returns a TransferResult or raises
+    CtadataError, leaving at most a .part file behind (never a wrong file
+    under the final name).  Without *resume* (the download service ignores
+    Range), every attempt starts from byte 0 and a failed download leaves
+    no .part either."""
 
-    def __init__(self, tr, url, dest, entry=None, progress=None, cancel=None, resume=True,
-                 new_folder=False):
-        self.tr, self.url, self.dest, self.part = tr, url, dest, dest + ".part"
-        self.entry, self.progress, self.cancel = entry, progress, cancel
-        self.resume, self.new_folder = resume, new_folder
+    def __init__(self, tr, task, progress=None, cancel=None, resume=True, warn=None):
+        self.tr, self.url, self.entry = tr, task.source, task.entry
+        self.folder, self.name, self.part = task.folder, task.name, task.name + ".part"
+        self.dest = self.folder.join(self.name)
+        self.progress, self.cancel, self.resume = progress, cancel, resume
+        self.warn = warn or (lambda msg: _log(30, "%s", msg))
+        self.fd = None
+        self.created = False   # the part is new (made by this process with O_EXCL)
+        self.fresh = task.new_folder  # its folder is new: try O_EXCL first
         self.fetched = [0]  # bytes received over the network, all attempts
 
     def run(self):
-        mismatches = attempt = 0
-        while True:
-            look = self.resume and not (self.new_folder and attempt == 0 and not mismatches)
+        try:
+            self.open_part()
+            return self.transfer()
+        except BaseException:
+            self.drop_empty_part()
+            raise
+        finally:
+            self.close()
+
+    def drop_empty_part(self):
+        """A failed download leaves no empty .part (e.g. after a 404)."""
+        try:
+            if self.fd is not None and not os.fstat(self.fd).st_size:
+                self.folder.unlink(self.part)
+        except OSError:
+            pass
+
+    def close(self):
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # -- the part -----------------------------------------------------------------
+
+    def open_part(self):
+        """Open NAME.part for writing without following a symlink: one that
+        is not a regular file of ours (a symlink, a FIFO, a hard link to
+        some other file) is removed, with a warning, and made anew."""
+        import stat
+        excl = True
+        for _ in range(6):
+            flags = os.O_RDWR | os.O_CREAT | _O_NONBLOCK | (os.O_EXCL if excl else 0)
             try:
-                sums, mtime, size = self.attempt(look)
+                fd = self.folder.open(self.part, flags)
+            except FileExistsError:
+                excl = False
+                continue
+            except OSError as e:
+                if not self.foreign(e):
+                    raise _local_error(e, self.folder.join(self.part))
+                excl = True
+                continue
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                self.fd, self.created = fd, excl
+                return
+            os.close(fd)
+            self.foreign(None)
+            excl = True
+        raise TransferError("cannot make %s" % self.folder.join(self.part), retryable=False)
+
+    def foreign(self, err):
+        """Remove what is at NAME.part if it is not ours to write (True)."""
+        import errno
+        if err is not None and err.errno not in (errno.ELOOP, errno.EMLINK, errno.ENXIO,
+                                                 errno.ENODEV, errno.ETXTBSY):
+            return False
+        path = self.folder.join(self.part)
+        self.warn("removed %s: a symbolic link or special file where the partial "
+                  "download goes" % path)
+        try:
+            self.folder.unlink(self.part)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _local_error(e, path)
+        return True
+
+    # -- the transfer ----------------------------------------------------------------
+
+    def transfer(self):
+        mismatches = attempt = 0
+        first = True
+        while True:
+            clean = first and self.created  # nothing in the part yet
+            first = False
+            try:
+                sums, mtime, size = self.attempt(self.resume and not clean, clean)
             except ChecksumMismatch:
-                _unlink_missing_ok(self.part)
                 mismatches += 1
                 if mismatches > 1:
+                    self.folder.unlink_quietly(self.part)  # known to be wrong
                     raise
+                self.truncate()
                 continue
             except CtadataError as e:
                 delay = _retry_delay(self.tr.policy, attempt, e)
                 if delay is None:
                     if not self.resume:
-                        _unlink_missing_ok(self.part)
+                        self.folder.unlink_quietly(self.part)
                     raise
                 _log(20, "retrying download of %s in %.1fs after: %s", _safe_url(self.url),
                      delay, e)
@@ -3191,10 +3484,16 @@ class _Download:
                 continue
             return self.commit(sums, mtime, size)
 
-    def attempt(self, look):
+    def truncate(self):
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError as e:
+            raise _local_error(e, self.folder.join(self.part))
+
+    def attempt(self, look, clean=False):
         """One GET; return (checksums, remote mtime, size).  *look*: resume
-        from a .part if there is one.  Network errors become retryable
-        TransferErrors."""
+        from what the part holds; *clean*: it holds nothing.  Network errors
+        become retryable TransferErrors."""
         entry = self.entry
         expected = entry.size if entry is not None else None
         offset, headers = self.resume_headers(self.resume_offset(look, expected))
@@ -3209,17 +3508,14 @@ class _Download:
             hashers = _Hashers(_algos_for(remote_sums, self.tr.record_sums))
             mtime = entry.mtime if entry is not None and entry.mtime is not None else \
                 _parse_http_date(resp.getheader("Last-Modified"))
-            received = offset + self.stream(resp, offset, expected, hashers, mtime)
+            received = offset + self.stream(resp, offset, expected, hashers, mtime, clean)
             return self.verify(received, expected, hashers, remote_sums), mtime, received
         finally:
             self.tr.release(resp)
 
     def resume_offset(self, look, expected):
-        """Where the .part ends (what is there to resume), or 0."""
-        try:
-            offset = os.path.getsize(self.part) if look else 0
-        except OSError:
-            offset = 0
+        """Where the part ends (what is there to resume), or 0."""
+        offset = os.fstat(self.fd).st_size if look else 0
         if expected is not None and offset >= expected:
             offset = 0  # nothing to resume (or a stale, longer part): start over
         return offset
@@ -3232,7 +3528,7 @@ class _Download:
             return 0, headers
         # The validator saved when this .part was started is the one that
         # says the bytes in it are still current; else the listing's.
-        validator = _read_part_meta(self.part, self.url)
+        validator = _read_part_meta(self.folder, self.part, self.url)
         entry = self.entry
         if validator is None and entry is not None:
             if entry.etag and not entry.etag.startswith("W/"):
@@ -3254,30 +3550,30 @@ class _Download:
         first, total = _content_range(resp)
         if resp.status == 206:
             if first != offset:
-                _unlink_missing_ok(self.part)
+                self.truncate()
                 raise TransferError("server sent bytes from %s instead of %d" % (
                     first, offset), self.url)
             return offset, total
         if total is not None and total > _SMALL_BODY:
-            _write_part_meta(self.part, self.url, resp)
+            _write_part_meta(self.folder, self.part, self.url, resp)
         return 0, total
 
-    def stream(self, resp, offset, expected, hashers, mtime):
+    def stream(self, resp, offset, expected, hashers, mtime, clean):
         """Write the body into the part after its first *offset* bytes (which
         are hashed first: the checksum covers the whole file); return the
         bytes received.  The part gets the server's modification time."""
-        try:
-            f = open(self.part, "r+b" if offset else "wb", buffering=0)
-        except OSError as e:
-            raise _local_error(e, self.part)
+        f = open(self.fd, "r+b", buffering=0, closefd=False)
         with f:
-            if offset:
-                if hashers.active:
+            if not clean:  # the part may hold bytes: keep only the first *offset*
+                if offset and hashers.active:
                     _hash_head(f, offset, hashers)
-                f.seek(offset)
-                f.truncate()
-                if self.progress is not None:
-                    self.progress.advance(offset)
+                try:
+                    f.seek(offset)
+                    f.truncate()
+                except OSError as e:
+                    raise _local_error(e, self.folder.join(self.part))
+            if offset and self.progress is not None:
+                self.progress.advance(offset)
             try:
                 got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
                                  self.fetched, None if expected is None else expected - offset)
@@ -3288,9 +3584,9 @@ class _Download:
                     raise
                 raise _network_error(e, self.url, "download")
             if mtime is not None:
-                # set through the open file (no second path lookup); os.replace keeps it
+                # set through the open file (no second path lookup); the rename keeps it
                 try:
-                    os.utime(f.fileno() if os.utime in os.supports_fd else self.part,
+                    os.utime(self.fd if os.utime in os.supports_fd else self.dest + ".part",
                              (mtime, mtime))
                 except OSError:
                     pass
@@ -3312,11 +3608,11 @@ class _Download:
     def commit(self, sums, mtime, size):
         """Give the verified part its final name."""
         try:
-            os.replace(self.part, self.dest)
+            self.folder.replace(self.part, self.name)
         except OSError as e:
             raise _local_error(e, self.dest)
         if size > _SMALL_BODY:
-            _unlink_missing_ok(self.part + ".meta")
+            self.folder.unlink_quietly(self.part + ".meta")
         res = TransferResult(self.url, self.dest, size, "transferred", None, sums,
                              self.fetched[0])
         res.mtime = mtime
@@ -3332,33 +3628,49 @@ def _retry_delay(policy, attempt, err):
     return None
 
 
-def _read_part_meta(part, url):
+def _read_part_meta(folder, part, url):
     """The validator (strong ETag or Last-Modified) saved beside a .part
     when it was started, if it was for this URL."""
     import json
+    f = folder.read(part + ".meta")
+    if f is None:
+        return None
     try:
-        with open(part + ".meta", "r", encoding="utf-8") as f:
-            meta = json.loads(f.read(4096))
+        with f:
+            meta = json.loads(f.read(4096).decode("utf-8"))
         return meta["validator"] if meta.get("url") == _safe_url(url) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def _write_part_meta(part, url, resp):
+def _write_part_meta(folder, part, url, resp):
     """Remember what the bytes of a new .part belong to (NAME.part.meta), so
-    that a later run can resume it safely with If-Range."""
+    that a later run can resume it safely with If-Range.  Written as
+    NAME.part.meta.tmp and renamed: a symlink planted at NAME.part.meta is
+    replaced, never followed."""
     import json
     etag = resp.getheader("ETag")
     validator = etag if etag and not etag.startswith("W/") else \
         resp.getheader("Last-Modified")
+    meta, tmp = part + ".meta", part + ".meta.tmp"
     if not validator:
-        _unlink_missing_ok(part + ".meta")
+        folder.unlink_quietly(meta)
         return
+    data = json.dumps({"url": _safe_url(url), "validator": validator}).encode("utf-8")
     try:
-        with open(part + ".meta", "w", encoding="utf-8") as f:
-            f.write(json.dumps({"url": _safe_url(url), "validator": validator}))
+        try:
+            fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # left by a crash (or planted): ours to replace
+            folder.unlink(tmp)
+            fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        folder.replace(tmp, meta)
     except OSError:
-        pass  # resume will fall back to the listing's validator
+        folder.unlink_quietly(tmp)
+        folder.unlink_quietly(meta)  # resume will fall back to the listing's validator
 
 
 def _content_range(resp):
@@ -3763,17 +4075,21 @@ def _selector(select=None, include=(), exclude=()):
 
 class _Task:
     """One planned transfer; *check*: compare checksums first, skip if
-    equal; *remote*: for uploads, the remote path asked for; *new_folder*:
-    for downloads, *dest* is in a folder this run created (no .part there)."""
+    equal; *remote*: for uploads, the remote path asked for.  Downloads:
+    *folder* (a held _Folder) and *name* say where the file goes (*dest* is
+    their path); *new_folder*: this run made that folder (no .part
+    there)."""
 
-    __slots__ = ("source", "dest", "size", "entry", "check", "remote", "new_folder")
+    __slots__ = ("source", "dest", "size", "entry", "check", "remote", "new_folder",
+                 "folder", "name")
 
     def __init__(self, source, dest, size, entry=None, check=False, remote=None,
-                 new_folder=False):
+                 new_folder=False, folder=None, name=None):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
         self.check = check
         self.remote = remote
         self.new_folder = new_folder
+        self.folder, self.name = folder, name
 
 
 def _summarize(results, started, raise_on_failure=True):
@@ -3899,7 +4215,9 @@ class _Planner:
 
 
 class _Downloads(_Planner):
-    """Plans downloads: a file, a tree (listed as it goes), a list of URLs."""
+    """Plans downloads: a file, a tree (listed as it goes), a list of URLs.
+    Files go into _Folder objects of a _LocalTree (no symlink followed
+    below the destination the user named)."""
 
     def download(self, path, dest, recursive, overwrite, checksum, select, dry_run,
                  progress, jobs, raise_on_failure):
@@ -3910,44 +4228,68 @@ class _Downloads(_Planner):
             if dest is None:
                 dest = entry.name
             elif _names_folder(dest) or os.path.isdir(dest):
-                if not dry_run:
-                    _makedirs(dest)
                 dest = os.path.join(dest, entry.name)
-            tasks = [self.task(entry, dest, overwrite, checksum, progress)]
+            tasks = self.file_tasks(entry, dest, overwrite, checksum, progress, dry_run)
             return self.run(tasks, self.worker(progress), 1, progress, started,
                             raise_on_failure, dry_run)
         if not recursive:
             raise ConfigError("%s is a directory (use recursive=True / get -r)" % entry.path)
         if dest is None or _names_folder(dest):
-            target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
+            # the user named the folder to download into; the tree's own
+            # folder is made below it
+            root, top = dest or ".", [entry.name] if entry.name else []
         else:
-            target = dest
-        tasks = self.tree_tasks(entry, target, overwrite, checksum, _selector(select),
-                                dry_run, progress, jobs)
+            root, top = dest, []
+        tasks = self.tree_tasks(entry, _LocalTree(root, dry_run), top, overwrite, checksum,
+                                _selector(select), dry_run, progress, jobs)
         return self.run(tasks, self.worker(progress), jobs, progress, started,
                         raise_on_failure, dry_run)
 
-    def tree_tasks(self, entry, target, overwrite, checksum, sel, dry_run, progress, jobs):
-        """The tasks of a tree download into the local folder *target*,
-        listed folder by folder; local folders are made as it goes (without
-        a filter, empty ones too: the tree is mirrored)."""
-        made = set()
+    def file_tasks(self, entry, dest, overwrite, checksum, progress, dry_run):
+        """The task of one file download to the path *dest*: its folder is
+        the user's (followed if a symlink, made when missing)."""
+        where, name = os.path.split(dest)
+        tree = _LocalTree(where, dry_run)
+        try:
+            folder = tree.folder([], create=False)
+        finally:
+            tree.close()
+        try:
+            yield self.task(entry, folder, name, overwrite, checksum, progress)
+        finally:
+            folder.release()
+
+    def tree_tasks(self, entry, tree, top, overwrite, checksum, sel, dry_run, progress, jobs):
+        """The tasks of a tree download into the folder *top* (a list of
+        names) of *tree*, listed folder by folder; local folders are made as
+        it goes (without a filter, empty ones too: the tree is mirrored)."""
         base = entry.url if entry.url.endswith("/") else entry.url + "/"
-        for top, children in self.walk(entry, jobs):
-            rel = _rel_parts(base, top.url if top is not None else base)
-            local_dir = _safe_join(target, rel)
-            files = self.no_part_clash([e for e in children if not e.is_dir and (
-                sel is None or sel("/".join(rel + [e.name])))])
-            new_folder = False
-            if not dry_run and local_dir not in made and (files or sel is None):
-                # a folder this run creates holds no file or .part yet: its
-                # downloads skip two stat() calls each
-                new_folder = not os.path.isdir(local_dir)
-                _makedirs(local_dir)
-                made.add(local_dir)
-            for e in files:
-                yield self.task(e, _safe_join(local_dir, [e.name]), overwrite, checksum,
-                                progress, new_folder)
+        bad = []  # local folders that cannot be made: nothing is written below them
+        try:
+            for top_entry, children in self.walk(entry, jobs):
+                rel = top + _rel_parts(base, top_entry.url if top_entry is not None else base)
+                files = self.no_part_clash([e for e in children if not e.is_dir and (
+                    sel is None or sel("/".join(rel[len(top):] + [e.name])))])
+                if not (files or sel is None) or any(rel[:len(b)] == b for b in bad):
+                    continue
+                _safe_join(tree.root, rel)  # every name checked before anything is made
+                try:
+                    folder = tree.folder(rel, create=not dry_run)
+                except TransferError as e:
+                    bad.append(rel)
+                    res = TransferResult(top_entry.url if top_entry is not None else base,
+                                         os.path.join(tree.root, *rel), None, "failed", str(e))
+                    res.exception = e
+                    yield res
+                    continue
+                try:
+                    for e in files:
+                        _safe_join(folder.path, [e.name])
+                        yield self.task(e, folder, e.name, overwrite, checksum, progress)
+                finally:
+                    folder.release()
+        finally:
+            tree.close()
 
     def no_part_clash(self, files):
         """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
@@ -3964,33 +4306,44 @@ class _Downloads(_Planner):
                 keep.append(e)
         return keep
 
-    def task(self, entry, dest, overwrite, checksum, progress, new_folder=False):
-        """The _Task of downloading *entry* to *dest*, or the "skipped"
-        result when a file of the same size is there (and, with *checksum*,
-        the server has no checksum to compare: else a worker compares)."""
+    def task(self, entry, folder, name, overwrite, checksum, progress):
+        """The _Task of downloading *entry* to *name* in *folder* (which the
+        task then holds), or the "skipped" result when a regular file of the
+        same size is there (and, with *checksum*, the server has no checksum
+        to compare: else a worker compares).  A symlink at the final name is
+        never "there": the download replaces it."""
+        import stat
         check = False
-        if not overwrite and not new_folder and entry.size is not None:
+        dest = folder.join(name)
+        if not overwrite and not folder.created and entry.size is not None:
             try:
-                same_size = os.stat(dest).st_size == entry.size
+                st = folder.lstat(name)
             except OSError:
-                same_size = False
-            if same_size:
+                st = None
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                self.warn("%s is a symbolic link: the download replaces it" % dest)
+            elif st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
                 if not (checksum and entry.checksums):
                     res = TransferResult(entry.url, dest, entry.size, "skipped")
                     res.mtime = entry.mtime
                     return res
                 check = True  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
-        return _Task(entry.url, dest, entry.size, entry, check, new_folder=new_folder)
+        return _Task(entry.url, dest, entry.size, entry, check, new_folder=folder.created,
+                     folder=folder.hold(), name=name)
 
     def worker(self, progress):
-        tr, cancel, resume = self.tr, self.cancel, self.remote.resumable
+        tr, cancel, resume, warn = self.tr, self.cancel, self.remote.resumable, self.warn
 
         def work(t):
-            if t.check and _file_matches(t.dest, t.entry.checksums):
-                return TransferResult(t.source, t.dest, t.size, "skipped")
-            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
-                                  t.new_folder)
+            try:
+                if t.check:
+                    f = t.folder.read(t.name)
+                    if f is not None and _file_matches(f, t.entry.checksums):
+                        return TransferResult(t.source, t.dest, t.size, "skipped")
+                return _download_file(tr, t, progress, cancel, resume, warn)
+            finally:
+                t.folder.release()
         return work
 
     def from_list(self, items, dest, strip_prefix, overwrite, dry_run, progress, jobs,
@@ -3999,29 +4352,41 @@ class _Downloads(_Planner):
         started, progress = self.start(progress)
         prefix = strip_prefix and (self.remote.url_for(strip_prefix)
                                    if "://" not in strip_prefix else strip_prefix)
-        return self.run(self.list_tasks(items, dest, prefix, progress),
-                        self.list_worker(overwrite, progress), jobs, progress, started,
-                        raise_on_failure, dry_run)
+        tasks = self.list_tasks(items, _LocalTree(dest, dry_run), prefix, progress, dry_run)
+        return self.run(tasks, self.list_worker(overwrite, progress), jobs, progress,
+                        started, raise_on_failure, dry_run)
 
-    def list_tasks(self, items, dest, prefix, progress):
-        for line in items:
-            item = line.strip()
-            if not item or item.startswith("#"):
-                continue
-            try:
-                url, local = self.list_item(item, dest, prefix)
-            except CtadataError as e:
-                res = TransferResult(item, None, None, "failed", str(e))
-                res.exception = e
-                yield res
-                continue
-            progress.add_total(1, 0)
-            yield _Task(url, local, None)
+    def list_tasks(self, items, tree, prefix, progress, dry_run):
+        folder = None  # the folder of the previous item (lists come sorted, often)
+        try:
+            for line in items:
+                item = line.strip()
+                if not item or item.startswith("#"):
+                    continue
+                try:
+                    url, parts = self.list_item(item, prefix)
+                    dest = _safe_join(tree.root, parts)
+                    if folder is None or folder.path != os.path.dirname(dest):
+                        if folder is not None:
+                            folder.release()
+                            folder = None
+                        folder = tree.folder(parts[:-1], create=not dry_run)
+                except CtadataError as e:
+                    res = TransferResult(item, None, None, "failed", str(e))
+                    res.exception = e
+                    yield res
+                    continue
+                progress.add_total(1, 0)
+                yield _Task(url, dest, None, folder=folder.hold(), name=parts[-1])
+        finally:
+            if folder is not None:
+                folder.release()
+            tree.close()
 
-    def list_item(self, item, dest, prefix):
-        """(URL, local path) of one line of a URL list: the local path is
-        what follows *prefix* in the URL, else its whole path (for a remote
-        path: that path)."""
+    def list_item(self, item, prefix):
+        """(URL, local path segments) of one line of a URL list: the local
+        path is what follows *prefix* in the URL, else its whole path (for a
+        remote path: that path)."""
         from urllib.parse import quote, unquote, urlsplit
         url = self.remote.url_for(item)
         if prefix:
@@ -4035,22 +4400,29 @@ class _Downloads(_Planner):
         parts = [unquote(p) for p in rest.split("/") if p]
         if not parts:
             raise ConfigError("no file name in this URL")
-        return url, _safe_join(dest, parts)
+        return url, parts
 
     def list_worker(self, overwrite, progress):
         """Files of a URL list come without a listing: a present file is
         skipped when HEAD says it has the same size."""
-        tr, cancel = self.tr, self.cancel
+        import stat
+        tr, cancel, warn = self.tr, self.cancel, self.warn
 
         def work(t):
-            _makedirs(os.path.dirname(t.dest) or ".")
-            if not overwrite and os.path.exists(t.dest):
-                resp = tr.request("HEAD", t.source, ok=(200,), what="check")
-                size = _count(resp.getheader("Content-Length"))
-                tr.release(resp)
-                if size is not None and size == os.path.getsize(t.dest):
-                    return TransferResult(t.source, t.dest, size, "skipped")
-            return _download_file(tr, t.source, t.dest, None, progress, cancel)
+            try:
+                try:
+                    st = None if overwrite else t.folder.lstat(t.name)
+                except OSError:
+                    st = None
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    resp = tr.request("HEAD", t.source, ok=(200,), what="check")
+                    size = _count(resp.getheader("Content-Length"))
+                    tr.release(resp)
+                    if size is not None and size == st.st_size:
+                        return TransferResult(t.source, t.dest, size, "skipped")
+                return _download_file(tr, t, progress, cancel, True, warn)
+            finally:
+                t.folder.release()
         return work
 
 

@@ -390,7 +390,6 @@ def symlink_setup(tmp_path, ngx, size):
 
 @pytest.mark.parametrize("kind", ["part-to-shorter", "part-to-longer", "part-dangling",
                                   "meta-to-file", "final-same-size"])
-@issue10(4, 'symlinks at NAME.part, NAME.part.meta and the final name are followed')
 def test_symlinks_in_the_destination_are_not_followed(ngx, tmp_path, capsys, monkeypatch,
                                                         kind):
     """A group-writable project folder: someone left a symlink where ctadata
@@ -446,7 +445,6 @@ def test_symlink_at_the_final_name_is_replaced_not_written_through(ngx, tmp_path
     assert not (out / "f.bin").is_symlink() and (out / "f.bin").read_bytes() == data
 
 
-@issue10(4, 'files are written through the symlinked folder')
 def test_symlinked_folder_inside_the_destination_is_not_written_through(ngx, tmp_path,
                                                                         capsys, monkeypatch):
     """`get -r t dest/` where `dest/t/sub` is a symlink to a folder outside
