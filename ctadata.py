@@ -622,6 +622,233 @@ class _LocalTree:
         return _Folder(path, None, created, self)
 
 
+# -- locks on partial downloads ---------------------------------------------------
+# flock(2) on the open NAME.part is the lock: it belongs to the open file
+# (so our own other open()s of the file and two Clients in one process do
+# not break it, as they would POSIX record locks), it dies with its process
+# (no stale locks), and it reaches every machine on local file systems, on
+# NFS (Linux emulates it with NFS byte-range locks since 2.6.12), on Lustre
+# mounted with "flock" and on GPFS.  Where it does not (flock(2) fails
+# with ENOLCK/ENOSYS/EOPNOTSUPP: NFSv3 without lockd, Lustre "noflock"), or
+# where it only reaches this machine (NFS "nolock" or "local_lock=flock|all",
+# nfs(5); Lustre "localflock", mount.lustre(8)), NAME.part.lock, created
+# with O_EXCL (atomic on NFSv3+ and Lustre), is the lock instead or as well.
+# $CTADATA_LOCK=file|flock|both overrides what /proc/self/mountinfo says.
+
+
+def _flock(fd):
+    """Take the exclusive flock of an open file without waiting: True when
+    taken, False when another open file holds it, None when this file
+    system has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    import errno
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
+                       getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return None
+        raise
+
+
+def _lock_mode(path):
+    """How downloads below the local folder *path* lock their parts:
+    "flock", "file" (NAME.part.lock) or "both"."""
+    mode = os.environ.get("CTADATA_LOCK", "").strip().lower()
+    if mode in ("flock", "file", "both"):
+        return mode
+    return "both" if _flock_is_node_local(path) else "flock"
+
+
+def _flock_is_node_local(path, mountinfo="/proc/self/mountinfo"):
+    """True when the file system holding *path* keeps flock() locks on this
+    machine only, so another machine sharing the folder would not see
+    them: NFS mounted with nolock or local_lock=flock|all, Lustre with
+    localflock.  Read from /proc/self/mountinfo (proc(5)); False when
+    unknown."""
+    import re
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    best, kind, opts = "", "", set()
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if not sep or len(fields) < 6 or len(rest) < 3:
+            continue
+        # octal escapes (\040 for a space) in the mount point
+        mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, kind = mnt, rest[0]
+            opts = set(fields[5].split(",")) | set(rest[2].split(","))
+    if kind in ("nfs", "nfs4"):
+        return bool(opts & {"nolock", "local_lock=flock", "local_lock=all"})
+    if kind == "lustre":
+        return "localflock" in opts
+    return False
+
+
+class _LockFile:
+    """NAME.part.lock, the lock where flock cannot be trusted (see above):
+    made with O_EXCL, it says who holds it (host, pid, boot id); its holder
+    touches it every 30 s (one thread per process) and removes it when done.
+    Left behind by a process that was killed, it is stale once its process
+    is gone (same machine and boot) or it was not touched for 10 minutes
+    by the file server's clock; a stale lock is moved aside and removed."""
+
+    STALE = 600.0
+    BEAT = 30.0
+    _held = {}  # fd -> path, touched by the heartbeat thread
+    _guard = _thread.allocate_lock()
+    _beating = []
+
+    def __init__(self, folder, name, fd):
+        self.folder, self.name, self.fd = folder, name, fd
+
+    @classmethod
+    def take(cls, folder, name):
+        """The lock *name* in *folder*, or None when another process holds it."""
+        import json
+        import socket
+        for _ in range(3):
+            try:
+                fd = folder.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not cls.break_stale(folder, name):
+                    return None
+                continue
+            except OSError as e:
+                raise _local_error(e, folder.join(name))
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "boot": _boot_id(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            try:
+                os.write(fd, json.dumps(info).encode("utf-8"))
+            except OSError:
+                pass  # an empty lock still locks; it goes stale by its age
+            with cls._guard:
+                cls._held[fd] = folder.join(name)
+                if not cls._beating:
+                    import threading
+                    cls._beating.append(threading.Thread(target=cls._beat, daemon=True,
+                                                         name="ctadata-lock-heartbeat"))
+                    cls._beating[0].start()
+            return cls(folder, name, fd)
+        return None
+
+    def release(self):
+        with self._guard:
+            self._held.pop(self.fd, None)
+            self.folder.unlink_quietly(self.name)
+            os.close(self.fd)
+
+    @classmethod
+    def _beat(cls):
+        while True:
+            time.sleep(cls.BEAT)
+            with cls._guard:
+                for fd, path in list(cls._held.items()):
+                    try:
+                        os.utime(fd if os.utime in os.supports_fd else path)
+                    except OSError:
+                        pass
+
+    @classmethod
+    def break_stale(cls, folder, name):
+        """True when the lock *name* is gone now: it was stale (and is
+        removed here) or its holder just released it."""
+        import json
+        import stat
+        try:
+            st = folder.lstat(name)
+        except FileNotFoundError:
+            return True
+        if not stat.S_ISREG(st.st_mode):  # planted: not a lock of ours
+            folder.unlink_quietly(name)
+            return True
+        f = folder.read(name)
+        try:
+            info = json.loads(f.read(4096).decode("utf-8")) if f is not None else {}
+        except (OSError, ValueError):
+            info = {}
+        finally:
+            if f is not None:
+                f.close()
+        if not isinstance(info, dict) or not cls.stale(folder, name, st, info):
+            return False
+        aside = "%s.stale.%d" % (name, os.getpid())
+        try:
+            os.rename(folder.join(name), folder.join(aside)) if folder.fd is None else \
+                os.rename(name, aside, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+        except FileNotFoundError:
+            return True  # another process broke it first
+        except OSError:
+            return False
+        try:
+            moved = folder.lstat(aside)
+            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+                folder.replace(aside, name)  # a fresh lock made meanwhile: put it back
+                return False
+        except OSError:
+            pass
+        folder.unlink_quietly(aside)
+        _log(30, "removed a stale lock %s (%s)", folder.join(name),
+             "held by process %s on %s" % (info.get("pid"), info.get("host")))
+        return True
+
+    @classmethod
+    def stale(cls, folder, name, st, info):
+        import socket
+        here = info.get("host") == socket.gethostname() and info.get("boot") == _boot_id()
+        if here and os.name == "posix":  # (os.kill(pid, 0) kills on Windows)
+            try:
+                os.kill(int(info.get("pid")), 0)
+            except ProcessLookupError:
+                return True
+            except (OSError, ValueError, TypeError):
+                pass
+        return cls.now(folder, name) - st.st_mtime > cls.STALE
+
+    @staticmethod
+    def now(folder, name):
+        """The time on the file server's clock (machines' clocks differ):
+        the modification time of a file made now."""
+        probe = "%s.now.%d" % (name, os.getpid())
+        try:
+            fd = folder.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError:
+            return time.time()
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            folder.unlink_quietly(probe)
+
+
+def _boot_id():
+    """This boot of this machine (Linux), so that a pid from before a
+    reboot is not taken for a live process."""
+    if not _BOOT:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT.append(f.read().strip())
+        except OSError:
+            _BOOT.append(None)
+    return _BOOT[0]
+
+
+_BOOT = []
+
+
 ############################################################################
 # Checksums
 ############################################################################
@@ -3358,13 +3585,24 @@ def _download_file(tr, task, progress=None, cancel=None, resume=True, warn=None)
     return _Download(tr, task, progress, cancel, resume, warn).run()
 
 
+class _Busy(Exception):
+    """Another process is downloading this file (it holds the lock of its
+    .part): the worker pool takes the task again later, to wait then."""
+
+
 class _Download:
     """One file downloaded to NAME in a _Folder through ``NAME.part``, in
-    the steps of pip's network/download.py and httpie's downloads.py: open
-    the part (never through a symlink), decide what to resume, ask (Range +
-    If-Range), check the answer's range (one Content-Range parser), stream
-    into the part, verify (the size on disk, the server's checksum from the
-    Digest header, else from the listing), and commit (rename).
+    the steps of pip's network/download.py and httpie's downloads.py: claim
+    the part (open it, never through a symlink, and lock it: see
+    _LockFile), decide what to resume, ask (Range + If-Range), check the
+    answer's range (one Content-Range parser), stream into the part, verify
+    (the size on disk, the server's checksum from the Digest header, else
+    from the listing), and commit (rename, still holding the lock).
+
+    When another process holds the part, raise _Busy, or with *task.wait*
+    wait for it; when that process has meanwhile downloaded the file (a
+    regular file of the listed size at the final name), the result is
+    "skipped".
 
     Transient failures are retried per the transport's policy, resuming
     each time (one retry budget for the whole file).  A checksum mismatch
@@ -3380,14 +3618,17 @@ class _Download:
         self.dest = self.folder.join(self.name)
         self.progress, self.cancel, self.resume = progress, cancel, resume
         self.warn = warn or (lambda msg: _log(30, "%s", msg))
-        self.fd = None
+        self.overwrite, self.wait, self.check = task.overwrite, task.wait, task.check
+        self.fd = self.lockfile = None
         self.created = False   # the part is new (made by this process with O_EXCL)
-        self.fresh = task.new_folder  # its folder is new: try O_EXCL first
+        self.restart = False   # the part's bytes are not to be resumed
         self.fetched = [0]  # bytes received over the network, all attempts
 
     def run(self):
         try:
-            self.open_part()
+            done = self.claim()
+            if done is not None:
+                return done
             return self.transfer()
         except BaseException:
             self.drop_empty_part()
@@ -3404,11 +3645,122 @@ class _Download:
             pass
 
     def close(self):
+        """Close the part (which drops its flock) and release its lock file."""
         fd, self.fd = self.fd, None
+        lockfile, self.lockfile = self.lockfile, None
+        if lockfile is not None:
+            lockfile.release()
         if fd is not None:
             os.close(fd)
 
     # -- the part -----------------------------------------------------------------
+
+    def claim(self):
+        """Open and lock NAME.part; return None when it is ours, or the
+        "skipped" result when another process has meanwhile downloaded the
+        file (it held the part, or renamed it while we opened it)."""
+        other = False
+        while True:
+            self.open_part()
+            if not self.lock():
+                if not self.wait:
+                    self.close()
+                    raise _Busy(self.dest)
+                self.wait_for_lock()
+                other = True
+            if not self.created and not self.same_part():
+                self.close()  # the holder finished: the part we opened is its file now
+                done = self.done_elsewhere()
+                if done is not None:
+                    return done
+                other = True
+                continue
+            if other or not (self.overwrite or self.check):
+                done = self.done_elsewhere()
+                if done is not None:
+                    self.folder.unlink_quietly(self.part)  # ours (locked): not needed
+                    if not self.created:
+                        self.folder.unlink_quietly(self.part + ".meta")
+                    return done
+            return None
+
+    def lock(self):
+        """Lock the open part: True when this process holds it now."""
+        tree = self.folder.tree
+        mode = tree.lock_mode if tree is not None else None
+        if mode is None:
+            mode = _lock_mode(self.folder.path)
+            if tree is not None:
+                tree.lock_mode = mode
+        if mode != "file":
+            got = _flock(self.fd)
+            if got is False:
+                return False
+            if got is None:  # no flock here: the lock file instead, from now on
+                mode = "file"
+                if tree is not None:
+                    tree.lock_mode = mode
+            elif mode == "flock":
+                return True
+        self.lockfile = _LockFile.take(self.folder, self.part + ".lock")
+        return self.lockfile is not None
+
+    def wait_for_lock(self):
+        """Wait until this process holds the part (polling: a thread in a
+        blocking flock() could not be stopped by Ctrl-C)."""
+        started, said, delay = time.monotonic(), False, 0.005
+        while not self.lock():
+            if not said and time.monotonic() - started > 1.0:
+                self.warn("waiting for another process downloading %s" % self.dest)
+                said = True
+            if self.cancel is not None:
+                if self.cancel.wait(delay):
+                    raise KeyboardInterrupt
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def same_part(self):
+        """True when NAME.part still names the file we hold open."""
+        try:
+            st = self.folder.lstat(self.part)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise _local_error(e, self.folder.join(self.part))
+        mine = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def done_elsewhere(self, sums=None):
+        """The "skipped" result when the final name holds a regular file of
+        the remote file's size (made by another process, which verified it;
+        with *sums*, checksums this process computed, also of those), else
+        None."""
+        import stat
+        try:
+            st = self.folder.lstat(self.name)
+        except OSError:
+            return None
+        size = self.entry.size if self.entry is not None else self.head_size()
+        if not stat.S_ISREG(st.st_mode) or size is None or st.st_size != size:
+            return None
+        if sums:
+            f = self.folder.read(self.name)
+            if f is None or not _file_matches(f, sums):
+                return None
+        res = TransferResult(self.url, self.dest, size, "skipped")
+        res.mtime = self.entry.mtime if self.entry is not None else None
+        return res
+
+    def head_size(self):
+        """The remote file's size, asked with HEAD (no listing said it)."""
+        try:
+            resp = self.tr.request("HEAD", self.url, ok=(200,), what="check")
+        except CtadataError:
+            return None
+        size = _count(resp.getheader("Content-Length"))
+        self.tr.release(resp)
+        return size
 
     def open_part(self):
         """Open NAME.part for writing without following a symlink: one that
@@ -3462,8 +3814,9 @@ class _Download:
         while True:
             clean = first and self.created  # nothing in the part yet
             first = False
+            look, self.restart = self.resume and not clean and not self.restart, False
             try:
-                sums, mtime, size = self.attempt(self.resume and not clean, clean)
+                sums, mtime, size = self.attempt(look, clean)
             except ChecksumMismatch:
                 mismatches += 1
                 if mismatches > 1:
@@ -3593,11 +3946,17 @@ class _Download:
         return got
 
     def verify(self, received, expected, hashers, remote_sums):
-        """The part's size and checksums against the server's; return the
-        checksums."""
+        """The part's size (what was received, and what is on disk) and
+        checksums against the server's; return the checksums."""
         if expected is not None and received != expected:
             raise TransferError("short download: %d of %d bytes" % (received, expected),
                                 self.url, expected=expected, received=received)
+        on_disk = os.fstat(self.fd).st_size
+        if on_disk != received:
+            self.restart = True
+            raise TransferError("%s holds %d bytes, not the %d received: written to by "
+                                "another program?" % (self.folder.join(self.part), on_disk,
+                                                      received), self.url)
         sums = hashers.result()
         bad = _first_mismatch(sums, remote_sums)
         if bad:
@@ -3606,9 +3965,16 @@ class _Download:
         return sums
 
     def commit(self, sums, mtime, size):
-        """Give the verified part its final name."""
+        """Give the verified part its final name (still holding its lock)."""
         try:
             self.folder.replace(self.part, self.name)
+        except FileNotFoundError as e:
+            # Another process renamed it first (only without a working lock:
+            # an old ctadata, or lock files on a machine whose lock we broke).
+            done = self.done_elsewhere(sums)
+            if done is None:
+                raise _local_error(e, self.dest)
+            return done
         except OSError as e:
             raise _local_error(e, self.dest)
         if size > _SMALL_BODY:
@@ -3889,7 +4255,12 @@ class _WorkerPool:
     the workers at their next block, *abort* wakes those blocked on the
     network, and the interrupt propagates (partial downloads stay as .part
     files).  Workers return results, they print nothing; *progress* hears
-    of each finished file."""
+    of each finished file.
+
+    A worker that raises _Busy (another process has the file in hand)
+    defers its task: it is taken again, with ``task.wait`` set, once the
+    iterable has no more tasks; by then the other process is usually done
+    with it."""
 
     def __init__(self, worker, jobs, progress=None, cancel=None, abort=None):
         import threading
@@ -3898,7 +4269,9 @@ class _WorkerPool:
         self._take = threading.Lock()  # guards everything below
         self._tasks = None
         self._n = 0
-        self._done = False
+        self._done = False   # the iterable has no more tasks
+        self._stop = False   # interrupted, or the iterable failed
+        self._deferred = []  # (index, task) of the tasks that raised _Busy
         self._error = None
         self._live = jobs
         self._stopped = threading.Event()
@@ -3933,26 +4306,35 @@ class _WorkerPool:
     def _next(self):
         """(index, task) of the next task, or (None, None) when there is none."""
         with self._take:
-            if self._done:
+            if self._stop:
                 return None, None
-            try:
-                task = next(self._tasks)
-            except StopIteration:
-                self._done = True
-                if self.progress is not None:
-                    self.progress.planned()
-                return None, None
-            except BaseException as e:  # the listing behind the tasks failed
-                self._done, self._error = True, e
-                return None, None
-            self._n += 1
-            return self._n, task
+            if not self._done:
+                try:
+                    task = next(self._tasks)
+                except StopIteration:
+                    self._done = True
+                    if self.progress is not None:
+                        self.progress.planned()
+                except BaseException as e:  # the listing behind the tasks failed
+                    self._done = self._stop = True
+                    self._error = e
+                    return None, None
+                else:
+                    self._n += 1
+                    return self._n, task
+            if self._deferred:
+                idx, task = self._deferred.pop(0)
+                task.wait = True
+                return idx, task
+            return None, None
 
     def _one(self, task):
         if isinstance(task, TransferResult):  # decided without a transfer
             return task
         try:
             return self.worker(task)
+        except _Busy:
+            return _Busy
         except CtadataError as e:
             err = e
         except OSError as e:
@@ -3969,6 +4351,10 @@ class _WorkerPool:
                 if task is None:
                     return
                 res = self._one(task)
+                if res is _Busy:
+                    with self._take:
+                        self._deferred.append((idx, task))
+                    continue
                 out.append((idx, res))
                 if progress is not None:
                     progress.file_done(res)
@@ -3976,7 +4362,7 @@ class _WorkerPool:
             pass  # cancelled: the main thread reports the interrupt
         except BaseException as e:  # a bug: raised in the caller's thread
             with self._take:
-                self._done = True
+                self._done = self._stop = True
                 if self._error is None:
                     self._error = e
         finally:
@@ -3995,7 +4381,7 @@ class _WorkerPool:
         if self.abort is not None:
             self.abort()
         with self._take:
-            self._done = True
+            self._done = self._stop = True
         self._exited(self.jobs - started)  # threads that never started
         while not self._stopped.wait(0.2):
             pass
@@ -4078,18 +4464,19 @@ class _Task:
     equal; *remote*: for uploads, the remote path asked for.  Downloads:
     *folder* (a held _Folder) and *name* say where the file goes (*dest* is
     their path); *new_folder*: this run made that folder (no .part
-    there)."""
+    there); *overwrite*: download even when the file is there."""
 
     __slots__ = ("source", "dest", "size", "entry", "check", "remote", "new_folder",
-                 "folder", "name")
+                 "folder", "name", "overwrite", "wait")
 
     def __init__(self, source, dest, size, entry=None, check=False, remote=None,
-                 new_folder=False, folder=None, name=None):
+                 new_folder=False, folder=None, name=None, overwrite=False):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
         self.check = check
         self.remote = remote
         self.new_folder = new_folder
-        self.folder, self.name = folder, name
+        self.folder, self.name, self.overwrite = folder, name, overwrite
+        self.wait = False  # set when the pool takes a deferred task again (_Busy)
 
 
 def _summarize(results, started, raise_on_failure=True):
@@ -4214,6 +4601,20 @@ class _Planner:
         return _summarize(pool.run(tasks), started, raise_on_failure)
 
 
+def _in_folder(t, run):
+    """run() for task *t*, then release its folder, unless the task is
+    deferred (_Busy: it runs again later, in the same folder)."""
+    try:
+        res = run()
+    except _Busy:
+        raise
+    except BaseException:
+        t.folder.release()
+        raise
+    t.folder.release()
+    return res
+
+
 class _Downloads(_Planner):
     """Plans downloads: a file, a tree (listed as it goes), a list of URLs.
     Files go into _Folder objects of a _LocalTree (no symlink followed
@@ -4330,20 +4731,19 @@ class _Downloads(_Planner):
                 check = True  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
         return _Task(entry.url, dest, entry.size, entry, check, new_folder=folder.created,
-                     folder=folder.hold(), name=name)
+                     folder=folder.hold(), name=name, overwrite=overwrite)
 
     def worker(self, progress):
         tr, cancel, resume, warn = self.tr, self.cancel, self.remote.resumable, self.warn
 
         def work(t):
-            try:
-                if t.check:
-                    f = t.folder.read(t.name)
-                    if f is not None and _file_matches(f, t.entry.checksums):
-                        return TransferResult(t.source, t.dest, t.size, "skipped")
-                return _download_file(tr, t, progress, cancel, resume, warn)
-            finally:
-                t.folder.release()
+            if t.check:
+                f = t.folder.read(t.name)
+                if f is not None and _file_matches(f, t.entry.checksums):
+                    t.folder.release()
+                    return TransferResult(t.source, t.dest, t.size, "skipped")
+            return _in_folder(t, lambda: _download_file(tr, t, progress, cancel, resume,
+                                                        warn))
         return work
 
     def from_list(self, items, dest, strip_prefix, overwrite, dry_run, progress, jobs,
@@ -4352,11 +4752,12 @@ class _Downloads(_Planner):
         started, progress = self.start(progress)
         prefix = strip_prefix and (self.remote.url_for(strip_prefix)
                                    if "://" not in strip_prefix else strip_prefix)
-        tasks = self.list_tasks(items, _LocalTree(dest, dry_run), prefix, progress, dry_run)
+        tasks = self.list_tasks(items, _LocalTree(dest, dry_run), prefix, overwrite, progress,
+                                dry_run)
         return self.run(tasks, self.list_worker(overwrite, progress), jobs, progress,
                         started, raise_on_failure, dry_run)
 
-    def list_tasks(self, items, tree, prefix, progress, dry_run):
+    def list_tasks(self, items, tree, prefix, overwrite, progress, dry_run):
         folder = None  # the folder of the previous item (lists come sorted, often)
         try:
             for line in items:
@@ -4377,7 +4778,8 @@ class _Downloads(_Planner):
                     yield res
                     continue
                 progress.add_total(1, 0)
-                yield _Task(url, dest, None, folder=folder.hold(), name=parts[-1])
+                yield _Task(url, dest, None, folder=folder.hold(), name=parts[-1],
+                            overwrite=overwrite)
         finally:
             if folder is not None:
                 folder.release()
@@ -4408,22 +4810,19 @@ class _Downloads(_Planner):
         import stat
         tr, cancel, warn = self.tr, self.cancel, self.warn
 
-        def work(t):
+        def present(t):
             try:
-                try:
-                    st = None if overwrite else t.folder.lstat(t.name)
-                except OSError:
-                    st = None
-                if st is not None and stat.S_ISREG(st.st_mode):
-                    resp = tr.request("HEAD", t.source, ok=(200,), what="check")
-                    size = _count(resp.getheader("Content-Length"))
-                    tr.release(resp)
-                    if size is not None and size == st.st_size:
-                        return TransferResult(t.source, t.dest, size, "skipped")
-                return _download_file(tr, t, progress, cancel, True, warn)
-            finally:
-                t.folder.release()
-        return work
+                st = None if overwrite or t.wait else t.folder.lstat(t.name)
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode):
+                resp = tr.request("HEAD", t.source, ok=(200,), what="check")
+                size = _count(resp.getheader("Content-Length"))
+                tr.release(resp)
+                if size is not None and size == st.st_size:
+                    return TransferResult(t.source, t.dest, size, "skipped")
+            return _download_file(tr, t, progress, cancel, True, warn)
+        return lambda t: _in_folder(t, lambda: present(t))
 
 
 class _Uploads(_Planner):

@@ -98,9 +98,6 @@ def differences(src, dst, rels):
     return bad + sorted(have - set(rels))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 cases 1 and 2: concurrent downloads "
-                                       "into one destination fail falsely (and can leave "
-                                       "a wrong file)")
 def test_four_processes_one_file_and_one_tree_into_one_destination(stress_folder,
                                                                    tmp_path):
     """Four `ctadata get -r stress DEST/` at once (stress/ holds the big file
