@@ -3620,6 +3620,7 @@ class _Download:
         self.warn = warn or (lambda msg: _log(30, "%s", msg))
         self.overwrite, self.wait, self.check = task.overwrite, task.wait, task.check
         self.fd = self.lockfile = None
+        self.meta = None  # the part's _PartMeta (False: none; None: not read yet)
         self.created = False   # the part is new (made by this process with O_EXCL)
         self.restart = False   # the part's bytes are not to be resumed
         self.fetched = [0]  # bytes received over the network, all attempts
@@ -3822,7 +3823,7 @@ class _Download:
                 if mismatches > 1:
                     self.folder.unlink_quietly(self.part)  # known to be wrong
                     raise
-                self.truncate()
+                self.restart = True
                 continue
             except CtadataError as e:
                 delay = _retry_delay(self.tr.policy, attempt, e)
@@ -3837,23 +3838,19 @@ class _Download:
                 continue
             return self.commit(sums, mtime, size)
 
-    def truncate(self):
-        try:
-            os.ftruncate(self.fd, 0)
-        except OSError as e:
-            raise _local_error(e, self.folder.join(self.part))
-
     def attempt(self, look, clean=False):
         """One GET; return (checksums, remote mtime, size).  *look*: resume
         from what the part holds; *clean*: it holds nothing.  Network errors
         become retryable TransferErrors."""
         entry = self.entry
         expected = entry.size if entry is not None else None
-        offset, headers = self.resume_headers(self.resume_offset(look, expected))
+        offset, headers = self.resume_headers(look, expected)
         resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="download",
                                retry=False)
         try:
             offset, total = self.check_range(resp, offset)
+            if not offset:
+                self.start_over(resp, total, clean)
             if total is not None:
                 expected = total  # the server's word (the file may have changed)
             remote_sums = _parse_digest(resp.getheader("Digest")) or (
@@ -3866,50 +3863,59 @@ class _Download:
         finally:
             self.tr.release(resp)
 
-    def resume_offset(self, look, expected):
-        """Where the part ends (what is there to resume), or 0."""
-        offset = os.fstat(self.fd).st_size if look else 0
-        if expected is not None and offset >= expected:
-            offset = 0  # nothing to resume (or a stale, longer part): start over
-        return offset
-
-    def resume_headers(self, offset):
-        """(offset, request headers): Range + If-Range when a part of
-        *offset* bytes can be resumed, else offset 0."""
+    def resume_headers(self, look, expected):
+        """(offset, request headers): Range + If-Range when the part can be
+        resumed, else offset 0.  Only with its provenance (NAME.part.meta,
+        see _PartMeta): the same URL, the same remote size as the listing's,
+        and a part shorter than that; If-Range then carries the validator
+        the server gave when the part was started, never today's listing's:
+        only it says that the bytes in the part belong to the file."""
         headers = {"Want-Digest": _WANT_DIGEST}
+        if not look or (expected is not None and expected <= _SMALL_BODY):
+            return 0, headers  # small files are never resumed
+        offset = os.fstat(self.fd).st_size
         if not offset:
             return 0, headers
-        # The validator saved when this .part was started is the one that
-        # says the bytes in it are still current; else the listing's.
-        validator = _read_part_meta(self.folder, self.part, self.url)
-        entry = self.entry
-        if validator is None and entry is not None:
-            if entry.etag and not entry.etag.startswith("W/"):
-                validator = entry.etag
-            elif entry.mtime is not None:
-                import email.utils
-                validator = email.utils.formatdate(entry.mtime, usegmt=True)
-        if not validator:
+        if self.meta is None:
+            self.meta = _PartMeta.read(self.folder, self.part, self.url)
+        meta = self.meta
+        if not meta or (expected is not None and meta.size != expected) or \
+                offset >= meta.size:
             return 0, headers  # nothing says the part is current: start over
         # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
         headers["Range"] = "bytes=%d-" % offset
-        headers["If-Range"] = validator
+        headers["If-Range"] = meta.validator
         return offset, headers
 
     def check_range(self, resp, offset):
-        """(offset the body starts at, total size or None) of the answer;
-        a 206 must start where the part ends.  A 200 starts a new part
-        (whose validator is remembered when it is large)."""
+        """(offset the body starts at, total size or None) of the answer:
+        a 206 must start where the part ends and be of the file the part
+        was started from (its size), else the part starts over."""
         first, total = _content_range(resp)
         if resp.status == 206:
-            if first != offset:
-                self.truncate()
-                raise TransferError("server sent bytes from %s instead of %d" % (
-                    first, offset), self.url)
+            if not self.meta or first != offset or total != self.meta.size:
+                self.restart = True
+                raise TransferError("server sent bytes from %s of %s instead of %d of %s" % (
+                    first, total, offset, self.meta and self.meta.size), self.url)
             return offset, total
-        if total is not None and total > _SMALL_BODY:
-            _write_part_meta(self.folder, self.part, self.url, resp)
         return 0, total
+
+    def start_over(self, resp, total, clean):
+        """A 200: the part starts again from byte 0.  Its provenance is
+        written before its first byte (a large file's: small ones are never
+        resumed), after the old bytes are gone (a crash in between must not
+        pair old bytes with new provenance)."""
+        if not clean:
+            try:
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+            except OSError as e:
+                raise _local_error(e, self.folder.join(self.part))
+        if self.resume and total is not None and total > _SMALL_BODY:
+            self.meta = _PartMeta.write(self.folder, self.part, self.url, total, resp)
+        elif self.meta is not None or not self.created:
+            self.folder.unlink_quietly(self.part + ".meta")  # stale: not of these bytes
+            self.meta = False
 
     def stream(self, resp, offset, expected, hashers, mtime, clean):
         """Write the body into the part after its first *offset* bytes (which
@@ -3917,16 +3923,16 @@ class _Download:
         bytes received.  The part gets the server's modification time."""
         f = open(self.fd, "r+b", buffering=0, closefd=False)
         with f:
-            if not clean:  # the part may hold bytes: keep only the first *offset*
-                if offset and hashers.active:
+            if offset:  # resumed: keep only the first *offset* bytes
+                if hashers.active:
                     _hash_head(f, offset, hashers)
                 try:
                     f.seek(offset)
                     f.truncate()
                 except OSError as e:
                     raise _local_error(e, self.folder.join(self.part))
-            if offset and self.progress is not None:
-                self.progress.advance(offset)
+                if self.progress is not None:
+                    self.progress.advance(offset)
             try:
                 got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
                                  self.fetched, None if expected is None else expected - offset)
@@ -3977,7 +3983,7 @@ class _Download:
             return done
         except OSError as e:
             raise _local_error(e, self.dest)
-        if size > _SMALL_BODY:
+        if self.meta or not self.created:
             self.folder.unlink_quietly(self.part + ".meta")
         res = TransferResult(self.url, self.dest, size, "transferred", None, sums,
                              self.fetched[0])
@@ -3994,49 +4000,80 @@ def _retry_delay(policy, attempt, err):
     return None
 
 
-def _read_part_meta(folder, part, url):
-    """The validator (strong ETag or Last-Modified) saved beside a .part
-    when it was started, if it was for this URL."""
-    import json
-    f = folder.read(part + ".meta")
-    if f is None:
-        return None
-    try:
-        with f:
-            meta = json.loads(f.read(4096).decode("utf-8"))
-        return meta["validator"] if meta.get("url") == _safe_url(url) else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+class _PartMeta:
+    """The provenance of a partial download, NAME.part.meta: one JSON
+    object, written before the part's first byte and removed after the
+    rename::
 
+        {"format": 1, "url": "<the URL>", "size": <the remote file's size>,
+         "validator": "<the ETag, if strong, else the Last-Modified the
+                       server sent with the first byte>",
+         "started": "<UTC time>"}
 
-def _write_part_meta(folder, part, url, resp):
-    """Remember what the bytes of a new .part belong to (NAME.part.meta), so
-    that a later run can resume it safely with If-Range.  Written as
-    NAME.part.meta.tmp and renamed: a symlink planted at NAME.part.meta is
-    replaced, never followed."""
-    import json
-    etag = resp.getheader("ETag")
-    validator = etag if etag and not etag.startswith("W/") else \
-        resp.getheader("Last-Modified")
-    meta, tmp = part + ".meta", part + ".meta.tmp"
-    if not validator:
-        folder.unlink_quietly(meta)
-        return
-    data = json.dumps({"url": _safe_url(url), "validator": validator}).encode("utf-8")
-    try:
+    A part is resumed only when its meta reads back whole, for the same
+    URL (spelled the same way) and the size the listing says now; the
+    resumed GET says If-Range: <validator>, so a server whose file changed
+    since sends all of it again.  Files up to 1 MiB get none (they are
+    never resumed: it would save nothing)."""
+
+    __slots__ = ("size", "validator")
+
+    def __init__(self, size, validator):
+        self.size, self.validator = size, validator
+
+    @classmethod
+    def read(cls, folder, part, url):
+        """The _PartMeta beside *part* if it is whole and for *url*, else False."""
+        import json
+        f = folder.read(part + ".meta")  # never through a symlink
+        if f is None:
+            return False
         try:
-            fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:  # left by a crash (or planted): ours to replace
-            folder.unlink(tmp)
-            fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with f:
+                meta = json.loads(f.read(4096).decode("utf-8"))
+            size, validator = meta["size"], meta["validator"]
+            if meta["format"] == 1 and meta["url"] == _safe_url(url) and \
+                    isinstance(size, int) and size > 0 and \
+                    isinstance(validator, str) and validator:
+                return cls(size, validator)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return False
+
+    @classmethod
+    def write(cls, folder, part, url, size, resp):
+        """Write the provenance of a part that starts now with the 200
+        answer *resp*; return it, or False when the server gave no
+        validator (or it cannot be written): the part is then never
+        resumed.  Written as NAME.part.meta.tmp and renamed: a symlink
+        planted at NAME.part.meta is replaced, never followed."""
+        import json
+        etag = resp.getheader("ETag")
+        validator = etag if etag and not etag.startswith("W/") else \
+            resp.getheader("Last-Modified")
+        meta, tmp = part + ".meta", part + ".meta.tmp"
+        if not validator:
+            folder.unlink_quietly(meta)
+            return False
+        data = json.dumps({"format": 1, "url": _safe_url(url), "size": size,
+                           "validator": validator,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        folder.replace(tmp, meta)
-    except OSError:
-        folder.unlink_quietly(tmp)
-        folder.unlink_quietly(meta)  # resume will fall back to the listing's validator
+            try:
+                fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:  # left by a crash (or planted): ours to replace
+                folder.unlink(tmp)
+                fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data.encode("utf-8"))
+            finally:
+                os.close(fd)
+            folder.replace(tmp, meta)
+        except OSError:
+            folder.unlink_quietly(tmp)
+            folder.unlink_quietly(meta)
+            return False
+        return cls(size, validator)
 
 
 def _content_range(resp):

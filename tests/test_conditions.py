@@ -380,7 +380,6 @@ def client_for(url, **kw):
     return ctadata.Client(**opts)
 
 
-@issue10(3, 'no provenance for files up to 1 MiB: exit 0 with a mixed file')
 def test_stale_part_of_a_small_file_is_not_resumed_against_a_changed_file(fs, tmp_path):
     """A download of a 600 kB file dies after 256 KiB; the file then changes
     on the server (same size); the same command runs again.
@@ -401,7 +400,6 @@ def test_stale_part_of_a_small_file_is_not_resumed_against_a_changed_file(fs, tm
     assert provenance(dest.read_bytes(), old, new) == "right"
 
 
-@issue10(3, 'an unreadable .part.meta is ignored: exit 0 with a mixed file')
 def test_stale_part_with_unreadable_provenance_starts_over(fs, tmp_path):
     """A 3 MiB download dies after 2 MiB; whatever ctadata keeps beside the
     `.part` to say where it came from gets damaged (a full disk, a crash
@@ -425,7 +423,6 @@ def test_stale_part_with_unreadable_provenance_starts_over(fs, tmp_path):
     assert provenance(dest.read_bytes(), old, new) == "right"
 
 
-@issue10(3, '.part.meta of another URL spelling is ignored: exit 0 with a mixed file')
 def test_stale_part_from_another_spelling_of_the_url_starts_over(fs, tmp_path):
     """The first run used --url http://localhost:PORT, the second (after the
     file changed on the server) http://127.0.0.1:PORT: the same storage,
@@ -445,7 +442,6 @@ def test_stale_part_from_another_spelling_of_the_url_starts_over(fs, tmp_path):
     assert provenance(dest.read_bytes(), old, new) == "right"
 
 
-@issue10(3, "If-Range carries today's listing's date: exit 0 with a mixed file")
 def test_leftover_part_on_a_real_server_after_the_file_changed(dav, tmp_path):
     """On nginx and Apache (no checksums at all): a `.part` an earlier run
     left (the old version's first 256 KiB, no provenance beside it) and a
