@@ -4533,11 +4533,14 @@ def _failure_exception(result):
 # -- listing trees ---------------------------------------------------------
 
 
-def _walk(remote, path, jobs, details=True, warn=None):
+def _walk(remote, path, jobs, details=True, warn=None, on_error=None):
     """Yield (entry of a directory, sorted list of its entries) for *path*
     and every directory below it, depth first, on a backend (_DAV or
     _Service).  Listings run ahead in parallel on *jobs* threads; the order
-    is deterministic."""
+    is deterministic.  A folder below *path* that cannot be listed goes to
+    *on_error(entry, error)*, and the walk goes on without it (and what is
+    below it); without *on_error*, for *path* itself, and for an error that
+    would fail every folder (see _fails_everything), the error is raised."""
     from concurrent.futures import ThreadPoolExecutor
     from collections import deque
 
@@ -4547,17 +4550,33 @@ def _walk(remote, path, jobs, details=True, warn=None):
         return (selfs[0] if selfs else None), _unique(children, warn)
 
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        queue = deque([ex.submit(listing, remote.url_for(path, collection=True))])
+        queue = deque([(None, ex.submit(listing, remote.url_for(path, collection=True)))])
         try:
             while queue:
-                top, children = queue.popleft().result()
+                entry, fut = queue.popleft()
+                try:
+                    top, children = fut.result()
+                except CtadataError as e:
+                    if on_error is None or entry is None or _fails_everything(e):
+                        raise
+                    on_error(entry, e)
+                    continue
                 subdirs = [e for e in children if e.is_dir]
                 for e in reversed(subdirs):
-                    queue.appendleft(ex.submit(listing, remote.url_for(e, True)))
+                    queue.appendleft((e, ex.submit(listing, remote.url_for(e, True))))
                 yield top, children
         finally:
-            for fut in queue:
+            for _entry, fut in queue:
                 fut.cancel()
+
+
+def _fails_everything(error):
+    """True for an error that every other folder would meet too (no token,
+    an expired or refused one: 401; bad settings), which stops a tree at
+    once rather than failing each of its folders (a 403 is about one
+    folder)."""
+    return isinstance(error, ConfigError) or (isinstance(error, AuthError) and
+                                              error.status != 403)
 
 
 def _unique(entries, warn=None):
@@ -4616,8 +4635,8 @@ class _Planner:
     def __init__(self, remote, tr, cancel, jobs, warn):
         self.remote, self.tr, self.cancel, self.jobs, self.warn = remote, tr, cancel, jobs, warn
 
-    def walk(self, path, jobs=None, details=True):
-        return _walk(self.remote, path, jobs or self.jobs, details, self.warn)
+    def walk(self, path, jobs=None, details=True, on_error=None):
+        return _walk(self.remote, path, jobs or self.jobs, details, self.warn, on_error)
 
     def start(self, progress):
         """(start time, the Progress to feed) of a new transfer."""
@@ -4703,8 +4722,12 @@ class _Downloads(_Planner):
         it goes (without a filter, empty ones too: the tree is mirrored)."""
         base = entry.url if entry.url.endswith("/") else entry.url + "/"
         bad = []  # local folders that cannot be made: nothing is written below them
+        unlisted = []  # (entry, error) of remote folders that cannot be listed
         try:
-            for top_entry, children in self.walk(entry, jobs):
+            for top_entry, children in self.walk(entry, jobs, on_error=lambda e, exc:
+                                                 unlisted.append((e, exc))):
+                for res in self.unlisted(unlisted, base, top, tree):
+                    yield res
                 rel = top + _rel_parts(base, top_entry.url if top_entry is not None else base)
                 files = self.no_part_clash([e for e in children if not e.is_dir and (
                     sel is None or sel("/".join(rel[len(top):] + [e.name])))])
@@ -4726,8 +4749,20 @@ class _Downloads(_Planner):
                         yield self.task(e, folder, e.name, overwrite, checksum, progress)
                 finally:
                     folder.release()
+            for res in self.unlisted(unlisted, base, top, tree):
+                yield res
         finally:
             tree.close()
+
+    @staticmethod
+    def unlisted(failures, base, top, tree):
+        """One failed result per remote folder that could not be listed."""
+        while failures:
+            e, exc = failures.pop(0)
+            res = TransferResult(e.url, os.path.join(tree.root, *(top + _rel_parts(
+                base, e.url))), None, "failed", str(exc))
+            res.exception = exc
+            yield res
 
     def no_part_clash(self, files):
         """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
@@ -4906,7 +4941,13 @@ class _Uploads(_Planner):
         return summary
 
     def tree_tasks(self, local, base, existing, checksum, sel, ensure, progress):
-        for dirpath, dirnames, filenames in os.walk(local):
+        """The tasks of a tree upload, folder by folder, remote folders made
+        as it goes.  A folder that cannot be read, or made on the server,
+        is one failed result; the others go on."""
+        unreadable = []
+        for dirpath, dirnames, filenames in os.walk(local, onerror=unreadable.append):
+            for res in self.unreadable(unreadable):
+                yield res
             dirnames.sort()
             rel = os.path.relpath(dirpath, local)
             rparts = [] if rel == "." else rel.split(os.sep)
@@ -4914,8 +4955,18 @@ class _Uploads(_Planner):
             names = [fn for fn in sorted(filenames)
                      if sel is None or sel("/".join(rparts + [fn]))]
             if names or sel is None:
-                ensure(base)
-                ensure(rdir)
+                try:
+                    ensure(base)
+                    ensure(rdir)
+                except CtadataError as e:
+                    if _fails_everything(e):
+                        raise
+                    dirnames[:] = []  # nothing below it either
+                    res = TransferResult(dirpath, self.url(rdir), None, "failed", str(e),
+                                         remote_path=rdir)
+                    res.exception = e
+                    yield res
+                    continue
             for fn in names:
                 path = os.path.join(dirpath, fn)
                 rpath = (rdir + "/" + fn) if rdir else fn
@@ -4933,6 +4984,18 @@ class _Uploads(_Planner):
                 progress.add_total(1, size)
                 yield _Task(path, self.url(rpath), size, have,
                             check=have is not None and have.size == size, remote=rpath)
+        for res in self.unreadable(unreadable):
+            yield res
+
+    @staticmethod
+    def unreadable(errors):
+        """One failed result per local folder that could not be read."""
+        while errors:
+            e = errors.pop(0)
+            err = _local_error(e, e.filename)
+            res = TransferResult(e.filename, None, None, "failed", str(err))
+            res.exception = err
+            yield res
 
     # -- what differs between WebDAV and the download service -------------------
 
@@ -5324,12 +5387,17 @@ class Client:
         if not n and selfs and not selfs[0].is_dir:
             yield selfs[0]
 
-    def walk(self, path="", jobs=None, details=True):
+    def walk(self, path="", jobs=None, details=True, on_error=None):
         """Yield (entry of a directory, sorted list of its entries) for *path*
         and every directory below it, depth first.  Directory listings run
         ahead in parallel (*jobs* threads); the order is deterministic.
-        *details*: as for iter_dir."""
-        return _walk(self._remote, path, jobs or self.settings.jobs, details, self._warn)
+        *details*: as for iter_dir.  *on_error(entry, error)*: a folder
+        below *path* that cannot be listed is passed to it and skipped (with
+        everything below it), and the walk goes on; without it, the error is
+        raised.  Errors that every folder would meet (AuthError other than
+        403, ConfigError) are always raised."""
+        return _walk(self._remote, path, jobs or self.settings.jobs, details, self._warn,
+                     on_error)
 
     def ls(self, path="", recursive=False, select=None, details=True):
         """Return a list of Entry objects below *path*, sorted by name (with
@@ -5364,17 +5432,19 @@ class Client:
         RemoteError."""
         return self._remote.list_dir(path, recursive, self.ls)
 
-    def du(self, path="", select=None):
+    def du(self, path="", select=None, on_error=None):
         """Count what is below a remote path (listing in parallel): returns
         ``{"path", "files", "dirs", "bytes", "children": [{"name", "type",
         "files", "dirs", "bytes"}, ...]}`` with one record per immediate
         child, sorted by name.  *select* counts only some files (as for
-        download).  Raises NotFound, AuthError, RemoteError."""
+        download).  *on_error*: as for walk (the counts then leave out the
+        folders it was told of).  Raises NotFound, AuthError, RemoteError."""
         entry = self.stat(path)
         if not entry.is_dir:
             return {"path": entry.path, "files": 1, "dirs": 0, "bytes": entry.size or 0,
                     "children": []}
-        children = _usage_by_child(entry, self.walk(entry), _selector(select))
+        children = _usage_by_child(entry, self.walk(entry, on_error=on_error),
+                                   _selector(select))
         return {"path": entry.path,
                 "files": sum(c["files"] for c in children),
                 "dirs": sum(c["dirs"] + (c["type"] == "directory") for c in children),
@@ -7908,10 +7978,12 @@ def _cmd_ls(client, args):
                     out.item(None, _entry_line(e, args.long, args.human, e.name))
         out.close()
         return 0
+    failures = []  # folders that could not be listed: reported at the end
     if args.recursive:
         root = client.url_for(args.path, collection=True)
         rows = []
-        for _top, children in client.walk(args.path, details=details):
+        for _top, children in client.walk(args.path, details=details,
+                                          on_error=lambda e, exc: failures.append((e, exc))):
             for e in children:
                 rel = _rel_path(root, e.url)
                 if sel is None or (not e.is_dir and sel(rel)):
@@ -7923,7 +7995,7 @@ def _cmd_ls(client, args):
         for _n, e in rows:
             out.item(e.to_dict())
         out.close()
-        return 0
+        return _folder_failures(failures)
     lines = [(_entry_line(e, args.long, args.human, n)) for n, e in rows]
     if args.long and lines:
         # align the size column
@@ -7931,7 +8003,15 @@ def _cmd_ls(client, args):
         width = max(len(p[1]) for p in parts)
         lines = ["%s %*s %s" % (p[0], width, p[1], p[2]) for p in parts]
     _out("".join(ln + "\n" for ln in lines))
-    return 0
+    return _folder_failures(failures)
+
+
+def _folder_failures(failures):
+    """Report the folders a walk could not list (after what it could);
+    return the exit status."""
+    for e, exc in failures:
+        sys.stderr.write("ctadata: failed: %s/: %s\n" % (e.path, exc))
+    return 1 if failures else 0
 
 
 def _args_stat(sub):
@@ -7967,12 +8047,16 @@ def _args_du(sub):
 
 
 def _cmd_du(client, args):
-    report = client.du(args.path, select=_cli_selector(args))
+    failures = []
+    report = client.du(args.path, select=_cli_selector(args),
+                       on_error=lambda e, exc: failures.append((e, exc)))
     size = _human if args.human else str
     if args.json:
         import json
+        if failures:
+            report["errors"] = [{"path": e.path, "error": str(exc)} for e, exc in failures]
         _out(json.dumps(report, indent=1) + "\n")
-        return 0
+        return _folder_failures(failures)
     out = _RecordWriter(args)
     total = {k: report[k] for k in ("path", "files", "dirs", "bytes")}
     for c in report["children"]:
@@ -7982,7 +8066,7 @@ def _cmd_du(client, args):
     out.item(dict(total, name="total"), "%10s  %8d files %6d dirs  total (%s)" % (
         size(report["bytes"]), report["files"], report["dirs"], report["path"] or "/"))
     out.close()
-    return 0
+    return _folder_failures(failures)
 
 
 def _make_progress(args, label):

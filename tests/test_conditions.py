@@ -612,7 +612,6 @@ def test_symlinked_folder_inside_the_destination_is_not_written_through(ngx, tmp
 SUMMARY = "get: "
 
 
-@issue10(5, "the whole get -r stops with 'error: File exists', no summary")
 def test_a_folder_that_exists_locally_as_a_file_does_not_stop_the_tree(ngx, tmp_path,
                                                                         capsys, monkeypatch):
     """`get -r t dest/` where `dest/t/b` is a file, not a folder: the files
@@ -635,7 +634,6 @@ def test_a_folder_that_exists_locally_as_a_file_does_not_stop_the_tree(ngx, tmp_
         assert (out / "t" / rel).read_bytes() == data, (rel, err)
 
 
-@issue10(5, 'get -r / ls -R / du stop at the folder')
 @pytest.mark.parametrize("status", [403, 500])
 @pytest.mark.parametrize("command", ["get", "ls", "du"])
 def test_a_remote_folder_that_cannot_be_listed_does_not_stop_the_tree(
@@ -667,6 +665,37 @@ def test_a_remote_folder_that_cannot_be_listed_does_not_stop_the_tree(
     else:
         names = [ln.split()[-1] for ln in stdout.splitlines()]
         assert "a/" in names and "c/" in names and "d/" in names, stdout
+
+
+def test_a_refused_token_still_stops_the_tree_at_once(fs, tmp_path, capsys, monkeypatch):
+    """The guard of the previous fix: an error that every folder would meet
+    (401: no valid token) stops `get -r` at once with one line, instead of
+    one failure per folder."""
+    make_tree(fs.root, {"t/a/1.bin": b"1", "t/bad/2.bin": b"2", "t/c/3.bin": b"3"})
+    fs.add_fault("status", method="PROPFIND", path="/t/bad", status=401, headers={},
+                 times=None)
+    monkeypatch.setenv("BEARER_TOKEN", TOKEN)
+    code, _out, err = in_process(fs.url, "--retries", "0", "get", "-r", "t",
+                                 str(tmp_path / "dest") + "/", capsys=capsys)
+    assert code == 1 and "error:" in err and "401" in err, err
+    assert SUMMARY not in err and "failed:" not in err, err
+
+
+def test_put_r_goes_on_past_a_folder_it_cannot_make(fs, tmp_path, capsys, monkeypatch):
+    """`put -r` where the server refuses to make one folder (403, and it is
+    not there): that folder fails (one line, its files not sent), the
+    others are uploaded, the summary is printed, exit 1."""
+    src = make_tree(tmp_path / "src", {"a.txt": b"a", "b/x.txt": b"x", "b/deep/y.txt": b"y",
+                                       "c/z.txt": b"z"})
+    fs.add_fault("status", method="MKCOL", path="/dst/src/b", status=403, headers={},
+                 times=None)
+    monkeypatch.setenv("BEARER_TOKEN", TOKEN)
+    code, _out, err = in_process(fs.url, "--retries", "0", "put", "-r", src, "dst/",
+                                 capsys=capsys)
+    assert code == 1, err
+    assert "failed: %s" % (src / "b") in err and "403" in err, err
+    assert "put: " in err and "1 failed" in err, err
+    assert tree_digests(fs.root / "dst/src") == {"a.txt": sha(b"a"), "c/z.txt": sha(b"z")}
 
 
 # ===========================================================================
