@@ -3097,10 +3097,25 @@ class _DAV:
     # -- changes -----------------------------------------------------------------
 
     def mkcol(self, url, exist_ok):
-        # 405: the name exists (a collection, or a file: then the next MKCOL
-        # below it or the PUT fails with 409, which is reported).
+        """MKCOL *url*; with *exist_ok* a folder that is there is fine.  405
+        says the name exists (a collection, or a file: then the next MKCOL
+        below it or the PUT fails with 409, which is reported).  Any other
+        refusal but 401 is followed by a look (PROPFIND Depth 0): Apache
+        answers 403 to the loser of two MKCOLs of one folder at the same
+        moment (mod_dav_fs: its mkdir() fails with EEXIST after its own
+        check found nothing), so a folder that is there now is made."""
         ok = (200, 201, 405) if exist_ok else (200, 201)
-        self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
+        try:
+            self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
+        except (RemoteError, AuthError) as e:
+            if not exist_ok or e.status in (None, 401):
+                raise
+            try:
+                if self.stat(url).is_dir:
+                    return
+            except CtadataError:
+                pass
+            raise e
 
     def mkdir(self, path, parents=False):
         """MKCOL *path*; with *parents*, each missing folder on the way too

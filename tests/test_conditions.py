@@ -702,7 +702,6 @@ def test_put_r_goes_on_past_a_folder_it_cannot_make(fs, tmp_path, capsys, monkey
 # 6. Two uploads creating the same folder
 # ===========================================================================
 
-@issue10(6, "Apache's 403 for the losing MKCOL stops the upload")
 def test_concurrent_uploads_creating_the_same_folders_on_apache(apache, tmp_path):
     """Four uploads (one Client each, as four processes would have) of the
     same tree into the same new remote folder, started at the same instant,
@@ -737,7 +736,6 @@ def test_concurrent_uploads_creating_the_same_folders_on_apache(apache, tmp_path
     assert errors == []
 
 
-@issue10(6, 'a failed MKCOL is not followed by a check')
 def test_mkcol_refused_for_a_folder_that_exists_by_then_is_not_an_error(fs, tmp_path,
                                                                         capsys, monkeypatch):
     """The same race, made certain: the folder exists (another process just
