@@ -91,6 +91,9 @@ _MAX_REDIRECTS = 10
 _DEFAULT_TIMEOUT = 60.0
 _DEFAULT_RETRIES = 5
 _DEFAULT_JOBS = 4
+# A download attempt that brought the file this much further is progress:
+# the retry budget starts again (issue 10: a link that keeps dropping).
+_PROGRESS = 1 << 20
 # Error bodies are read for a message, never more than this.
 _ERROR_BODY_LIMIT = 4096
 # A finished-with response whose body is larger than this closes its
@@ -1238,7 +1241,7 @@ def _origin(url):
 
 class _RetryPolicy:
     """How often and how long to retry: bounded attempts, exponential
-    backoff with full jitter, Retry-After honoured (capped)."""
+    backoff with equal jitter, Retry-After honoured (capped)."""
 
     __slots__ = ("retries", "base", "cap")
 
@@ -1259,8 +1262,14 @@ def _should_retry(policy, attempt, status=None, exc=None, retry_after=None,
         return None
     if exc is not None and not _is_transient(exc):
         return None
+    # "Equal jitter" (M. Brooker, "Exponential Backoff And Jitter", AWS
+    # Architecture Blog, 2015): half the backoff for sure, half at random, so
+    # that the default 5 retries always span 7.75-15.5 s (with full jitter
+    # they spanned under 5 s for one file in six, and a 5 s outage failed it)
+    # while parallel clients still spread out.
     import random
-    delay = random.uniform(0, min(policy.cap, policy.base * (2 ** attempt)))
+    step = min(policy.cap, policy.base * (2 ** attempt))
+    delay = step / 2 + random.uniform(0, step / 2)
     if retry_after:
         try:
             delay = max(delay, min(policy.cap, float(retry_after)))
@@ -3627,6 +3636,8 @@ class _Download:
     Range), every attempt starts from byte 0 and a failed download leaves
     no .part either."""
 
+    STALLED = 600.0  # give up after this long without progress (at least)
+
     def __init__(self, tr, task, progress=None, cancel=None, resume=True, warn=None):
         self.tr, self.url, self.entry = tr, task.source, task.entry
         self.folder, self.name, self.part = task.folder, task.name, task.name + ".part"
@@ -3638,6 +3649,8 @@ class _Download:
         self.meta = None  # the part's _PartMeta (False: none; None: not read yet)
         self.created = False   # the part is new (made by this process with O_EXCL)
         self.restart = False   # the part's bytes are not to be resumed
+        self.high = None       # the furthest byte of the file the part has reached
+        self.gained = 0        # how much further the last attempt got
         self.fetched = [0]  # bytes received over the network, all attempts
 
     def run(self):
@@ -3825,12 +3838,19 @@ class _Download:
     # -- the transfer ----------------------------------------------------------------
 
     def transfer(self):
+        """The attempts: the retry budget (the transport's retries) counts
+        the attempts in a row that brought the part no further by 1 MiB: an
+        attempt that did gives a full budget again (a link that drops every
+        150 MB still delivers), within a bound on the time without progress:
+        10 x the timeout, at least 10 minutes."""
         mismatches = attempt = 0
         first = True
+        since, bound = time.monotonic(), max(10 * self.tr.settings.timeout, self.STALLED)
         while True:
             clean = first and self.created  # nothing in the part yet
             first = False
             look, self.restart = self.resume and not clean and not self.restart, False
+            self.gained = 0
             try:
                 sums, mtime, size = self.attempt(look, clean)
             except ChecksumMismatch:
@@ -3841,7 +3861,14 @@ class _Download:
                 self.restart = True
                 continue
             except CtadataError as e:
+                if self.gained >= _PROGRESS:
+                    attempt, since = 0, time.monotonic()
                 delay = _retry_delay(self.tr.policy, attempt, e)
+                if delay is not None and time.monotonic() + delay - since > bound:
+                    delay = None
+                    if attempt and e.hint is None:
+                        e.hint = "no progress in %d attempts over %.0f s" % (
+                            attempt + 1, time.monotonic() - since)
                 if delay is None:
                     if not self.resume:
                         self.folder.unlink_quietly(self.part)
@@ -3948,6 +3975,9 @@ class _Download:
                     raise _local_error(e, self.folder.join(self.part))
                 if self.progress is not None:
                     self.progress.advance(offset)
+            before = self.fetched[0]
+            if self.high is None:
+                self.high = offset  # where this run started
             try:
                 got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
                                  self.fetched, None if expected is None else expected - offset)
@@ -3957,6 +3987,9 @@ class _Download:
                 if not _is_transient(e):
                     raise
                 raise _network_error(e, self.url, "download")
+            finally:  # how much further than ever before the part got
+                end = offset + self.fetched[0] - before
+                self.gained, self.high = max(0, end - self.high), max(end, self.high)
             if mtime is not None:
                 # set through the open file (no second path lookup); the rename keeps it
                 try:
