@@ -451,6 +451,17 @@ def _open_regular(path):
     return open(fd, "rb", buffering=0)
 
 
+def _file_kind(mode):
+    """What a file that is not a regular one is, in words."""
+    import stat
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return "a special file"
+
+
 def _refusal(e, path, is_link):
     if is_link:
         return TransferError("refusing to write through a symbolic link: %s" % path,
@@ -1327,7 +1338,7 @@ class _FileBody:
         self.hashers = _Hashers(self.hash_algos)
         self.sent = 0
         update = self.hashers.update if self.hashers.active else None
-        with open(self.path, "rb", buffering=0) as f:
+        with _open_regular(self.path) as f:
             buf = bytearray(_CHUNK)
             view = memoryview(buf)
             while True:
@@ -1349,8 +1360,8 @@ class _FileBody:
 
     def read_all(self):
         self.hashers = _Hashers(self.hash_algos)
-        with open(self.path, "rb") as f:
-            data = f.read()
+        with _open_regular(self.path) as f:
+            data = f.readall()
         if len(data) != self.size:
             raise TransferError("local file changed size during upload",
                                 hint=self.path, expected=self.size, received=len(data))
@@ -4236,15 +4247,15 @@ def _upload_body(local, size, algos, verify):
         local_md5 = hashlib.md5() if verify else None
         if local_md5 is not None:
             try:
-                with open(local, "rb", buffering=0) as f:
+                with _open_regular(local) as f:
                     _hash_head(f, size, local_md5)
             except OSError as e:
                 raise _local_error(e, local)
         body = _FileBody(local, size, algos)
         return body, lambda: body.hashers.result(), local_md5
     try:
-        with open(local, "rb") as f:
-            data = f.read(size + 1)
+        with _open_regular(local) as f:
+            data = f.readall()
     except OSError as e:
         raise _local_error(e, local)
     if len(data) != size:
@@ -4283,7 +4294,7 @@ def _verify_upload(tr, url, local, size, sums, remote_sums):
         # changed meanwhile, which this then reports as a mismatch)
         hashers = _Hashers(_algos_for(remote_sums))
         try:
-            with open(local, "rb", buffering=0) as f:
+            with _open_regular(local) as f:
                 _hash_head(f, size, hashers)
         except OSError as e:
             raise _local_error(e, local)
@@ -4963,7 +4974,8 @@ class _Uploads(_Planner):
             return self.tree(local, target, verify, overwrite, checksum, _selector(select),
                              dry_run, progress, jobs, started, raise_on_failure)
         if not os.path.isfile(local):
-            raise ConfigError("no such local file: %s" % local)
+            raise ConfigError(("not a regular file: %s" if os.path.exists(local) else
+                               "no such local file: %s") % local)
         size = os.path.getsize(local)
         progress.add_total(1, size)
         task = _Task(local, self.url(target), size, remote=target)
@@ -4991,12 +5003,20 @@ class _Uploads(_Planner):
     def tree_tasks(self, local, base, existing, checksum, sel, ensure, progress):
         """The tasks of a tree upload, folder by folder, remote folders made
         as it goes.  A folder that cannot be read, or made on the server,
-        is one failed result; the others go on."""
+        is one failed result; the others go on.  Only regular files, and
+        symlinks to regular files, are uploaded; anything else (FIFOs,
+        sockets, devices, links to nothing or to those, links to folders)
+        is skipped with a warning."""
+        import stat
         unreadable = []
         for dirpath, dirnames, filenames in os.walk(local, onerror=unreadable.append):
             for res in self.unreadable(unreadable):
                 yield res
             dirnames.sort()
+            for d in dirnames:  # os.walk does not follow them: say so
+                if os.path.islink(os.path.join(dirpath, d)):
+                    self.warn("skipping %s: a symbolic link to a folder (not followed)"
+                              % os.path.join(dirpath, d))
             rel = os.path.relpath(dirpath, local)
             rparts = [] if rel == "." else rel.split(os.sep)
             rdir = "/".join([base] + rparts if base else rparts)
@@ -5019,11 +5039,21 @@ class _Uploads(_Planner):
                 path = os.path.join(dirpath, fn)
                 rpath = (rdir + "/" + fn) if rdir else fn
                 try:
-                    size = os.path.getsize(path)
+                    st = os.stat(path)  # a symlink to a regular file is uploaded
                 except OSError as e:
-                    yield TransferResult(path, rpath, None, "failed",
-                                         str(_local_error(e, path)))
+                    if os.path.islink(path):
+                        self.warn("skipping %s: a symbolic link to nothing" % path)
+                        yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+                    else:
+                        yield TransferResult(path, rpath, None, "failed",
+                                             str(_local_error(e, path)))
                     continue
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
+                    self.warn("skipping %s: not a regular file (%s)" % (path,
+                                                                       _file_kind(st.st_mode)))
+                    yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+                    continue
+                size = st.st_size
                 have = existing.get("/".join(rparts + [fn]))
                 if have is not None and have.size == size and not (
                         checksum and have.checksums):

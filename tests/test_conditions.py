@@ -839,7 +839,6 @@ def test_retries_stop_after_the_bound_on_time_without_progress(fs, tmp_path, mon
 # 8. put -r of a folder holding a FIFO, a socket, a link to a device
 # ===========================================================================
 
-@issue10(8, 'put -r hangs forever opening the FIFO')
 def test_put_r_skips_a_fifo_instead_of_hanging(ngx, tmp_path, home):
     """`put -r` of a folder holding a named pipe (FIFO) next to regular
     files: the FIFO is skipped with a warning, the rest is uploaded, exit 0.
@@ -865,7 +864,6 @@ def test_put_r_skips_a_fifo_instead_of_hanging(ngx, tmp_path, home):
                                                   "z/b.txt": sha(b"b" * 20)}
 
 
-@issue10(8, 'a socket fails the upload, a link to /dev/null is uploaded')
 def test_put_r_skips_sockets_and_links_to_devices(ngx, tmp_path, capsys, monkeypatch):
     """Only regular files, and symlinks to regular files, are uploaded; a
     UNIX socket and a symlink to /dev/null are skipped with a warning (exit
@@ -887,6 +885,26 @@ def test_put_r_skips_sockets_and_links_to_devices(ngx, tmp_path, capsys, monkeyp
     assert "sock" in err and "null" in err, err
     assert tree_digests(ngx.root / "dst/src") == {"a.txt": sha(b"a" * 10),
                                                   "link-to-a.txt": sha(b"a" * 10)}
+
+
+def test_put_r_says_what_it_does_not_follow(ngx, tmp_path, capsys, monkeypatch):
+    """The documented rule for links: a symlink to a folder is not followed
+    and a link to nothing is skipped, each with a warning (exit 0); a
+    single `put` of a FIFO is refused at once, never opened."""
+    src = make_tree(tmp_path / "src", {"a.txt": b"a"})
+    other = make_tree(tmp_path / "other", {"o.txt": b"o"})
+    os.symlink(str(other), str(src / "linked-folder"))
+    os.symlink(str(tmp_path / "nothing"), str(src / "dangling"))
+    monkeypatch.setenv("BEARER_TOKEN", ngx.token)
+    code, _out, err = in_process(ngx.url, "put", "-r", src, "dst/", capsys=capsys)
+    assert code == 0, err
+    assert "linked-folder" in err and "dangling" in err, err
+    assert tree_digests(ngx.root / "dst/src") == {"a.txt": sha(b"a")}
+    os.mkfifo(str(tmp_path / "pipe"))
+    t0 = time.monotonic()
+    code, _out, err = in_process(ngx.url, "put", tmp_path / "pipe", "dst/", capsys=capsys)
+    assert code == 2 and "not a regular file" in err, err
+    assert time.monotonic() - t0 < 5
 
 
 # ===========================================================================
