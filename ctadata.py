@@ -1622,8 +1622,10 @@ class _Transport:
             except Exception as e:
                 self._drop(key, conn)
                 # A kept-alive connection the server has closed in the meantime
-                # fails on first use: that is not a failure of the request.
-                if reused and attempt == 0 and _is_stale(e):
+                # fails on first use: that is not a failure of the request
+                # (unless it was shut down by abort(): Ctrl-C, SIGTERM).
+                if reused and attempt == 0 and _is_stale(e) and not (
+                        self.cancel is not None and self.cancel.is_set()):
                     continue
                 raise
             resp.ctadata_url = url
@@ -4376,12 +4378,14 @@ class _WorkerPool:
         import threading
         self._tasks = iter(tasks)
         outs = [[] for _ in range(self.jobs)]
+        nows = [[None] for _ in range(self.jobs)]  # each worker's task in hand
         # The main thread waits on _stopped, never in Thread.join(timeout):
         # a Ctrl-C that interrupts join() can mark a running thread as
         # finished (CPython gh-90882), and a daemon thread still running at
         # interpreter exit can abort the process.
-        threads = [threading.Thread(target=self._loop, args=(out,), name="ctadata-%d" % i,
-                                    daemon=True) for i, out in enumerate(outs)]
+        threads = [threading.Thread(target=self._loop, args=(out, now),
+                                    name="ctadata-%d" % i, daemon=True)
+                   for i, (out, now) in enumerate(zip(outs, nows))]
         started = 0
         try:
             for t in threads:
@@ -4389,6 +4393,15 @@ class _WorkerPool:
                 started += 1
             while not self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
                 pass
+        except KeyboardInterrupt as e:
+            self._interrupt(started)
+            # what was done, and what was cut short (for the manifest)
+            cut = [(now[0][0], TransferResult(now[0][1].source, now[0][1].dest,
+                                              now[0][1].size, "failed", "interrupted"))
+                   for now in nows if now[0] is not None and isinstance(now[0][1], _Task)]
+            e.results = [res for _idx, res in sorted(
+                [r for out in outs for r in out] + cut, key=lambda r: r[0])]
+            raise
         except BaseException:
             self._interrupt(started)
             raise
@@ -4439,19 +4452,22 @@ class _WorkerPool:
         res.exception = err
         return res
 
-    def _loop(self, out):
+    def _loop(self, out, now):
         cancel, progress = self.cancel, self.progress
         try:
             while cancel is None or not cancel.is_set():
                 idx, task = self._next()
                 if task is None:
                     return
+                now[0] = idx, task
                 res = self._one(task)
                 if res is _Busy:
                     with self._take:
                         self._deferred.append((idx, task))
+                    now[0] = None
                     continue
                 out.append((idx, res))
+                now[0] = None
                 if progress is not None:
                     progress.file_done(res)
         except KeyboardInterrupt:
@@ -4713,7 +4729,14 @@ class _Planner:
                 results.append(t)
             return _summarize(results, started, False)
         pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort)
-        return _summarize(pool.run(tasks), started, raise_on_failure)
+        try:
+            results = pool.run(tasks)
+        except KeyboardInterrupt as e:
+            # what was done before the interrupt (files in flight: "failed",
+            # "interrupted"), e.g. for the CLI's --manifest
+            e.summary = _summarize(getattr(e, "results", []), started, False)
+            raise
+        return _summarize(results, started, raise_on_failure)
 
 
 def _in_folder(t, run):
@@ -7892,7 +7915,11 @@ examples:
   ctadata put -r results/ your-folder/
   ctadata --service put results.txt your-folder/     # prints where it landed
   ctadata upload-cert --key lst ~/x509up.pem
-exit status: 0 success, 1 a failure, 2 bad usage, 130 interrupted.
+exit status: 0 success (every file transferred or already there, and right),
+  1 a failure (some file or folder failed: each is named on stderr),
+  2 bad usage, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as SLURM
+  sends at a job's time limit), 129 SIGHUP: .part files are kept and
+  --manifest records what was done.
 """
 
 
@@ -8166,15 +8193,34 @@ def _write_json_atomic(path, doc):
         raise _local_error(e, path)
 
 
-def _report(args, verb, summary):
-    """Print the plan (dry run), failures and the summary line, write the
-    manifest; return the exit code."""
-    import json
+def _write_manifest(args, verb, summary):
+    """Write --manifest (if asked for) with one record per file."""
     if getattr(args, "manifest", None):
         doc = {"ctadata": __version__, "command": verb, "created": _iso(time.time())}
         doc.update(summary.to_dict())
         doc["files"] = doc.pop("results")
         _write_json_atomic(args.manifest, doc)
+
+
+def _report(args, verb, summary):
+    """Print the plan (dry run), failures and the summary line, write the
+    manifest; return the exit code.  A signal meanwhile waits (_Held)."""
+    with _Held():
+        return _report_now(args, verb, summary)
+
+
+def _interrupted(args, verb, error):
+    """Ctrl-C or SIGTERM stopped a transfer: write the manifest of what was
+    done (if asked for) before the CLI reports the interrupt."""
+    summary = getattr(error, "summary", None)
+    if summary is not None:
+        with _Held():
+            _write_manifest(args, verb, summary)
+
+
+def _report_now(args, verb, summary):
+    import json
+    _write_manifest(args, verb, summary)
     if args.json:
         _out(json.dumps(summary.to_dict(), indent=1) + "\n")
     elif getattr(args, "jsonl", False):
@@ -8280,6 +8326,10 @@ def _cmd_get(client, args):
                                       overwrite=args.overwrite, checksum=args.checksum,
                                       select=sel, dry_run=args.dry_run, progress=progress,
                                       raise_on_failure=False)
+    except KeyboardInterrupt as e:
+        progress.close()
+        _interrupted(args, "get", e)
+        raise
     finally:
         progress.close()
     return _report(args, "get", summary)
@@ -8317,6 +8367,10 @@ def _cmd_put(client, args):
                                 checksum=args.checksum, select=_cli_selector(args),
                                 dry_run=args.dry_run, progress=progress,
                                 raise_on_failure=False)
+    except KeyboardInterrupt as e:
+        progress.close()
+        _interrupted(args, "put", e)
+        raise
     finally:
         progress.close()
     if summary.transferred and not (args.json or args.jsonl) and not _opt(args, "quiet"):
@@ -8770,9 +8824,82 @@ def _setup_logging(args):
                     logging.ERROR if _opt(args, "quiet") else logging.WARNING)
 
 
+class _Terminated(KeyboardInterrupt):
+    """A signal stopped the command line (see _StopSignals)."""
+
+    def __init__(self, signum):
+        KeyboardInterrupt.__init__(self, signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While main() runs: SIGTERM (what SLURM sends when a job's time is up)
+    and SIGHUP (a closed terminal) stop the command the way Ctrl-C does (a
+    _Terminated, which is a KeyboardInterrupt, raised in the main thread):
+    workers stop, .part files stay, the manifest of what was done is
+    written, exit 128 + the signal's number.  A second signal while
+    stopping is ignored, so that it cannot break the cleanup (SIGKILL still
+    works); one that comes while the summary and manifest are being written
+    waits until they are (_Held).  Only signals at their default action are
+    taken (not one that nohup or a shell made the process ignore), and only
+    in the main thread (signal.signal works nowhere else)."""
+
+    current = None
+
+    def __init__(self):
+        import signal
+        import threading
+        self.old, self.seen, self.pending, self.holding = {}, False, None, 0
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            num = getattr(signal, name, None)
+            if num is not None and signal.getsignal(num) in (signal.SIG_DFL,
+                                                             signal.default_int_handler):
+                self.old[num] = signal.signal(num, self.handle)
+        _StopSignals.current = self
+
+    def handle(self, signum, frame):
+        if self.seen:
+            return
+        if self.holding:
+            self.pending = self.pending or signum
+            return
+        self.seen = True
+        raise _Terminated(signum)
+
+    def restore(self):
+        import signal
+        for num, old in self.old.items():
+            signal.signal(num, old)
+        if _StopSignals.current is self:
+            _StopSignals.current = None
+
+
+class _Held:
+    """A block that a stop signal does not cut short: it is acted on after."""
+
+    def __enter__(self):
+        s = _StopSignals.current
+        if s is not None:
+            s.holding += 1
+
+    def __exit__(self, kind, value, tb):
+        s = _StopSignals.current
+        if s is not None:
+            s.holding -= 1
+            if not s.holding and s.pending is not None and kind is None and not s.seen:
+                s.seen, signum, s.pending = True, s.pending, None
+                raise _Terminated(signum)
+
+
+_SIGNAL_NAMES = {1: "hung up (SIGHUP)", 2: "interrupted", 15: "terminated (SIGTERM)"}
+
+
 def main(argv=None):
     """Run the command line; return the exit status (0 ok, 1 failure,
-    2 usage, 130 interrupted).  Never calls sys.exit."""
+    2 usage, 128 + N stopped by signal N: 130 Ctrl-C, 143 SIGTERM, 129
+    SIGHUP).  Never calls sys.exit."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--version"]:
         # Fast path: no argparse, no network modules (start-up time matters
@@ -8788,16 +8915,19 @@ def main(argv=None):
     if getattr(args, "alias_of", None):
         sys.stderr.write("ctadata: note: `%s` is now `ctadata %s`\n"
                          % (args.command, args.alias_of))
+    signals = _StopSignals()
     try:
         client = None if getattr(args, "no_client", False) else _client_from_args(args)
         return args.func(client, args) or 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)
+        what = _SIGNAL_NAMES.get(signum, "stopped by signal %d" % signum)
         if args.command == "get":
-            sys.stderr.write("\nctadata: interrupted (partial downloads kept as .part "
-                             "files; run the same command again to resume)\n")
+            sys.stderr.write("\nctadata: %s (partial downloads kept as .part files; run "
+                             "the same command again to resume)\n" % what)
         else:
-            sys.stderr.write("\nctadata: interrupted\n")
-        return 130
+            sys.stderr.write("\nctadata: %s\n" % what)
+        return 128 + signum
     except CtadataError as e:
         sys.stderr.write("ctadata: error: %s\n" % e)
         return e.exit_code
@@ -8808,6 +8938,8 @@ def main(argv=None):
         except OSError:
             pass
         return 0
+    finally:
+        signals.restore()
 
 
 ############################################################################
@@ -8826,11 +8958,11 @@ def _entry():
 
 
 def _exit(code):
-    """Exit with *code*.  After a Ctrl-C, a worker thread that has not
-    noticed yet must not run into interpreter shutdown (CPython can abort
-    then): flush and leave at once."""
+    """Exit with *code*.  After a Ctrl-C (or SIGTERM), a worker thread that
+    has not noticed yet must not run into interpreter shutdown (CPython can
+    abort then): flush and leave at once."""
     threading = sys.modules.get("threading")
-    if code == 130 and threading is not None and any(
+    if code >= 128 and threading is not None and any(
             t.daemon and t.is_alive() for t in threading.enumerate()):
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -911,7 +911,6 @@ def test_put_r_says_what_it_does_not_follow(ngx, tmp_path, capsys, monkeypatch):
 # 9. SIGTERM (what SLURM sends when a job's time is up)
 # ===========================================================================
 
-@issue10(9, 'SIGTERM kills silently; no manifest on SIGTERM or SIGINT')
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 def test_termination_stops_keeps_parts_and_writes_the_manifest(fs, tmp_path, home, sig,
@@ -953,6 +952,29 @@ def test_termination_stops_keeps_parts_and_writes_the_manifest(fs, tmp_path, hom
     status = {os.path.basename(f["local"] or f["remote"]): f["status"] for f in doc["files"]}
     assert status.get("a.txt") == "transferred", doc
     assert all(status.get("f%d.bin" % i) != "transferred" for i in range(3)), doc
+
+
+def test_termination_of_an_upload_writes_its_manifest(fs, tmp_path, home):
+    """SIGTERM during `put -r --manifest`: the same as for downloads (exit
+    143, a message, the manifest of what was done), for uploads."""
+    src = make_tree(tmp_path / "src", {"a.txt": b"done", "b.bin": b"held" * 1000})
+    go = threading.Event()
+    fs.add_fault("hold", method="PUT", path="/dst/src/b.bin", event=go)
+    manifest = tmp_path / "manifest.json"
+    run = start(fs.url, ["put", "-r", "-j", "1", src, "dst/", "--manifest", manifest], home)
+    try:
+        assert wait_for(lambda: fs.count(method="PUT") == 2, 60), run
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.done.wait(15), "still running 15 s after SIGTERM"
+    finally:
+        go.set()
+        run.kill()
+        run.done.wait(10)
+    assert run.code == 143, run
+    assert "terminated (SIGTERM)" in run.err and "Traceback" not in run.err, run
+    doc = json.loads(manifest.read_text())
+    status = {os.path.basename(f["local"]): f["status"] for f in doc["files"]}
+    assert status == {"a.txt": "transferred", "b.bin": "failed"}, (run, doc)
 
 
 # ===========================================================================
