@@ -4466,6 +4466,9 @@ class _WorkerPool:
                         self._deferred.append((idx, task))
                     now[0] = None
                     continue
+                if res is None:  # a task that is no transfer (_Confirm)
+                    now[0] = None
+                    continue
                 out.append((idx, res))
                 now[0] = None
                 if progress is not None:
@@ -4576,10 +4579,11 @@ class _Task:
     equal; *remote*: for uploads, the remote path asked for.  Downloads:
     *folder* (a held _Folder) and *name* say where the file goes (*dest* is
     their path); *new_folder*: this run made that folder (no .part
-    there); *overwrite*: download even when the file is there."""
+    there); *overwrite*: download even when the file is there.  Uploads:
+    *confirm*, the _Confirm of the remote folder."""
 
     __slots__ = ("source", "dest", "size", "entry", "check", "remote", "new_folder",
-                 "folder", "name", "overwrite", "wait")
+                 "folder", "name", "overwrite", "wait", "confirm")
 
     def __init__(self, source, dest, size, entry=None, check=False, remote=None,
                  new_folder=False, folder=None, name=None, overwrite=False):
@@ -4589,6 +4593,7 @@ class _Task:
         self.new_folder = new_folder
         self.folder, self.name, self.overwrite = folder, name, overwrite
         self.wait = False  # set when the pool takes a deferred task again (_Busy)
+        self.confirm = None  # uploads: the _Confirm of the task's remote folder
 
 
 def _summarize(results, started, raise_on_failure=True):
@@ -4724,6 +4729,8 @@ class _Planner:
         if dry_run:
             results = []
             for t in tasks:
+                if isinstance(t, _Confirm):
+                    continue
                 if not isinstance(t, TransferResult):
                     t = TransferResult(t.source, t.dest, t.size, "planned")
                 results.append(t)
@@ -5017,19 +5024,22 @@ class _Uploads(_Planner):
         existing = {} if overwrite else self.existing(target)
         ensure = self.folder_maker(base, dry_run)
         area = []  # service mode: the caller's folder, as the service names it
-        tasks = self.tree_tasks(local, base, existing, checksum, sel, ensure, progress)
+        tasks = self.tree_tasks(local, base, existing, checksum, sel, ensure, progress,
+                                not dry_run)
         summary = self.run(tasks, self.tree_worker(verify, progress, area), jobs, progress,
                            started, raise_on_failure, dry_run)
         summary.remote_path = self.tree_path(base, area)
         return summary
 
-    def tree_tasks(self, local, base, existing, checksum, sel, ensure, progress):
+    def tree_tasks(self, local, base, existing, checksum, sel, ensure, progress,
+                   confirm=True):
         """The tasks of a tree upload, folder by folder, remote folders made
         as it goes.  A folder that cannot be read, or made on the server,
         is one failed result; the others go on.  Only regular files, and
         symlinks to regular files, are uploaded; anything else (FIFOs,
         sockets, devices, links to nothing or to those, links to folders)
-        is skipped with a warning."""
+        is skipped with a warning.  With *confirm*, each remote folder's
+        uploads are confirmed once its last one is done (see _Confirm)."""
         import stat
         unreadable = []
         for dirpath, dirnames, filenames in os.walk(local, onerror=unreadable.append):
@@ -5058,6 +5068,7 @@ class _Uploads(_Planner):
                     res.exception = e
                     yield res
                     continue
+            check = self.confirmer(rdir, rparts, names, existing) if confirm else None
             for fn in names:
                 path = os.path.join(dirpath, fn)
                 rpath = (rdir + "/" + fn) if rdir else fn
@@ -5083,8 +5094,13 @@ class _Uploads(_Planner):
                     yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
                     continue
                 progress.add_total(1, size)
-                yield _Task(path, self.url(rpath), size, have,
-                            check=have is not None and have.size == size, remote=rpath)
+                task = _Task(path, self.url(rpath), size, have,
+                             check=have is not None and have.size == size, remote=rpath)
+                if check is not None:
+                    task.confirm = check.add()
+                yield task
+            if check is not None:
+                yield check  # the folder's last task: a worker confirms it (or its last upload)
         for res in self.unreadable(unreadable):
             yield res
 
@@ -5113,15 +5129,17 @@ class _Uploads(_Planner):
         """PUT one file; a 409 (a missing parent folder: Apache does not make
         them) makes the folders, then tries once more."""
         try:
-            return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+            res = _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
         except NotFound:
             raise
         except RemoteError as e:
             parent = t.remote.rstrip("/").rpartition("/")[0] if "://" not in t.remote else None
             if e.status != 409 or not parent:
                 raise
-        self.remote.mkdir(parent, parents=True)
-        return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+            self.remote.mkdir(parent, parents=True)
+            res = _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+        _Confirm.one(self.remote, res)
+        return res
 
     def existing(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
@@ -5155,21 +5173,133 @@ class _Uploads(_Planner):
             made.add(rdir)
         return ensure
 
+    def confirmer(self, rdir, rparts, names, existing):
+        """The _Confirm of the remote folder *rdir* (holding the local
+        *names*; *existing*: what the remote tree held before)."""
+        known = set(names)
+        known.update(n for n in (e.name for k, e in existing.items()
+                                 if k.rpartition("/")[0] == "/".join(rparts)))
+        return _Confirm(self.remote, self.remote.url_for(rdir, True), known)
+
     def tree_worker(self, verify, progress, area):
         tr = self.tr
 
-        def work(t):
+        def upload(t):
             if t.check and _file_matches(t.source, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped",
                                       remote_path=t.remote)
             res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
             res.remote_path = t.remote
             return res
+
+        def work(t):
+            if isinstance(t, _Confirm):
+                t.close()
+                return None
+            if t.confirm is None:
+                return upload(t)
+            res = None
+            try:
+                res = upload(t)
+            finally:
+                t.confirm.done(os.path.basename(t.source), res)
+            return res
         return work
 
     def tree_path(self, base, area):
         """Where the tree is on the storage."""
         return base
+
+
+class _Confirm:
+    """Confirms from the server that a remote folder's uploads are there,
+    each under its own name with its size: one PROPFIND Depth 1 once the
+    folder's last upload is done, in the worker pool (so it overlaps with
+    the next folders' uploads).  A file not listed, or listed with another
+    size, becomes a failed result (a storage may keep "question?.txt" as
+    "question" and still answer 201); nothing is deleted.  The planner
+    add()s each task and then hands the _Confirm itself to the pool as the
+    folder's last task (close()); workers report each upload with done()."""
+
+    def __init__(self, dav, url, known):
+        self.dav, self.url, self.known = dav, url, known
+        self.lock = _thread.allocate_lock()
+        self.pending, self.closed, self.sent = 0, False, {}
+
+    def add(self):
+        with self.lock:
+            self.pending += 1
+        return self
+
+    def done(self, name, res):
+        with self.lock:
+            if res is not None and res.status == "transferred":
+                self.sent[name] = res
+            self.pending -= 1
+            now = self.closed and not self.pending
+        if now:
+            self.check()
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            now = not self.pending
+        if now:
+            self.check()
+
+    def check(self):
+        if not self.sent:
+            return
+        try:
+            listed = dict((e.name, e) for e in self.dav.propfind(self.url, 1))
+        except CtadataError as e:
+            for res in self.sent.values():
+                _Confirm.fail(res, "could not confirm the upload: %s" % e)
+            return
+        strays = sorted(n for n in listed if n not in self.known and not listed[n].is_dir)
+        for name, res in self.sent.items():
+            _Confirm.compare(res, name, listed.get(name), strays)
+
+    @staticmethod
+    def compare(res, name, entry, strays=()):
+        if entry is None or entry.is_dir:
+            what = "; it lists %s" % ", ".join(strays[:3]) if 0 < len(strays) <= 3 else ""
+            _Confirm.fail(res, "the server does not list %s after the upload%s" % (name, what))
+        elif entry.size is not None and entry.size != res.size:
+            _Confirm.fail(res, "the server lists %s with %d bytes after the upload, not %d"
+                          % (name, entry.size, res.size))
+
+    @staticmethod
+    def fail(res, message):
+        res.status, res.error = "failed", message
+        res.exception = TransferError(message, res.dest)
+
+    @staticmethod
+    def answer(res, rpath):
+        """Confirm an upload through the download service from its answer:
+        the path it reports must end with the one asked for."""
+        got = res.remote_path or ""
+        if rpath and got != rpath and not got.endswith("/" + rpath):
+            _Confirm.fail(res, "the download service stored %s as %s" % (rpath, got))
+        return res
+
+    @staticmethod
+    def one(dav, res):
+        """Confirm a single upload: PROPFIND Depth 0 of its URL (not of a
+        folder that may hold 100,000 files); the name in the answer's href
+        must be the one asked for (a server that maps the URL to another
+        file answers for that one)."""
+        from urllib.parse import unquote, urlsplit
+        name = unquote(urlsplit(res.dest).path.rstrip("/").rpartition("/")[2])
+        try:
+            entry = dav.stat(res.dest)
+        except NotFound:
+            entry = None
+        except CtadataError as e:
+            _Confirm.fail(res, "could not confirm the upload: %s" % e)
+            return
+        _Confirm.compare(res, name, entry if entry is None or entry.name == name else None,
+                         [entry.name] if entry is not None and entry.name != name else ())
 
 
 class _ServiceUploads(_Uploads):
@@ -5188,7 +5318,8 @@ class _ServiceUploads(_Uploads):
         return self.remote.url("upload", rpath)
 
     def send(self, t, verify, progress):
-        return _upload_service_file(self.tr, t.source, t.dest, t.size, progress)
+        return _Confirm.answer(_upload_service_file(self.tr, t.source, t.dest, t.size,
+                                                    progress), t.remote)
 
     def existing(self, target):
         return {}  # the service offers no listing of what is already there to skip
@@ -5196,11 +5327,15 @@ class _ServiceUploads(_Uploads):
     def folder_maker(self, base, dry_run):
         return lambda rdir: None  # the service makes folders itself
 
+    def confirmer(self, rdir, rparts, names, existing):
+        return None  # each answer says where the file went: see _upload_service_file
+
     def tree_worker(self, verify, progress, area):
         tr = self.tr
 
         def work(t):
-            res = _upload_service_file(tr, t.source, t.dest, t.size, progress)
+            res = _Confirm.answer(_upload_service_file(tr, t.source, t.dest, t.size, progress),
+                                  t.remote)
             if not area and res.remote_path.endswith("/" + t.remote):
                 area.append(res.remote_path[:-len(t.remote)])
             return res
@@ -8193,6 +8328,12 @@ def _write_json_atomic(path, doc):
         raise _local_error(e, path)
 
 
+def _shown(where):
+    """A URL without credentials or query, a local path as it is (a "?" in
+    a file name is no query)."""
+    return _safe_url(where) if "://" in str(where) else where
+
+
 def _write_manifest(args, verb, summary):
     """Write --manifest (if asked for) with one record per file."""
     if getattr(args, "manifest", None):
@@ -8234,7 +8375,7 @@ def _report_now(args, verb, summary):
     elif getattr(args, "dry_run", False):
         lines = []
         for r in summary.results:
-            src, dst = _safe_url(r.source), _safe_url(r.dest)
+            src, dst = _shown(r.source), _shown(r.dest)
             what = "would %s" % verb if r.status == "planned" else r.status
             size = "" if r.size is None else " (%s)" % _human_bytes(r.size)
             lines.append("%s %s -> %s%s\n" % (what, src, dst, size))
@@ -8242,7 +8383,7 @@ def _report_now(args, verb, summary):
     failures = summary.failures
     for r in failures[:20]:
         where = r.dest if verb == "get" and r.dest else r.source
-        sys.stderr.write("ctadata: failed: %s: %s\n" % (_safe_url(where), r.error))
+        sys.stderr.write("ctadata: failed: %s: %s\n" % (_shown(where), r.error))
     if len(failures) > 20:
         sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
     if getattr(args, "dry_run", False):

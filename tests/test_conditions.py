@@ -981,7 +981,6 @@ def test_termination_of_an_upload_writes_its_manifest(fs, tmp_path, home):
 # 10. Silent misplacement on upload
 # ===========================================================================
 
-@issue10(10, "put trusts the server's 201")
 def test_put_confirms_the_name_the_server_stored(fs, tmp_path, capsys, monkeypatch):
     """A storage that keeps `question?.txt` as `question` (a real XRootD
     server did: "?" starts its query string) and answers "201 Created": after
@@ -1001,7 +1000,6 @@ def test_put_confirms_the_name_the_server_stored(fs, tmp_path, capsys, monkeypat
     assert "question?.txt" in err, err
 
 
-@issue10(10, "put -r trusts the server's 201")
 def test_put_r_confirms_every_name_the_server_stored(fs, tmp_path, capsys, monkeypatch):
     """The same in a tree: one file of three is stored under another name;
     `put -r` reports exactly that one as failed, exit 1.
