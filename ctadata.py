@@ -120,6 +120,11 @@ _PROPFIND_NAMES_BODY = (
     b'<?xml version="1.0" encoding="utf-8"?>\n'
     b'<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>'
 )
+# Names, types and sizes: what confirming uploads needs (issue 10).
+_PROPFIND_SIZES_BODY = (
+    b'<?xml version="1.0" encoding="utf-8"?>\n'
+    b'<propfind xmlns="DAV:"><prop><resourcetype/><getcontentlength/></prop></propfind>'
+)
 
 
 ############################################################################
@@ -3082,9 +3087,11 @@ class _DAV:
 
     def propfind(self, url, depth, on_self=None, details=True):
         """Yield the Entry objects of a PROPFIND (see _parse_multistatus);
-        *details* False asks for names and types only."""
+        *details* False asks for names and types only, "sizes" for names,
+        types and sizes."""
         headers = {"Depth": str(depth), "Content-Type": 'application/xml; charset="utf-8"'}
         resp = self.tr.request("PROPFIND", url, headers,
+                               _PROPFIND_SIZES_BODY if details == "sizes" else
                                _PROPFIND_BODY if details else _PROPFIND_NAMES_BODY,
                                ok=(200, 207), what="list")
         try:
@@ -5251,7 +5258,8 @@ class _Confirm:
         if not self.sent:
             return
         try:
-            listed = dict((e.name, e) for e in self.dav.propfind(self.url, 1))
+            listed = dict((e.name, e) for e in self.dav.propfind(self.url, 1,
+                                                                 details="sizes"))
         except CtadataError as e:
             for res in self.sent.values():
                 _Confirm.fail(res, "could not confirm the upload: %s" % e)
