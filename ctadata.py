@@ -8415,9 +8415,13 @@ def _args_get(sub):
     sp = _subcommand(sub, "get", _cmd_get, "download files", description=(
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
-                "verified against the server's checksum; an interrupted download resumes "
-                "from its .part file; files already present with the same size are skipped; "
-                "transient failures are retried with backoff (--retries)."))
+                "verified against the server's checksum; an interrupted download of a file "
+                "over 1 MiB resumes from its .part file when NAME.part.meta says it is of the "
+                "same file; files already present with the same size are skipped; a file "
+                "another process is downloading into the same place is waited for (a lock on "
+                "its .part); transient failures are retried with backoff (--retries). A "
+                "folder that cannot be listed or made fails alone. Nothing is written through "
+                "a symbolic link below DEST."))
     sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
     sp.add_argument("dest", nargs="?", default=None, help=(
         "local file or folder (default: current folder). With -r, the tree goes to "
@@ -8439,7 +8443,8 @@ def _args_get(sub):
                     help="list what would be downloaded and the totals; write nothing")
     sp.add_argument("--manifest", metavar="FILE.json",
                     help="write one record per file (remote URL, local path, size, mtime, "
-                         "checksums, status, error)")
+                         "checksums, status, error); also when stopped by Ctrl-C or "
+                         "SIGTERM: what was done by then")
     _args_output(sp, "the summary and one record per file")
     _args_filters(sp)
 
@@ -8487,7 +8492,10 @@ def _cmd_get(client, args):
 def _args_put(sub):
     sp = _subcommand(sub, "put", _cmd_put, "upload files", description=(
                 "Upload a local file, or with -r a directory tree. A remote path ending "
-                "with '/' is a folder to upload into; missing folders are created."))
+                "with '/' is a folder to upload into; missing folders are created. Only "
+                "regular files, and symbolic links to them, are uploaded (FIFOs, sockets, "
+                "devices are skipped with a warning). Afterwards the server is asked "
+                "(PROPFIND) whether each file is there under its name with its size."))
     sp.add_argument("source", help="local file or folder")
     sp.add_argument("dest", nargs="?", default="", help="remote path (default: the root)")
     sp.add_argument("-r", "--recursive", action="store_true", help="upload a directory tree")

@@ -9,9 +9,10 @@ renames files, the local disk for FIFOs, sockets and symlinks, SIGTERM to a
 real subprocess.  Only public behaviour is used: the command line (in-process
 through ``ctadata.main`` or as ``python -m ctadata``) and ``ctadata.Client``.
 
-Tests that fail on today's code are marked ``xfail(strict=True)``: the
-implementer removes the mark as each case is fixed (an unexpected pass then
-shows up as a failure).  Each docstring says how the test fails today.
+Each test failed on the code before issue 10 was fixed (they were marked
+``xfail(strict=True)`` until then; ``issue10`` below is the mark, for a case
+that regresses or a new one); each docstring says how ("Before the fix:").
+The tests that were added with the fixes say what they guard.
 """
 
 import json
@@ -35,7 +36,7 @@ TOKEN = "conditions-token-1"
 
 
 def issue10(case, today):
-    """Fails on today's code (issue 10, case *case*): remove the mark with the fix."""
+    """Fails on the code of today (issue 10, case *case*): remove the mark with the fix."""
     return pytest.mark.xfail(strict=True, reason="issue 10 case %d: %s" % (case, today))
 
 
@@ -113,7 +114,7 @@ def test_two_processes_downloading_one_file(slow_nginx, tmp_path, home):
     right bytes at that moment; neither may fail for a reason that is not
     true.
 
-    Today: the second process resumes the first one's `big.bin.part`
+    Before the fix: the second process resumes the first one's `big.bin.part`
     (truncating it to where it resumes), both write into it, the first to
     finish renames it and the other fails with "No such file or directory"
     (exit 1) although the file is there and right; when the truncation
@@ -150,7 +151,7 @@ def test_second_process_truncating_the_first_ones_part(fs, tmp_path, home):
     (4 MiB), A writes on to 12 MiB, B's answer arrives and B truncates the
     part back to 4 MiB, then A writes the last 4 MiB and finishes.
 
-    Today: A renames a file with 8 MiB of zeros inside and exits 0 (it
+    Before the fix: A renames a file with 8 MiB of zeros inside and exits 0 (it
     checks only the bytes it received itself, which were right); B then
     writes into the renamed file and fails with "No such file or
     directory"."""
@@ -173,7 +174,7 @@ def test_second_process_truncating_the_first_ones_part(fs, tmp_path, home):
         fs.add_fault("hold", method="GET", path="/big.bin", after=[None, 0],
                      event=[eb1, eb2])
         b = start(fs.url, argv, home, on_exit=snap)
-        # B's GET arrives (today), or B never sends one (it waits for A, or
+        # B's GET arrives (before the fix), or B never sends one (it waits for A, or
         # leaves the file to A): then it has 3 s after its listing to show
         # that it does not.
         wait_for(lambda: fs.count(method="PROPFIND") >= 2 or b.done.is_set(), 30)
@@ -205,7 +206,7 @@ def test_second_process_truncating_the_first_ones_part(fs, tmp_path, home):
 def test_three_processes_downloading_one_tree(dav, tmp_path, home):
     """`get -r` of one tree by 3 processes into one folder at once.
 
-    Today: the bytes end up right, but the processes exit 1 with many false
+    Before the fix: the bytes end up right, but the processes exit 1 with many false
     "failed: X: No such file or directory" lines about files that are there
     and correct (one process renamed the `.part` the other was writing)."""
     spec = {"t/d%02d/f%03d.bin" % (i % 10, i): os.urandom(20000 + i) for i in range(400)}
@@ -384,8 +385,8 @@ def test_stale_part_of_a_small_file_is_not_resumed_against_a_changed_file(fs, tm
     """A download of a 600 kB file dies after 256 KiB; the file then changes
     on the server (same size); the same command runs again.
 
-    Today: files up to 1 MiB get no provenance next to their `.part`, so the
-    second run sends `If-Range` with the ETag of *today's* listing, which
+    Before the fix: files up to 1 MiB get no provenance next to their `.part`, so the
+    second run sent `If-Range` with the ETag of *today's* listing, which
     matches the new file: it appends the new file's tail to the old file's
     head and reports success (exit 0, a mixed file)."""
     _plain(fs, "/f.bin")
@@ -405,7 +406,7 @@ def test_stale_part_with_unreadable_provenance_starts_over(fs, tmp_path):
     `.part` to say where it came from gets damaged (a full disk, a crash
     while writing it); the file changes on the server; run again.
 
-    Today: an unreadable `.part.meta` is ignored and `If-Range` carries the
+    Before the fix: an unreadable `.part.meta` is ignored and `If-Range` carries the
     listing's ETag, which matches the new file: exit 0 with 2 MiB of the old
     file followed by 1 MiB of the new one."""
     _plain(fs, "/big.bin")
@@ -428,7 +429,7 @@ def test_stale_part_from_another_spelling_of_the_url_starts_over(fs, tmp_path):
     file changed on the server) http://127.0.0.1:PORT: the same storage,
     another spelling, as with a DNS alias of a dCache door.
 
-    Today: the `.part.meta` written for the other URL is ignored, `If-Range`
+    Before the fix: the `.part.meta` written for the other URL is ignored, `If-Range`
     takes the listing's ETag (the new file's): exit 0 with a mixed file."""
     _plain(fs, "/big.bin")
     old = put_remote(fs.root, "big.bin", os.urandom(3 * MiB), mtime=1700000000)
@@ -447,7 +448,7 @@ def test_leftover_part_on_a_real_server_after_the_file_changed(dav, tmp_path):
     left (the old version's first 256 KiB, no provenance beside it) and a
     file that has changed since, with the same size.
 
-    Today: resumed with `If-Range` = the listing's date (nginx lists no
+    Before the fix: resumed with `If-Range` = the listing's date (nginx lists no
     ETag, Apache only weak ones), which the new file matches: exit 0 with
     the old head and the new tail."""
     old = os.urandom(700000)
@@ -524,7 +525,7 @@ def test_symlinks_in_the_destination_are_not_followed(ngx, tmp_path, capsys, mon
     file outside the destination.  Nothing outside may change, and after
     exit 0 the final name must be a regular file with the right bytes.
 
-    Today: part-to-shorter: the victim is extended with the download's tail
+    Before the fix: part-to-shorter: the victim is extended with the download's tail
     (resumed from its size) and the final name becomes a symlink to it,
     exit 0; part-to-longer: the victim is overwritten with the download;
     part-dangling: a new file is created outside; meta-to-file: the victim
@@ -561,7 +562,7 @@ def test_symlink_at_the_final_name_is_replaced_not_written_through(ngx, tmp_path
                                                                    monkeypatch):
     """A symlink at the final name whose target has another size: the
     download replaces the link (rename), the target stays untouched.  (Works
-    today; kept so that the fixes do not break it.)"""
+    before the fix; kept so that the fixes do not break it.)"""
     data, out, outside = symlink_setup(tmp_path, ngx, 600000)
     (outside / "victim").write_bytes(b"V" * 10)
     os.symlink(str(outside / "victim"), str(out / "f.bin"))
@@ -578,7 +579,7 @@ def test_symlinked_folder_inside_the_destination_is_not_written_through(ngx, tmp
     the destination (the destination itself may be a symlink: the user chose
     it).  Nothing outside may change; the other folders still arrive.
 
-    Today: the files of `sub` are written through the link into the outside
+    Before the fix: the files of `sub` are written through the link into the outside
     folder (exit 0)."""
     make_tree(ngx.root, {"t/a.bin": b"a" * 100, "t/sub/x.bin": b"x" * 200,
                          "t/sub/y.bin": b"y" * 300, "t/z/z.bin": b"z" * 50})
@@ -618,7 +619,7 @@ def test_a_folder_that_exists_locally_as_a_file_does_not_stop_the_tree(ngx, tmp_
     of `b` fail, the rest of the tree arrives, the summary line is printed,
     exit 1.
 
-    Today: the whole command stops at `b` with "error: File exists" (no
+    Before the fix: the whole command stops at `b` with "error: File exists" (no
     summary line); the folders listed after `b` are never downloaded."""
     make_tree(ngx.root, {"t/a/1.bin": b"1" * 10, "t/b/2.bin": b"2" * 20,
                          "t/c/3.bin": b"3" * 30, "t/d/4.bin": b"4" * 40})
@@ -642,7 +643,7 @@ def test_a_remote_folder_that_cannot_be_listed_does_not_stop_the_tree(
     PROPFIND: `get -r`, `ls -R` and `du` report it, go on with the other
     folders, and exit 1 at the end (get: with its summary line).
 
-    Today: each of them stops at the bad folder: `get -r` with "error:
+    Before the fix: each of them stops at the bad folder: `get -r` with "error:
     ..." and no summary (folders after it never downloaded), `ls -R` prints
     nothing at all, `du` prints no counts."""
     make_tree(fs.root, {"t/a/1.bin": b"1" * 10, "t/bad/2.bin": b"2" * 20,
@@ -709,7 +710,7 @@ def test_concurrent_uploads_creating_the_same_folders_on_apache(apache, tmp_path
     another MKCOL of the same folder (mod_dav_fs: mkdir() fails with EEXIST
     after its own check said "absent").
 
-    Today: "mkdir: HTTP 403 ...; the token is valid but lacks permission
+    Before the fix: "mkdir: HTTP 403 ...; the token is valid but lacks permission
     for this path" and the upload stops (in about 4 rounds of 5)."""
     src = make_tree(tmp_path / "src", {"d%02d/f.txt" % i: b"x" * (10 + i)
                                        for i in range(12)})
@@ -741,7 +742,7 @@ def test_mkcol_refused_for_a_folder_that_exists_by_then_is_not_an_error(fs, tmp_
     """The same race, made certain: the folder exists (another process just
     made it) and the MKCOL got 403, as Apache answers the loser.
 
-    Today: `put -r` stops with "error: mkdir: HTTP 403 ... the token is valid
+    Before the fix: `put -r` stops with "error: mkdir: HTTP 403 ... the token is valid
     but lacks permission", exit 1, nothing uploaded."""
     (fs.root / "dst").mkdir()
     fs.add_fault("status", method="MKCOL", path="/dst", status=403, headers={},
@@ -756,7 +757,7 @@ def test_mkcol_refused_for_a_folder_that_exists_by_then_is_not_an_error(fs, tmp_
 def test_mkcol_refused_for_a_folder_that_does_not_exist_is_still_an_error(fs, tmp_path,
                                                                           capsys, monkeypatch):
     """The guard of the previous fix: a 403 for a folder that really is not
-    there is a real refusal and fails (works today)."""
+    there is a real refusal and fails (worked before the fix too)."""
     fs.add_fault("status", method="MKCOL", path="/dst", status=403, headers={},
                  times=None)
     src = make_tree(tmp_path / "src", {"a.txt": b"a"})
@@ -776,7 +777,7 @@ def test_a_link_that_drops_every_mib_still_delivers(fs, tmp_path):
     default number of retries: every attempt moves data, so none of them is
     a failure of the same kind, and the file arrives.
 
-    Today: the budget (5 retries per file) never refills, so the download
+    Before the fix: the budget (5 retries per file) never refills, so the download
     fails after 6 attempts at 6 MiB ("short download")."""
     data = put_remote(fs.root, "big.bin", os.urandom(8 * MiB))
     fs.add_fault("truncate", method="GET", path="/big.bin", after=1 * MiB, times=None)
@@ -798,7 +799,7 @@ def test_an_outage_of_ten_backoffs_fails_no_file(fs, tmp_path, scale):
     (0.5 s), for each of 96 files.  Run scaled down by 20 (backoff 0.025 s,
     outage 0.25 s: the same ratio); CTADATA_STRESS=full runs it in real time.
 
-    Today: the 5 retries' jittered backoff (full jitter: 0-0.5 s, 0-1 s, ...,
+    Before the fix: the 5 retries' jittered backoff (full jitter: 0-0.5 s, 0-1 s, ...,
     0-8 s) adds up to less than 5 s for about one file in six (measured here:
     6 to 16 of the 96 files fail with "Connection reset by peer"; all 96
     survive with a probability around 1e-5)."""
@@ -843,7 +844,7 @@ def test_put_r_skips_a_fifo_instead_of_hanging(ngx, tmp_path, home):
     """`put -r` of a folder holding a named pipe (FIFO) next to regular
     files: the FIFO is skipped with a warning, the rest is uploaded, exit 0.
 
-    Today: opening the FIFO blocks forever (no writer); the process never
+    Before the fix: opening the FIFO blocks forever (no writer); the process never
     exits (and ignores Ctrl-C); the test kills it after the regular files
     have arrived and it has had 5 s more."""
     src = make_tree(tmp_path / "src", {"a.txt": b"a" * 10, "z/b.txt": b"b" * 20})
@@ -869,7 +870,7 @@ def test_put_r_skips_sockets_and_links_to_devices(ngx, tmp_path, capsys, monkeyp
     UNIX socket and a symlink to /dev/null are skipped with a warning (exit
     0).
 
-    Today: the socket fails the command ("No such device or address", exit
+    Before the fix: the socket fails the command ("No such device or address", exit
     1) and the link to /dev/null is uploaded as an empty file."""
     src = make_tree(tmp_path / "src", {"a.txt": b"a" * 10})
     os.symlink(str(src / "a.txt"), str(src / "link-to-a.txt"))
@@ -920,7 +921,7 @@ def test_termination_stops_keeps_parts_and_writes_the_manifest(fs, tmp_path, hom
     say so, keep the `.part` files, write the manifest of what was done,
     exit 143 (SIGINT: 130).
 
-    Today: SIGTERM kills the process silently (status -15: no message, no
+    Before the fix: SIGTERM kills the process silently (status -15: no message, no
     manifest); SIGINT exits 130 but writes no manifest either."""
     for i in range(3):
         put_remote(fs.root, "d/f%d.bin" % i, os.urandom(3 * MiB))
@@ -987,7 +988,7 @@ def test_put_confirms_the_name_the_server_stored(fs, tmp_path, capsys, monkeypat
     `put`, ctadata must look (PROPFIND Depth 1 of the destination folder)
     and report the file as failed.
 
-    Today: "put: 1 files (1 transferred ...)", exit 0; the file is not
+    Before the fix: "put: 1 files (1 transferred ...)", exit 0; the file is not
     where the user will look for it."""
     fs.add_fault("store_as", method="PUT", path="/up/question?.txt", name="question")
     (fs.root / "up").mkdir()
@@ -1004,7 +1005,7 @@ def test_put_r_confirms_every_name_the_server_stored(fs, tmp_path, capsys, monke
     """The same in a tree: one file of three is stored under another name;
     `put -r` reports exactly that one as failed, exit 1.
 
-    Today: "3 transferred, 0 failed", exit 0."""
+    Before the fix: "3 transferred, 0 failed", exit 0."""
     fs.add_fault("store_as", method="PUT", path="/dst/src/sub/what?.txt", name="what")
     src = make_tree(tmp_path / "src", {"a.txt": b"a", "sub/what?.txt": b"w",
                                        "sub/z.txt": b"z"})
