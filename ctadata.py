@@ -440,20 +440,46 @@ def _local_error(e, path):
     return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
 
 
-def _open_regular(path):
-    """*path* opened for reading (uploads) if it is a regular file, else
-    TransferError.  Opened without blocking: a FIFO with no writer would
-    hang for ever (O_NONBLOCK changes nothing for a regular file)."""
+def _open_regular_fd(path):
+    """(descriptor, stat) of *path* opened for reading (uploads) if it is a
+    regular file, else TransferError.  Opened without blocking: a FIFO with
+    no writer would hang for ever (O_NONBLOCK changes nothing for a regular
+    file)."""
     import stat
     try:
         fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_NOCTTY", 0) |
                      _O_CLOEXEC | _O_BINARY)
     except OSError as e:
         raise _local_error(e, path)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise TransferError("not a regular file: %s" % path, retryable=False)
-    return open(fd, "rb", buffering=0)
+    return fd, st
+
+
+def _open_regular(path):
+    """_open_regular_fd as an unbuffered binary file."""
+    return open(_open_regular_fd(path)[0], "rb", buffering=0)
+
+
+def _read_regular(path, size):
+    """(the bytes, the stat) of the regular file *path*, read whole: at
+    most *size* + 1 bytes (so that growth shows)."""
+    fd, st = _open_regular_fd(path)
+    try:
+        parts, left = [], size + 1
+        while left > 0:
+            part = os.read(fd, left)
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+    except OSError as e:
+        raise _local_error(e, path)
+    finally:
+        os.close(fd)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), st
 
 
 def _file_kind(mode):
@@ -3829,6 +3855,9 @@ class _Download:
                     raise _local_error(e, self.folder.join(self.part))
                 excl = True
                 continue
+            if excl:  # made just now, without following a link: an empty file of ours
+                self.fd, self.created = fd, True
+                return
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 self.fd, self.created = fd, excl
@@ -3983,9 +4012,9 @@ class _Download:
         """Write the body into the part after its first *offset* bytes (which
         are hashed first: the checksum covers the whole file); return the
         bytes received.  The part gets the server's modification time."""
-        f = open(self.fd, "r+b", buffering=0, closefd=False)
-        with f:
-            if offset:  # resumed: keep only the first *offset* bytes
+        import functools
+        if offset:  # resumed: keep only the first *offset* bytes
+            with open(self.fd, "r+b", buffering=0, closefd=False) as f:
                 if hashers.active:
                     _hash_head(f, offset, hashers)
                 try:
@@ -3993,30 +4022,32 @@ class _Download:
                     f.truncate()
                 except OSError as e:
                     raise _local_error(e, self.folder.join(self.part))
-                if self.progress is not None:
-                    self.progress.advance(offset)
-            before = self.fetched[0]
-            if self.high is None:
-                self.high = offset  # where this run started
-            try:
-                got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
-                                 self.fetched, None if expected is None else expected - offset)
-            except TransferError:
+            if self.progress is not None:
+                self.progress.advance(offset)
+        before = self.fetched[0]
+        if self.high is None:
+            self.high = offset  # where this run started
+        try:
+            # straight to the descriptor: no file object (and its fstat) per file
+            got = _copy_body(resp, functools.partial(os.write, self.fd), hashers,
+                             self.progress, self.cancel, self.part, self.fetched,
+                             None if expected is None else expected - offset)
+        except TransferError:
+            raise
+        except Exception as e:
+            if not _is_transient(e):
                 raise
-            except Exception as e:
-                if not _is_transient(e):
-                    raise
-                raise _network_error(e, self.url, "download")
-            finally:  # how much further than ever before the part got
-                end = offset + self.fetched[0] - before
-                self.gained, self.high = max(0, end - self.high), max(end, self.high)
-            if mtime is not None:
-                # set through the open file (no second path lookup); the rename keeps it
-                try:
-                    os.utime(self.fd if os.utime in os.supports_fd else self.dest + ".part",
-                             (mtime, mtime))
-                except OSError:
-                    pass
+            raise _network_error(e, self.url, "download")
+        finally:  # how much further than ever before the part got
+            end = offset + self.fetched[0] - before
+            self.gained, self.high = max(0, end - self.high), max(end, self.high)
+        if mtime is not None:
+            # set through the open file (no second path lookup); the rename keeps it
+            try:
+                os.utime(self.fd if os.utime in os.supports_fd else self.dest + ".part",
+                         (mtime, mtime))
+            except OSError:
+                pass
         return got
 
     def verify(self, received, expected, hashers, remote_sums):
@@ -4165,15 +4196,16 @@ def _count(text):
     return int(text) if text and not text.strip("0123456789") else None
 
 
-def _copy_body(resp, f, hashers, progress, cancel, path, fetched, length=None):
-    """Stream a response body into file *f*: one reused buffer (no larger
-    than the body), the checksum updated on the way, progress fed per
-    block; the download stops if the server sends more than *length*."""
+def _copy_body(resp, write, hashers, progress, cancel, path, fetched, length=None):
+    """Stream a response body into *write* (a file's): one reused buffer (no
+    larger than the body), the checksum updated on the way, progress fed
+    per block; the download stops if the server sends more than *length*.
+    (A short write is caught afterwards: the size on disk is checked.)"""
     advance = progress.advance if progress is not None else None
     update = hashers.update if hashers.active else None
     buf = bytearray(_CHUNK if length is None else max(min(length, _CHUNK), 8192))
     view = memoryview(buf)
-    readinto, write = resp.readinto, f.write
+    readinto = resp.readinto
     got = 0
     while True:
         n = readinto(buf)
@@ -4213,7 +4245,8 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     False never sends it.  Large files say "Expect: 100-continue" so that
     dCache redirects them to a pool instead of proxying every byte through
     the door."""
-    body, sums_of, local_md5 = _upload_body(local, size, _put_algos(tr, size), verify)
+    body, sums_of, local_md5, mtime = _upload_body(local, size, _put_algos(tr, size),
+                                                   verify)
     headers = {"Want-Digest": _WANT_DIGEST}
     if local_md5 is not None:
         import base64
@@ -4227,7 +4260,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
         progress.advance(size)
     res = TransferResult(local, url, size, "transferred", None, sums, size)
     try:
-        res.mtime = os.stat(local).st_mtime
+        res.mtime = mtime if mtime is not None else os.stat(local).st_mtime
     except OSError:
         pass
     return res
@@ -4248,9 +4281,10 @@ def _put_algos(tr, size):
 
 def _upload_body(local, size, algos, verify):
     """(the body to send, a function returning the checksums computed on
-    the way, the md5 to send as Content-MD5 or None).  A small file is read
-    whole (and its md5 is free); a large one streams as a _FileBody, its md5
-    only with *verify* (a first read of its own)."""
+    the way, the md5 to send as Content-MD5 or None, the file's mtime or
+    None).  A small file is read whole (and its md5 is free); a large one
+    streams as a _FileBody, its md5 only with *verify* (a first read of its
+    own)."""
     import hashlib
     if size > _SMALL_BODY:
         local_md5 = hashlib.md5() if verify else None
@@ -4261,19 +4295,16 @@ def _upload_body(local, size, algos, verify):
             except OSError as e:
                 raise _local_error(e, local)
         body = _FileBody(local, size, algos)
-        return body, lambda: body.hashers.result(), local_md5
-    try:
-        with _open_regular(local) as f:
-            data = f.readall()
-    except OSError as e:
-        raise _local_error(e, local)
+        return body, lambda: body.hashers.result(), local_md5, None
+    data, st = _read_regular(local, size)
     if len(data) != size:
         raise TransferError("local file changed size during upload: %s" % local,
                             expected=size, received=len(data), retryable=False)
     hashers = _Hashers(algos)
     if algos:
         hashers.update(data)
-    return data, hashers.result, hashlib.md5(data) if verify is not False else None
+    return data, hashers.result, hashlib.md5(data) if verify is not False else None, \
+        st.st_mtime
 
 
 def _put(tr, url, headers, body, expect):

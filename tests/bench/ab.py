@@ -55,8 +55,10 @@ def run_once(version, url, token, argv, home):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
            "BEARER_TOKEN": token, "PYTHONPATH": str(version), "LC_ALL": "C.UTF-8"}
     t0 = time.perf_counter()
+    # cwd: `python -m` puts the current folder first on sys.path
     proc = subprocess.Popen([sys.executable, "-m", "ctadata", "--url", url, "-q"] + argv,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, cwd=str(version), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     _pid, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode("utf-8", "replace")
