@@ -3692,6 +3692,7 @@ class _Download:
         self.warn = warn or (lambda msg: _log(30, "%s", msg))
         self.overwrite, self.wait, self.check = task.overwrite, task.wait, task.check
         self.fd = self.lockfile = None
+        self.locked = False  # this process holds the part's lock
         self.meta = None  # the part's _PartMeta (False: none; None: not read yet)
         self.created = False   # the part is new (made by this process with O_EXCL)
         self.restart = False   # the part's bytes are not to be resumed
@@ -3712,9 +3713,11 @@ class _Download:
             self.close()
 
     def drop_empty_part(self):
-        """A failed download leaves no empty .part (e.g. after a 404)."""
+        """A failed download leaves no empty .part (e.g. after a 404); only
+        one this process holds the lock of (another process's may be empty
+        because it has only just begun)."""
         try:
-            if self.fd is not None and not os.fstat(self.fd).st_size:
+            if self.locked and self.fd is not None and not os.fstat(self.fd).st_size:
                 self.folder.unlink(self.part)
         except OSError:
             pass
@@ -3723,6 +3726,7 @@ class _Download:
         """Close the part (which drops its flock) and release its lock file."""
         fd, self.fd = self.fd, None
         lockfile, self.lockfile = self.lockfile, None
+        self.locked = False
         if lockfile is not None:
             lockfile.release()
         if fd is not None:
@@ -3743,6 +3747,7 @@ class _Download:
                     raise _Busy(self.dest)
                 self.wait_for_lock()
                 other = True
+            self.locked = True
             if not self.created and not self.same_part():
                 self.close()  # the holder finished: the part we opened is its file now
                 done = self.done_elsewhere()

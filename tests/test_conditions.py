@@ -228,6 +228,36 @@ def test_three_processes_downloading_one_tree(dav, tmp_path, home):
     assert leftovers(out) == []
 
 
+def test_a_waiting_process_stopped_leaves_the_other_ones_part_alone(fs, tmp_path, home):
+    """B waits for A's file; B is stopped (Ctrl-C) while A's part is still
+    empty (A's answer has not come): B must not clean A's part up as its
+    own failed download's leftover; A then finishes, exit 0."""
+    data = put_remote(fs.root, "f.bin", os.urandom(2 * MiB))
+    out = tmp_path / "out"
+    out.mkdir()
+    go = threading.Event()
+    fs.add_fault("hold", method="GET", path="/f.bin", event=go)
+    argv = ["get", "f.bin", str(out) + "/"]
+    a = start(fs.url, argv, home)
+    b = None
+    try:
+        assert wait_for(lambda: fs.count(method="GET") == 1, 60), a
+        assert size_of(out / "f.bin.part") == 0
+        b = start(fs.url, argv, home)
+        assert wait_for(lambda: "waiting for another process" in b.peek_err(), 30), b
+        b.proc.send_signal(signal.SIGINT)
+        assert b.wait(15) == 130, b
+        assert size_of(out / "f.bin.part") == 0     # A's part is still there
+    finally:
+        go.set()
+        for r in (a, b):
+            if r is not None:
+                r.wait()
+    assert a.code == 0, a
+    assert file_sha(out / "f.bin") == sha(data)
+    assert leftovers(out) == []
+
+
 # ---------------------------------------------------------------------------
 # 1 and 2, where flock does not reach every machine: the NAME.part.lock file
 # (CTADATA_LOCK=file forces it here; ctadata picks it by itself on NFS mounted
