@@ -5750,9 +5750,13 @@ class Client:
         complete and verified.  *dry_run*: list and plan only (results have
         status "planned"), write nothing.
 
-        Returns a TransferSummary.  Raises PartialFailure (with the summary)
-        if any file failed, NotFound/AuthError/RemoteError if *path* cannot be
-        listed."""
+        Another process downloading the same file into the same place is
+        waited for (a lock on its .part; see README "Integrity and
+        resilience"); a folder of the tree that cannot be listed or made is
+        one failed result.  Returns a TransferSummary.  Raises PartialFailure
+        (with the summary) if any file failed, NotFound/AuthError/RemoteError
+        if *path* cannot be listed; a KeyboardInterrupt (Ctrl-C) carries
+        ``.summary``, what was done by then."""
         return self._downloads.download(path, dest, recursive, overwrite, checksum, select,
                                         dry_run, progress, jobs, raise_on_failure)
 
@@ -5814,9 +5818,12 @@ class Client:
         for files up to 1 MiB; False: never).  *dry_run*: plan only, send
         nothing that changes the storage.  In service mode everything lands
         in the caller's own folder, and each result's ``remote_path`` (and the
-        summary's) is the path the service reports.  Returns a
-        TransferSummary; raises PartialFailure if any file failed,
-        ConfigError for a bad local path."""
+        summary's) is the path the service reports.  Only regular files (and
+        symlinks to them) are uploaded; afterwards the server is asked
+        whether each is there under its name with its size (a file that is
+        not fails).  Returns a TransferSummary; raises PartialFailure if any
+        file failed, ConfigError for a bad local path; a KeyboardInterrupt
+        carries ``.summary``."""
         return self._uploads.upload(local, remote, recursive, verify, overwrite, checksum,
                                     select, dry_run, progress, jobs, raise_on_failure)
 
