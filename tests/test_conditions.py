@@ -258,6 +258,33 @@ def test_a_waiting_process_stopped_leaves_the_other_ones_part_alone(fs, tmp_path
     assert leftovers(out) == []
 
 
+def test_a_lost_rename_race_to_the_same_file_is_skipped_not_failed(fs, tmp_path):
+    """Where no lock works (an older ctadata, a file system that lies), the
+    other process may rename the part first: when the final name then holds
+    the same verified bytes (size and the server's checksum), the file is
+    "skipped", not failed.  Here the test plays the other process: it
+    renames the part while the download is held half-way."""
+    data = put_remote(fs.root, "f.bin", os.urandom(3 * MiB))
+    go = threading.Event()
+    fs.add_fault("hold", method="GET", path="/f.bin", after=[1 * MiB], event=[go])
+    out = tmp_path / "out"
+    got = {}
+
+    def download():
+        got["summary"] = client_for(fs.url).download("f.bin", str(out) + "/")
+    t = threading.Thread(target=download)
+    t.start()
+    try:
+        assert wait_for(lambda: size_of(out / "f.bin.part") == 1 * MiB, 30)
+        os.rename(str(out / "f.bin.part"), str(out / "f.bin"))
+    finally:
+        go.set()
+        t.join(60)
+    s = got["summary"]
+    assert (s.skipped, s.failed) == (1, 0), s.results
+    assert file_sha(out / "f.bin") == sha(data)
+
+
 # ---------------------------------------------------------------------------
 # 1 and 2, where flock does not reach every machine: the NAME.part.lock file
 # (CTADATA_LOCK=file forces it here; ctadata picks it by itself on NFS mounted
