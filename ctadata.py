@@ -142,6 +142,9 @@ _MAX_REDIRECTS = 10
 _DEFAULT_TIMEOUT = 60.0
 _DEFAULT_RETRIES = 5
 _DEFAULT_JOBS = 4
+# A download attempt that brought the file this much further is progress:
+# the retry budget starts again (issue 10: a link that keeps dropping).
+_PROGRESS = 1 << 20
 # Error bodies are read for a message, never more than this.
 _ERROR_BODY_LIMIT = 4096
 # A finished-with response whose body is larger than this closes its
@@ -178,6 +181,11 @@ _PROPFIND_BODY = (
 _PROPFIND_NAMES_BODY = (
     b'<?xml version="1.0" encoding="utf-8"?>\n'
     b'<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>'
+)
+# Names, types and sizes: what confirming uploads needs (issue 10).
+_PROPFIND_SIZES_BODY = (
+    b'<?xml version="1.0" encoding="utf-8"?>\n'
+    b'<propfind xmlns="DAV:"><prop><resourcetype/><getcontentlength/></prop></propfind>'
 )
 
 
@@ -626,6 +634,490 @@ _HTML_ROWS = 200
 
 
 ############################################################################
+# Local files
+############################################################################
+
+# Everything a download writes below its destination goes through folder
+# file descriptors: each folder below the one the user named is opened
+# relative to its parent with O_NOFOLLOW, and every name in it relative to
+# that folder (openat, mkdirat, renameat...), so that no symlink planted in
+# a shared, group-writable folder can make ctadata write outside it.  The
+# folder the user names may itself be a symlink: that is the user's choice.
+# Without dir_fd support (Windows) the same calls take paths, each name
+# checked with lstat first (best effort: a window remains between the two).
+#
+# Two processes must never write one NAME.part: each holds a lock on it
+# (flock on the open part, or a NAME.part.lock file where flock is missing
+# or only local to one machine) from opening it until after the rename.
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_DIR_FDS = {os.open, os.mkdir, os.stat, os.unlink, os.rename} <= os.supports_dir_fd
+
+
+def _local_error(e, path):
+    """A local I/O failure, naming the path."""
+    return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
+
+
+def _open_regular_fd(path):
+    """(descriptor, stat) of *path* opened for reading (uploads) if it is a
+    regular file, else TransferError.  Opened without blocking: a FIFO with
+    no writer would hang for ever (O_NONBLOCK changes nothing for a regular
+    file)."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_NOCTTY", 0) |
+                     _O_CLOEXEC | _O_BINARY)
+    except OSError as e:
+        raise _local_error(e, path)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise TransferError("not a regular file: %s" % path, retryable=False)
+    return fd, st
+
+
+def _open_regular(path):
+    """_open_regular_fd as an unbuffered binary file."""
+    return open(_open_regular_fd(path)[0], "rb", buffering=0)
+
+
+def _read_regular(path, size):
+    """(the bytes, the stat) of the regular file *path*, read whole: at
+    most *size* + 1 bytes (so that growth shows)."""
+    fd, st = _open_regular_fd(path)
+    try:
+        parts, left = [], size + 1
+        while left > 0:
+            part = os.read(fd, left)
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+    except OSError as e:
+        raise _local_error(e, path)
+    finally:
+        os.close(fd)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), st
+
+
+def _file_kind(mode):
+    """What a file that is not a regular one is, in words."""
+    import stat
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return "a special file"
+
+
+def _refusal(e, path, is_link):
+    if is_link:
+        return TransferError("refusing to write through a symbolic link: %s" % path,
+                             retryable=False)
+    if e.errno in (20, 17):  # ENOTDIR, EEXIST: a file where a folder should be
+        return TransferError("not a folder: %s" % path, retryable=False)
+    return _local_error(e, path)
+
+
+class _Folder:
+    """A local folder that downloads write into, opened without following
+    a symlink (see above); names are relative to it.  Shared by the tasks
+    in it: each holds it, the last release() closes it.  *created*: this
+    run made it (so it holds no file or .part of an earlier run)."""
+
+    __slots__ = ("path", "fd", "created", "tree", "users", "_lock")
+
+    def __init__(self, path, fd, created=False, tree=None):
+        self.path, self.fd, self.created, self.tree = path, fd, created, tree
+        self.users = 1
+        self._lock = _thread.allocate_lock()
+
+    def join(self, name):
+        return os.path.join(self.path, name)
+
+    def hold(self):
+        with self._lock:
+            self.users += 1
+        return self
+
+    def release(self):
+        with self._lock:
+            self.users -= 1
+            fd, self.fd = (self.fd, None) if not self.users else (None, self.fd)
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):  # a task that never ran (interrupted) did not release it
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def open(self, name, flags, mode=0o666):
+        flags |= _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
+        if self.fd is not None:
+            return os.open(name, flags, mode, dir_fd=self.fd)
+        path = self.join(name)
+        if os.path.islink(path):
+            import errno
+            raise OSError(errno.ELOOP, "Too many levels of symbolic links", path)
+        return os.open(path, flags, mode)
+
+    def lstat(self, name):
+        if self.fd is not None:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        return os.lstat(self.join(name))
+
+    def unlink(self, name):
+        if self.fd is not None:
+            os.unlink(name, dir_fd=self.fd)
+        else:
+            os.unlink(self.join(name))
+
+    def unlink_quietly(self, name):
+        try:
+            self.unlink(name)
+        except OSError:
+            pass
+
+    def replace(self, src, dst):
+        if self.fd is not None:
+            os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        else:
+            os.replace(self.join(src), self.join(dst))
+
+    def read(self, name):
+        """The regular file *name* opened for reading, or None."""
+        import stat
+        try:
+            fd = self.open(name, os.O_RDONLY | _O_NONBLOCK)
+        except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return open(fd, "rb", buffering=0)
+
+
+class _LocalTree:
+    """The folders below a local destination *root*: the user's folder (a
+    symlink is followed there; it is made when missing), below which
+    folder() opens (and makes) each one without following a symlink.
+    *dry_run*: look only (paths, nothing made)."""
+
+    def __init__(self, root, dry_run=False):
+        self.root = root or "."
+        self.fd = None
+        self.lock_mode = None  # decided at the first lock: see _lock_part
+        if dry_run:
+            return
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise _local_error(e, self.root)
+        if _DIR_FDS:
+            try:
+                self.fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            except OSError as e:
+                raise _local_error(e, self.root)
+
+    def close(self):
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            self.close()
+
+    def folder(self, parts, create=True):
+        """The held _Folder of root/parts (made when missing, with
+        *create*), or TransferError: a symlink or a file on the way."""
+        path = os.path.join(self.root, *parts)
+        if self.fd is None:
+            return self._folder_by_path(parts, path, create)
+        fd, created = self.fd, False
+        try:
+            for i, name in enumerate(parts):
+                created = False
+                if create:
+                    try:
+                        os.mkdir(name, 0o777, dir_fd=fd)
+                        created = True
+                    except FileExistsError:
+                        pass
+                    except OSError as e:
+                        raise _refusal(e, os.path.join(self.root, *parts[:i + 1]), False)
+                try:
+                    sub = os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC,
+                                  dir_fd=fd)
+                except OSError as e:
+                    import stat
+                    try:
+                        link = stat.S_ISLNK(os.stat(name, dir_fd=fd,
+                                                    follow_symlinks=False).st_mode)
+                    except OSError:
+                        link = False
+                    raise _refusal(e, os.path.join(self.root, *parts[:i + 1]), link)
+                if fd != self.fd:
+                    os.close(fd)
+                fd = sub
+        except BaseException:
+            if fd != self.fd:
+                os.close(fd)
+            raise
+        if fd == self.fd:
+            fd = os.dup(fd)
+        return _Folder(path, fd, created, self)
+
+    def _folder_by_path(self, parts, path, create):
+        created = False
+        for i in range(len(parts)):
+            sub = os.path.join(self.root, *parts[:i + 1])
+            if os.path.islink(sub):
+                raise _refusal(None, sub, True)
+            if create and not os.path.isdir(sub):
+                try:
+                    os.mkdir(sub)
+                    created = True
+                except OSError as e:
+                    raise _refusal(e, sub, False)
+        return _Folder(path, None, created, self)
+
+
+# -- locks on partial downloads ---------------------------------------------------
+# flock(2) on the open NAME.part is the lock: it belongs to the open file
+# (so our own other open()s of the file and two Clients in one process do
+# not break it, as they would POSIX record locks), it dies with its process
+# (no stale locks), and it reaches every machine on local file systems, on
+# NFS (Linux emulates it with NFS byte-range locks since 2.6.12), on Lustre
+# mounted with "flock" and on GPFS.  Where it does not (flock(2) fails
+# with ENOLCK/ENOSYS/EOPNOTSUPP: NFSv3 without lockd, Lustre "noflock"), or
+# where it only reaches this machine (NFS "nolock" or "local_lock=flock|all",
+# nfs(5); Lustre "localflock", mount.lustre(8)), NAME.part.lock, created
+# with O_EXCL (atomic on NFSv3+ and Lustre), is the lock instead or as well.
+# $CTADATA_LOCK=file|flock|both overrides what /proc/self/mountinfo says.
+
+
+def _flock(fd):
+    """Take the exclusive flock of an open file without waiting: True when
+    taken, False when another open file holds it, None when this file
+    system has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    import errno
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
+                       getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return None
+        raise
+
+
+def _lock_mode(path):
+    """How downloads below the local folder *path* lock their parts:
+    "flock", "file" (NAME.part.lock) or "both"."""
+    mode = os.environ.get("CTADATA_LOCK", "").strip().lower()
+    if mode in ("flock", "file", "both"):
+        return mode
+    return "both" if _flock_is_node_local(path) else "flock"
+
+
+def _flock_is_node_local(path, mountinfo="/proc/self/mountinfo"):
+    """True when the file system holding *path* keeps flock() locks on this
+    machine only, so another machine sharing the folder would not see
+    them: NFS mounted with nolock or local_lock=flock|all, Lustre with
+    localflock.  Read from /proc/self/mountinfo (proc(5)); False when
+    unknown."""
+    import re
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    best, kind, opts = "", "", set()
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if not sep or len(fields) < 6 or len(rest) < 3:
+            continue
+        # octal escapes (\040 for a space) in the mount point
+        mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, kind = mnt, rest[0]
+            opts = set(fields[5].split(",")) | set(rest[2].split(","))
+    if kind in ("nfs", "nfs4"):
+        return bool(opts & {"nolock", "local_lock=flock", "local_lock=all"})
+    if kind == "lustre":
+        return "localflock" in opts
+    return False
+
+
+class _LockFile:
+    """NAME.part.lock, the lock where flock cannot be trusted (see above):
+    made with O_EXCL, it says who holds it (host, pid, boot id); its holder
+    touches it every 30 s (one thread per process) and removes it when done.
+    Left behind by a process that was killed, it is stale once its process
+    is gone (same machine and boot) or it was not touched for 10 minutes
+    by the file server's clock; a stale lock is moved aside and removed."""
+
+    STALE = 600.0
+    BEAT = 30.0
+    _held = {}  # fd -> path, touched by the heartbeat thread
+    _guard = _thread.allocate_lock()
+    _beating = []
+
+    def __init__(self, folder, name, fd):
+        self.folder, self.name, self.fd = folder, name, fd
+
+    @classmethod
+    def take(cls, folder, name):
+        """The lock *name* in *folder*, or None when another process holds it."""
+        import json
+        import socket
+        for _ in range(3):
+            try:
+                fd = folder.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not cls.break_stale(folder, name):
+                    return None
+                continue
+            except OSError as e:
+                raise _local_error(e, folder.join(name))
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "boot": _boot_id(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            try:
+                os.write(fd, json.dumps(info).encode("utf-8"))
+            except OSError:
+                pass  # an empty lock still locks; it goes stale by its age
+            with cls._guard:
+                cls._held[fd] = folder.join(name)
+                if not cls._beating:
+                    import threading
+                    cls._beating.append(threading.Thread(target=cls._beat, daemon=True,
+                                                         name="ctadata-lock-heartbeat"))
+                    cls._beating[0].start()
+            return cls(folder, name, fd)
+        return None
+
+    def release(self):
+        with self._guard:
+            self._held.pop(self.fd, None)
+            self.folder.unlink_quietly(self.name)
+            os.close(self.fd)
+
+    @classmethod
+    def _beat(cls):
+        while True:
+            time.sleep(cls.BEAT)
+            with cls._guard:
+                for fd, path in list(cls._held.items()):
+                    try:
+                        os.utime(fd if os.utime in os.supports_fd else path)
+                    except OSError:
+                        pass
+
+    @classmethod
+    def break_stale(cls, folder, name):
+        """True when the lock *name* is gone now: it was stale (and is
+        removed here) or its holder just released it."""
+        import json
+        import stat
+        try:
+            st = folder.lstat(name)
+        except FileNotFoundError:
+            return True
+        if not stat.S_ISREG(st.st_mode):  # planted: not a lock of ours
+            folder.unlink_quietly(name)
+            return True
+        f = folder.read(name)
+        try:
+            info = json.loads(f.read(4096).decode("utf-8")) if f is not None else {}
+        except (OSError, ValueError):
+            info = {}
+        finally:
+            if f is not None:
+                f.close()
+        if not isinstance(info, dict) or not cls.stale(folder, name, st, info):
+            return False
+        aside = "%s.stale.%d" % (name, os.getpid())
+        try:
+            os.rename(folder.join(name), folder.join(aside)) if folder.fd is None else \
+                os.rename(name, aside, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+        except FileNotFoundError:
+            return True  # another process broke it first
+        except OSError:
+            return False
+        try:
+            moved = folder.lstat(aside)
+            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+                folder.replace(aside, name)  # a fresh lock made meanwhile: put it back
+                return False
+        except OSError:
+            pass
+        folder.unlink_quietly(aside)
+        _log(30, "removed a stale lock %s (%s)", folder.join(name),
+             "held by process %s on %s" % (info.get("pid"), info.get("host")))
+        return True
+
+    @classmethod
+    def stale(cls, folder, name, st, info):
+        import socket
+        here = info.get("host") == socket.gethostname() and info.get("boot") == _boot_id()
+        if here and os.name == "posix":  # (os.kill(pid, 0) kills on Windows)
+            try:
+                os.kill(int(info.get("pid")), 0)
+            except ProcessLookupError:
+                return True
+            except (OSError, ValueError, TypeError):
+                pass
+        return cls.now(folder, name) - st.st_mtime > cls.STALE
+
+    @staticmethod
+    def now(folder, name):
+        """The time on the file server's clock (machines' clocks differ):
+        the modification time of a file made now."""
+        probe = "%s.now.%d" % (name, os.getpid())
+        try:
+            fd = folder.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError:
+            return time.time()
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            folder.unlink_quietly(probe)
+
+
+def _boot_id():
+    """This boot of this machine (Linux), so that a pid from before a
+    reboot is not taken for a live process."""
+    if not _BOOT:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT.append(f.read().strip())
+        except OSError:
+            _BOOT.append(None)
+    return _BOOT[0]
+
+
+_BOOT = []
+
+
+############################################################################
 # Checksums
 ############################################################################
 
@@ -745,10 +1237,11 @@ def _local_checksums(path, algos=("adler32",)):
 
 def _file_matches(path, remote_sums):
     """True when the local file's checksums (those the server has, adler32
-    preferred) equal the server's."""
+    preferred) equal the server's.  *path*: a path or an open binary file
+    (closed here)."""
     hashers = _Hashers(_algos_for(remote_sums))
     try:
-        with open(path, "rb", buffering=0) as f:
+        with (open(path, "rb", buffering=0) if isinstance(path, str) else path) as f:
             _hash_head(f, os.fstat(f.fileno()).st_size, hashers)
     except OSError:
         return False
@@ -1089,7 +1582,7 @@ def _hostport(key):
 
 class _RetryPolicy:
     """How often and how long to retry: bounded attempts, exponential
-    backoff with full jitter, Retry-After honoured (capped)."""
+    backoff with equal jitter, Retry-After honoured (capped)."""
 
     __slots__ = ("retries", "base", "cap")
 
@@ -1110,8 +1603,14 @@ def _should_retry(policy, attempt, status=None, exc=None, retry_after=None,
         return None
     if exc is not None and not _is_transient(exc):
         return None
+    # "Equal jitter" (M. Brooker, "Exponential Backoff And Jitter", AWS
+    # Architecture Blog, 2015): half the backoff for sure, half at random, so
+    # that the default 5 retries always span 7.75-15.5 s (with full jitter
+    # they spanned under 5 s for one file in six, and a 5 s outage failed it)
+    # while parallel clients still spread out.
     import random
-    delay = random.uniform(0, min(policy.cap, policy.base * (2 ** attempt)))
+    step = min(policy.cap, policy.base * (2 ** attempt))
+    delay = step / 2 + random.uniform(0, step / 2)
     if retry_after:
         try:
             delay = max(delay, min(policy.cap, float(retry_after)))
@@ -1206,7 +1705,7 @@ class _FileBody:
             advance(-self.sent)  # sent again (a retry, a redirect): counted again
         self.sent = 0
         update = self.hashers.update if self.hashers.active else None
-        with open(self.path, "rb", buffering=0) as f:
+        with _open_regular(self.path) as f:
             buf = bytearray(_CHUNK)
             view = memoryview(buf)
             while True:
@@ -1230,8 +1729,8 @@ class _FileBody:
 
     def read_all(self):
         self.hashers = _Hashers(self.hash_algos)
-        with open(self.path, "rb") as f:
-            data = f.read()
+        with _open_regular(self.path) as f:
+            data = f.readall()
         if len(data) != self.size:
             raise TransferError("local file changed size during upload",
                                 hint=self.path, expected=self.size, received=len(data))
@@ -1528,8 +2027,10 @@ class _Transport:
             except Exception as e:
                 self._drop(key, conn)
                 # A kept-alive connection the server has closed in the meantime
-                # fails on first use: that is not a failure of the request.
-                if reused and attempt == 0 and _is_stale(e):
+                # fails on first use: that is not a failure of the request
+                # (unless it was shut down by abort(): Ctrl-C, SIGTERM).
+                if reused and attempt == 0 and _is_stale(e) and not (
+                        self.cancel is not None and self.cancel.is_set()):
                     continue
                 raise
             resp.ctadata_url = url
@@ -3102,9 +3603,11 @@ class _DAV:
 
     def propfind(self, url, depth, on_self=None, details=True):
         """Yield the Entry objects of a PROPFIND (see _parse_multistatus);
-        *details* False asks for names and types only."""
+        *details* False asks for names and types only, "sizes" for names,
+        types and sizes."""
         headers = {"Depth": str(depth), "Content-Type": 'application/xml; charset="utf-8"'}
         resp = self.tr.request("PROPFIND", url, headers,
+                               _PROPFIND_SIZES_BODY if details == "sizes" else
                                _PROPFIND_BODY if details else _PROPFIND_NAMES_BODY,
                                ok=(200, 207), what="list")
         try:
@@ -3141,10 +3644,25 @@ class _DAV:
     # -- changes -----------------------------------------------------------------
 
     def mkcol(self, url, exist_ok):
-        # 405: the name exists (a collection, or a file: then the next MKCOL
-        # below it or the PUT fails with 409, which is reported).
+        """MKCOL *url*; with *exist_ok* a folder that is there is fine.  405
+        says the name exists (a collection, or a file: then the next MKCOL
+        below it or the PUT fails with 409, which is reported).  Any other
+        refusal but 401 is followed by a look (PROPFIND Depth 0): Apache
+        answers 403 to the loser of two MKCOLs of one folder at the same
+        moment (mod_dav_fs: its mkdir() fails with EEXIST after its own
+        check found nothing), so a folder that is there now is made."""
         ok = (200, 201, 405) if exist_ok else (200, 201)
-        self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
+        try:
+            self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
+        except (RemoteError, AuthError) as e:
+            if not exist_ok or e.status in (None, 401):
+                raise
+            try:
+                if self.stat(url).is_dir:
+                    return
+            except CtadataError:
+                pass
+            raise e
 
     def mkdir(self, path, parents=False):
         """MKCOL *path*; with *parents*, each missing folder on the way too
@@ -4241,60 +4759,293 @@ def _makedirs(path):
         raise _local_error(e, path)
 
 
-def _local_error(e, path):
-    """A local I/O failure, naming the path."""
-    return TransferError("%s: %s" % (e.strerror or e, path), retryable=False)
+def _download_file(tr, task, progress=None, cancel=None, resume=True, warn=None):
+    """Download *task* (a _Task: its URL, _Folder and name) through
+    ``NAME.part`` (renamed on success); return a TransferResult.  See
+    _Download."""
+    return _Download(tr, task, progress, cancel, resume, warn).run()
 
 
-def _download_file(tr, url, dest, entry=None, progress=None, cancel=None, resume=True,
-                   new_folder=False):
-    """Download *url* to *dest* through ``dest.part`` (renamed on success);
-    return a TransferResult.  See _Download; *new_folder*: *dest*'s folder
-    was just created, so the first attempt need not look for a .part."""
-    return _Download(tr, url, dest, entry, progress, cancel, resume, new_folder).run()
+class _Busy(Exception):
+    """Another process is downloading this file (it holds the lock of its
+    .part): the worker pool takes the task again later, to wait then."""
 
 
 class _Download:
-    """One file downloaded to *dest* through ``dest.part``, in the steps of
-    pip's network/download.py and httpie's downloads.py: decide what to
-    resume, ask (Range + If-Range), check the answer's range (one
-    Content-Range parser), stream into the part, verify (size, the
-    server's checksum from the Digest header, else from the listing), and
-    commit (rename).
+    """One file downloaded to NAME in a _Folder through ``NAME.part``, in
+    the steps of pip's network/download.py and httpie's downloads.py: claim
+    the part (open it, never through a symlink, and lock it: see
+    _LockFile), decide what to resume, ask (Range + If-Range), check the
+    answer's range (one Content-Range parser), stream into the part, verify
+    (the size on disk, the server's checksum from the Digest header, else
+    from the listing), and commit (rename, still holding the lock).
+
+    When another process holds the part, raise _Busy, or with *task.wait*
+    wait for it; when that process has meanwhile downloaded the file (a
+    regular file of the listed size at the final name), the result is
+    "skipped".
 
     Transient failures are retried per the transport's policy, resuming
     each time (one retry budget for the whole file).  A checksum mismatch
-    deletes the .part and starts over once.  run() returns a TransferResult
-    or raises CtadataError, leaving at most a .part file behind (never a
-    wrong file under the final name).  Without *resume* (the download
-    service ignores Range), every attempt starts from byte 0 and a failed
-    download leaves no .part either."""
+    starts over from zero once.  run() returns a TransferResult or raises
+    CtadataError, leaving at most a .part file behind (never a wrong file
+    under the final name).  Without *resume* (the download service ignores
+    Range), every attempt starts from byte 0 and a failed download leaves
+    no .part either."""
 
-    def __init__(self, tr, url, dest, entry=None, progress=None, cancel=None, resume=True,
-                 new_folder=False):
-        self.tr, self.url, self.dest, self.part = tr, url, dest, dest + ".part"
-        self.entry, self.progress, self.cancel = entry, progress, cancel
-        self.resume, self.new_folder = resume, new_folder
+    STALLED = 600.0  # give up after this long without progress (at least)
+
+    def __init__(self, tr, task, progress=None, cancel=None, resume=True, warn=None):
+        self.tr, self.url, self.entry = tr, task.source, task.entry
+        self.folder, self.name, self.part = task.folder, task.name, task.name + ".part"
+        self.dest = self.folder.join(self.name)
+        self.progress, self.cancel, self.resume = progress, cancel, resume
+        self.warn = warn or (lambda msg: _log(30, "%s", msg))
+        self.overwrite, self.wait, self.check = task.overwrite, task.wait, task.check
+        self.fd = self.lockfile = None
+        self.locked = False  # this process holds the part's lock
+        self.meta = None  # the part's _PartMeta (False: none; None: not read yet)
+        self.created = False   # the part is new (made by this process with O_EXCL)
+        self.restart = False   # the part's bytes are not to be resumed
+        self.high = None       # the furthest byte of the file the part has reached
+        self.gained = 0        # how much further the last attempt got
         self.fetched = [0]  # bytes received over the network, all attempts
         self.counted = 0    # bytes the progress was told of beside those fetched
 
     def run(self):
-        mismatches = attempt = 0
+        try:
+            done = self.claim()
+            if done is not None:
+                return done
+            return self.transfer()
+        except BaseException:
+            self.drop_empty_part()
+            raise
+        finally:
+            self.close()
+
+    def drop_empty_part(self):
+        """A failed download leaves no empty .part (e.g. after a 404); only
+        one this process holds the lock of (another process's may be empty
+        because it has only just begun)."""
+        try:
+            if self.locked and self.fd is not None and not os.fstat(self.fd).st_size:
+                self.folder.unlink(self.part)
+        except OSError:
+            pass
+
+    def close(self):
+        """Close the part (which drops its flock) and release its lock file."""
+        fd, self.fd = self.fd, None
+        lockfile, self.lockfile = self.lockfile, None
+        self.locked = False
+        if lockfile is not None:
+            lockfile.release()
+        if fd is not None:
+            os.close(fd)
+
+    # -- the part -----------------------------------------------------------------
+
+    def claim(self):
+        """Open and lock NAME.part; return None when it is ours, or the
+        "skipped" result when another process has meanwhile downloaded the
+        file (it held the part, or renamed it while we opened it)."""
+        other = False
         while True:
-            look = self.resume and not (self.new_folder and attempt == 0 and not mismatches)
+            self.open_part()
+            if not self.lock():
+                if not self.wait:
+                    self.close()
+                    raise _Busy(self.dest)
+                self.wait_for_lock()
+                other = True
+            self.locked = True
+            if not self.created and not self.same_part():
+                self.close()  # the holder finished: the part we opened is its file now
+                done = self.done_elsewhere()
+                if done is not None:
+                    return done
+                other = True
+                continue
+            if other or not (self.overwrite or self.check):
+                done = self.done_elsewhere()
+                if done is not None:
+                    self.folder.unlink_quietly(self.part)  # ours (locked): not needed
+                    if not self.created:
+                        self.folder.unlink_quietly(self.part + ".meta")
+                    return done
+            return None
+
+    def lock(self):
+        """Lock the open part: True when this process holds it now."""
+        tree = self.folder.tree
+        mode = tree.lock_mode if tree is not None else None
+        if mode is None:
+            mode = _lock_mode(self.folder.path)
+            if tree is not None:
+                tree.lock_mode = mode
+        if mode != "file":
+            got = _flock(self.fd)
+            if got is False:
+                return False
+            if got is None:  # no flock here: the lock file instead, from now on
+                mode = "file"
+                if tree is not None:
+                    tree.lock_mode = mode
+            elif mode == "flock":
+                return True
+        self.lockfile = _LockFile.take(self.folder, self.part + ".lock")
+        return self.lockfile is not None
+
+    def wait_for_lock(self):
+        """Wait until this process holds the part (polling: a thread in a
+        blocking flock() could not be stopped by Ctrl-C)."""
+        started, said, delay = time.monotonic(), False, 0.005
+        while not self.lock():
+            if not said and time.monotonic() - started > 1.0:
+                self.warn("waiting for another process downloading %s" % self.dest)
+                said = True
+            if self.cancel is not None:
+                if self.cancel.wait(delay):
+                    raise KeyboardInterrupt
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def same_part(self):
+        """True when NAME.part still names the file we hold open."""
+        try:
+            st = self.folder.lstat(self.part)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise _local_error(e, self.folder.join(self.part))
+        mine = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def done_elsewhere(self, sums=None):
+        """The "skipped" result when the final name holds a regular file of
+        the remote file's size and modification time (made by another
+        process, which verified it;
+        with *sums*, checksums this process computed, also of those), else
+        None."""
+        import stat
+        try:
+            st = self.folder.lstat(self.name)
+        except OSError:
+            return None
+        if self.entry is not None:
+            size, mtime = self.entry.size, self.entry.mtime
+        else:
+            size, mtime = self.head()
+        if not stat.S_ISREG(st.st_mode) or size is None or st.st_size != size:
+            return None
+        if not _same_time(st.st_mtime, mtime):
+            return None  # not the server's file (whoever downloads it sets its mtime)
+        if sums:
+            f = self.folder.read(self.name)
+            if f is None or not _file_matches(f, sums):
+                return None
+        res = TransferResult(self.url, self.dest, size, "skipped")
+        res.mtime = mtime
+        return res
+
+    def head(self):
+        """(size, modification time) of the remote file, asked with HEAD
+        (no listing said them); (None, None) when that fails."""
+        try:
+            resp = self.tr.request("HEAD", self.url, ok=(200,), what="check")
+        except CtadataError:
+            return None, None
+        size = _count(resp.getheader("Content-Length"))
+        mtime = _parse_http_date(resp.getheader("Last-Modified"))
+        self.tr.release(resp)
+        return size, mtime
+
+    def open_part(self):
+        """Open NAME.part for writing without following a symlink: one that
+        is not a regular file of ours (a symlink, a FIFO, a hard link to
+        some other file) is removed, with a warning, and made anew."""
+        import stat
+        excl = True
+        for _ in range(6):
+            flags = os.O_RDWR | os.O_CREAT | _O_NONBLOCK | (os.O_EXCL if excl else 0)
             try:
-                sums, mtime, size = self.attempt(look)
+                fd = self.folder.open(self.part, flags)
+            except FileExistsError:
+                excl = False
+                continue
+            except OSError as e:
+                if not self.foreign(e):
+                    raise _local_error(e, self.folder.join(self.part))
+                excl = True
+                continue
+            if excl:  # made just now, without following a link: an empty file of ours
+                self.fd, self.created = fd, True
+                return
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                self.fd, self.created = fd, excl
+                return
+            os.close(fd)
+            self.foreign(None)
+            excl = True
+        raise TransferError("cannot make %s" % self.folder.join(self.part), retryable=False)
+
+    def foreign(self, err):
+        """Remove what is at NAME.part if it is not ours to write (True)."""
+        import errno
+        if err is not None and err.errno not in (errno.ELOOP, errno.EMLINK, errno.ENXIO,
+                                                 errno.ENODEV, errno.ETXTBSY):
+            return False
+        path = self.folder.join(self.part)
+        self.warn("removed %s: a symbolic link or special file where the partial "
+                  "download goes" % path)
+        try:
+            self.folder.unlink(self.part)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _local_error(e, path)
+        return True
+
+    # -- the transfer ----------------------------------------------------------------
+
+    def transfer(self):
+        """The attempts: the retry budget (the transport's retries) counts
+        the attempts in a row that brought the part no further by 1 MiB: an
+        attempt that did gives a full budget again (a link that drops every
+        150 MB still delivers), within a bound on the time without progress:
+        10 x the timeout, at least 10 minutes."""
+        mismatches = attempt = 0
+        first = True
+        since, bound = time.monotonic(), max(10 * self.tr.settings.timeout, self.STALLED)
+        while True:
+            clean = first and self.created  # nothing in the part yet
+            first = False
+            look, self.restart = self.resume and not clean and not self.restart, False
+            self.gained = 0
+            try:
+                sums, mtime, size = self.attempt(look, clean)
             except ChecksumMismatch:
-                _unlink_missing_ok(self.part)
                 mismatches += 1
                 if mismatches > 1:
+                    self.folder.unlink_quietly(self.part)  # known to be wrong
                     raise
+                self.restart = True
                 continue
             except CtadataError as e:
+                if self.gained >= _PROGRESS:
+                    attempt, since = 0, time.monotonic()
                 delay = _retry_delay(self.tr.policy, attempt, e)
+                if delay is not None and time.monotonic() + delay - since > bound:
+                    delay = None
+                    if attempt and e.hint is None:
+                        e.hint = "no progress in %d attempts over %.0f s" % (
+                            attempt + 1, time.monotonic() - since)
                 if delay is None:
                     if not self.resume:
-                        _unlink_missing_ok(self.part)
+                        self.folder.unlink_quietly(self.part)
                     raise
                 _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
                 self.tr.sleep(delay)
@@ -4302,17 +5053,19 @@ class _Download:
                 continue
             return self.commit(sums, mtime, size)
 
-    def attempt(self, look):
+    def attempt(self, look, clean=False):
         """One GET; return (checksums, remote mtime, size).  *look*: resume
-        from a .part if there is one.  Network errors become retryable
-        TransferErrors."""
+        from what the part holds; *clean*: it holds nothing.  Network errors
+        become retryable TransferErrors."""
         entry = self.entry
         expected = entry.size if entry is not None else None
-        offset, headers = self.resume_headers(self.resume_offset(look, expected))
+        offset, headers = self.resume_headers(look, expected)
         resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="download",
                                retry=False)
         try:
             offset, total = self.check_range(resp, offset)
+            if not offset:
+                self.start_over(resp, total, clean)
             if total is not None:
                 expected = total  # the server's word (the file may have changed)
             remote_sums = _parse_digest(resp.getheader("Digest")) or (
@@ -4320,103 +5073,123 @@ class _Download:
             hashers = _Hashers(_algos_for(remote_sums, self.tr.record_sums))
             mtime = entry.mtime if entry is not None and entry.mtime is not None else \
                 _parse_http_date(resp.getheader("Last-Modified"))
-            received = offset + self.stream(resp, offset, expected, hashers, mtime)
+            received = offset + self.stream(resp, offset, expected, hashers, mtime, clean)
             return self.verify(received, expected, hashers, remote_sums), mtime, received
         finally:
             self.tr.release(resp)
 
-    def resume_offset(self, look, expected):
-        """Where the .part ends (what is there to resume), or 0."""
-        try:
-            offset = os.path.getsize(self.part) if look else 0
-        except OSError:
-            offset = 0
-        if expected is not None and offset >= expected:
-            offset = 0  # nothing to resume (or a stale, longer part): start over
-        return offset
-
-    def resume_headers(self, offset):
-        """(offset, request headers): Range + If-Range when a part of
-        *offset* bytes can be resumed, else offset 0."""
+    def resume_headers(self, look, expected):
+        """(offset, request headers): Range + If-Range when the part can be
+        resumed, else offset 0.  Only with its provenance (NAME.part.meta,
+        see _PartMeta): the same URL, the same remote size as the listing's,
+        and a part shorter than that; If-Range then carries the validator
+        the server gave when the part was started, never today's listing's:
+        only it says that the bytes in the part belong to the file."""
         headers = {"Want-Digest": _WANT_DIGEST}
+        if not look or (expected is not None and expected <= _SMALL_BODY):
+            return 0, headers  # small files are never resumed
+        offset = os.fstat(self.fd).st_size
         if not offset:
             return 0, headers
-        # The validator saved when this .part was started is the one that
-        # says the bytes in it are still current; else the listing's.
-        validator = _read_part_meta(self.part, self.url)
-        entry = self.entry
-        if validator is None and entry is not None:
-            if entry.etag and not entry.etag.startswith("W/"):
-                validator = entry.etag
-            elif entry.mtime is not None:
-                import email.utils
-                validator = email.utils.formatdate(entry.mtime, usegmt=True)
-        if not validator:
+        if self.meta is None:
+            self.meta = _PartMeta.read(self.folder, self.part, self.url)
+        meta = self.meta
+        if not meta or (expected is not None and meta.size != expected) or \
+                offset >= meta.size:
             return 0, headers  # nothing says the part is current: start over
         # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
         headers["Range"] = "bytes=%d-" % offset
-        headers["If-Range"] = validator
+        headers["If-Range"] = meta.validator
         return offset, headers
 
     def check_range(self, resp, offset):
-        """(offset the body starts at, total size or None) of the answer;
-        a 206 must start where the part ends.  A 200 starts a new part
-        (whose validator is remembered when it is large)."""
+        """(offset the body starts at, total size or None) of the answer:
+        a 206 must start where the part ends and be of the file the part
+        was started from (its size), else the part starts over."""
         first, total = _content_range(resp)
         if resp.status == 206:
-            if first != offset:
-                _unlink_missing_ok(self.part)
-                raise TransferError("server sent bytes from %s instead of %d" % (
-                    first, offset), self.url)
+            if not self.meta or first != offset or total != self.meta.size:
+                self.restart = True
+                raise TransferError("server sent bytes from %s of %s instead of %d of %s" % (
+                    first, total, offset, self.meta and self.meta.size), self.url)
             return offset, total
-        if total is not None and total > _SMALL_BODY:
-            _write_part_meta(self.part, self.url, resp)
         return 0, total
 
-    def stream(self, resp, offset, expected, hashers, mtime):
+    def start_over(self, resp, total, clean):
+        """A 200: the part starts again from byte 0.  Its provenance is
+        written before its first byte (a large file's: small ones are never
+        resumed), after the old bytes are gone (a crash in between must not
+        pair old bytes with new provenance)."""
+        if not clean:
+            try:
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+            except OSError as e:
+                raise _local_error(e, self.folder.join(self.part))
+        if self.resume and total is not None and total > _SMALL_BODY:
+            self.meta = _PartMeta.write(self.folder, self.part, self.url, total, resp)
+        elif self.meta is not None or not self.created:
+            self.folder.unlink_quietly(self.part + ".meta")  # stale: not of these bytes
+            self.meta = False
+
+    def stream(self, resp, offset, expected, hashers, mtime, clean):
         """Write the body into the part after its first *offset* bytes (which
         are hashed first: the checksum covers the whole file); return the
         bytes received.  The part gets the server's modification time."""
-        try:
-            f = open(self.part, "r+b" if offset else "wb", buffering=0)
-        except OSError as e:
-            raise _local_error(e, self.part)
-        with f:
-            if offset:
+        import functools
+        if offset:  # resumed: keep only the first *offset* bytes
+            with open(self.fd, "r+b", buffering=0, closefd=False) as f:
                 if hashers.active:
                     _hash_head(f, offset, hashers)
-                f.seek(offset)
-                f.truncate()
-            if self.progress is not None:
-                # this file now counts *offset* bytes (a retry: as many or
-                # fewer than were fetched; a resumed .part: more)
-                delta = offset - self.counted - self.fetched[0]
-                self.counted += delta
-                self.progress.advance(delta)
-            try:
-                got = _copy_body(resp, f, hashers, self.progress, self.cancel, self.part,
-                                 self.fetched, None if expected is None else expected - offset)
-            except TransferError:
-                raise
-            except Exception as e:
-                if not _is_transient(e):
-                    raise
-                raise _network_error(e, self.url, "download")
-            if mtime is not None:
-                # set through the open file (no second path lookup); os.replace keeps it
                 try:
-                    os.utime(f.fileno() if os.utime in os.supports_fd else self.part,
-                             (mtime, mtime))
-                except OSError:
-                    pass
+                    f.seek(offset)
+                    f.truncate()
+                except OSError as e:
+                    raise _local_error(e, self.folder.join(self.part))
+        if self.progress is not None:
+            # this file now counts *offset* bytes (a retry: as many or fewer
+            # than were fetched; a resumed .part: more)
+            delta = offset - self.counted - self.fetched[0]
+            self.counted += delta
+            self.progress.advance(delta)
+        before = self.fetched[0]
+        if self.high is None:
+            self.high = offset  # where this run started
+        try:
+            # straight to the descriptor: no file object (and its fstat) per file
+            got = _copy_body(resp, functools.partial(os.write, self.fd), hashers,
+                             self.progress, self.cancel, self.part, self.fetched,
+                             None if expected is None else expected - offset)
+        except TransferError:
+            raise
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            raise _network_error(e, self.url, "download")
+        finally:  # how much further than ever before the part got
+            end = offset + self.fetched[0] - before
+            self.gained, self.high = max(0, end - self.high), max(end, self.high)
+        if mtime is not None:
+            # set through the open file (no second path lookup); the rename keeps it
+            try:
+                os.utime(self.fd if os.utime in os.supports_fd else self.dest + ".part",
+                         (mtime, mtime))
+            except OSError:
+                pass
         return got
 
     def verify(self, received, expected, hashers, remote_sums):
-        """The part's size and checksums against the server's; return the
-        checksums."""
+        """The part's size (what was received, and what is on disk) and
+        checksums against the server's; return the checksums."""
         if expected is not None and received != expected:
             raise TransferError("short download: %d of %d bytes" % (received, expected),
                                 self.url, expected=expected, received=received)
+        on_disk = os.fstat(self.fd).st_size
+        if on_disk != received:
+            self.restart = True
+            raise TransferError("%s holds %d bytes, not the %d received: written to by "
+                                "another program?" % (self.folder.join(self.part), on_disk,
+                                                      received), self.url)
         sums = hashers.result()
         bad = _first_mismatch(sums, remote_sums)
         if bad:
@@ -4425,13 +5198,20 @@ class _Download:
         return sums
 
     def commit(self, sums, mtime, size):
-        """Give the verified part its final name."""
+        """Give the verified part its final name (still holding its lock)."""
         try:
-            os.replace(self.part, self.dest)
+            self.folder.replace(self.part, self.name)
+        except FileNotFoundError as e:
+            # Another process renamed it first (only without a working lock:
+            # an old ctadata, or lock files on a machine whose lock we broke).
+            done = self.done_elsewhere(sums)
+            if done is None:
+                raise _local_error(e, self.dest)
+            return done
         except OSError as e:
             raise _local_error(e, self.dest)
-        if size > _SMALL_BODY:
-            _unlink_missing_ok(self.part + ".meta")
+        if self.meta or not self.created:
+            self.folder.unlink_quietly(self.part + ".meta")
         res = TransferResult(self.url, self.dest, size, "transferred", None, sums,
                              self.fetched[0])
         res.mtime = mtime
@@ -4493,8 +5273,10 @@ def _chunked_download(tr, t, progress, cancel, chunk_size):
     asking for ``?chunk_size=N`` (the service then reads the storage, and
     sends, in pieces of N bytes) and logging each chunk (_ChunkLog)."""
     url = t.source + ("&" if "?" in t.source else "?") + "chunk_size=%d" % chunk_size
-    res = _download_file(tr, url, t.dest, t.entry, _ChunkLog(progress, t.size, chunk_size),
-                         cancel, False, t.new_folder)
+    asked = _Task(url, t.dest, t.size, t.entry, t.check, new_folder=t.new_folder,
+                  folder=t.folder, name=t.name, overwrite=t.overwrite)
+    asked.wait = t.wait
+    res = _download_file(tr, asked, _ChunkLog(progress, t.size, chunk_size), cancel, False)
     res.source = t.source
     return res
 
@@ -4508,33 +5290,80 @@ def _retry_delay(policy, attempt, err):
     return None
 
 
-def _read_part_meta(part, url):
-    """The validator (strong ETag or Last-Modified) saved beside a .part
-    when it was started, if it was for this URL."""
-    import json
-    try:
-        with open(part + ".meta", "r", encoding="utf-8") as f:
-            meta = json.loads(f.read(4096))
-        return meta["validator"] if meta.get("url") == _safe_url(url) else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+class _PartMeta:
+    """The provenance of a partial download, NAME.part.meta: one JSON
+    object, written before the part's first byte and removed after the
+    rename::
 
+        {"format": 1, "url": "<the URL>", "size": <the remote file's size>,
+         "validator": "<the ETag, if strong, else the Last-Modified the
+                       server sent with the first byte>",
+         "started": "<UTC time>"}
 
-def _write_part_meta(part, url, resp):
-    """Remember what the bytes of a new .part belong to (NAME.part.meta), so
-    that a later run can resume it safely with If-Range."""
-    import json
-    etag = resp.getheader("ETag")
-    validator = etag if etag and not etag.startswith("W/") else \
-        resp.getheader("Last-Modified")
-    if not validator:
-        _unlink_missing_ok(part + ".meta")
-        return
-    try:
-        with open(part + ".meta", "w", encoding="utf-8") as f:
-            f.write(json.dumps({"url": _safe_url(url), "validator": validator}))
-    except OSError:
-        pass  # resume will fall back to the listing's validator
+    A part is resumed only when its meta reads back whole, for the same
+    URL (spelled the same way) and the size the listing says now; the
+    resumed GET says If-Range: <validator>, so a server whose file changed
+    since sends all of it again.  Files up to 1 MiB get none (they are
+    never resumed: it would save nothing)."""
+
+    __slots__ = ("size", "validator")
+
+    def __init__(self, size, validator):
+        self.size, self.validator = size, validator
+
+    @classmethod
+    def read(cls, folder, part, url):
+        """The _PartMeta beside *part* if it is whole and for *url*, else False."""
+        import json
+        f = folder.read(part + ".meta")  # never through a symlink
+        if f is None:
+            return False
+        try:
+            with f:
+                meta = json.loads(f.read(4096).decode("utf-8"))
+            size, validator = meta["size"], meta["validator"]
+            if meta["format"] == 1 and meta["url"] == _safe_url(url) and \
+                    isinstance(size, int) and size > 0 and \
+                    isinstance(validator, str) and validator:
+                return cls(size, validator)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return False
+
+    @classmethod
+    def write(cls, folder, part, url, size, resp):
+        """Write the provenance of a part that starts now with the 200
+        answer *resp*; return it, or False when the server gave no
+        validator (or it cannot be written): the part is then never
+        resumed.  Written as NAME.part.meta.tmp and renamed: a symlink
+        planted at NAME.part.meta is replaced, never followed."""
+        import json
+        etag = resp.getheader("ETag")
+        validator = etag if etag and not etag.startswith("W/") else \
+            resp.getheader("Last-Modified")
+        meta, tmp = part + ".meta", part + ".meta.tmp"
+        if not validator:
+            folder.unlink_quietly(meta)
+            return False
+        data = json.dumps({"format": 1, "url": _safe_url(url), "size": size,
+                           "validator": validator,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        try:
+            try:
+                fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:  # left by a crash (or planted): ours to replace
+                folder.unlink(tmp)
+                fd = folder.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data.encode("utf-8"))
+            finally:
+                os.close(fd)
+            folder.replace(tmp, meta)
+        except OSError:
+            folder.unlink_quietly(tmp)
+            folder.unlink_quietly(meta)
+            return False
+        return cls(size, validator)
 
 
 def _content_range(resp):
@@ -4558,15 +5387,16 @@ def _count(text):
     return int(text) if text and not text.strip("0123456789") else None
 
 
-def _copy_body(resp, f, hashers, progress, cancel, path, fetched, length=None):
-    """Stream a response body into file *f*: one reused buffer (no larger
-    than the body), the checksum updated on the way, progress fed per
-    block; the download stops if the server sends more than *length*."""
+def _copy_body(resp, write, hashers, progress, cancel, path, fetched, length=None):
+    """Stream a response body into *write* (a file's): one reused buffer (no
+    larger than the body), the checksum updated on the way, progress fed
+    per block; the download stops if the server sends more than *length*.
+    (A short write is caught afterwards: the size on disk is checked.)"""
     advance = progress.advance if progress is not None else None
     update = hashers.update if hashers.active else None
     buf = bytearray(_CHUNK if length is None else max(min(length, _CHUNK), 8192))
     view = memoryview(buf)
-    readinto, write = resp.readinto, f.write
+    readinto = resp.readinto
     got = 0
     while True:
         n = readinto(buf)
@@ -4606,7 +5436,8 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     False never sends it.  Large files say "Expect: 100-continue" so that
     dCache redirects them to a pool instead of proxying every byte through
     the door."""
-    body, sums_of, local_md5 = _upload_body(local, size, _put_algos(tr, size), verify)
+    body, sums_of, local_md5, mtime = _upload_body(local, size, _put_algos(tr, size),
+                                                   verify)
     streamed = isinstance(body, _FileBody)
     if streamed and progress is not None:
         body.advance = progress.advance  # progress moves as the bytes are sent
@@ -4623,7 +5454,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
         progress.advance(size)
     res = TransferResult(local, url, size, "transferred", None, sums, size)
     try:
-        res.mtime = os.stat(local).st_mtime
+        res.mtime = mtime if mtime is not None else os.stat(local).st_mtime
     except OSError:
         pass
     return res
@@ -4644,32 +5475,30 @@ def _put_algos(tr, size):
 
 def _upload_body(local, size, algos, verify):
     """(the body to send, a function returning the checksums computed on
-    the way, the md5 to send as Content-MD5 or None).  A small file is read
-    whole (and its md5 is free); a large one streams as a _FileBody, its md5
-    only with *verify* (a first read of its own)."""
+    the way, the md5 to send as Content-MD5 or None, the file's mtime or
+    None).  A small file is read whole (and its md5 is free); a large one
+    streams as a _FileBody, its md5 only with *verify* (a first read of its
+    own)."""
     import hashlib
     if size > _SMALL_BODY:
         local_md5 = hashlib.md5() if verify else None
         if local_md5 is not None:
             try:
-                with open(local, "rb", buffering=0) as f:
+                with _open_regular(local) as f:
                     _hash_head(f, size, local_md5)
             except OSError as e:
                 raise _local_error(e, local)
         body = _FileBody(local, size, algos)
-        return body, lambda: body.hashers.result(), local_md5
-    try:
-        with open(local, "rb") as f:
-            data = f.read(size + 1)
-    except OSError as e:
-        raise _local_error(e, local)
+        return body, lambda: body.hashers.result(), local_md5, None
+    data, st = _read_regular(local, size)
     if len(data) != size:
         raise TransferError("local file changed size during upload: %s" % local,
                             expected=size, received=len(data), retryable=False)
     hashers = _Hashers(algos)
     if algos:
         hashers.update(data)
-    return data, hashers.result, hashlib.md5(data) if verify is not False else None
+    return data, hashers.result, hashlib.md5(data) if verify is not False else None, \
+        st.st_mtime
 
 
 def _put(tr, url, headers, body, expect):
@@ -4699,7 +5528,7 @@ def _verify_upload(tr, url, local, size, sums, remote_sums):
         # changed meanwhile, which this then reports as a mismatch)
         hashers = _Hashers(_algos_for(remote_sums))
         try:
-            with open(local, "rb", buffering=0) as f:
+            with _open_regular(local) as f:
                 _hash_head(f, size, hashers)
         except OSError as e:
             raise _local_error(e, local)
@@ -4756,7 +5585,12 @@ class _WorkerPool:
     the workers at their next block, *abort* wakes those blocked on the
     network, and the interrupt propagates (partial downloads stay as .part
     files).  Workers return results, they print nothing; *progress* hears
-    of each finished file."""
+    of each finished file.
+
+    A worker that raises _Busy (another process has the file in hand)
+    defers its task: it is taken again, with ``task.wait`` set, once the
+    iterable has no more tasks; by then the other process is usually done
+    with it."""
 
     def __init__(self, worker, jobs, progress=None, cancel=None, abort=None):
         import threading
@@ -4765,7 +5599,9 @@ class _WorkerPool:
         self._take = threading.Lock()  # guards everything below
         self._tasks = None
         self._n = 0
-        self._done = False
+        self._done = False   # the iterable has no more tasks
+        self._stop = False   # interrupted, or the iterable failed
+        self._deferred = []  # (index, task) of the tasks that raised _Busy
         self._error = None
         self._live = jobs
         self._stopped = threading.Event()
@@ -4774,12 +5610,14 @@ class _WorkerPool:
         import threading
         self._tasks = iter(tasks)
         outs = [[] for _ in range(self.jobs)]
+        nows = [[None] for _ in range(self.jobs)]  # each worker's task in hand
         # The main thread waits on _stopped, never in Thread.join(timeout):
         # a Ctrl-C that interrupts join() can mark a running thread as
         # finished (CPython gh-90882), and a daemon thread still running at
         # interpreter exit can abort the process.
-        threads = [threading.Thread(target=self._loop, args=(out,), name="ctadata-%d" % i,
-                                    daemon=True) for i, out in enumerate(outs)]
+        threads = [threading.Thread(target=self._loop, args=(out, now),
+                                    name="ctadata-%d" % i, daemon=True)
+                   for i, (out, now) in enumerate(zip(outs, nows))]
         started = 0
         try:
             for t in threads:
@@ -4790,6 +5628,15 @@ class _WorkerPool:
                     self.progress.poll()  # displays draw here, in the caller's thread
                 if self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
                     break
+        except KeyboardInterrupt as e:
+            self._interrupt(started)
+            # what was done, and what was cut short (for the manifest)
+            cut = [(now[0][0], TransferResult(now[0][1].source, now[0][1].dest,
+                                              now[0][1].size, "failed", "interrupted"))
+                   for now in nows if now[0] is not None and isinstance(now[0][1], _Task)]
+            e.results = [res for _idx, res in sorted(
+                [r for out in outs for r in out] + cut, key=lambda r: r[0])]
+            raise
         except BaseException:
             self._interrupt(started)
             raise
@@ -4803,26 +5650,35 @@ class _WorkerPool:
     def _next(self):
         """(index, task) of the next task, or (None, None) when there is none."""
         with self._take:
-            if self._done:
+            if self._stop:
                 return None, None
-            try:
-                task = next(self._tasks)
-            except StopIteration:
-                self._done = True
-                if self.progress is not None:
-                    self.progress.planned()
-                return None, None
-            except BaseException as e:  # the listing behind the tasks failed
-                self._done, self._error = True, e
-                return None, None
-            self._n += 1
-            return self._n, task
+            if not self._done:
+                try:
+                    task = next(self._tasks)
+                except StopIteration:
+                    self._done = True
+                    if self.progress is not None:
+                        self.progress.planned()
+                except BaseException as e:  # the listing behind the tasks failed
+                    self._done = self._stop = True
+                    self._error = e
+                    return None, None
+                else:
+                    self._n += 1
+                    return self._n, task
+            if self._deferred:
+                idx, task = self._deferred.pop(0)
+                task.wait = True
+                return idx, task
+            return None, None
 
     def _one(self, task):
         if isinstance(task, TransferResult):  # decided without a transfer
             return task
         try:
             return self.worker(task)
+        except _Busy:
+            return _Busy
         except CtadataError as e:
             err = e
         except OSError as e:
@@ -4831,22 +5687,32 @@ class _WorkerPool:
         res.exception = err
         return res
 
-    def _loop(self, out):
+    def _loop(self, out, now):
         cancel, progress = self.cancel, self.progress
         try:
             while cancel is None or not cancel.is_set():
                 idx, task = self._next()
                 if task is None:
                     return
+                now[0] = idx, task
                 res = self._one(task)
+                if res is _Busy:
+                    with self._take:
+                        self._deferred.append((idx, task))
+                    now[0] = None
+                    continue
+                if res is None:  # a task that is no transfer (_Confirm)
+                    now[0] = None
+                    continue
                 out.append((idx, res))
+                now[0] = None
                 if progress is not None:
                     progress.file_done(res)
         except KeyboardInterrupt:
             pass  # cancelled: the main thread reports the interrupt
         except BaseException as e:  # a bug: raised in the caller's thread
             with self._take:
-                self._done = True
+                self._done = self._stop = True
                 if self._error is None:
                     self._error = e
         finally:
@@ -4865,7 +5731,7 @@ class _WorkerPool:
         if self.abort is not None:
             self.abort()
         with self._take:
-            self._done = True
+            self._done = self._stop = True
         self._exited(self.jobs - started)  # threads that never started
         while not self._stopped.wait(0.2):
             pass
@@ -4945,17 +5811,24 @@ def _selector(select=None, include=(), exclude=()):
 
 class _Task:
     """One planned transfer; *check*: compare checksums first, skip if
-    equal; *remote*: for uploads, the remote path asked for; *new_folder*:
-    for downloads, *dest* is in a folder this run created (no .part there)."""
+    equal; *remote*: for uploads, the remote path asked for.  Downloads:
+    *folder* (a held _Folder) and *name* say where the file goes (*dest* is
+    their path); *new_folder*: this run made that folder (no .part
+    there); *overwrite*: download even when the file is there.  Uploads:
+    *confirm*, the _Confirm of the remote folder."""
 
-    __slots__ = ("source", "dest", "size", "entry", "check", "remote", "new_folder")
+    __slots__ = ("source", "dest", "size", "entry", "check", "remote", "new_folder",
+                 "folder", "name", "overwrite", "wait", "confirm")
 
     def __init__(self, source, dest, size, entry=None, check=False, remote=None,
-                 new_folder=False):
+                 new_folder=False, folder=None, name=None, overwrite=False):
         self.source, self.dest, self.size, self.entry = source, dest, size, entry
         self.check = check
         self.remote = remote
         self.new_folder = new_folder
+        self.folder, self.name, self.overwrite = folder, name, overwrite
+        self.wait = False  # set when the pool takes a deferred task again (_Busy)
+        self.confirm = None  # uploads: the _Confirm of the task's remote folder
 
 
 def _summarize(results, started, raise_on_failure=True):
@@ -4975,11 +5848,15 @@ def _failure_exception(result):
 # -- listing trees ---------------------------------------------------------
 
 
-def _walk(remote, path, jobs, details=True, warn=None):
+def _walk(remote, path, jobs, details=True, warn=None, on_error=None):
     """Yield (entry of a directory, sorted list of its entries) for *path*
     and every directory below it, depth first, on a backend (_DAV or
     _Service).  Listings run ahead in parallel on *jobs* threads; the order
-    is deterministic.  A file has no directory to walk: nothing is yielded."""
+    is deterministic.  A file has no directory to walk: nothing is yielded.
+    A folder below *path* that cannot be listed goes to *on_error(entry,
+    error)*, and the walk goes on without it (and what is below it); without
+    *on_error*, for *path* itself, and for an error that would fail every
+    folder (see _fails_everything), the error is raised."""
     from concurrent.futures import ThreadPoolExecutor
     from collections import deque
 
@@ -5002,19 +5879,35 @@ def _walk(remote, path, jobs, details=True, warn=None):
         return top, children
 
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        queue = deque([ex.submit(first, remote.url_for(path, collection=True))])
+        queue = deque([(None, ex.submit(first, remote.url_for(path, collection=True)))])
         try:
             while queue:
-                top, children = queue.popleft().result()
+                entry, fut = queue.popleft()
+                try:
+                    top, children = fut.result()
+                except CtadataError as e:
+                    if on_error is None or entry is None or _fails_everything(e):
+                        raise
+                    on_error(entry, e)
+                    continue
                 if children is None:
                     return
                 subdirs = [e for e in children if e.is_dir]
                 for e in reversed(subdirs):
-                    queue.appendleft(ex.submit(listing, remote.url_for(e, True)))
+                    queue.appendleft((e, ex.submit(listing, remote.url_for(e, True))))
                 yield top, children
         finally:
-            for fut in queue:
+            for _entry, fut in queue:
                 fut.cancel()
+
+
+def _fails_everything(error):
+    """True for an error that every other folder would meet too (no token,
+    an expired or refused one: 401; bad settings), which stops a tree at
+    once rather than failing each of its folders (a 403 is about one
+    folder)."""
+    return isinstance(error, ConfigError) or (isinstance(error, AuthError) and
+                                              error.status != 403)
 
 
 def _unique(entries, warn=None):
@@ -5114,8 +6007,8 @@ class _Planner:
         self.remote, self.tr, self.cancel, self.jobs, self.warn = remote, tr, cancel, jobs, warn
         self.said_no_sums = False
 
-    def walk(self, path, jobs=None, details=True):
-        return _walk(self.remote, path, jobs or self.jobs, details, self.warn)
+    def walk(self, path, jobs=None, details=True, on_error=None):
+        return _walk(self.remote, path, jobs or self.jobs, details, self.warn, on_error)
 
     def start(self, progress):
         """(start time, the Progress to feed) of a new transfer."""
@@ -5146,6 +6039,8 @@ class _Planner:
         if dry_run:
             results = []
             for t in tasks:
+                if isinstance(t, _Confirm):
+                    continue
                 if not isinstance(t, TransferResult):
                     t = TransferResult(t.source, t.dest, t.size, "planned")
                 results.append(t)
@@ -5153,11 +6048,34 @@ class _Planner:
         if isinstance(tasks, list):
             progress.planned()  # every file is known: the ETA is not a lower bound
         pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort)
-        return _summarize(pool.run(tasks), started, raise_on_failure)
+        try:
+            results = pool.run(tasks)
+        except KeyboardInterrupt as e:
+            # what was done before the interrupt (files in flight: "failed",
+            # "interrupted"), e.g. for the CLI's --manifest
+            e.summary = _summarize(getattr(e, "results", []), started, False)
+            raise
+        return _summarize(results, started, raise_on_failure)
+
+
+def _in_folder(t, run):
+    """run() for task *t*, then release its folder, unless the task is
+    deferred (_Busy: it runs again later, in the same folder)."""
+    try:
+        res = run()
+    except _Busy:
+        raise
+    except BaseException:
+        t.folder.release()
+        raise
+    t.folder.release()
+    return res
 
 
 class _Downloads(_Planner):
-    """Plans downloads: a file, a tree (listed as it goes), a list of URLs."""
+    """Plans downloads: a file, a tree (listed as it goes), a list of URLs.
+    Files go into _Folder objects of a _LocalTree (no symlink followed
+    below the destination the user named)."""
 
     def download(self, path, dest, recursive, overwrite, checksum, select, dry_run,
                  progress, jobs, raise_on_failure, stage=None, chunk_size=None):
@@ -5169,10 +6087,9 @@ class _Downloads(_Planner):
             if dest is None:
                 dest = entry.name
             elif _names_folder(dest) or os.path.isdir(dest):
-                if not dry_run:
-                    _makedirs(dest)
                 dest = os.path.join(dest, entry.name)
-            tasks = [self.task(entry, dest, overwrite, checksum, progress)]
+            # a list: every file is known at once (the ETA is no lower bound)
+            tasks = list(self.file_tasks(entry, dest, overwrite, checksum, progress, dry_run))
             tasks, work = self.gate(tasks, progress, stage, dry_run)
             if chunk_size:   # (service mode: no tape to gate)
                 work = self.worker(progress, chunk_size)
@@ -5181,11 +6098,13 @@ class _Downloads(_Planner):
             raise ConfigError("%s is a directory" % (entry.path or "/"), hint="use recursive=True",
                               cli_hint="use get -r")
         if dest is None or _names_folder(dest):
-            target = os.path.join(dest or ".", entry.name) if entry.name else (dest or ".")
+            # the user named the folder to download into; the tree's own
+            # folder is made below it
+            root, top = dest or ".", [entry.name] if entry.name else []
         else:
-            target = dest
-        tasks = self.tree_tasks(entry, target, overwrite, checksum, _selector(select),
-                                dry_run, progress, jobs)
+            root, top = dest, []
+        tasks = self.tree_tasks(entry, _LocalTree(root, dry_run), top, overwrite, checksum,
+                                _selector(select), dry_run, progress, jobs)
         tasks, work = self.gate(tasks, progress, stage, dry_run)
         if chunk_size:
             work = self.worker(progress, chunk_size)
@@ -5196,27 +6115,67 @@ class _Downloads(_Planner):
         held back (_TapeDownloads); here, every file goes as it is."""
         return tasks, self.worker(progress)
 
-    def tree_tasks(self, entry, target, overwrite, checksum, sel, dry_run, progress, jobs):
-        """The tasks of a tree download into the local folder *target*,
-        listed folder by folder; local folders are made as it goes (without
-        a filter, empty ones too: the tree is mirrored)."""
-        made = set()
+    def file_tasks(self, entry, dest, overwrite, checksum, progress, dry_run):
+        """The task of one file download to the path *dest*: its folder is
+        the user's (followed if a symlink, made when missing)."""
+        where, name = os.path.split(dest)
+        tree = _LocalTree(where, dry_run)
+        try:
+            folder = tree.folder([], create=False)
+        finally:
+            tree.close()
+        try:
+            yield self.task(entry, folder, name, overwrite, checksum, progress)
+        finally:
+            folder.release()
+
+    def tree_tasks(self, entry, tree, top, overwrite, checksum, sel, dry_run, progress, jobs):
+        """The tasks of a tree download into the folder *top* (a list of
+        names) of *tree*, listed folder by folder; local folders are made as
+        it goes (without a filter, empty ones too: the tree is mirrored)."""
         base = entry.url if entry.url.endswith("/") else entry.url + "/"
-        for top, children in self.walk(entry, jobs):
-            rel = _rel_parts(base, top.url if top is not None else base)
-            local_dir = _safe_join(target, rel)
-            files = self.no_part_clash([e for e in children if not e.is_dir and (
-                sel is None or sel("/".join(rel + [e.name])))])
-            new_folder = False
-            if not dry_run and local_dir not in made and (files or sel is None):
-                # a folder this run creates holds no file or .part yet: its
-                # downloads skip two stat() calls each
-                new_folder = not os.path.isdir(local_dir)
-                _makedirs(local_dir)
-                made.add(local_dir)
-            for e in files:
-                yield self.task(e, _safe_join(local_dir, [e.name]), overwrite, checksum,
-                                progress, new_folder)
+        bad = []  # local folders that cannot be made: nothing is written below them
+        unlisted = []  # (entry, error) of remote folders that cannot be listed
+        try:
+            for top_entry, children in self.walk(entry, jobs, on_error=lambda e, exc:
+                                                 unlisted.append((e, exc))):
+                for res in self.unlisted(unlisted, base, top, tree):
+                    yield res
+                rel = top + _rel_parts(base, top_entry.url if top_entry is not None else base)
+                files = self.no_part_clash([e for e in children if not e.is_dir and (
+                    sel is None or sel("/".join(rel[len(top):] + [e.name])))])
+                if not (files or sel is None) or any(rel[:len(b)] == b for b in bad):
+                    continue
+                _safe_join(tree.root, rel)  # every name checked before anything is made
+                try:
+                    folder = tree.folder(rel, create=not dry_run)
+                except TransferError as e:
+                    bad.append(rel)
+                    res = TransferResult(top_entry.url if top_entry is not None else base,
+                                         os.path.join(tree.root, *rel), None, "failed", str(e))
+                    res.exception = e
+                    yield res
+                    continue
+                try:
+                    for e in files:
+                        _safe_join(folder.path, [e.name])
+                        yield self.task(e, folder, e.name, overwrite, checksum, progress)
+                finally:
+                    folder.release()
+            for res in self.unlisted(unlisted, base, top, tree):
+                yield res
+        finally:
+            tree.close()
+
+    @staticmethod
+    def unlisted(failures, base, top, tree):
+        """One failed result per remote folder that could not be listed."""
+        while failures:
+            e, exc = failures.pop(0)
+            res = TransferResult(e.url, os.path.join(tree.root, *(top + _rel_parts(
+                base, e.url))), None, "failed", str(exc))
+            res.exception = exc
+            yield res
 
     def no_part_clash(self, files):
         """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
@@ -5233,35 +6192,47 @@ class _Downloads(_Planner):
                 keep.append(e)
         return keep
 
-    def task(self, entry, dest, overwrite, checksum, progress, new_folder=False):
-        """The _Task of downloading *entry* to *dest*, or the "skipped"
-        result when the same file is there (same(): size and mtime; with
-        *checksum*, size and checksum, which a worker compares)."""
+    def task(self, entry, folder, name, overwrite, checksum, progress):
+        """The _Task of downloading *entry* to *name* in *folder* (which the
+        task then holds), or the "skipped" result when the same file is
+        there (same(): a regular file of the same size and mtime; with
+        *checksum*, size and checksum, which a worker compares).  A symlink
+        at the final name is never "there": the download replaces it."""
+        import stat
         check = False
-        if not overwrite and not new_folder and entry.size is not None:
+        dest = folder.join(name)
+        if not overwrite and not folder.created and entry.size is not None:
             try:
-                st = os.stat(dest)
+                st = folder.lstat(name)
             except OSError:
                 st = None
-            how = self.same(st.st_size, st.st_mtime, entry, checksum) if st else None
-            if how == "same":
-                res = TransferResult(entry.url, dest, entry.size, "skipped")
-                res.mtime = entry.mtime
-                return res
-            check = how == "hash"  # hashing the local copy is left to a worker
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                self.warn("%s is a symbolic link: the download replaces it" % dest)
+            elif st is not None and stat.S_ISREG(st.st_mode):
+                how = self.same(st.st_size, st.st_mtime, entry, checksum)
+                if how == "same":
+                    res = TransferResult(entry.url, dest, entry.size, "skipped")
+                    res.mtime = entry.mtime
+                    return res
+                check = how == "hash"  # hashing the local copy is left to a worker
         progress.add_total(1, entry.size)
-        return _Task(entry.url, dest, entry.size, entry, check, new_folder=new_folder)
+        return _Task(entry.url, dest, entry.size, entry, check, new_folder=folder.created,
+                     folder=folder.hold(), name=name, overwrite=overwrite)
 
     def worker(self, progress, chunk_size=None):
-        tr, cancel, resume = self.tr, self.cancel, self.remote.resumable
+        tr, cancel, resume, warn = self.tr, self.cancel, self.remote.resumable, self.warn
 
         def work(t):
-            if t.check and _file_matches(t.dest, t.entry.checksums):
-                return TransferResult(t.source, t.dest, t.size, "skipped")
+            if t.check:
+                f = t.folder.read(t.name)
+                if f is not None and _file_matches(f, t.entry.checksums):
+                    t.folder.release()
+                    return TransferResult(t.source, t.dest, t.size, "skipped")
             if chunk_size:
-                return _chunked_download(tr, t, progress, cancel, chunk_size)
-            return _download_file(tr, t.source, t.dest, t.entry, progress, cancel, resume,
-                                  t.new_folder)
+                return _in_folder(t, lambda: _chunked_download(tr, t, progress, cancel,
+                                                               chunk_size))
+            return _in_folder(t, lambda: _download_file(tr, t, progress, cancel, resume,
+                                                        warn))
         return work
 
     def from_list(self, items, dest, strip_prefix, overwrite, dry_run, progress, jobs,
@@ -5270,29 +6241,43 @@ class _Downloads(_Planner):
         started, progress = self.start(progress)
         prefix = strip_prefix and (self.remote.url_for(strip_prefix)
                                    if "://" not in strip_prefix else strip_prefix)
-        return self.run(self.list_tasks(items, dest, prefix, progress),
-                        self.list_worker(overwrite, progress), jobs, progress, started,
-                        raise_on_failure, dry_run)
+        tasks = self.list_tasks(items, _LocalTree(dest, dry_run), prefix, overwrite, progress,
+                                dry_run)
+        return self.run(tasks, self.list_worker(overwrite, progress), jobs, progress,
+                        started, raise_on_failure, dry_run)
 
-    def list_tasks(self, items, dest, prefix, progress):
-        for line in items:
-            item = line.strip()
-            if not item or item.startswith("#"):
-                continue
-            try:
-                url, local = self.list_item(item, dest, prefix)
-            except CtadataError as e:
-                res = TransferResult(item, None, None, "failed", str(e))
-                res.exception = e
-                yield res
-                continue
-            progress.add_total(1, 0)
-            yield _Task(url, local, None)
+    def list_tasks(self, items, tree, prefix, overwrite, progress, dry_run):
+        folder = None  # the folder of the previous item (lists come sorted, often)
+        try:
+            for line in items:
+                item = line.strip()
+                if not item or item.startswith("#"):
+                    continue
+                try:
+                    url, parts = self.list_item(item, prefix)
+                    dest = _safe_join(tree.root, parts)
+                    if folder is None or folder.path != os.path.dirname(dest):
+                        if folder is not None:
+                            folder.release()
+                            folder = None
+                        folder = tree.folder(parts[:-1], create=not dry_run)
+                except CtadataError as e:
+                    res = TransferResult(item, None, None, "failed", str(e))
+                    res.exception = e
+                    yield res
+                    continue
+                progress.add_total(1, 0)
+                yield _Task(url, dest, None, folder=folder.hold(), name=parts[-1],
+                            overwrite=overwrite)
+        finally:
+            if folder is not None:
+                folder.release()
+            tree.close()
 
-    def list_item(self, item, dest, prefix):
-        """(URL, local path) of one line of a URL list: the local path is
-        what follows *prefix* in the URL, else its whole path (for a remote
-        path: that path)."""
+    def list_item(self, item, prefix):
+        """(URL, local path segments) of one line of a URL list: the local
+        path is what follows *prefix* in the URL, else its whole path (for a
+        remote path: that path)."""
         from urllib.parse import quote, unquote, urlsplit
         url = self.remote.url_for(item)
         if prefix:
@@ -5306,25 +6291,28 @@ class _Downloads(_Planner):
         parts = [unquote(p) for p in rest.split("/") if p]
         if not parts:
             raise ConfigError("no file name in this URL")
-        return url, _safe_join(dest, parts)
+        return url, parts
 
     def list_worker(self, overwrite, progress):
         """Files of a URL list come without a listing: a present file is
         skipped when HEAD says it is the same (size and Last-Modified)."""
-        tr, cancel = self.tr, self.cancel
+        import stat
+        tr, cancel, warn = self.tr, self.cancel, self.warn
 
-        def work(t):
-            _makedirs(os.path.dirname(t.dest) or ".")
-            if not overwrite and os.path.exists(t.dest):
+        def present(t):
+            try:
+                st = None if overwrite or t.wait else t.folder.lstat(t.name)
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode):
                 resp = tr.request("HEAD", t.source, ok=(200,), what="check")
                 there = Entry("", "", t.source, False, _count(resp.getheader("Content-Length")),
                               _parse_http_date(resp.getheader("Last-Modified")))
                 tr.release(resp)
-                st = os.stat(t.dest)
                 if self.same(st.st_size, st.st_mtime, there, False) == "same":
                     return TransferResult(t.source, t.dest, there.size, "skipped")
-            return _download_file(tr, t.source, t.dest, None, progress, cancel)
-        return work
+            return _download_file(tr, t, progress, cancel, True, warn)
+        return lambda t: _in_folder(t, lambda: present(t))
 
 
 class _Uploads(_Planner):
@@ -5346,7 +6334,8 @@ class _Uploads(_Planner):
             return self.tree(local, target, verify, overwrite, checksum, _selector(select),
                              dry_run, progress, jobs, started, raise_on_failure)
         if not os.path.isfile(local):
-            raise ConfigError("no such local file: %s" % local)
+            raise ConfigError(("not a regular file: %s" if os.path.exists(local) else
+                               "no such local file: %s") % local)
         st = os.stat(local)
         have = None if overwrite else self.present(target)
         how = self.same(st.st_size, st.st_mtime, have, checksum, upload=True)
@@ -5374,31 +6363,68 @@ class _Uploads(_Planner):
         existing = {} if overwrite else self.existing(target)
         ensure = self.folder_maker(base, dry_run)
         area = []  # service mode: the caller's folder, as the service names it
-        tasks = self.tree_tasks(local, base, existing, checksum, sel, ensure, progress)
+        tasks = self.tree_tasks(local, base, existing, checksum, sel, ensure, progress,
+                                not dry_run)
         summary = self.run(tasks, self.tree_worker(verify, progress, area), jobs, progress,
                            started, raise_on_failure, dry_run)
         summary.remote_path = self.tree_path(base, area)
         return summary
 
-    def tree_tasks(self, local, base, existing, checksum, sel, ensure, progress):
-        for dirpath, dirnames, filenames in os.walk(local):
+    def tree_tasks(self, local, base, existing, checksum, sel, ensure, progress,
+                   confirm=True):
+        """The tasks of a tree upload, folder by folder, remote folders made
+        as it goes.  A folder that cannot be read, or made on the server,
+        is one failed result; the others go on.  Only regular files, and
+        symlinks to regular files, are uploaded; anything else (FIFOs,
+        sockets, devices, links to nothing or to those, links to folders)
+        is skipped with a warning.  With *confirm*, each remote folder's
+        uploads are confirmed once its last one is done (see _Confirm)."""
+        import stat
+        unreadable = []
+        for dirpath, dirnames, filenames in os.walk(local, onerror=unreadable.append):
+            for res in self.unreadable(unreadable):
+                yield res
             dirnames.sort()
+            for d in dirnames:  # os.walk does not follow them: say so
+                if os.path.islink(os.path.join(dirpath, d)):
+                    self.warn("skipping %s: a symbolic link to a folder (not followed)"
+                              % os.path.join(dirpath, d))
             rel = os.path.relpath(dirpath, local)
             rparts = [] if rel == "." else rel.split(os.sep)
             rdir = "/".join([base] + rparts if base else rparts)
             names = [fn for fn in sorted(filenames)
                      if sel is None or sel("/".join(rparts + [fn]))]
             if names or sel is None:
-                ensure(base)
-                ensure(rdir)
+                try:
+                    ensure(base)
+                    ensure(rdir)
+                except CtadataError as e:
+                    if _fails_everything(e):
+                        raise
+                    dirnames[:] = []  # nothing below it either
+                    res = TransferResult(dirpath, self.url(rdir), None, "failed", str(e),
+                                         remote_path=rdir)
+                    res.exception = e
+                    yield res
+                    continue
+            check = self.confirmer(rdir, rparts, names, existing) if confirm else None
             for fn in names:
                 path = os.path.join(dirpath, fn)
                 rpath = (rdir + "/" + fn) if rdir else fn
                 try:
-                    st = os.stat(path)
+                    st = os.stat(path)  # a symlink to a regular file is uploaded
                 except OSError as e:
-                    yield TransferResult(path, rpath, None, "failed",
-                                         str(_local_error(e, path)))
+                    if os.path.islink(path):
+                        self.warn("skipping %s: a symbolic link to nothing" % path)
+                        yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+                    else:
+                        yield TransferResult(path, rpath, None, "failed",
+                                             str(_local_error(e, path)))
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
+                    self.warn("skipping %s: not a regular file (%s)" % (path,
+                                                                       _file_kind(st.st_mode)))
+                    yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
                     continue
                 size = st.st_size
                 have = existing.get("/".join(rparts + [fn]))
@@ -5407,8 +6433,25 @@ class _Uploads(_Planner):
                     yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
                     continue
                 progress.add_total(1, size)
-                yield _Task(path, self.url(rpath), size, have, check=how == "hash",
-                            remote=rpath)
+                task = _Task(path, self.url(rpath), size, have,
+                             check=how == "hash", remote=rpath)
+                if check is not None:
+                    task.confirm = check.add()
+                yield task
+            if check is not None:
+                yield check  # the folder's last task: a worker confirms it (or its last upload)
+        for res in self.unreadable(unreadable):
+            yield res
+
+    @staticmethod
+    def unreadable(errors):
+        """One failed result per local folder that could not be read."""
+        while errors:
+            e = errors.pop(0)
+            err = _local_error(e, e.filename)
+            res = TransferResult(e.filename, None, None, "failed", str(err))
+            res.exception = err
+            yield res
 
     # -- what differs between WebDAV and the download service -------------------
 
@@ -5425,15 +6468,17 @@ class _Uploads(_Planner):
         """PUT one file; a 409 (a missing parent folder: Apache does not make
         them) makes the folders, then tries once more."""
         try:
-            return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+            res = _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
         except NotFound:
             raise
         except RemoteError as e:
             parent = t.remote.rstrip("/").rpartition("/")[0] if "://" not in t.remote else None
             if e.status != 409 or not parent:
                 raise
-        self.remote.mkdir(parent, parents=True)
-        return _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+            self.remote.mkdir(parent, parents=True)
+            res = _upload_file(self.tr, t.source, t.dest, t.size, verify, progress)
+        _Confirm.one(self.remote, res)
+        return res
 
     def present(self, target):
         """The Entry of the remote file *target*, or None when there is no
@@ -5479,21 +6524,134 @@ class _Uploads(_Planner):
             made.add(rdir)
         return ensure
 
+    def confirmer(self, rdir, rparts, names, existing):
+        """The _Confirm of the remote folder *rdir* (holding the local
+        *names*; *existing*: what the remote tree held before)."""
+        known = set(names)
+        known.update(n for n in (e.name for k, e in existing.items()
+                                 if k.rpartition("/")[0] == "/".join(rparts)))
+        return _Confirm(self.remote, self.remote.url_for(rdir, True), known)
+
     def tree_worker(self, verify, progress, area):
         tr = self.tr
 
-        def work(t):
+        def upload(t):
             if t.check and _file_matches(t.source, t.entry.checksums):
                 return TransferResult(t.source, t.dest, t.size, "skipped",
                                       remote_path=t.remote)
             res = _upload_file(tr, t.source, t.dest, t.size, verify, progress)
             res.remote_path = t.remote
             return res
+
+        def work(t):
+            if isinstance(t, _Confirm):
+                t.close()
+                return None
+            if t.confirm is None:
+                return upload(t)
+            res = None
+            try:
+                res = upload(t)
+            finally:
+                t.confirm.done(os.path.basename(t.source), res)
+            return res
         return work
 
     def tree_path(self, base, area):
         """Where the tree is on the storage."""
         return base
+
+
+class _Confirm:
+    """Confirms from the server that a remote folder's uploads are there,
+    each under its own name with its size: one PROPFIND Depth 1 once the
+    folder's last upload is done, in the worker pool (so it overlaps with
+    the next folders' uploads).  A file not listed, or listed with another
+    size, becomes a failed result (a storage may keep "question?.txt" as
+    "question" and still answer 201); nothing is deleted.  The planner
+    add()s each task and then hands the _Confirm itself to the pool as the
+    folder's last task (close()); workers report each upload with done()."""
+
+    def __init__(self, dav, url, known):
+        self.dav, self.url, self.known = dav, url, known
+        self.lock = _thread.allocate_lock()
+        self.pending, self.closed, self.sent = 0, False, {}
+
+    def add(self):
+        with self.lock:
+            self.pending += 1
+        return self
+
+    def done(self, name, res):
+        with self.lock:
+            if res is not None and res.status == "transferred":
+                self.sent[name] = res
+            self.pending -= 1
+            now = self.closed and not self.pending
+        if now:
+            self.check()
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            now = not self.pending
+        if now:
+            self.check()
+
+    def check(self):
+        if not self.sent:
+            return
+        try:
+            listed = dict((e.name, e) for e in self.dav.propfind(self.url, 1,
+                                                                 details="sizes"))
+        except CtadataError as e:
+            for res in self.sent.values():
+                _Confirm.fail(res, "could not confirm the upload: %s" % e)
+            return
+        strays = sorted(n for n in listed if n not in self.known and not listed[n].is_dir)
+        for name, res in self.sent.items():
+            _Confirm.compare(res, name, listed.get(name), strays)
+
+    @staticmethod
+    def compare(res, name, entry, strays=()):
+        if entry is None or entry.is_dir:
+            what = "; it lists %s" % ", ".join(strays[:3]) if 0 < len(strays) <= 3 else ""
+            _Confirm.fail(res, "the server does not list %s after the upload%s" % (name, what))
+        elif entry.size is not None and entry.size != res.size:
+            _Confirm.fail(res, "the server lists %s with %d bytes after the upload, not %d"
+                          % (name, entry.size, res.size))
+
+    @staticmethod
+    def fail(res, message):
+        res.status, res.error = "failed", message
+        res.exception = TransferError(message, res.dest)
+
+    @staticmethod
+    def answer(res, rpath):
+        """Confirm an upload through the download service from its answer:
+        the path it reports must end with the one asked for."""
+        got = res.remote_path or ""
+        if rpath and got != rpath and not got.endswith("/" + rpath):
+            _Confirm.fail(res, "the download service stored %s as %s" % (rpath, got))
+        return res
+
+    @staticmethod
+    def one(dav, res):
+        """Confirm a single upload: PROPFIND Depth 0 of its URL (not of a
+        folder that may hold 100,000 files); the name in the answer's href
+        must be the one asked for (a server that maps the URL to another
+        file answers for that one)."""
+        from urllib.parse import unquote, urlsplit
+        name = unquote(urlsplit(res.dest).path.rstrip("/").rpartition("/")[2])
+        try:
+            entry = dav.stat(res.dest)
+        except NotFound:
+            entry = None
+        except CtadataError as e:
+            _Confirm.fail(res, "could not confirm the upload: %s" % e)
+            return
+        _Confirm.compare(res, name, entry if entry is None or entry.name == name else None,
+                         [entry.name] if entry is not None and entry.name != name else ())
 
 
 class _ServiceUploads(_Uploads):
@@ -5512,7 +6670,8 @@ class _ServiceUploads(_Uploads):
         return self.remote.url("upload", rpath)
 
     def send(self, t, verify, progress):
-        return _upload_service_file(self.tr, t.source, t.dest, t.size, progress)
+        return _Confirm.answer(_upload_service_file(self.tr, t.source, t.dest, t.size,
+                                                    progress), t.remote)
 
     def existing(self, target):
         return {}  # the service offers no listing of what is already there to skip
@@ -5523,11 +6682,15 @@ class _ServiceUploads(_Uploads):
     def folder_maker(self, base, dry_run):
         return lambda rdir: None  # the service makes folders itself
 
+    def confirmer(self, rdir, rparts, names, existing):
+        return None  # each answer says where the file went: see _upload_service_file
+
     def tree_worker(self, verify, progress, area):
         tr = self.tr
 
         def work(t):
-            res = _upload_service_file(tr, t.source, t.dest, t.size, progress)
+            res = _Confirm.answer(_upload_service_file(tr, t.source, t.dest, t.size, progress),
+                                  t.remote)
             if not area and res.remote_path.endswith("/" + t.remote):
                 area.append(res.remote_path[:-len(t.remote)])
             return res
@@ -5598,11 +6761,21 @@ class _TapeGate:
         return isinstance(task, _Task) and task.entry is not None and \
             task.entry.locality in _NOT_ON_DISK
 
+    @staticmethod
+    def matches(t):
+        """The local copy (a regular file, never through a symlink) has the
+        server's checksums; its folder is then released (no download)."""
+        f = t.folder.read(t.name) if t.folder is not None else None
+        if f is not None and _file_matches(f, t.entry.checksums):
+            t.folder.release()
+            return True
+        return False
+
     def tasks(self, tasks):
         for t in tasks:
             if not self.on_tape(t):
                 yield t
-            elif t.check and _file_matches(t.dest, t.entry.checksums):
+            elif t.check and self.matches(t):
                 res = TransferResult(t.source, t.dest, t.size, "skipped")
                 res.mtime = t.entry.mtime
                 yield res
@@ -5872,6 +7045,7 @@ class _TapeDownloads(_Downloads):
             else:
                 folders.setdefault(f.path.rpartition("/")[0], []).append(f)
         seen = set()
+        tree = _LocalTree(dest, dry_run)   # no symlink followed below dest
         for folder in sorted(folders):
             try:
                 listing = {e.name: e for e in self.remote.children(folder + "/")}
@@ -5885,20 +7059,27 @@ class _TapeDownloads(_Downloads):
                 if f.path in seen:
                     continue
                 seen.add(f.path)
-                for item in self.request_task(f, listing, dest, overwrite, checksum, gate,
+                for item in self.request_task(f, listing, tree, overwrite, checksum, gate,
                                               progress, dry_run):
                     yield item
 
-    def request_task(self, f, listing, dest, overwrite, checksum, gate, progress, dry_run):
+    def request_task(self, f, listing, tree, overwrite, checksum, gate, progress, dry_run):
         e = listing.get(f.path.rpartition("/")[2])
         if e is None or e.is_dir:
             yield _tape_failure(_Task(self.remote.url_for(f.path), None, None),
                                 "no such file (it was in stage request %s)" % f.request)
             return
-        local = _safe_join(dest, f.path.split("/"))
-        if not dry_run:
-            _makedirs(os.path.dirname(local))
-        t = self.task(e, local, overwrite, checksum, progress)
+        parts = f.path.split("/")
+        _safe_join(tree.root, parts)
+        try:
+            folder = tree.folder(parts[:-1], create=not dry_run)
+        except TransferError as err:   # a symlink or a file on the way: this file fails
+            yield _failure_of(_Task(e.url, None, e.size), err)
+            return
+        try:
+            t = self.task(e, folder, parts[-1], overwrite, checksum, progress)
+        finally:
+            folder.release()    # the task holds its own reference
         if not isinstance(t, _Task):
             yield t                 # already there
         elif e.locality in _NOT_ON_DISK and f.done and f.state != "COMPLETED":
@@ -6694,12 +7875,17 @@ class Client:
         if not n and selfs and not selfs[0].is_dir:
             yield selfs[0]
 
-    def walk(self, path="", jobs=None, details=True):
+    def walk(self, path="", jobs=None, details=True, on_error=None):
         """Yield (entry of a directory, sorted list of its entries) for *path*
         and every directory below it, depth first (for a file: nothing).
         Directory listings run ahead in parallel (*jobs* threads); the order
-        is deterministic.  *details*: as for iter_dir."""
-        return _walk(self._remote, path, jobs or self.settings.jobs, details, self._warn)
+        is deterministic.  *details*: as for iter_dir.  *on_error(entry,
+        error)*: a folder below *path* that cannot be listed is passed to it
+        and skipped (with everything below it), and the walk goes on; without
+        it, the error is raised.  Errors that every folder would meet
+        (AuthError other than 403, ConfigError) are always raised."""
+        return _walk(self._remote, path, jobs or self.settings.jobs, details, self._warn,
+                     on_error)
 
     def ls(self, path="", recursive=False, select=None, details=True):
         """Return a list of Entry objects below *path*, sorted by name (with
@@ -6738,17 +7924,18 @@ class Client:
         RemoteError."""
         return self._remote.list_dir(path, recursive, self.ls)
 
-    def du(self, path="", select=None):
+    def du(self, path="", select=None, on_error=None):
         """Count what is below a remote path (listing in parallel): returns
         ``{"path", "files", "dirs", "bytes", "children": [{"name", "type",
         "files", "dirs", "bytes"}, ...]}`` with one record per immediate
         child, sorted by name.  *select* counts only some files (as for
-        download).  Raises NotFound, AuthError, RemoteError."""
+        download).  *on_error*: as for walk (the counts then leave out the
+        folders it was told of).  Raises NotFound, AuthError, RemoteError."""
         entry = self.stat(path)
         if not entry.is_dir:
             return _Usage(path=entry.path, files=1, dirs=0, bytes=entry.size or 0,
                           children=[])
-        children = _usage_by_child(entry, self.walk(entry), _selector(select))
+        children = _usage_by_child(entry, self.walk(entry, on_error=on_error), _selector(select))
         return _Usage(path=entry.path,
                       files=sum(c["files"] for c in children),
                       dirs=sum(c["dirs"] + (c["type"] == "directory") for c in children),
@@ -6795,9 +7982,16 @@ class Client:
         fails with the server's reason; *release*: let the storage drop
         each staged file's disk copy after its download.
 
+        Another process downloading the same file into the same place is
+        waited for (a lock on its .part; see README "Integrity and
+        resilience"); a folder of the tree that cannot be listed or made is
+        one failed result.
+
         Returns a TransferSummary.  Raises PartialFailure (with the summary)
         if any file failed, NotFound/AuthError/RemoteError if *path* cannot be
-        listed, ConfigError (*stage* in service mode, a bad *lifetime*)."""
+        listed, ConfigError (*stage* in service mode, a bad *lifetime*); a
+        KeyboardInterrupt (Ctrl-C) carries ``.summary``, what was done by
+        then."""
         if release and not stage:
             raise ConfigError("release goes with stage (get --stage --release)")
         how = None
@@ -6890,9 +8084,12 @@ class Client:
         for files up to 1 MiB; False: never).  *dry_run*: plan only, send
         nothing that changes the storage.  In service mode everything lands
         in the caller's own folder, and each result's ``remote_path`` (and the
-        summary's) is the path the service reports.  Returns a
-        TransferSummary; raises PartialFailure if any file failed,
-        ConfigError for a bad local path."""
+        summary's) is the path the service reports.  Only regular files (and
+        symlinks to them) are uploaded; afterwards the server is asked
+        whether each is there under its name with its size (a file that is
+        not fails).  Returns a TransferSummary; raises PartialFailure if any
+        file failed, ConfigError for a bad local path; a KeyboardInterrupt
+        carries ``.summary``."""
         with _Shown(progress, "upload") as p:
             return self._uploads.upload(local, remote, recursive, verify, overwrite, checksum,
                                         select, dry_run, p, jobs, raise_on_failure)
@@ -9338,7 +10535,11 @@ examples:
   ctadata cat lst/some-dir/run.json | jq .
   ctadata --service put results.txt your-folder/     # prints where it landed
   ctadata upload-cert --key lst ~/x509up.pem
-exit status: 0 success, 1 a failure, 2 bad usage, 130 interrupted.
+exit status: 0 success (every file transferred or already there, and right),
+  1 a failure (some file or folder failed: each is named on stderr),
+  2 bad usage, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as SLURM
+  sends at a job's time limit), 129 SIGHUP: .part files are kept and
+  --manifest records what was done.
 """
 
 
@@ -9525,11 +10726,13 @@ def _cmd_ls(client, args):
                     out.item(None, _entry_line(e, args.long, args.human, e.name, locality))
         out.close()
         return 0
+    failures = []  # folders that could not be listed: reported at the end
     if args.recursive:
         root = client.url_for(args.path, collection=True)
         rows = []
         walked = False
-        for _top, children in client.walk(args.path, details=details):
+        for _top, children in client.walk(args.path, details=details,
+                                          on_error=lambda e, exc: failures.append((e, exc))):
             walked = True
             for e in children:
                 rel = _rel_path(root, e.url)
@@ -9546,7 +10749,7 @@ def _cmd_ls(client, args):
         for _n, e in rows:
             out.item(e.to_dict())
         out.close()
-        return 0
+        return _folder_failures(failures)
     # dCache's FileLocality (ONLINE, NEARLINE...) as a column, when the server has it
     locality = None
     if args.long and any(e.locality for _n, e in rows):
@@ -9558,7 +10761,15 @@ def _cmd_ls(client, args):
         width = max(len(p[1]) for p in parts)
         lines = ["%s %*s %s" % (p[0], width, p[1], p[2]) for p in parts]
     _out("".join(ln + "\n" for ln in lines))
-    return 0
+    return _folder_failures(failures)
+
+
+def _folder_failures(failures):
+    """Report the folders a walk could not list (after what it could);
+    return the exit status."""
+    for e, exc in failures:
+        sys.stderr.write("ctadata: failed: %s/: %s\n" % (e.path, exc))
+    return 1 if failures else 0
 
 
 def _args_stat(sub):
@@ -9603,12 +10814,16 @@ def _dirs(n):
 
 
 def _cmd_du(client, args):
-    report = client.du(args.path, select=_cli_selector(args))
+    failures = []
+    report = client.du(args.path, select=_cli_selector(args),
+                       on_error=lambda e, exc: failures.append((e, exc)))
     size = _human_bytes if args.human else str
     if args.json:
         import json
+        if failures:
+            report["errors"] = [{"path": e.path, "error": str(exc)} for e, exc in failures]
         _out(json.dumps(report, indent=1) + "\n")
-        return 0
+        return _folder_failures(failures)
     out = _RecordWriter(args)
     total = {k: report[k] for k in ("path", "files", "dirs", "bytes")}
     for c in report["children"]:
@@ -9620,7 +10835,7 @@ def _cmd_du(client, args):
         size(report["bytes"]), report["files"], _files(report["files"]), report["dirs"],
         _dirs(report["dirs"]), report["path"] or "/"))
     out.close()
-    return 0
+    return _folder_failures(failures)
 
 
 def _args_progress(sp):
@@ -9660,15 +10875,34 @@ def _write_json_atomic(path, doc):
         raise _local_error(e, path)
 
 
-def _report(args, verb, summary):
-    """Print the plan (dry run), failures and the summary line, write the
-    manifest; return the exit code."""
-    import json
+def _write_manifest(args, verb, summary):
+    """Write --manifest (if asked for) with one record per file."""
     if getattr(args, "manifest", None):
         doc = {"ctadata": __version__, "command": verb, "created": _iso(time.time())}
         doc.update(summary.to_dict())
         doc["files"] = doc.pop("results")
         _write_json_atomic(args.manifest, doc)
+
+
+def _report(args, verb, summary):
+    """Print the plan (dry run), failures and the summary line, write the
+    manifest; return the exit code.  A signal meanwhile waits (_Held)."""
+    with _Held():
+        return _report_now(args, verb, summary)
+
+
+def _interrupted(args, verb, error):
+    """Ctrl-C or SIGTERM stopped a transfer: write the manifest of what was
+    done (if asked for) before the CLI reports the interrupt."""
+    summary = getattr(error, "summary", None)
+    if summary is not None:
+        with _Held():
+            _write_manifest(args, verb, summary)
+
+
+def _report_now(args, verb, summary):
+    import json
+    _write_manifest(args, verb, summary)
     if args.json:
         _out(json.dumps(summary.to_dict(), indent=1) + "\n")
     elif getattr(args, "jsonl", False):
@@ -9715,10 +10949,13 @@ def _args_get(sub):
     sp = _subcommand(sub, "get", _cmd_get, "download files", description=(
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
-                "verified against the server's checksum; an interrupted download resumes "
-                "from its .part file; files already there (the same size and modification "
-                "time) are skipped; "
-                "transient failures are retried with backoff (--retries)."))
+                "verified against the server's checksum; an interrupted download of a file "
+                "over 1 MiB resumes from its .part file when NAME.part.meta says it is of the "
+                "same file; files already there (the same size and modification time) are "
+                "skipped; a file another process is downloading into the same place is "
+                "waited for (a lock on its .part); transient failures are retried with "
+                "backoff (--retries). A folder that cannot be listed or made fails alone. "
+                "Nothing is written through a symbolic link below DEST."))
     sp.add_argument("source", nargs="?", help="remote path or URL (not with --from-list)")
     sp.add_argument("dest", nargs="?", default=None, help=(
         "local file or folder (default: current folder). With -r, the tree goes to "
@@ -9742,7 +10979,8 @@ def _args_get(sub):
                     help="list what would be downloaded and the totals; write nothing")
     sp.add_argument("--manifest", metavar="FILE.json",
                     help="write one record per file (remote URL, local path, size, mtime, "
-                         "checksums, status, error)")
+                         "checksums, status, error); also when stopped by Ctrl-C or "
+                         "SIGTERM: what was done by then")
     _args_output(sp, "the summary and one record per file")
     _args_progress(sp)
     _args_filters(sp)
@@ -9828,6 +11066,10 @@ def _cmd_get(client, args):
                                       select=sel, dry_run=args.dry_run, progress=progress,
                                       raise_on_failure=False, stage=args.stage,
                                       release=args.release, lifetime=args.lifetime)
+    except KeyboardInterrupt as e:
+        progress.close()
+        _interrupted(args, "get", e)
+        raise
     except NotFound as e:
         if args.source and "://" not in args.source and os.path.exists(args.source):
             e.cli_hint = "%s is a local %s: did you mean put?" % (
@@ -9841,7 +11083,10 @@ def _cmd_get(client, args):
 def _args_put(sub):
     sp = _subcommand(sub, "put", _cmd_put, "upload files", description=(
                 "Upload a local file, or with -r a directory tree. A remote path ending "
-                "with '/' is a folder to upload into; missing folders are created."))
+                "with '/' is a folder to upload into; missing folders are created. Only "
+                "regular files, and symbolic links to them, are uploaded (FIFOs, sockets, "
+                "devices are skipped with a warning). Afterwards the server is asked "
+                "(PROPFIND) whether each file is there under its name with its size."))
     sp.add_argument("source", help="local file or folder")
     sp.add_argument("dest", nargs="?", default="", help=(
         "remote folder to put it into (ending with '/'; '/' is the storage root) or its new "
@@ -9879,6 +11124,10 @@ def _cmd_put(client, args):
                                 checksum=args.checksum, select=_cli_selector(args),
                                 dry_run=args.dry_run, progress=progress,
                                 raise_on_failure=False)
+    except KeyboardInterrupt as e:
+        progress.close()
+        _interrupted(args, "put", e)
+        raise
     finally:
         progress.close()
     if summary.transferred and not (args.json or args.jsonl) and not _opt(args, "quiet"):
@@ -10571,9 +11820,82 @@ def _cli_error(args, e):
     return text
 
 
+class _Terminated(KeyboardInterrupt):
+    """A signal stopped the command line (see _StopSignals)."""
+
+    def __init__(self, signum):
+        KeyboardInterrupt.__init__(self, signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While main() runs: SIGTERM (what SLURM sends when a job's time is up)
+    and SIGHUP (a closed terminal) stop the command the way Ctrl-C does (a
+    _Terminated, which is a KeyboardInterrupt, raised in the main thread):
+    workers stop, .part files stay, the manifest of what was done is
+    written, exit 128 + the signal's number.  A second signal while
+    stopping is ignored, so that it cannot break the cleanup (SIGKILL still
+    works); one that comes while the summary and manifest are being written
+    waits until they are (_Held).  Only signals at their default action are
+    taken (not one that nohup or a shell made the process ignore), and only
+    in the main thread (signal.signal works nowhere else)."""
+
+    current = None
+
+    def __init__(self):
+        import signal
+        import threading
+        self.old, self.seen, self.pending, self.holding = {}, False, None, 0
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            num = getattr(signal, name, None)
+            if num is not None and signal.getsignal(num) in (signal.SIG_DFL,
+                                                             signal.default_int_handler):
+                self.old[num] = signal.signal(num, self.handle)
+        _StopSignals.current = self
+
+    def handle(self, signum, frame):
+        if self.seen:
+            return
+        if self.holding:
+            self.pending = self.pending or signum
+            return
+        self.seen = True
+        raise _Terminated(signum)
+
+    def restore(self):
+        import signal
+        for num, old in self.old.items():
+            signal.signal(num, old)
+        if _StopSignals.current is self:
+            _StopSignals.current = None
+
+
+class _Held:
+    """A block that a stop signal does not cut short: it is acted on after."""
+
+    def __enter__(self):
+        s = _StopSignals.current
+        if s is not None:
+            s.holding += 1
+
+    def __exit__(self, kind, value, tb):
+        s = _StopSignals.current
+        if s is not None:
+            s.holding -= 1
+            if not s.holding and s.pending is not None and kind is None and not s.seen:
+                s.seen, signum, s.pending = True, s.pending, None
+                raise _Terminated(signum)
+
+
+_SIGNAL_NAMES = {1: "hung up (SIGHUP)", 2: "interrupted", 15: "terminated (SIGTERM)"}
+
+
 def main(argv=None):
     """Run the command line; return the exit status (0 ok, 1 failure,
-    2 usage, 130 interrupted).  Never calls sys.exit."""
+    2 usage, 128 + N stopped by signal N: 130 Ctrl-C, 143 SIGTERM, 129
+    SIGHUP).  Never calls sys.exit."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--version"]:
         # Fast path: no argparse, no network modules (start-up time matters
@@ -10589,19 +11911,22 @@ def main(argv=None):
     if getattr(args, "alias_of", None):
         sys.stderr.write("ctadata: note: `%s` is now `ctadata %s`\n"
                          % (args.command, args.alias_of))
+    signals = _StopSignals()
     try:
         try:
             client = None if getattr(args, "no_client", False) else _client_from_args(args)
             return args.func(client, args) or 0
         finally:
             restore_logging()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)
+        what = _SIGNAL_NAMES.get(signum, "stopped by signal %d" % signum)
         if args.command == "get":
-            sys.stderr.write("\nctadata: interrupted (partial downloads kept as .part "
-                             "files; run the same command again to resume)\n")
+            sys.stderr.write("\nctadata: %s (partial downloads kept as .part files; run "
+                             "the same command again to resume)\n" % what)
         else:
-            sys.stderr.write("\nctadata: interrupted\n")
-        return 130
+            sys.stderr.write("\nctadata: %s\n" % what)
+        return 128 + signum
     except CtadataError as e:
         sys.stderr.write("ctadata: error: %s\n" % _cli_error(args, e))
         return e.exit_code
@@ -10612,6 +11937,8 @@ def main(argv=None):
         except OSError:
             pass
         return 0
+    finally:
+        signals.restore()
 
 
 ############################################################################
@@ -10631,11 +11958,11 @@ def _entry():
 
 
 def _exit(code):
-    """Exit with *code*.  After a Ctrl-C, a worker thread that has not
-    noticed yet must not run into interpreter shutdown (CPython can abort
-    then): flush and leave at once."""
+    """Exit with *code*.  After a Ctrl-C (or SIGTERM), a worker thread that
+    has not noticed yet must not run into interpreter shutdown (CPython can
+    abort then): flush and leave at once."""
     threading = sys.modules.get("threading")
-    if code == 130 and threading is not None and any(
+    if code >= 128 and threading is not None and any(
             t.daemon and t.is_alive() for t in threading.enumerate()):
         for stream in (sys.stdout, sys.stderr):
             try:

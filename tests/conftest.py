@@ -242,6 +242,17 @@ def tree_digests(root):
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def leftover_part(dest, head, client, path):
+    """What an interrupted download of the remote *path* leaves at *dest*:
+    DEST.part holding *head*, and DEST.part.meta, its provenance (the format
+    in README, "Integrity and resilience"), without which it is not resumed."""
+    import json
+    e = client.stat(path)
+    Path(str(dest) + ".part").write_bytes(head)
+    Path(str(dest) + ".part.meta").write_text(json.dumps(
+        {"format": 1, "url": e.url, "size": e.size, "validator": e.etag}))
+
+
 # Names that break naive clients: spaces, percent, hash, question mark, unicode.
 ODD_NAMES = ["plain.txt", "with space.dat", "100%.bin", "hash#tag.h5", "q?x.txt",
              "été 日本.fits"]

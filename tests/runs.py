@@ -68,9 +68,9 @@ class Run:
     thread and its value is kept in ``snapshot``: what the process left
     behind at the moment it said it was done, before another process can
     change it.  With *gate*, the process waits for ``release()`` before it
-    parses its command line."""
+    parses its command line.  *env*: more environment variables."""
 
-    def __init__(self, url, argv, home, token, on_exit=None, gate=False):
+    def __init__(self, url, argv, home, token, on_exit=None, gate=False, env=None):
         args = ["--url", url] + [str(a) for a in argv]
         self.argv = [sys.executable] + (["-c", _GATE] if gate else ["-m", "ctadata"]) + args
         self.on_exit = on_exit
@@ -80,7 +80,7 @@ class Run:
         self.done = threading.Event()
         # output to files, not pipes: nothing to drain, and stdin stays ours
         self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.argv, env=cli_env(home, token),
+        self.proc = subprocess.Popen(self.argv, env=dict(cli_env(home, token), **(env or {})),
                                      stdin=subprocess.PIPE if gate else subprocess.DEVNULL,
                                      stdout=self._out, stderr=self._err)
         if not gate:
@@ -108,6 +108,15 @@ class Run:
             f.close()
         self.code, (self.out, self.err) = self.proc.returncode, out
         self.done.set()
+
+    def peek_err(self):
+        """What the process has written to stderr so far."""
+        if self.done.is_set():
+            return self.err or ""
+        try:
+            return os.pread(self._err.fileno(), 1 << 20, 0).decode("utf-8", "replace")
+        except (OSError, ValueError):  # closed meanwhile: it has exited
+            return self.err or ""
 
     def wait(self, timeout=120):
         if not self.done.wait(timeout):

@@ -349,6 +349,6 @@ def test_a_download_stops_at_the_announced_size(tmp_path):
             return 4
     with open(str(tmp_path / "f.part"), "wb") as f:
         with pytest.raises(ctadata.TransferError, match="more than the 10 bytes"):
-            ctadata._copy_body(Endless(), f, ctadata._Hashers(()), None, None,
+            ctadata._copy_body(Endless(), f.write, ctadata._Hashers(()), None, None,
                                str(tmp_path / "f.part"), [0], 10)
     assert (tmp_path / "f.part").stat().st_size <= 12

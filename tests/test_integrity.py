@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import ctadata
+from conftest import leftover_part
 from faultserver import FaultServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,9 +161,9 @@ def test_resume_uses_the_validator_saved_with_the_part(fs, tmp_path):
 
 def test_ignored_range_restarts_from_zero(fs, tmp_path):
     data = put_remote(fs, "f.bin", os.urandom(BIG))
-    (tmp_path / "f.bin.part").write_bytes(data[:12345])     # an earlier run's leftover
-    fs.add_fault("ignore_range", method="GET", path="/f.bin")
     c = mkclient(fs)
+    leftover_part(tmp_path / "f.bin", data[:12345], c, "f.bin")  # an earlier run's
+    fs.add_fault("ignore_range", method="GET", path="/f.bin")
     c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == data
     assert gets(fs, "/f.bin")[0].headers["range"] == "bytes=12345-"
@@ -170,8 +171,8 @@ def test_ignored_range_restarts_from_zero(fs, tmp_path):
 
 def test_resume_of_an_existing_part_file(fs, tmp_path):
     data = put_remote(fs, "f.bin", os.urandom(BIG))
-    (tmp_path / "f.bin.part").write_bytes(data[:2000000])
     c = mkclient(fs)
+    leftover_part(tmp_path / "f.bin", data[:2000000], c, "f.bin")
     c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == data
     assert fs.bytes_sent["/f.bin"] == BIG - 2000000
@@ -179,9 +180,9 @@ def test_resume_of_an_existing_part_file(fs, tmp_path):
 
 def test_wrong_content_range_discards_the_part(fs, tmp_path):
     data = put_remote(fs, "f.bin", os.urandom(BIG))
-    (tmp_path / "f.bin.part").write_bytes(data[:5000])
-    fs.add_fault("wrong_content_range", method="GET", path="/f.bin", start=100)
     c = mkclient(fs)
+    leftover_part(tmp_path / "f.bin", data[:5000], c, "f.bin")
+    fs.add_fault("wrong_content_range", method="GET", path="/f.bin", start=100)
     c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == data
     assert "range" not in gets(fs, "/f.bin")[1].headers   # started again from zero
@@ -189,8 +190,8 @@ def test_wrong_content_range_discards_the_part(fs, tmp_path):
 
 def test_a_stale_part_with_wrong_bytes_is_caught_by_the_checksum(served, tmp_path):
     data = put_remote(served, "f.bin", os.urandom(BIG))
-    (tmp_path / "f.bin.part").write_bytes(b"\0" * 5000)     # not what the server has
     c = mkclient(served)
+    leftover_part(tmp_path / "f.bin", b"\0" * 5000, c, "f.bin")  # not what it has
     c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == data       # mismatch -> once more from 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import ctadata
-from conftest import make_tree, tree_digests, ODD_NAMES
+from conftest import leftover_part, make_tree, tree_digests, ODD_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 DL1 = "cta/DL1/20241114/v0.1/"
@@ -156,13 +156,18 @@ def test_every_command_against_serve(srv, run, archive, tmp_path):
     code, _, err = run("get", "-r", "cta", str(tmp_path / "down") + "/")
     assert code == 0, err
     assert tree_digests(tmp_path / "down/cta") == tree_digests(archive / "cta")
-    big = (dl1 / "dl1_LST-1.Run11111.0100.h5").read_bytes()
-    (tmp_path / "big.h5.part").write_bytes(big[:100000])
-    code, _, err = run("get", DL1 + "dl1_LST-1.Run11111.0100.h5", tmp_path / "big.h5")
+    # (files up to 1 MiB are never resumed: this one is larger)
+    big = os.urandom(1500000)
+    (archive / "resume").mkdir()
+    (archive / "resume" / "big.h5").write_bytes(big)
+    with ctadata.Client(url=srv.url, token_file=srv.token_file, env={}) as c:
+        leftover_part(tmp_path / "big.h5", big[:100000], c, "resume/big.h5")
+    code, _, err = run("get", "resume/big.h5", tmp_path / "big.h5")
     assert code == 0, err
     assert (tmp_path / "big.h5").read_bytes() == big
     last_get = [r for r in srv.requests if r["method"] == "GET"][-1]
-    assert last_get["status"] == 206 and last_get["path"].endswith("0100.h5")
+    assert last_get["status"] == 206 and last_get["path"].endswith("/resume/big.h5")
+    shutil.rmtree(str(archive / "resume"))
 
     # put, put -r (with odd names), mkdir -p, mv, sum, du, rm -r
     src = make_tree(tmp_path / "results", {n: os.urandom(50 + i)

@@ -14,6 +14,13 @@ destination folder.  This script measures, against nginx (dav-ext) on
 
 and prints the medians and verify/put in percent (the issue's budget: 5 %).
 
+Then what ctadata's own confirmation (issue 10, case 10: _Confirm, one
+PROPFIND Depth 1 per folder run by the worker pool as each folder's last
+upload is done) costs: `Client.upload(recursive=True, jobs=4)` in this
+process, with the confirmation and without it (ctadata._Uploads.confirmer
+patched to return None), in alternating runs (--reps of each): wall time,
+this process's CPU time, and how long the checks ran in all.
+
     python3 tests/bench/verify_cost.py                  # 5,000 x 16 KiB in 50 folders, 5 reps
     python3 tests/bench/verify_cost.py --files 500 --reps 2
 """
@@ -64,6 +71,64 @@ def verify(client, remote_base, index, threads):
         return sum(ex.map(one, sorted(index)))
 
 
+def confirm_cost(srv, token, src, reps):
+    """Medians over *reps* alternating in-process uploads with and without
+    the confirmation: {False: ..., True: ...} of (wall, cpu, tail), where
+    tail is the time from the end of the last PUT to upload()'s return (what
+    the confirmation adds to the wall time: the checks of the other folders
+    overlap with uploads); and (wall, CPU) the checks themselves took (CPU
+    of the worker threads inside them, time.thread_time)."""
+    real_confirmer = ctadata._Uploads.confirmer
+    real_check = ctadata._Confirm.check
+    real_upload = ctadata._upload_file
+    spent, last = [], [0.0]
+
+    def timed_check(self):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return real_check(self)
+        finally:
+            spent.append((time.perf_counter() - t0, time.thread_time() - c0))
+
+    def timed_upload(*a, **kw):
+        try:
+            return real_upload(*a, **kw)
+        finally:
+            last[0] = max(last[0], time.perf_counter())
+    ctadata._Confirm.check = timed_check
+    ctadata._upload_file = timed_upload
+    runs = {False: [], True: []}
+    try:
+        with ctadata.Client(url=srv.url, token=token, env={}) as c:
+            for i in range(2 * reps + 2):
+                on = i % 4 in (1, 2)
+                ctadata._Uploads.confirmer = real_confirmer if on else \
+                    (lambda self, *a: None)
+                shutil.rmtree(str(srv.root / "scratch"), ignore_errors=True)
+                del spent[:]
+                last[0] = 0.0
+                w0, c0 = time.perf_counter(), time.process_time()
+                s = c.upload(str(src), "scratch/", recursive=True, jobs=4)
+                end = time.perf_counter()
+                w, cpu, tail = end - w0, time.process_time() - c0, end - last[0]
+                assert s.transferred == s.files and not s.failed, s
+                checks = (sum(x[0] for x in spent), sum(x[1] for x in spent))
+                if i >= 2:  # the first two warm up
+                    runs[on].append((w, cpu, tail, checks))
+                print("upload %s confirmation: wall %.3f s, cpu %.3f s, tail %.4f s, "
+                      "checks %.3f s (cpu %.3f s)" % ("with" if on else "without", w, cpu,
+                                                      tail, checks[0], checks[1]), flush=True)
+    finally:
+        ctadata._Uploads.confirmer = real_confirmer
+        ctadata._Confirm.check = real_check
+        ctadata._upload_file = real_upload
+        shutil.rmtree(str(srv.root / "scratch"), ignore_errors=True)
+    med = {on: tuple(statistics.median(r[k] for r in runs[on]) for k in range(3))
+           for on in runs}
+    checks = tuple(statistics.median(r[3][k] for r in runs[True]) for k in range(2))
+    return med, checks
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=5000)
@@ -98,12 +163,24 @@ def main():
                         assert bad == 0, bad
                 print("rep %d: put %.2f s, verify %.3f s (1 thread) %.3f s (4 threads)"
                       % (rep, puts[-1], ver1[-1], ver4[-1]), flush=True)
+            confirm = confirm_cost(srv, token, src, args.reps)
         put, v1, v4 = (statistics.median(x) for x in (puts, ver1, ver4))
         print("\n%d files of %d B in %d folders (%d PROPFIND Depth 1), median of %d:"
               % (args.files, args.size, args.dirs, len(index), args.reps))
         print("  put -r -j 4        %7.2f s" % put)
         print("  verify, 1 thread   %7.3f s  = %4.1f %% of the upload" % (v1, 100 * v1 / put))
         print("  verify, 4 threads  %7.3f s  = %4.1f %% of the upload" % (v4, 100 * v4 / put))
+        med, (cw, cc) = confirm
+        (w0, c0, t0), (w1, c1, t1) = med[False], med[True]
+        print("\nClient.upload(recursive=True, jobs=4) in-process, median of %d each "
+              "(alternating):" % args.reps)
+        print("  without confirmation  wall %6.3f s  cpu %6.3f s  after the last PUT %6.4f s"
+              % (w0, c0, t0))
+        print("  with confirmation     wall %6.3f s  cpu %6.3f s  after the last PUT %6.4f s"
+              % (w1, c1, t1))
+        print("  the checks: %.3f s in the workers, %.3f s of CPU = %.1f %% of the upload's "
+              "CPU; after the last PUT: %+.4f s = %.2f %% of the upload's wall time"
+              % (cw, cc, 100 * cc / c0, t1 - t0, 100 * (t1 - t0) / w0))
     finally:
         shutil.rmtree(str(work), ignore_errors=True)
 
