@@ -5495,9 +5495,9 @@ def _share(dav, path, duration, allow, ip):
     try:
         value, life = _macaroon(dav.tr, url, activities, seconds, ip)
     except _NoMacaroons as e:
-        raise ConfigError(e.message, url,
-                          hint="share needs a storage that issues macaroons (dCache, "
-                               "XRootD with libXrdMacaroons, ctadata serve)")
+        e.hint = ("share needs a storage that issues macaroons (dCache, XRootD with "
+                  "libXrdMacaroons, ctadata serve)")
+        raise
     link = url + "?authz=" + quote(value, safe="")
     shown = path.path if isinstance(path, Entry) else str(path)
     shown = _normpath(shown) if "://" not in shown else _safe_url(url)
