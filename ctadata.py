@@ -293,7 +293,8 @@ StorageException = RemoteError
 def _error_text(body):
     """The server's own words from an error body: the ``message`` of a JSON
     object (the download service answers 401 with ``{"message": ...}``), the
-    ``title`` and ``detail`` of an RFC 7807 problem (the tape REST API), else
+    ``title`` and ``detail`` of an RFC 7807 problem (the tape REST API), the
+    ``http_message`` of an FTS3 job that cannot be shown, else
     the text up to any HTML page (the service passes upstream errors through as
     ``Error: 404 <html>...``: an HTML page says nothing the status does not)."""
     text = body.decode("utf-8", "replace").strip() if body else ""
@@ -304,7 +305,7 @@ def _error_text(body):
         except ValueError:
             doc = None
         if isinstance(doc, dict):
-            found = [doc[k] for k in ("message", "error", "detail")
+            found = [doc[k] for k in ("message", "error", "detail", "http_message")
                      if isinstance(doc.get(k), str)]
             text = found[0] if found else ""
             title = doc.get("title")
@@ -5948,7 +5949,7 @@ class _Copies(_Planner):
             src = origins.peer(url)
             try:
                 entry = item if isinstance(item, Entry) else src.dav.stat(url)
-            except NotFound as e:
+            except NotFound:
                 err = NotFound("the source does not exist", url, 404)
                 if not many:
                     raise err
@@ -6108,8 +6109,15 @@ class _FTS:
         if doc is not None:
             body = json.dumps(doc).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        resp = self.tr.request(method, url, headers, body, ok=(200, 201, 202, 207),
-                               what=what, retry=method != "POST")
+        try:
+            resp = self.tr.request(method, url, headers, body, ok=(200, 201, 202, 207),
+                                   what=what, retry=method != "POST")
+        except RemoteError as e:
+            if e.status == 419:
+                e.hint = ("FTS3 wants a proxy certificate delegated to it, which ctadata "
+                          "cannot make: delegate with fts-rest-delegate (or fts-delegation-"
+                          "init) first, or use a token")
+            raise
         data = _read_body(self.tr, resp, url, what, _FTS_ANSWER_LIMIT)
         return _json_answer(data, url, what) if data.strip() else None
 

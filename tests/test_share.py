@@ -17,7 +17,7 @@ import pytest
 
 import ctadata
 from conftest import dav_target, make_tree
-from test_cp import private_cert, put_files, xclient
+from test_cp import put_files, xclient
 
 SERVE_TOKEN = "serve-token-share-0123456789"
 
