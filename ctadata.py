@@ -5372,17 +5372,34 @@ def _response_lines(resp, cancel=None):
 
 
 def _remote_sums(dav, url):
-    """(size or None, {algorithm: hex}) of a remote file: HEAD with
-    Want-Digest (XRootD, dCache), else the listing's Checksums (dCache)."""
+    """(size or None, {algorithm: hex}, the Server header) of a remote file:
+    HEAD with Want-Digest (XRootD, dCache), else the listing's Checksums
+    (dCache)."""
     resp = dav.tr.request("HEAD", url, {"Want-Digest": _WANT_DIGEST}, ok=(200,),
                           what="checksum")
     size = _count(resp.getheader("Content-Length"))
     sums = _parse_digest(resp.getheader("Digest"))
+    server = resp.getheader("Server") or ""
     dav.tr.release(resp)
     if not sums:
         entry = dav.stat(url)
         sums, size = entry.checksums, size if size is not None else entry.size
-    return size, sums
+    return size, sums, server
+
+
+def _racy_checksums(server):
+    """True for a Server header of XRootD before 5.8.3, which computes a
+    checksum it has not stored yet in a job whose answer races with the
+    link's next request (fixed in 5.8.3, "Do not reset runStatus...", xrootd
+    #2360).  Measured on 5.5.3 with copies between two instances: with four
+    such requests at a time about one in a thousand hangs (one at a time:
+    none in 4,500); asking for the checksum of files the server has just
+    written by third-party copy killed it (SIGSEGV in SSL_read) in 3 runs
+    of 6 of a 249-file `cp -r`, even one request at a time.  So: one at a
+    time, and never for a file it has just written."""
+    import re
+    m = re.match(r"xrootd/v?(\d+)\.(\d+)(?:\.(\d+))?", server.strip().lower())
+    return bool(m) and tuple(int(g or 0) for g in m.groups()) < (5, 8, 3)
 
 
 # -- macaroons ----------------------------------------------------------------
@@ -5543,10 +5560,12 @@ class _Peer:
     NAME", "--delegate-token") or is None (none), *home* the origins to which
     its bearer token may be shown."""
 
-    __slots__ = ("origin", "tr", "dav", "label", "home")
+    __slots__ = ("origin", "tr", "dav", "label", "home", "one_at_a_time", "sums_lock")
 
     def __init__(self, origin, tr, dav, label, home):
         self.origin, self.tr, self.dav, self.label, self.home = origin, tr, dav, label, home
+        self.one_at_a_time = None         # not known until the server answered once
+        self.sums_lock = _thread.allocate_lock()
 
     def __repr__(self):
         return "<ctadata copy peer %s://%s:%d (%s)>" % (self.origin + (
@@ -5560,6 +5579,32 @@ class _Peer:
             return self.tr.auth.header()
         except AuthError:
             return None
+
+    def checksums(self, url):
+        """(size or None, {algorithm: hex}) of a file of this server; one
+        request at a time to a server whose checksums race (_racy_checksums)."""
+        if self.one_at_a_time is False:
+            return _remote_sums(self.dav, url)[:2]
+        with self.sums_lock:
+            size, sums, server = _remote_sums(self.dav, url)
+            self.learn(server)
+            return size, sums
+
+    def learn(self, server):
+        """Note what the Server header of an answer says about checksums."""
+        if self.one_at_a_time is None and server is not None:
+            self.one_at_a_time = _racy_checksums(server)
+
+    def racy(self, url):
+        """True for a server that must not be asked for the checksum of a
+        file it has just written (_racy_checksums), learnt from its Server
+        header: of an earlier answer, else of an OPTIONS request."""
+        if self.one_at_a_time is None:
+            resp = self.tr.request("OPTIONS", url, ok=tuple(range(200, 600)),
+                                   what="options", retry=False)
+            self.tr.release(resp)
+            self.learn(resp.getheader("Server") or "")
+        return self.one_at_a_time
 
     def holds_credentials(self):
         return self.bearer() is not None or (
@@ -5737,8 +5782,8 @@ class _ThirdPartyCopy:
         """Why the file at the destination is not the source's, or None."""
         if t.have.size is not None and t.size is not None and t.have.size != t.size:
             return "%d bytes, the source %d" % (t.have.size, t.size)
-        src = t.entry.checksums or _remote_sums(t.src.dav, t.source)[1]
-        dst = t.have.checksums or _remote_sums(t.dst.dav, t.dest)[1]
+        src = t.entry.checksums or t.src.checksums(t.source)[1]
+        dst = t.have.checksums or t.dst.checksums(t.dest)[1]
         bad = _first_mismatch(dst, src)
         return "%s %s, the source %s" % (bad[0], bad[2], bad[1]) if bad else None
 
@@ -5777,6 +5822,7 @@ class _ThirdPartyCopy:
                                     "replace it); --overwrite replaces it", t.dest,
                                     status=412, retryable=False)
             raise
+        active.learn(resp.getheader("Server") or "")
         moved, markers, verdict = 0, 0, ("unknown", "")
         try:
             for kind, value in _perf_markers(_response_lines(resp, self.cancel)):
@@ -5818,12 +5864,17 @@ class _ThirdPartyCopy:
     def check(self, t):
         """Compare the destination's checksums with the source's (the size
         when they share none); on a mismatch delete the copy.  Return the
-        destination's checksums."""
+        destination's checksums (from XRootD before 5.8.3, which must not
+        be asked for those of a file it has just written: the source's,
+        and only the size is compared)."""
         if t.entry.checksums:
             src_size, src = t.size, t.entry.checksums
         else:
-            src_size, src = _remote_sums(t.src.dav, t.source)
-        size, dst = _remote_sums(t.dst.dav, t.dest)
+            src_size, src = t.src.checksums(t.source)
+        if t.dst.racy(t.dest):
+            size, dst = t.dst.dav.stat(t.dest).size, {}
+        else:
+            size, dst = t.dst.checksums(t.dest)
         bad = _first_mismatch(dst, src)
         if bad:
             _try_delete(t.dst.tr, t.dest)
@@ -5834,7 +5885,7 @@ class _ThirdPartyCopy:
             _try_delete(t.dst.tr, t.dest)
             raise TransferError("the copy has %d bytes, the source %d; copy deleted" % (
                 size, src_size), t.dest, expected=src_size, received=size, retryable=False)
-        return dst
+        return dst or src
 
 
 # -- planning copies ------------------------------------------------------------------
