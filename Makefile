@@ -56,9 +56,11 @@ lint:  ## Python 3.5 syntax (no f-strings), compile, import without warnings
 	$(PYTHON) -m py_compile ctadata.py
 	$(PYTHON) -W error -c 'import ctadata'
 
-bench: deps  ## benchmark against curl, davix and rclone (TASKS="get_big ls_wide" for a subset)
+bench: deps  ## benchmark against curl, davix, rclone; cp against davix-cp, gfal-copy (TASKS="get_big ls_wide" for a subset)
 	@bash tests/bench/install-peers.sh
 	$(PYTHON) tests/bench/run.py $(if $(TASKS),--tasks "$(TASKS)")
+	@# third-party copies between two XRootD (ctadata cp, davix-cp, gfal-copy)
+	$(PYTHON) tests/bench/tpc.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache __pycache__ tests/__pycache__
