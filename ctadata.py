@@ -11,7 +11,8 @@ It can be used three ways:
 
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
   ``ctadata.upload_file(...)`` or an explicit ``ctadata.Client(...)``;
-* from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat / stage``;
+* from the shell: ``ctadata ls / get / put / cp / share / mkdir / rm / mv / stat /
+  stage``;
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
 The sections below are in dependency order: each one only uses those above
@@ -20,8 +21,10 @@ transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
 _DAV, the direct-mode backend) -> Tape (the WLCG Tape REST API: _TapeAPI,
 StageRequest) -> Download service & JupyterHub services
 (_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
-the worker pool, the planners) -> Progress displays -> Client (a face over a
-backend and the planners) -> Public functions -> CLI -> Entry point.
+the worker pool, the planners) -> Third-party copy & FTS3 (_ThirdPartyCopy,
+_Copies, share's macaroons, _FTS, FTSJob) -> Progress displays -> Client (a
+face over a backend and the planners) -> Public functions -> Server -> CLI ->
+Entry point.
 """
 
 import _thread
@@ -5686,14 +5689,17 @@ class _Origins:
                 return token
             if passive is active:
                 return None
-            raise ConfigError(
-                "cannot let %s reach %s: %s, and %s would have to hand it your token"
-                % (_origin_root(active.tr.settings.url), _safe_url(scope), e.message,
-                   "ctadata" if token else "the server"), scope,
-                hint="copy the other way round (--push / pull), or, if you trust %s with "
-                     "your token, --delegate-token %s" % (
-                         _origin_root(active.tr.settings.url),
-                         _origin_root(active.tr.settings.url)))
+            other = _origin_root(active.tr.settings.url)
+            if not token:
+                raise ConfigError("%s cannot be let in at %s: that server issues no "
+                                  "macaroons (HTTP %s), and a client certificate cannot be "
+                                  "handed over" % (other, _safe_url(scope), e.status), scope,
+                                  hint="copy the other way round (--push, or without it)")
+            raise ConfigError("%s would need your token to reach %s, whose server issues "
+                              "no macaroons (HTTP %s)" % (other, _safe_url(scope), e.status),
+                              scope, hint="copy the other way round (--push, or without it), "
+                              "or, if you trust %s with your token, --delegate-token %s"
+                              % (other, other))
         for peer in list(self.peers.values()):
             peer.tr.auth.secrets.add(value)
         with self.lock:
@@ -5834,9 +5840,7 @@ class _ThirdPartyCopy:
                 if step > 0 and self.progress is not None:
                     self.progress.advance(step)
                 moved += max(step, 0)
-        except CtadataError:
-            raise
-        except KeyboardInterrupt:
+        except (CtadataError, KeyboardInterrupt):
             raise
         except Exception as e:
             self.clean_up(t)
