@@ -6898,8 +6898,9 @@ class Client:
         mismatch deletes the copy.  A file already at the destination with
         the same size and checksum is skipped; one that differs fails unless
         *overwrite*.  *select*, *dry_run*, *progress*, *jobs* as for
-        download.  A local side (an os.PathLike, ``file:PATH``, ``./PATH``,
-        ``~/PATH``) makes this a download() or an upload().
+        download.  A local side (an os.PathLike, ``file:PATH``, ``.``,
+        ``./PATH``, ``../PATH``, ``~/PATH``) makes this a download() or an
+        upload().
 
         Returns a TransferSummary; raises PartialFailure if any file failed,
         NotFound (a single source that does not exist), ConfigError (a
@@ -9790,7 +9791,8 @@ checksum is skipped; one that differs fails unless --overwrite.
 
 SRC and DST are remote paths (relative to the storage URL) or URLs; a DST
 ending with '/' (and any DST of several SRCs) is a folder to copy into. A local
-side, written ./PATH, ../PATH, ~/PATH or file:PATH, makes this a `get` or `put`.
+side, written ., ./PATH, ../PATH, ~/PATH or file:PATH, makes this a `get` or a
+`put`.
 
 Credentials: the storage's origin (--url) gets your token. Another origin gets
 what `ctadata --profile NAME` would send it, where NAME is the first profile of
