@@ -9811,11 +9811,11 @@ FINISHED), 1 a failure, 2 bad usage, 130 interrupted."""
 
 _CP_EPILOG = """\
 examples:
-  ctadata cp raw/run1.fits.fz raw/run1-copy.fits.fz          # within the storage
-  ctadata cp -r raw/20241114 https://other.site:2880/cta/raw/ # pulled by other.site
-  ctadata cp --push -r raw/20241114 https://other.site:2880/cta/raw/
+  ctadata cp raw/run1.fits.fz raw/copy.fits.fz           # within the storage
+  ctadata cp -r raw/20241114 https://other.site/cta/raw/ # pulled by other.site
+  ctadata cp --push -r raw/20241114 https://other.site/cta/raw/
   ctadata cp --fts https://fts3.example.org:8446 -r raw/20241114 \\
-      https://other.site:2880/cta/raw/ --wait
+      https://other.site/cta/raw/ --wait
   ctadata fts status JOB_ID --wait
 """
 
@@ -9973,8 +9973,9 @@ Follow or cancel an FTS3 job that `ctadata cp --fts` submitted (the ID it
 printed; several IDs joined with ',' count as one). status shows the job's
 state and how many files are in each state (with --wait: polls, from every 2 s
 backing off to every 60 s while nothing changes, until the job ends) and the
-failed files with FTS3's reasons. The FTS3 server is --fts URL, else $CTADATA_FTS,
-else the profile's fts key; your token (or certificate) goes there.
+failed files with FTS3's reasons. The FTS3 server is --fts URL, else
+$CTADATA_FTS, else the profile's fts key; your token (or certificate) goes
+there.
 
 exit status: 0 when the job FINISHED (status without --wait: when no file
 failed so far), 1 otherwise, 2 bad usage."""
@@ -10009,10 +10010,11 @@ def _cmd_fts(client, args):
 
 _SHARE_DESCRIPTION = """\
 Make a link to a remote file or folder that works without an account, in a
-browser or with curl, until it expires: the storage issues a macaroon limited to
-PATH (and what is below it), to what --allow says, and to --for; ctadata prints
-PATH's URL with it (...?authz=MACAROON). The macaroon is a secret: whoever has the
-link can do what it allows, so it is printed on stdout only and never logged.
+browser or with curl, until it expires: the storage issues a macaroon limited
+to PATH (and what is below it), to what --allow says, and to --for; ctadata
+prints PATH's URL with it (...?authz=MACAROON). The macaroon is a secret:
+whoever has the link can do what it allows, so it is printed on stdout only and
+never logged.
 Needs a storage that issues macaroons (dCache, XRootD with libXrdMacaroons,
 ctadata serve)."""
 
@@ -10020,7 +10022,7 @@ _SHARE_EPILOG = """\
 examples:
   ctadata share cta/DL1/run1.h5                       # a day, download and list
   curl -O "$(ctadata share cta/DL1/run1.h5 --for 2h)"
-  ctadata share users/me/incoming/ --allow upload,list --for 1w --ip 192.0.2.0/24
+  ctadata share users/me/incoming/ --allow upload,list --ip 192.0.2.0/24
   ctadata share cta/DL1/ --json                       # url, macaroon, expires
 """
 
