@@ -9902,112 +9902,6 @@ def _cp_fts(client, args, sources, dest):
     return _fts_follow(args, job, sys.stderr)
 
 
-class _FTSProgress:
-    """What `--wait` shows of an FTS3 job after each poll: a live line on a
-    terminal, else a line whenever the counts changed."""
-
-    def __init__(self, args):
-        self.quiet = _opt(args, "quiet")
-        self.tty = sys.stderr.isatty()
-        self.started = time.monotonic()
-        self.last = None
-        self.drawn = False
-
-    def __call__(self, job):
-        counts = job.counts
-        key = (job.state, sorted(counts.items()))
-        if self.quiet or (key == self.last and not self.tty):
-            return
-        self.last = key
-        line = "fts: %s, %s, %d:%02d elapsed" % ((
-            job.state, ", ".join("%s %d" % kv for kv in sorted(counts.items())) or "no files")
-            + divmod(int(time.monotonic() - self.started), 60))
-        if self.tty:
-            sys.stderr.write("\r" + line[:200] + "\x1b[K")
-            self.drawn = True
-        else:
-            sys.stderr.write("ctadata: %s\n" % line)
-        sys.stderr.flush()
-
-    def close(self):
-        if self.drawn:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
-def _fts_follow(args, job, stream):
-    show = _FTSProgress(args)
-    try:
-        job.wait(progress=show)
-    finally:
-        show.close()
-    return _fts_report(args, job, stream)
-
-
-def _fts_report(args, job, stream):
-    """Print an FTS3 job (JSON, or its state, per-state counts and the
-    failed files with FTS3's reasons); return the exit code: 0 only for a
-    job that FINISHED (while it runs: 0 unless files failed already)."""
-    if args.json:
-        import json
-        _out(json.dumps(job.to_dict(), indent=1) + "\n")
-    elif not _opt(args, "quiet"):
-        counts = job.counts
-        stream.write("fts %s: %s, %s (%s)\n" % (
-            job.id, job.state, _plural(len(job.files), "file"),
-            ", ".join("%s %d" % kv for kv in sorted(counts.items())) or "none listed"))
-    failures = job.failures
-    for f in failures[:20]:
-        sys.stderr.write("ctadata: failed: %s -> %s: %s %s\n" % (
-            _safe_url(f["source"]), _safe_url(f["destination"]), f["state"],
-            f["reason"] or ""))
-    if len(failures) > 20:
-        sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
-    if job.done:
-        return 0 if job.ok else 1
-    return 1 if failures else 0
-
-
-_FTS_DESCRIPTION = """\
-Follow or cancel an FTS3 job that `ctadata cp --fts` submitted (the ID it
-printed; several IDs joined with ',' count as one). status shows the job's
-state and how many files are in each state (with --wait: polls, from every 2 s
-backing off to every 60 s while nothing changes, until the job ends) and the
-failed files with FTS3's reasons. The FTS3 server is --fts URL, else
-$CTADATA_FTS, else the profile's fts key; your token (or certificate) goes
-there.
-
-exit status: 0 when the job FINISHED (status without --wait: when no file
-failed so far), 1 otherwise, 2 bad usage."""
-
-
-def _args_fts(sub):
-    sp = _subcommand(sub, "fts", _cmd_fts, "follow or cancel an FTS3 job (cp --fts)",
-                     description=_FTS_DESCRIPTION)
-    sp.add_argument("action", choices=("status", "cancel"))
-    sp.add_argument("job", metavar="ID", help="the job ID that `cp --fts` printed")
-    sp.add_argument("--fts", metavar="URL", help="the FTS3 server (env CTADATA_FTS; "
-                                                 "profile key fts)")
-    sp.add_argument("--wait", action="store_true",
-                    help="status: poll until the job ends; exit 0 only if it FINISHED")
-    sp.add_argument("--json", action="store_true",
-                    help="print the job as JSON: {id, ids, endpoint, state, done, counts, "
-                         "files: [{job, source, destination, state, reason, size}]}")
-
-
-def _cmd_fts(client, args):
-    job = client.fts_job(args.job, args.fts)
-    if args.action == "cancel":
-        if args.wait:
-            raise ConfigError("cancel does not wait")
-        job.cancel()
-        _note(args, "cancelled %s" % job.id)
-        return _fts_report(args, job, sys.stdout) if args.json else 0
-    if args.wait:
-        return _fts_follow(args, job, sys.stdout)
-    return _fts_report(args, job, sys.stdout)
-
-
 _SHARE_DESCRIPTION = """\
 Make a link to a remote file or folder that works without an account, in a
 browser or with curl, until it expires: the storage issues a macaroon limited
@@ -10112,7 +10006,8 @@ def _plural(n, word):
 
 class _StageProgress:
     """What `stage --wait` shows after each poll: a live line on a terminal,
-    else a line whenever the count of files on disk or failed changed."""
+    else a line whenever the count of files on disk or failed changed
+    (_FTSProgress shows an FTS3 job the same way)."""
 
     def __init__(self, args):
         self.quiet = _opt(args, "quiet")
@@ -10121,16 +10016,24 @@ class _StageProgress:
         self.last = None
         self.drawn = False
 
+    @staticmethod
+    def key(req):
+        return req.on_disk, req.failed, len(req.files)
+
+    @staticmethod
+    def text(req):
+        return "stage: %d/%d files on disk%s" % (
+            req.on_disk, len(req.files), ", %d failed" % req.failed if req.failed else "")
+
     def __call__(self, req):
-        key = (req.on_disk, req.failed, len(req.files))
+        key = self.key(req)
         if self.quiet or (key == self.last and not self.tty):
             return
         self.last = key
-        line = "stage: %d/%d files on disk%s, %d:%02d elapsed" % (
-            (req.on_disk, len(req.files), ", %d failed" % req.failed if req.failed else "")
-            + divmod(int(time.monotonic() - self.started), 60))
+        line = "%s, %d:%02d elapsed" % ((self.text(req),) + divmod(
+            int(time.monotonic() - self.started), 60))
         if self.tty:
-            sys.stderr.write("\r" + line + "\x1b[K")
+            sys.stderr.write("\r" + line[:200] + "\x1b[K")
             self.drawn = True
         else:
             sys.stderr.write("ctadata: %s\n" % line)
@@ -10220,6 +10123,92 @@ def _cmd_release(client, args):
     _note(args, "released %s of %s" % (_plural(req.release(args.paths or None), "file"),
                                        req.id))
     return 0
+
+
+class _FTSProgress(_StageProgress):
+    """What `--wait` shows of an FTS3 job after each poll (see _StageProgress)."""
+
+    @staticmethod
+    def key(job):
+        return job.state, sorted(job.counts.items())
+
+    @staticmethod
+    def text(job):
+        return "fts: %s, %s" % (job.state, ", ".join(
+            "%s %d" % kv for kv in sorted(job.counts.items())) or "no files")
+
+
+def _fts_follow(args, job, stream):
+    show = _FTSProgress(args)
+    try:
+        job.wait(progress=show)
+    finally:
+        show.close()
+    return _fts_report(args, job, stream)
+
+
+def _fts_report(args, job, stream):
+    """Print an FTS3 job (JSON, or its state, per-state counts and the
+    failed files with FTS3's reasons); return the exit code: 0 only for a
+    job that FINISHED (while it runs: 0 unless files failed already)."""
+    if args.json:
+        import json
+        _out(json.dumps(job.to_dict(), indent=1) + "\n")
+    elif not _opt(args, "quiet"):
+        counts = job.counts
+        stream.write("fts %s: %s, %s (%s)\n" % (
+            job.id, job.state, _plural(len(job.files), "file"),
+            ", ".join("%s %d" % kv for kv in sorted(counts.items())) or "none listed"))
+    failures = job.failures
+    for f in failures[:20]:
+        sys.stderr.write("ctadata: failed: %s -> %s: %s %s\n" % (
+            _safe_url(f["source"]), _safe_url(f["destination"]), f["state"],
+            f["reason"] or ""))
+    if len(failures) > 20:
+        sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
+    if job.done:
+        return 0 if job.ok else 1
+    return 1 if failures else 0
+
+
+_FTS_DESCRIPTION = """\
+Follow or cancel an FTS3 job that `ctadata cp --fts` submitted (the ID it
+printed; several IDs joined with ',' count as one). status shows the job's
+state and how many files are in each state (with --wait: polls, from every 2 s
+backing off to every 60 s while nothing changes, until the job ends) and the
+failed files with FTS3's reasons. The FTS3 server is --fts URL, else
+$CTADATA_FTS, else the profile's fts key; your token (or certificate) goes
+there.
+
+exit status: 0 when the job FINISHED (status without --wait: when no file
+failed so far), 1 otherwise, 2 bad usage."""
+
+
+def _args_fts(sub):
+    sp = _subcommand(sub, "fts", _cmd_fts, "follow or cancel an FTS3 job (cp --fts)",
+                     description=_FTS_DESCRIPTION)
+    sp.add_argument("action", choices=("status", "cancel"))
+    sp.add_argument("job", metavar="ID", help="the job ID that `cp --fts` printed")
+    sp.add_argument("--fts", metavar="URL", help="the FTS3 server (env CTADATA_FTS; "
+                                                 "profile key fts)")
+    sp.add_argument("--wait", action="store_true",
+                    help="status: poll until the job ends; exit 0 only if it FINISHED")
+    sp.add_argument("--json", action="store_true",
+                    help="print the job as JSON: {id, ids, endpoint, state, done, counts, "
+                         "files: [{job, source, destination, state, reason, size}]}")
+
+
+def _cmd_fts(client, args):
+    job = client.fts_job(args.job, args.fts)
+    if args.action == "cancel":
+        if args.wait:
+            raise ConfigError("cancel does not wait")
+        job.cancel()
+        _note(args, "cancelled %s" % job.id)
+        return _fts_report(args, job, sys.stdout) if args.json else 0
+    if args.wait:
+        return _fts_follow(args, job, sys.stdout)
+    return _fts_report(args, job, sys.stdout)
 
 
 _SERVE_DESCRIPTION = """\

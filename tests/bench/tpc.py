@@ -41,9 +41,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import servers  # noqa: E402
+from datagen import sha256_file  # noqa: E402
+from run import clear_dir  # noqa: E402
 
 PY = sys.executable
 CTADATA = os.path.join(REPO, "ctadata.py")
@@ -56,28 +59,6 @@ TREE_FILES, TREE_DIRS = 249, 9
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
-def clear_dir(path):
-    if os.path.isdir(path):
-        for name in os.listdir(path):
-            p = os.path.join(path, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-            else:
-                os.unlink(p)
-    else:
-        os.makedirs(path)
 
 
 class Data:
