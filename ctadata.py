@@ -1865,6 +1865,27 @@ def _response_class():
     return _Response
 
 
+class _Quirks:
+    """What the storage's HTTP server does differently from the RFCs, as its
+    Server header says: the one place that knows server products (the rest
+    of the module asks these flags, never for a product).  So far only
+    XRootD's HTTP door (XrdHttp; measured on 5.5.3, PROTOCOL.md §5, pinned
+    by tests/test_xrootd.py):
+
+    raw_hrefs   PROPFIND hrefs are the names as they are, not
+                percent-encoded ("lit%20eral" is literal)."""
+
+    __slots__ = ("server", "raw_hrefs")
+
+    def __init__(self, server):
+        self.server = server or ""   # the Server header ("" when none)
+        xrootd = self.server.startswith("XrootD")
+        self.raw_hrefs = xrootd
+
+    def __repr__(self):
+        return "<ctadata quirks of %r>" % self.server
+
+
 class _Transport:
     """The one HTTP transport: a keep-alive http.client connection per
     (thread, origin), a timeout on every request, our own redirect loop
@@ -3365,12 +3386,16 @@ _MONTHS = {m: i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
 
 
-def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=None):
+def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=None,
+                       raw_hrefs=False):
     """Parse a PROPFIND multistatus answer, streamed as byte *chunks*, into
     Entry objects, yielded as they complete (memory does not grow with the
     size of the listing).
 
-    Each href is percent-decoded and resolved against *request_url*; the
+    Each href is percent-decoded and resolved against *request_url*, except
+    with *raw_hrefs* (a server that sends names as they are: _Quirks) and
+    for an href that cannot be percent-encoded (_unencoded): that one is
+    the path as it is, and the entry's URL is that path percent-encoded.  The
     collection itself is passed to *on_self* (when given) instead of being
     yielded; dropped is anything that is not a direct child of it, is on
     another origin, or has a name that is not safe (_is_safe_name: "..",
@@ -3384,7 +3409,7 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
     ElementTree's pull parser."""
     import xml.parsers.expat
     warn = warn or (lambda msg: None)
-    ctx = _HrefContext(request_url, base_url, on_self, warn)
+    ctx = _HrefContext(request_url, base_url, on_self, warn, raw_hrefs)
 
     def refuse(*_args):
         raise ProtocolError("refusing XML with a document type declaration",
@@ -3451,14 +3476,31 @@ def _walk_events(events, state, ctx):
     return out
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _unencoded(href):
+    """True for an href that cannot be percent-encoded: one with a space,
+    "#", "?", a non-ASCII character or a "%" without two hex digits (what
+    XRootD sends for such names; RFC 4918 §8.3 wants them encoded)."""
+    if " " in href or "#" in href or "?" in href or (href and max(href) > "~"):
+        return True
+    if "%" in href:
+        for part in href.split("%")[1:]:
+            if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+                return True
+    return False
+
+
 class _HrefContext:
     """What entries of one PROPFIND answer are checked against."""
 
-    def __init__(self, request_url, base_url, on_self, warn):
-        from urllib.parse import urlsplit, unquote
+    def __init__(self, request_url, base_url, on_self, warn, raw_hrefs=False):
+        from urllib.parse import urlsplit, unquote, quote
         req = urlsplit(request_url)
         self.request_url, self.on_self, self.warn = request_url, on_self, warn
-        self.unquote = unquote
+        self.raw_hrefs = raw_hrefs
+        self.unquote, self.quote = unquote, quote
         self.origin = _origin(request_url)
         self.prefix = "%s://%s" % (req.scheme, req.netloc)
         raw = req.path[:-1] if req.path.endswith("/") else req.path
@@ -3487,6 +3529,19 @@ class _HrefContext:
             return None
         return urlsplit(full).path
 
+    def _raw_path_of(self, href):
+        """The path of an href taken as it is (no dot segments resolved, no
+        "?" or "#" split off) on the request's origin, or None."""
+        if href.lower().startswith(("http://", "https://")):
+            if not href.startswith(self.prefix + "/"):
+                self.warn("skipping entry on another host: %s" % _safe_url(href))
+                return None
+            href = href[len(self.prefix):]
+        if not href.startswith("/") or href.startswith("//"):
+            self.warn("skipping entry with a relative href: %r" % href)
+            return None
+        return href
+
     def entry(self, href, props):
         """The Entry of one <response> (its href, its 200 properties), or
         None when it is dropped.  One function on purpose: it runs for every
@@ -3495,7 +3550,8 @@ class _HrefContext:
         unquote = self.unquote
         if not href:
             return None
-        path = self._path_of(href)
+        as_is = self.raw_hrefs or _unencoded(href)
+        path = self._raw_path_of(href) if as_is else self._path_of(href)
         if path is None:
             return None
         # Servers differ in percent-encoding (nginx upper-case hex, Apache
@@ -3503,11 +3559,15 @@ class _HrefContext:
         # an encoded "/" (%2F) cannot pose as a separator.
         raw = path[:-1] if path.endswith("/") else path
         nsegs = raw.count("/")
-        try:
-            dpath = unquote(raw, errors="strict")
-        except UnicodeDecodeError:
-            self.warn("skipping entry with undecodable name: %r" % raw)
-            return None
+        if as_is:
+            dpath = raw
+            path = self.quote(path, safe="/")  # the URL to ask for it: encoded once
+        else:
+            try:
+                dpath = unquote(raw, errors="strict")
+            except UnicodeDecodeError:
+                self.warn("skipping entry with undecodable name: %r" % raw)
+                return None
         is_self = nsegs == self.nsegs and dpath == self.dpath
         if is_self:
             if self.on_self is None:
@@ -3615,7 +3675,8 @@ class _DAV:
                 raise ProtocolError("the server does not speak WebDAV (PROPFIND "
                                     "answered %d)" % resp.status, url)
             yield from _parse_multistatus(_iter_body(resp), resp.ctadata_url,
-                                          self.base_url, on_self, self.warn)
+                                          self.base_url, on_self, self.warn,
+                                          _Quirks(resp.getheader("Server")).raw_hrefs)
         finally:
             self.tr.release(resp)
 
