@@ -500,6 +500,18 @@ def _is_safe_name(name):
                 or not name.isprintable() and _has_control(name))
 
 
+def _cut_name_error(path):
+    """The error for a remote *path* with "?" on a server that cuts names
+    there (_Quirks.cuts_at_query), raised before anything is sent: XRootD's
+    HTTP door decodes the path, then its xroot layer takes what follows a
+    "?" (even one sent as %3F) as its own options, so "question?.txt" would
+    be stored as "question" and a GET of "q?x.txt" would answer with the
+    file "q".  Its *path* is set: it is about one name (a tree goes on
+    without it, see _fails_everything)."""
+    return ConfigError('XRootD cannot store or find a name with "?" in it (it cuts the '
+                       'name there): %s' % path, path=path)
+
+
 def _safe_join(root, rel_parts):
     """Join remote path segments below a local *root*, refusing any that is
     not a safe name (the parsers drop such entries already; this is the
@@ -1872,15 +1884,18 @@ class _Quirks:
     XRootD's HTTP door (XrdHttp; measured on 5.5.3, PROTOCOL.md §5, pinned
     by tests/test_xrootd.py):
 
-    raw_hrefs   PROPFIND hrefs are the names as they are, not
-                percent-encoded ("lit%20eral" is literal)."""
+    raw_hrefs      PROPFIND hrefs are the names as they are, not
+                   percent-encoded ("lit%20eral" is literal).
+    cuts_at_query  a "?" in a path, even sent as %3F, ends the name: a
+                   name with one can be neither stored nor found
+                   (_cut_name_error)."""
 
-    __slots__ = ("server", "raw_hrefs")
+    __slots__ = ("server", "raw_hrefs", "cuts_at_query")
 
     def __init__(self, server):
         self.server = server or ""   # the Server header ("" when none)
         xrootd = self.server.startswith("XrootD")
-        self.raw_hrefs = xrootd
+        self.raw_hrefs = self.cuts_at_query = xrootd
 
     def __repr__(self):
         return "<ctadata quirks of %r>" % self.server
@@ -1907,6 +1922,7 @@ class _Transport:
         self.record_sums = False
         # does this server answer uploads with a Digest? None: not known yet
         self.put_digests = None
+        self._quirks = None  # the storage's _Quirks, from its first answer (see quirks())
         self.cancel = cancel
         self._local = _thread._local()
         self._ctx = None
@@ -2054,12 +2070,25 @@ class _Transport:
                         self.cancel is not None and self.cancel.is_set()):
                     continue
                 raise
+            if self._quirks is None and key == self.auth_origin:
+                self._quirks = _Quirks(resp.getheader("Server"))
             resp.ctadata_url = url
             resp.ctadata_key = key
             resp.ctadata_auth = value
             resp.ctadata_conn = conn
             resp.ctadata_close = expect or resp.will_close or cut is not None
             return resp
+
+    def quirks(self):
+        """The storage's _Quirks, from the Server header of its first answer;
+        asked with OPTIONS when nothing has answered yet (a failure then
+        says nothing is known: no quirks)."""
+        if self._quirks is None:
+            try:
+                self.release(self._send("OPTIONS", self._prefix + "/", {}, None, False))
+            except Exception:
+                return _Quirks(None)
+        return self._quirks
 
     @staticmethod
     def _split(url):
@@ -2164,6 +2193,8 @@ class _Transport:
         Returns the final http.client.HTTPResponse (status in *ok*, body
         unread); raises the exception _error_for_status maps any other
         status to, or TransferError for network failures."""
+        if "%3F" in url or "%3f" in url:
+            self._refuse_cut_name(url)
         headers = headers or {}
         attempt = 0
         auth_retried = False
@@ -2197,6 +2228,15 @@ class _Transport:
                 raise self._status_error(resp, err_body, what, url)
             self._pause(method, url, delay, "HTTP %d" % resp.status, attempt)
             attempt += 1
+
+    def _refuse_cut_name(self, url):
+        """Raise _cut_name_error for a URL of the storage whose path has a
+        "?" (a query of a URL given as it is stays alone)."""
+        from urllib.parse import urlsplit, unquote
+        path = urlsplit(url).path
+        if "%3f" in path.lower() and _origin(url) == self.auth_origin and \
+                self.quirks().cuts_at_query:
+            raise _cut_name_error(self.describe(url) or unquote(path))
 
     def _status_error(self, resp, body, what, url):
         """The exception for an answer with an error status to a request
@@ -5966,9 +6006,9 @@ def _fails_everything(error):
     """True for an error that every other folder would meet too (no token,
     an expired or refused one: 401; bad settings), which stops a tree at
     once rather than failing each of its folders (a 403 is about one
-    folder)."""
-    return isinstance(error, ConfigError) or (isinstance(error, AuthError) and
-                                              error.status != 403)
+    folder, and so is a ConfigError about one name: _cut_name_error)."""
+    return isinstance(error, ConfigError) and error.path is None or (
+        isinstance(error, AuthError) and error.status != 403)
 
 
 def _unique(entries, warn=None):

@@ -359,3 +359,25 @@ def test_header_parser_limits():
         ctadata._read_header_lines(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101))))
     with pytest.raises(http.client.LineTooLong):
         ctadata._read_header_lines(io.BytesIO(b"X: " + b"a" * 70000 + b"\r\n\r\n"))
+
+
+def test_safe_place_strips_queries_of_urls_only():
+    assert ctadata._safe_place("https://u:p@h:1/a?authz=secret") == "https://h:1/a"
+    assert ctadata._safe_place("/home/me/why?.txt") == "/home/me/why?.txt"   # a file name
+    assert ctadata._safe_place("rel/what?#1") == "rel/what?#1"
+
+
+@pytest.mark.parametrize("server,quirky", [
+    ("XrootD/v5.5.3", True), ("XrootD", True), ("nginx/1.22.1", False),
+    ("Apache/2.4.62 (Debian)", False), (None, False), ("dCache/9.2.0", False)])
+def test_quirks_come_from_the_server_header_alone(server, quirky):
+    q = ctadata._Quirks(server)
+    assert (q.raw_hrefs, q.cuts_at_query) == (quirky, quirky)
+
+
+def test_a_name_cut_at_a_question_mark_fails_that_folder_alone():
+    err = ctadata._cut_name_error("a/what?/b")
+    assert isinstance(err, ctadata.ConfigError) and err.path == "a/what?/b"
+    assert 'name with "?"' in str(err) and "a/what?/b" in str(err)
+    assert not ctadata._fails_everything(err)
+    assert ctadata._fails_everything(ctadata.ConfigError("bad setting"))
