@@ -1888,14 +1888,19 @@ class _Quirks:
                    percent-encoded ("lit%20eral" is literal).
     cuts_at_query  a "?" in a path, even sent as %3F, ends the name: a
                    name with one can be neither stored nor found
-                   (_cut_name_error)."""
+                   (_cut_name_error).
+    raw_destination  MOVE's Destination is taken byte for byte, not
+                   percent-decoded: it is sent unencoded (UTF-8).
+    moves_over     MOVE ignores "Overwrite: F" and replaces the
+                   destination: the client looks first."""
 
-    __slots__ = ("server", "raw_hrefs", "cuts_at_query")
+    __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over")
 
     def __init__(self, server):
         self.server = server or ""   # the Server header ("" when none)
         xrootd = self.server.startswith("XrootD")
         self.raw_hrefs = self.cuts_at_query = xrootd
+        self.raw_destination = self.moves_over = xrootd
 
     def __repr__(self):
         return "<ctadata quirks of %r>" % self.server
@@ -3780,8 +3785,34 @@ class _DAV:
         self.tr.release(self.tr.request("DELETE", url, ok=(200, 202, 204), what="remove"))
 
     def move(self, url, target, overwrite=False):
-        headers = {"Destination": target, "Overwrite": "T" if overwrite else "F"}
+        """MOVE *url* to the URL *target*; without *overwrite* an existing
+        target is refused (412).  A server that ignores "Overwrite: F"
+        (_Quirks.moves_over) is asked first whether the target exists (a
+        look, then the move: another client could still come in between);
+        one that does not percent-decode the Destination (raw_destination)
+        gets it unencoded."""
+        quirks = self.tr.quirks()
+        dest = target
+        if quirks.raw_destination or quirks.cuts_at_query:
+            from urllib.parse import urlsplit, unquote
+            p = urlsplit(target)
+            path = unquote(p.path)
+            if quirks.cuts_at_query and "?" in path:
+                raise _cut_name_error(self.tr.describe(target) or path)
+            if quirks.raw_destination:
+                dest = ("%s://%s%s" % (p.scheme, p.netloc, path)).encode("utf-8")
+        if quirks.moves_over and not overwrite and self.exists(target):
+            raise _error_for_status(412, url, what="move", path=self.tr.describe(url))
+        headers = {"Destination": dest, "Overwrite": "T" if overwrite else "F"}
         self.tr.release(self.tr.request("MOVE", url, headers, ok=(201, 204), what="move"))
+
+    def exists(self, url):
+        """Is there a file or folder at *url*?"""
+        try:
+            self.stat(url)
+        except NotFound:
+            return False
+        return True
 
     def checksum(self, target):
         """The server's checksums of a file: HEAD + Want-Digest (RFC 3230),

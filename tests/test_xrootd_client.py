@@ -107,3 +107,29 @@ def test_other_servers_keep_question_marks(client, dav):
     client._transport.request("PUT", client.url_for("why?.txt"), body=b"w")
     assert (dav.root / "why?.txt").read_bytes() == b"w"
     assert not client._transport.quirks().cuts_at_query
+
+
+def test_mv_keeps_odd_names_and_never_overwrites_unasked(xclient, xrd, cli_x):
+    # XRootD takes MOVE's Destination without percent-decoding and ignores
+    # "Overwrite: F": the client sends the name unencoded and checks first
+    make_tree(xrd.root, {"m/a b#1.txt": b"1", "m/other": b"2", "m/d/x": b"x"})
+    xrd.grant_access(xrd.root)
+    xclient.move("m/a b#1.txt", "m/é x%20y.txt")
+    assert (xrd.root / "m/é x%20y.txt").read_bytes() == b"1"
+    assert not (xrd.root / "m/a b#1.txt").exists()
+    with pytest.raises(ctadata.RemoteError) as ei:
+        xclient.move("m/other", "m/é x%20y.txt")
+    assert ei.value.status == 412 and "exists" in str(ei.value)
+    assert (xrd.root / "m/é x%20y.txt").read_bytes() == b"1"
+    assert (xrd.root / "m/other").read_bytes() == b"2"
+    code, out, err = cli_x("mv", "m/other", "m/é x%20y.txt")
+    assert code == 1 and "exists" in err and (xrd.root / "m/other").exists()
+    code, out, err = cli_x("mv", "--overwrite", "m/other", "m/é x%20y.txt")
+    assert code == 0 and (xrd.root / "m/é x%20y.txt").read_bytes() == b"2"
+    xclient.move("m/d", "m/new dir")                         # a directory
+    assert (xrd.root / "m/new dir/x").read_bytes() == b"x"
+    xclient.move("m/é x%20y.txt", "m/new dir/")              # into a folder
+    assert (xrd.root / "m/new dir/é x%20y.txt").exists()
+    with pytest.raises(ctadata.ConfigError, match="cannot store"):
+        xclient.move("m/new dir/x", "m/what?")
+    assert (xrd.root / "m/new dir/x").exists() and not (xrd.root / "m/what").exists()
