@@ -1892,15 +1892,18 @@ class _Quirks:
     raw_destination  MOVE's Destination is taken byte for byte, not
                    percent-decoded: it is sent unencoded (UTF-8).
     moves_over     MOVE ignores "Overwrite: F" and replaces the
-                   destination: the client looks first."""
+                   destination: the client looks first.
+    rmdir_delete   DELETE removes only an empty folder ("directory not
+                   empty" otherwise): what is in it goes first."""
 
-    __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over")
+    __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over",
+                 "rmdir_delete")
 
     def __init__(self, server):
         self.server = server or ""   # the Server header ("" when none)
         xrootd = self.server.startswith("XrootD")
         self.raw_hrefs = self.cuts_at_query = xrootd
-        self.raw_destination = self.moves_over = xrootd
+        self.raw_destination = self.moves_over = self.rmdir_delete = xrootd
 
     def __repr__(self):
         return "<ctadata quirks of %r>" % self.server
@@ -3781,8 +3784,27 @@ class _DAV:
         for i in range(1, len(segs) + 1):
             self.mkcol(self.url_for("/".join(segs[:i]), True), exist_ok=True)
 
-    def delete(self, url):
+    def delete(self, url, folder=False):
+        """DELETE *url*; a *folder* goes with everything in it (RFC 4918
+        §9.6.1).  A server whose DELETE removes only empty folders
+        (_Quirks.rmdir_delete) gets what is in it deleted first."""
+        if folder and self.tr.quirks().rmdir_delete:
+            self.empty(url)
         self.tr.release(self.tr.request("DELETE", url, ok=(200, 202, 204), what="remove"))
+
+    def empty(self, url):
+        """Delete what is in the folder *url*, deepest first: its files (on
+        the transport's jobs threads), then each folder in it, emptied."""
+        children = list(self.children(url, details=False))
+        files = [e.url for e in children if not e.is_dir]
+        if files:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=min(self.tr.settings.jobs, len(files))) as ex:
+                for _ in ex.map(self.delete, files):
+                    pass
+        for e in children:
+            if e.is_dir:
+                self.delete(self.url_for(e, collection=True), folder=True)
 
     def move(self, url, target, overwrite=False):
         """MOVE *url* to the URL *target*; without *overwrite* an existing
@@ -8362,7 +8384,7 @@ class Client:
                               hint="use recursive=True", cli_hint="use rm -r")
         if dry_run:
             return [entry] + (self.ls(entry, recursive=True) if entry.is_dir else [])
-        dav.delete(dav.url_for(entry, collection=entry.is_dir))
+        dav.delete(dav.url_for(entry, collection=entry.is_dir), folder=entry.is_dir)
         return [entry]
 
     def move(self, src, dst, overwrite=False, dry_run=False):

@@ -133,3 +133,20 @@ def test_mv_keeps_odd_names_and_never_overwrites_unasked(xclient, xrd, cli_x):
     with pytest.raises(ctadata.ConfigError, match="cannot store"):
         xclient.move("m/new dir/x", "m/what?")
     assert (xrd.root / "m/new dir/x").exists() and not (xrd.root / "m/what").exists()
+
+
+def test_rm_r_empties_folders_first(xclient, xrd, cli_x):
+    # XRootD's DELETE of a folder is rmdir (500 "directory not empty")
+    spec = {"t/" + n: b"1" for n in GOOD_NAMES}
+    spec.update({"t/sub dir/" + n: b"2" for n in GOOD_NAMES})
+    spec["t/sub dir/deeper #2/f"] = b"3"
+    spec["t/empty/.keep"] = b""
+    make_tree(xrd.root, spec)
+    xrd.grant_access(xrd.root)
+    code, out, err = cli_x("rm", "-r", "--dry-run", "t")
+    assert code == 0 and (xrd.root / "t/sub dir/deeper #2/f").exists()
+    code, out, err = cli_x("rm", "-r", "t")
+    assert code == 0, err
+    assert not (xrd.root / "t").exists()
+    code, out, err = cli_x("rm", "t")
+    assert code == 1 and "no such" in err.lower()
