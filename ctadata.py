@@ -1894,16 +1894,19 @@ class _Quirks:
     moves_over     MOVE ignores "Overwrite: F" and replaces the
                    destination: the client looks first.
     rmdir_delete   DELETE removes only an empty folder ("directory not
-                   empty" otherwise): what is in it goes first."""
+                   empty" otherwise): what is in it goes first.
+    lenient_mkcol  MKCOL makes missing parents and accepts an existing
+                   folder: mkdir without parents looks first."""
 
     __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over",
-                 "rmdir_delete")
+                 "rmdir_delete", "lenient_mkcol")
 
     def __init__(self, server):
         self.server = server or ""   # the Server header ("" when none)
         xrootd = self.server.startswith("XrootD")
         self.raw_hrefs = self.cuts_at_query = xrootd
         self.raw_destination = self.moves_over = self.rmdir_delete = xrootd
+        self.lenient_mkcol = xrootd
 
     def __repr__(self):
         return "<ctadata quirks of %r>" % self.server
@@ -3759,7 +3762,12 @@ class _DAV:
         refusal but 401 is followed by a look (PROPFIND Depth 0): Apache
         answers 403 to the loser of two MKCOLs of one folder at the same
         moment (mod_dav_fs: its mkdir() fails with EEXIST after its own
-        check found nothing), so a folder that is there now is made."""
+        check found nothing), so a folder that is there now is made.
+        Without *exist_ok*, a server whose MKCOL makes parents and accepts
+        an existing folder (_Quirks.lenient_mkcol) is asked first, so that
+        it refuses what RFC 4918 §9.3.1 refuses (405, 409)."""
+        if not exist_ok and self.tr.quirks().lenient_mkcol:
+            self.mkcol_look(url)
         ok = (200, 201, 405) if exist_ok else (200, 201)
         try:
             self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
@@ -3772,6 +3780,17 @@ class _DAV:
             except CtadataError:
                 pass
             raise e
+
+    def mkcol_look(self, url):
+        """Raise what a strict MKCOL of *url* would answer: 405 when the
+        name exists, 409 when its parent folder does not."""
+        from urllib.parse import urlsplit
+        where = self.tr.describe(url)
+        if self.exists(url):
+            raise _error_for_status(405, url, what="mkdir", path=where)
+        parent = url.rstrip("/").rpartition("/")[0] + "/"
+        if urlsplit(parent).path != "/" and not self.exists(parent):
+            raise _error_for_status(409, url, what="mkdir", path=where)
 
     def mkdir(self, path, parents=False):
         """MKCOL *path*; with *parents*, each missing folder on the way too

@@ -150,3 +150,28 @@ def test_rm_r_empties_folders_first(xclient, xrd, cli_x):
     assert not (xrd.root / "t").exists()
     code, out, err = cli_x("rm", "t")
     assert code == 1 and "no such" in err.lower()
+
+
+def test_mkdir_without_p_refuses_what_it_refuses_elsewhere(xclient, xrd, cli_x):
+    # XRootD's MKCOL makes missing parents and accepts an existing folder
+    xclient.mkdir("new dir#1")
+    assert (xrd.root / "new dir#1").is_dir()
+    with pytest.raises(ctadata.RemoteError) as ei:
+        xclient.mkdir("new dir#1")
+    assert ei.value.status == 405
+    with pytest.raises(ctadata.RemoteError) as ei:
+        xclient.mkdir("no/such/parent")
+    assert ei.value.status == 409 and not (xrd.root / "no").exists()
+    xclient.mkdir("new dir#1/child")
+    xclient.mkdir("é/x y/%20", parents=True)
+    assert (xrd.root / "é/x y/%20").is_dir()
+    xclient.mkdir("é/x y/%20", parents=True)                   # -p: existing is fine
+    (xrd.root / "afile").write_bytes(b"f")
+    with pytest.raises(ctadata.RemoteError):
+        xclient.mkdir("afile/sub", parents=True)
+    # the same words as on other servers
+    code, out, err = cli_x("mkdir", "new dir#1")
+    assert code == 1 and "already exists: new dir#1" in err and "mkdir -p" in err
+    code, out, err = cli_x("mkdir", "no/such")
+    assert code == 1 and "no parent folder for no/such" in err and "-p" in err
+    assert cli_x("mkdir", "-p", "no/such")[0] == 0 and (xrd.root / "no/such").is_dir()
