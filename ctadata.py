@@ -5270,8 +5270,9 @@ class _Download:
         if not meta or (expected is not None and meta.size != expected) or \
                 offset >= meta.size:
             return 0, headers  # nothing says the part is current: start over
-        # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
-        headers["Range"] = "bytes=%d-" % offset
+        # RFC 9110 §13.1.5: if the file changed, we get all of it (200).  The
+        # last byte is named: XRootD 5.5 answers "bytes=N-" with an empty 206.
+        headers["Range"] = "bytes=%d-%d" % (offset, meta.size - 1)
         headers["If-Range"] = meta.validator
         return offset, headers
 
@@ -7549,7 +7550,9 @@ def _copy_attempt(tr, entry, out, state, cancel):
     written = state["written"]
     headers = {"Want-Digest": _WANT_DIGEST}
     if written:
-        headers["Range"] = "bytes=%d-" % written
+        # the last byte named (XRootD 5.5 answers "bytes=N-" with an empty 206)
+        headers["Range"] = "bytes=%d-%s" % (written, "" if entry.size is None
+                                            else entry.size - 1)
     resp = tr.request("GET", entry.url, headers, ok=(200, 206), what="read", retry=False)
     try:
         first, total = _content_range(resp)

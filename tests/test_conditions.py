@@ -346,7 +346,8 @@ def test_a_stale_lock_file_of_a_dead_process_is_broken(fs, tmp_path, home):
     assert run.wait(60) == 0, run
     assert "stale lock" in run.err, run
     assert file_sha(out / "big.bin") == sha(data)
-    assert fs.find(method="GET")[-1].headers.get("range") == "bytes=%d-" % (2 * MiB)
+    assert fs.find(method="GET")[-1].headers.get("range") == "bytes=%d-%d" % (2 * MiB,
+                                                                                3 * MiB - 1)
     assert leftovers(out) == []
 
 
