@@ -399,6 +399,13 @@ def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
     for the destination) and 412 (the destination exists, Overwrite: F)."""
     where = path if path is not None else _safe_url(url)
     where = where or "/"
+    if status == 404 and body.startswith(_XROOTD_READ_RACE):
+        # XRootD before 5.8.3: its bridge lost a race while reading a file
+        # that is there (xrootd issue 2360, fixed in 5.8.3; measured on 5.5.3:
+        # about 1 GET in 400 while it computes a checksum): a failed
+        # transfer, worth another try (_retry_delay), not "no such file"
+        return TransferError("%s: HTTP 404 %s" % (what or "request", _printable(
+            _error_text(body))), url, 404, "the server failed to read the file")
     if status == 404 and what in _PATH_WHATS:
         return NotFound("no such file or folder: %s" % where, url, status, path=where)
     if (what, status) in _PLAIN_STATUS:
@@ -426,6 +433,9 @@ def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
         return RemoteError(msg, url, status, "the storage is out of space")
     return RemoteError(msg, url, status)
 
+
+# The start of XRootD's answer to a read its bridge failed (see _error_for_status).
+_XROOTD_READ_RACE = b"Could not run read request"
 
 # (what, status) -> (message with %s for the path, hint, hint on the command line)
 _PLAIN_STATUS = {
@@ -1631,6 +1641,17 @@ def _should_retry(policy, attempt, status=None, exc=None, retry_after=None,
     return delay
 
 
+def _retry_delay(policy, attempt, err):
+    """_should_retry for a CtadataError raised by a request or a transfer
+    (also for an error answer in _Transport.request: _error_for_status
+    decides what an answer is, this whether it is tried again)."""
+    if isinstance(err, RemoteError):
+        return _should_retry(policy, attempt, status=err.status, retry_after=err.retry_after)
+    if isinstance(err, TransferError):
+        return _should_retry(policy, attempt, exc=err)
+    return None
+
+
 def _log_retry(method, url, delay, why, attempt, policy):
     """Say that a request is tried again, one line per retry: "retrying GET
     URL in 2.1 s after: connection reset by peer (attempt 2 of 6)".  At INFO
@@ -1639,9 +1660,10 @@ def _log_retry(method, url, delay, why, attempt, policy):
     minutes of silence.  *attempt* counts the failures before this one."""
     if isinstance(why, CtadataError):
         # "HTTP 503", "connection reset by peer": the request is named already
+        # (a TransferError with a status says more than its status)
         verb, sep, rest = why.message.partition(": ")
-        why = "HTTP %d" % why.status if why.status else rest if sep and " " not in verb \
-            else why.message
+        why = "HTTP %d" % why.status if why.status and not isinstance(why, TransferError) \
+            else rest if sep and " " not in verb else why.message
     elif isinstance(why, BaseException):
         why = _network_error(why, url).message
     why = str(why)
@@ -2233,11 +2255,11 @@ class _Transport:
                 # request again.
                 auth_retried = True
                 continue
-            delay = _should_retry(self.policy, attempt, status=resp.status,
-                                  retry_after=resp.getheader("Retry-After")) if retry else None
+            err = self._status_error(resp, err_body, what, url)
+            delay = _retry_delay(self.policy, attempt, err) if retry else None
             if delay is None:
-                raise self._status_error(resp, err_body, what, url)
-            self._pause(method, url, delay, "HTTP %d" % resp.status, attempt)
+                raise err
+            self._pause(method, url, delay, err, attempt)
             attempt += 1
 
     def _refuse_cut_name(self, url):
@@ -5453,15 +5475,6 @@ def _chunked_download(tr, t, progress, cancel, chunk_size):
     res = _download_file(tr, asked, _ChunkLog(progress, t.size, chunk_size), cancel, False)
     res.source = t.source
     return res
-
-
-def _retry_delay(policy, attempt, err):
-    """_should_retry for a CtadataError raised by a request or a transfer."""
-    if isinstance(err, RemoteError):
-        return _should_retry(policy, attempt, status=err.status, retry_after=err.retry_after)
-    if isinstance(err, TransferError):
-        return _should_retry(policy, attempt, exc=err)
-    return None
 
 
 class _PartMeta:

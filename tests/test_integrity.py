@@ -6,6 +6,7 @@ For every fault: the final file is byte-identical or absent, never wrong;
 exit codes are right; resumption sends a Range."""
 
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -122,6 +123,39 @@ def test_retries_are_bounded_and_the_exit_code_is_1(fs, tmp_path):
     assert ei.value.status == 503
     assert len(gets(fs, "/f.bin")) == 3
     assert not (tmp_path / "f.bin").exists()
+
+
+def test_xrootds_could_not_run_read_request_is_retried(fs, tmp_path, caplog):
+    # XRootD < 5.8.3 sometimes answers a GET of an existing file with
+    # "404 Could not run read request." (a race in its bridge): not "not found"
+    data = put_remote(fs, "f.bin", os.urandom(1000))
+    fs.add_fault("status", method="GET", path="/f.bin", status=404, headers={},
+                 body=b"Could not run read request.", times=1)
+    c = mkclient(fs)
+    with caplog.at_level(logging.INFO, logger="ctadata.retry"):
+        assert c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin")) == 1000
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert len(gets(fs, "/f.bin")) == 2
+    assert "after: HTTP 404 Could not run read request." in caplog.text
+    # every time: a failed transfer that says so, not "no such file"
+    fs.add_fault("status", method="GET", path="/f.bin", status=404, headers={},
+                 body=b"Could not run read request.", times=None)
+    with pytest.raises(ctadata.PartialFailure) as ei:
+        c.download("f.bin", str(tmp_path / "again.bin"))
+    err = ei.value.summary.failures[0].exception
+    assert isinstance(err, ctadata.TransferError) and err.status == 404
+    assert "HTTP 404 Could not run read request." in str(err)
+    assert len(gets(fs, "/f.bin")) == 2 + 4                  # retried (retries=3)
+    # the transport's own retry loop (retry=True) goes by the same rule
+    fs.clear_faults()
+    fs.add_fault("status", method="GET", path="/f.bin", status=404, headers={},
+                 body=b"Could not run read request.", times=1)
+    resp = c._transport.request("GET", c.url_for("f.bin"))
+    assert resp.status == 200 and resp.read() == data
+    c._transport.release(resp)
+    # and a 404 that says "not found" is one
+    with pytest.raises(ctadata.NotFound):
+        c._transport.request("GET", c.url_for("nothing.bin"), what="download")
 
 
 def test_404_is_not_retried(served, tmp_path):
