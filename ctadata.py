@@ -425,8 +425,13 @@ def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
         hint = auth.hint() if auth is not None else None
         return AuthError(msg, url, status, hint)
     if status == 403:
-        return AuthError(msg, url, status,
-                         "the token is valid but lacks permission for this path")
+        # dCache, nginx, Apache: the credentials are fine, the path is not
+        # allowed; XRootD answers 403 (never 401) to missing or refused ones
+        hint = auth.hint() if auth is not None else None
+        if not (hint or "").startswith("no token found"):
+            hint = "refused: no permission for this path, or credentials this server " \
+                   "does not accept (XRootD answers 403 to both)"
+        return AuthError(msg, url, status, hint)
     if status == 404:
         return NotFound(msg, url, status, path=path)
     if status == 507:

@@ -190,3 +190,20 @@ def test_a_resumed_read_names_its_last_byte(xclient, xrd):
     state = {"written": 1000, "hashers": None, "sums": None, "version": (None, None)}
     ctadata._copy_attempt(xclient._transport, entry, out, state, None)
     assert out.getvalue() == data and state["written"] == len(data)
+
+
+def test_403_without_a_token_says_where_it_looked(xrd, cli_x, monkeypatch):
+    # XRootD answers 403, never 401, when credentials are missing or refused
+    c = ctadata.Client(url=xrd.url, env={}, retries=0, ca_file=xrd.ca_file)
+    with pytest.raises(ctadata.AuthError) as ei:
+        c.ls("")
+    assert ei.value.status == 403 and "no token found; looked in" in str(ei.value)
+    c = ctadata.Client(url=xrd.url, token="not-a-macaroon", env={}, retries=0,
+                       ca_file=xrd.ca_file)
+    with pytest.raises(ctadata.AuthError) as ei:
+        c.ls("")
+    assert "refused" in str(ei.value) and "not-a-macaroon" not in str(ei.value)
+    assert "valid" not in str(ei.value)              # nothing says it is valid
+    monkeypatch.delenv("BEARER_TOKEN")
+    code, out, err = cli_x("ls")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "looked in" in err
