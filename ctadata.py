@@ -1923,10 +1923,23 @@ class _Quirks:
     rmdir_delete   DELETE removes only an empty folder ("directory not
                    empty" otherwise): what is in it goes first.
     lenient_mkcol  MKCOL makes missing parents and accepts an existing
-                   folder: mkdir without parents looks first."""
+                   folder: mkdir without parents looks first.
+    digests        may be asked for checksums (Want-Digest) in transfers:
+                   not XRootD before 5.8.3.  It computes a checksum it has
+                   not stored yet in a job whose answer races with the rest
+                   of the request (xrootd issues 2360, 2602; fixed in 5.8.3
+                   and 6.0).  Measured on 5.5.3: GET + Want-Digest failed or
+                   hung 1 time in 40 and crashed the server within a few
+                   hundred; HEAD + Want-Digest just after a PUT crashed it
+                   within 30-800 uploads; a Want-Digest lingered in its
+                   recycled request objects, so that later GETs came back
+                   with a wrong Digest.  Those transfers are checked by size
+                   only (XRootD sends no ETag or Last-Modified either, so a
+                   .part is never resumed there: _PartMeta); `ctadata sum`
+                   still asks, with one HEAD."""
 
     __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over",
-                 "rmdir_delete", "lenient_mkcol")
+                 "rmdir_delete", "lenient_mkcol", "digests")
 
     def __init__(self, server):
         self.server = server or ""   # the Server header ("" when none)
@@ -1934,9 +1947,17 @@ class _Quirks:
         self.raw_hrefs = self.cuts_at_query = xrootd
         self.raw_destination = self.moves_over = self.rmdir_delete = xrootd
         self.lenient_mkcol = xrootd
+        self.digests = not xrootd or self.version() >= (5, 8, 3)
 
     def __repr__(self):
         return "<ctadata quirks of %r>" % self.server
+
+    def version(self):
+        """The product's version from "Name/v1.2.3..." as a tuple of three
+        ints; (0, 0, 0) when the header has none."""
+        import re
+        m = re.match(r"[^/]*/v?(\d+)\.(\d+)(?:\.(\d+))?", self.server)
+        return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
 
 
 class _Transport:
@@ -5268,7 +5289,7 @@ class _Download:
                 self.start_over(resp, total, clean)
             if total is not None:
                 expected = total  # the server's word (the file may have changed)
-            remote_sums = _parse_digest(resp.getheader("Digest")) or (
+            remote_sums = _asked_digest(resp, headers) or (
                 entry.checksums if entry is not None else {})
             hashers = _Hashers(_algos_for(remote_sums, self.tr.record_sums))
             mtime = entry.mtime if entry is not None and entry.mtime is not None else \
@@ -5285,7 +5306,7 @@ class _Download:
         and a part shorter than that; If-Range then carries the validator
         the server gave when the part was started, never today's listing's:
         only it says that the bytes in the part belong to the file."""
-        headers = {"Want-Digest": _WANT_DIGEST}
+        headers = _want_digest_header(self.tr)
         if not look or (expected is not None and expected <= _SMALL_BODY):
             return 0, headers  # small files are never resumed
         offset = os.fstat(self.fd).st_size
@@ -5633,7 +5654,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     streamed = isinstance(body, _FileBody)
     if streamed and progress is not None:
         body.advance = progress.advance  # progress moves as the bytes are sent
-    headers = {"Want-Digest": _WANT_DIGEST}
+    headers = _want_digest_header(tr)
     if local_md5 is not None:
         import base64
         headers["Content-MD5"] = base64.b64encode(local_md5.digest()).decode()
@@ -5650,6 +5671,18 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     except OSError:
         pass
     return res
+
+
+def _want_digest_header(tr):
+    """The Want-Digest of a GET or PUT (RFC 3230): adler32, else md5; none
+    for a server that must not be asked during transfers (_Quirks.digests)."""
+    return {"Want-Digest": _WANT_DIGEST} if tr.quirks().digests else {}
+
+
+def _asked_digest(resp, headers):
+    """The checksums of the answer's Digest, if the request asked for one
+    (XRootD 5.5 may answer with the Digest of an earlier request)."""
+    return _parse_digest(resp.getheader("Digest")) if "Want-Digest" in headers else {}
 
 
 def _put_algos(tr, size):
@@ -5705,7 +5738,7 @@ def _put(tr, url, headers, body, expect):
             raise ChecksumMismatch("server rejected the upload: %s; remote copy deleted"
                                    % e.message, url, "md5")
         raise
-    remote_sums = _parse_digest(resp.getheader("Digest"))
+    remote_sums = _asked_digest(resp, headers)
     tr.release(resp)
     tr.put_digests = bool(remote_sums) or bool(tr.put_digests)
     return remote_sums
@@ -7566,7 +7599,7 @@ def _copy_attempt(tr, entry, out, state, cancel):
     """One GET of _copy_to, from where the bytes written end (the answer
     must be the same version of the file: see _same_version)."""
     written = state["written"]
-    headers = {"Want-Digest": _WANT_DIGEST}
+    headers = _want_digest_header(tr)
     if written:
         # the last byte named (XRootD 5.5 answers "bytes=N-" with an empty 206)
         headers["Range"] = "bytes=%d-%s" % (written, "" if entry.size is None
@@ -7582,7 +7615,7 @@ def _copy_attempt(tr, entry, out, state, cancel):
         else:
             state["version"] = (resp.getheader("ETag"), resp.getheader("Last-Modified"))
         if state["hashers"] is None:
-            state["sums"] = _parse_digest(resp.getheader("Digest")) or entry.checksums
+            state["sums"] = _asked_digest(resp, headers) or entry.checksums
             state["hashers"] = _Hashers(_algos_for(state["sums"], False))
         update = state["hashers"].update if state["hashers"].active else None
         size = total if total is not None else entry.size

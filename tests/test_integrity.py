@@ -557,3 +557,29 @@ def test_no_checksum_work_when_the_server_has_none(fs, tmp_path):
     put_remote(fs, "plain.bin", os.urandom(100000))
     s = mkclient(fs).download("plain.bin", str(tmp_path / "p"))
     assert s.results[0].checksums == {}            # nothing to verify against
+
+
+def test_a_digest_not_asked_for_is_ignored(fs, tmp_path):
+    # XRootD before 5.8.3 is not asked for checksums in transfers
+    # (_Quirks.digests), and may answer with the Digest of an earlier request
+    data = put_remote(fs, "f.bin", os.urandom(5000))
+    c = mkclient(fs)
+    c._transport._quirks = ctadata._Quirks("XrootD/v5.5.3")
+    fs.add_fault("wrong_digest", method="GET", path="/f.bin")
+    assert c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin")) == 5000
+    (req,) = gets(fs, "/f.bin")
+    assert req.fault == "wrong_digest" and "want-digest" not in req.headers
+    assert (tmp_path / "f.bin").read_bytes() == data
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(3000))
+    fs.add_fault("wrong_digest", method="PUT", path="/up.bin")
+    (r,) = c.upload(str(src), "up.bin").results
+    assert r.status == "transferred" and (fs.root / "up.bin").read_bytes() == src.read_bytes()
+    (put,) = fs.find(method="PUT")
+    assert put.fault == "wrong_digest" and "want-digest" not in put.headers
+    # from 5.8.3 on it is asked, and a wrong answer is a mismatch
+    c._transport._quirks = ctadata._Quirks("XrootD/v5.8.3")
+    fs.add_fault("wrong_digest", method="GET", path="/f.bin", times=None)
+    with pytest.raises(ctadata.PartialFailure, match="checksum mismatch"):
+        c.download("f.bin", str(tmp_path / "again.bin"))
+    assert gets(fs, "/f.bin")[-1].headers["want-digest"].startswith("adler32")
