@@ -1936,10 +1936,13 @@ class _Quirks:
                    with a wrong Digest.  Those transfers are checked by size
                    only (XRootD sends no ETag or Last-Modified either, so a
                    .part is never resumed there: _PartMeta); `ctadata sum`
-                   still asks, with one HEAD."""
+                   still asks, with one HEAD.
+    refuses_403    answers 403, never 401, to missing or refused
+                   credentials: a 403 gets what a 401 gets (one refresh or
+                   second look for a token, the credentials' hint)."""
 
     __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over",
-                 "rmdir_delete", "lenient_mkcol", "digests")
+                 "rmdir_delete", "lenient_mkcol", "digests", "refuses_403")
 
     def __init__(self, server):
         self.server = server or ""   # the Server header ("" when none)
@@ -1948,6 +1951,7 @@ class _Quirks:
         self.raw_destination = self.moves_over = self.rmdir_delete = xrootd
         self.lenient_mkcol = xrootd
         self.digests = not xrootd or self.version() >= (5, 8, 3)
+        self.refuses_403 = xrootd
 
     def __repr__(self):
         return "<ctadata quirks of %r>" % self.server
@@ -2273,12 +2277,13 @@ class _Transport:
                 return resp
             err_body = _read_limited(resp)
             self.release(resp)
-            if resp.status == 401 and not auth_retried and self._auth_ok and \
+            if resp.status in (401, 403) and not auth_retried and self._auth_ok and \
                     resp.ctadata_key == self.auth_origin and \
+                    (resp.status == 401 or self.quirks().refuses_403) and \
                     self.auth.on_unauthorized(resp.ctadata_auth):
                 # A token can die before its "exp" (revoked, server clock):
                 # one refresh (or a second look for one), then the same
-                # request again.
+                # request again.  (XRootD says 403: _Quirks.refuses_403.)
                 auth_retried = True
                 continue
             err = self._status_error(resp, err_body, what, url)
@@ -2304,6 +2309,9 @@ class _Transport:
                                 self.describe(url))
         if resp.status == 401 and not self._auth_ok:
             err.hint = "no token is sent over plain http to another machine: use https"
+        elif resp.status == 403 and resp.ctadata_key == self.auth_origin and \
+                self.quirks().refuses_403:
+            err.hint = self.auth.hint()  # (a 401 elsewhere)
         elif resp.status in (401, 403) and resp.ctadata_key != self.auth_origin:
             # the token was not refused: it never went there (see _headers)
             there = _hostport(resp.ctadata_key)

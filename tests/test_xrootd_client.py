@@ -203,7 +203,8 @@ def test_403_without_a_token_says_where_it_looked(xrd, cli_x, monkeypatch):
     with pytest.raises(ctadata.AuthError) as ei:
         c.ls("")
     assert "refused" in str(ei.value) and "not-a-macaroon" not in str(ei.value)
-    assert "valid" not in str(ei.value)              # nothing says it is valid
+    assert "token is valid" not in str(ei.value)     # nothing says it is valid
+    assert ei.value.hint.startswith("the token from ")   # XRootD's 403 is its 401
     monkeypatch.delenv("BEARER_TOKEN")
     code, out, err = cli_x("ls")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "looked in" in err
@@ -287,3 +288,20 @@ def test_get_r_of_many_new_files(xclient, xrd, tmp_path):
     assert s.transferred == 90 and s.failed == 0
     assert tree_digests(tmp_path / "many") == tree_digests(xrd.root / "many")
     assert xrd.server.alive()
+
+
+def test_a_token_refused_with_403_is_looked_for_again(xrd, tmp_path, monkeypatch):
+    # XRootD's 403 is its 401: a token file rewritten (by an agent) after
+    # the first refusal is read again, and the request sent once more
+    make_tree(xrd.root, {"d/f.txt": b"f"})
+    xrd.grant_access(xrd.root)
+    tok = tmp_path / "bt"
+    tok.write_text("stale-token-of-yesterday\n")
+    os.chmod(str(tok), 0o600)
+    monkeypatch.setenv("BEARER_TOKEN_FILE", str(tok))
+    c = ctadata.Client(url=xrd.url, retries=0, ca_file=xrd.ca_file)
+    with pytest.raises(ctadata.AuthError) as ei:
+        c.ls("d")
+    assert ei.value.status == 403 and "was refused" in ei.value.hint
+    tok.write_text(xrd.token + "\n")
+    assert [e.name for e in c.ls("d")] == ["f.txt"]
