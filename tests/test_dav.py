@@ -1,6 +1,7 @@
 """Layer 3: every everyday operation against real WebDAV servers (nginx with
 dav-ext and Apache mod_dav, both requiring a bearer token), through the
-Python API and through the CLI (ctadata.main in-process)."""
+Python API and through the CLI (ctadata.main in-process); and against XRootD
+(the macaroon instance, tests/test_xrootd.py), which cannot store a "?"."""
 
 import hashlib
 import json
@@ -26,11 +27,30 @@ def odd_tree(root):
     return make_tree(root, spec)
 
 
+def unstorable(dav, names):
+    """The names this server cannot store faithfully: XRootD cuts a name at
+    "?" (/work/notes/xrootd-names.md), so ctadata fails those files."""
+    return {n for n in names if "?" in n} if dav.name == "xrootd" else set()
+
+
 def test_put_r_then_get_r_round_trips_odd_names(client, dav, tmp_path):
     src = odd_tree(tmp_path / "src")
-    summary = client.upload_dir(str(src), "up/")          # trailing slash: into
-    assert summary.transferred == summary.files == len(tree_digests(src))
-    assert tree_digests(dav.root / "up" / "src") == tree_digests(src)   # on the server's disk
+    want = tree_digests(src)
+    bad = unstorable(dav, want)
+    if bad:  # each fails alone, clearly; nothing is stored under another name
+        with pytest.raises(ctadata.PartialFailure) as ei:
+            client.upload_dir(str(src), "up/")
+        summary = ei.value.summary
+        failed = {os.path.relpath(r.source, str(src)) for r in summary.failures}
+        assert failed == bad and summary.transferred == len(want) - len(bad)
+        assert all('name with "?"' in r.error for r in summary.failures)
+        for n in bad:
+            (src / n).unlink()
+            want.pop(n)
+    else:
+        summary = client.upload_dir(str(src), "up/")          # trailing slash: into
+        assert summary.transferred == summary.files == len(want)
+    assert tree_digests(dav.root / "up" / "src") == want   # on the server's disk
 
     out = tmp_path / "out"
     summary = client.download("up/src", str(out) + "/", recursive=True)
@@ -66,7 +86,8 @@ def test_names_only_listing_gives_the_same_names_and_types(client, dav, cli):
     full = client.ls("d", recursive=True)
     bare = client.ls("d", recursive=True, details=False)
     assert [(e.path, e.is_dir) for e in bare] == [(e.path, e.is_dir) for e in full]
-    assert all(e.size is None and e.mtime is None for e in bare)
+    if dav.name != "xrootd":   # XRootD ignores the request body: it sends everything
+        assert all(e.size is None and e.mtime is None for e in bare)
     assert {e.path: e.size for e in full if not e.is_dir} == {
         "d/a.txt": 3, "d/sub/b.txt": 5, "d/é x#.dat": 1}
     assert [e.name for e in client.iter_dir("d", details=False)] != []
@@ -125,6 +146,8 @@ def test_fetch_functions_and_module_api(dav, tmp_path, monkeypatch):
     make_tree(dav.root, {"lst/x/file.h5": b"h5" * 1000, "lst/x/y/z.fits": b"fits"})
     monkeypatch.setenv("CTADATA_URL", dav.url)
     monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    if dav.ca_file:
+        monkeypatch.setenv("X509_CERT_FILE", dav.ca_file)
     monkeypatch.chdir(tmp_path)
     assert ctadata.list_dir("lst/x") == ["lst/x/file.h5", "lst/x/y/"]
     assert ctadata.fetch_and_save_file("lst/x/file.h5") == 2000
@@ -140,13 +163,14 @@ def test_fetch_functions_and_module_api(dav, tmp_path, monkeypatch):
 
 
 def test_401_without_token_says_where_it_looked(dav, tmp_path):
-    c = ctadata.Client(url=dav.url, env={}, retries=0)
+    c = ctadata.Client(url=dav.url, env={}, retries=0, ca_file=dav.ca_file)
     with pytest.raises(ctadata.AuthError) as ei:
         c.list_dir("")
     msg = str(ei.value)
-    assert ei.value.status == 401
+    assert ei.value.status == (403 if dav.name == "xrootd" else 401)  # XRootD: never 401
     assert "no token found" in msg and "$BEARER_TOKEN" in msg and "/tmp/bt_u" in msg
-    bad = ctadata.Client(url=dav.url, token="wrong-token", env={}, retries=0)
+    bad = ctadata.Client(url=dav.url, token="wrong-token", env={}, retries=0,
+                         ca_file=dav.ca_file)
     with pytest.raises(ctadata.AuthError) as ei:
         bad.list_dir("")
     assert "refused" in str(ei.value) and "wrong-token" not in str(ei.value)
@@ -177,9 +201,13 @@ def test_cli_ls_variants(cli, dav):
 
 def test_cli_get_put_mkdir_rm_mv_stat(cli, dav, tmp_path):
     src = odd_tree(tmp_path / "localdir")
+    bad = unstorable(dav, tree_digests(src))
     code, out, err = cli("put", "-r", src, "your-folder/")
-    assert code == 0, err
-    assert "0 failed" in err
+    assert code == (1 if bad else 0), err
+    assert "%d failed" % len(bad) in err
+    for n in bad:
+        assert "failed: %s: XRootD cannot store" % (src / n) in err
+        (src / n).unlink()
     assert tree_digests(dav.root / "your-folder/localdir") == tree_digests(src)
     code, out, err = cli("put", src / "plain.txt", "your-folder/")
     assert code == 0 and out.strip() == "your-folder/plain.txt"
@@ -217,7 +245,8 @@ def test_cli_get_reports_failures_and_exit_code(cli, dav, tmp_path):
 
 def test_cli_no_token_401_one_line(dav, monkeypatch, capsys):
     monkeypatch.delenv("BEARER_TOKEN", raising=False)
-    code = ctadata.main(["--url", dav.url, "--retries", "0", "ls"])
+    tls = ["--ca-file", dav.ca_file] if dav.ca_file else []
+    code = ctadata.main(["--url", dav.url, "--retries", "0"] + tls + ["ls"])
     err = capsys.readouterr().err
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and "looked in" in err

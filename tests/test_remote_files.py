@@ -188,9 +188,11 @@ def test_sequential_reads_read_ahead(client, dav, monkeypatch):
 
 def test_a_file_changed_after_open_is_an_error(client, dav):
     (dav.root / "c.bin").write_bytes(os.urandom(300000))
+    # XRootD sends neither ETag nor Last-Modified: only a new size shows there
+    size = 300001 if dav.name == "xrootd" else 300000
     with client.open("c.bin", block_size=65536) as f:
         f.read(10)
-        (dav.root / "c.bin").write_bytes(os.urandom(300000))
+        (dav.root / "c.bin").write_bytes(os.urandom(size))
         os.utime(str(dav.root / "c.bin"), (1, 1))        # new mtime and ETag
         f.seek(200000)
         with pytest.raises(ctadata.TransferError, match="changed since it was opened"):
