@@ -299,3 +299,16 @@ def test_uploads_stop_hashing_once_the_server_shows_it_sends_no_digest(client, d
     sums = [r.checksums for r in s.results]
     assert sums[0].get("adler32") and all("adler32" not in x for x in sums[1:])
     assert client._transport.put_digests is False
+
+
+def test_cli_sum_and_du(cli, dav):
+    data = os.urandom(5000)
+    make_tree(dav.root, {"s/f é#1.bin": data, "s/sub/g": b"12"})
+    code, out, err = cli("sum", "s/f é#1.bin")
+    if dav.name == "xrootd":    # the only one of these that computes checksums
+        assert code == 0 and out == "adler32 %08x\n" % zlib.adler32(data)
+    else:
+        assert code == 1 and "no known checksum" in err
+    code, out, err = cli("du", "--json", "s")
+    doc = json.loads(out)
+    assert (doc["files"], doc["dirs"], doc["bytes"]) == (2, 1, 5002)
