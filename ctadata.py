@@ -563,14 +563,21 @@ def _names_folder(dest):
 
 
 def _rel_parts(base_url, url):
-    """Decoded path segments of *url* below *base_url*."""
+    """Decoded path segments of *url* below *base_url*.  Servers encode
+    differently (nginx leaves "&", "'", ";", "[" as they are, Python's
+    quote does not): a prefix that differs raw is compared decoded,
+    segment by segment (an encoded "/" stays inside its segment)."""
     from urllib.parse import urlsplit, unquote
     b = urlsplit(base_url).path.rstrip("/") + "/"
     p = urlsplit(url).path
-    if not (p.rstrip("/") + "/").startswith(b):
+    if (p.rstrip("/") + "/").startswith(b):
+        rest = p[len(b):].strip("/")
+        return [unquote(s) for s in rest.split("/")] if rest else []
+    bs = [unquote(s) for s in b.strip("/").split("/")] if b.strip("/") else []
+    ps = [unquote(s) for s in p.strip("/").split("/")] if p.strip("/") else []
+    if ps[:len(bs)] != bs:
         raise ProtocolError("listing left the requested tree", url)
-    rest = p[len(b):].strip("/")
-    return [unquote(s) for s in rest.split("/")] if rest else []
+    return ps[len(bs):]
 
 
 def _rel_path(base_url, url):

@@ -381,3 +381,18 @@ def test_a_name_cut_at_a_question_mark_fails_that_folder_alone():
     assert 'name with "?"' in str(err) and "a/what?/b" in str(err)
     assert not ctadata._fails_everything(err)
     assert ctadata._fails_everything(ctadata.ConfigError("bad setting"))
+
+
+def test_rel_parts_compares_paths_decoded():
+    # nginx leaves "&", "'", ";", "[", "]", "+", "=" unencoded in hrefs;
+    # Python's quote (url_for) encodes them: the same folder either way
+    base = "http://h:1/t%20a%26b%27c%3Bd%5Be%5D%2Bf%3Dg/"
+    url = "http://h:1/t%20a&b'c;d[e]+f=g/sub%20dir/x%23y"
+    assert ctadata._rel_parts(base, url) == ["sub dir", "x#y"]
+    assert ctadata._rel_path(base, url.rpartition("/")[0] + "/") == "sub dir"
+    assert ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=g/") == []
+    assert ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=g/a%2Fb") == ["a/b"]
+    with pytest.raises(ctadata.ProtocolError):
+        ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=h/x")
+    with pytest.raises(ctadata.ProtocolError):
+        ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=g%2Fx")   # not below it
