@@ -312,3 +312,97 @@ def test_cli_sum_and_du(cli, dav):
     code, out, err = cli("du", "--json", "s")
     doc = json.loads(out)
     assert (doc["files"], doc["dirs"], doc["bytes"]) == (2, 1, 5002)
+
+
+# Every character that trips a client that does not percent-encode (or
+# decodes twice): space, "#", "%", a literal "%20", "&", "'", ";", "[]", "+",
+# "=", unicode.  ("?" is apart: XRootD cannot store it, see below.)
+HARD = "a b#c%d&e'f;g[h]i+j=k é日本 %20"
+
+
+def test_every_command_with_hard_names(cli, dav, tmp_path):
+    d, f = "dir " + HARD, "file " + HARD + ".txt"
+    src = make_tree(tmp_path / ("src " + HARD), {
+        f: b"one", d + "/" + f: b"two", d + "/" + d + "/" + f: b"three"})
+    top = dav.root / ("top " + HARD)
+    # put, put -r
+    code, out, err = cli("put", src / f, "top " + HARD + "/")
+    assert code == 0, err
+    assert out.strip() == "top %s/%s" % (HARD, f) and (top / f).read_bytes() == b"one"
+    code, out, err = cli("put", "-r", src, "top " + HARD + "/")
+    assert code == 0 and "3 transferred" in err, err
+    assert tree_digests(top / src.name) == tree_digests(src)
+    # ls, ls -l, ls -R, ls --json, stat
+    remote = "top %s/%s" % (HARD, src.name)
+    code, out, err = cli("ls", remote)
+    assert (code, out.splitlines()) == (0, [d + "/", f]), err
+    code, out, err = cli("ls", "-l", remote)
+    assert code == 0 and out.splitlines()[1].endswith(" " + f) and " 3 " in out.splitlines()[1]
+    code, out, err = cli("ls", "-R", remote)
+    assert out.splitlines() == [d + "/", d + "/" + d + "/", d + "/" + d + "/" + f,
+                                d + "/" + f, f]
+    code, out, err = cli("ls", "--json", remote + "/" + d)
+    assert sorted(e["name"] for e in json.loads(out)) == sorted([d, f])
+    code, out, err = cli("stat", "--json", remote + "/" + d + "/" + f)
+    assert code == 0 and json.loads(out)["size"] == 3 and json.loads(out)["name"] == f
+    # get, get -r
+    code, out, err = cli("get", remote + "/" + f, str(tmp_path / ("one " + HARD)) + "/")
+    assert code == 0 and (tmp_path / ("one " + HARD) / f).read_bytes() == b"one", err
+    code, out, err = cli("get", "-r", remote, tmp_path / "back")
+    assert code == 0 and tree_digests(tmp_path / "back") == tree_digests(src), err
+    # sum (only XRootD computes checksums of these three), du
+    code, out, err = cli("sum", remote + "/" + f)
+    if dav.name == "xrootd":
+        assert code == 0 and out == "adler32 %08x\n" % zlib.adler32(b"one")
+    else:
+        assert code == 1 and "no known checksum" in err
+    code, out, err = cli("du", "--json", remote)
+    assert (json.loads(out)["files"], json.loads(out)["bytes"]) == (3, 11)
+    # mkdir, mkdir -p
+    code, out, err = cli("mkdir", "-p", remote + "/new " + HARD + "/deeper " + HARD)
+    assert code == 0 and (top / src.name / ("new " + HARD) / ("deeper " + HARD)).is_dir()
+    code, out, err = cli("mkdir", remote + "/new " + HARD + "/deeper " + HARD)
+    assert code == 1 and "already exists" in err
+    code, out, err = cli("mkdir", remote + "/new " + HARD + "/x/y")
+    assert code == 1 and "no parent folder" in err
+    # mv: a file into a folder, a folder to a new name, a refused overwrite
+    code, out, err = cli("mv", remote + "/" + f, remote + "/new " + HARD + "/")
+    assert code == 0 and (top / src.name / ("new " + HARD) / f).read_bytes() == b"one", err
+    code, out, err = cli("mv", remote + "/" + d, remote + "/moved " + HARD)
+    assert code == 0 and (top / src.name / ("moved " + HARD) / d / f).read_bytes() == b"three"
+    code, out, err = cli("mv", remote + "/moved " + HARD + "/" + f, remote + "/new " + HARD
+                         + "/" + f)
+    assert code == 1 and "exists already" in err
+    assert (top / src.name / ("new " + HARD) / f).read_bytes() == b"one"
+    # rm, rm -r
+    code, out, err = cli("rm", remote + "/new " + HARD + "/" + f)
+    assert code == 0 and not (top / src.name / ("new " + HARD) / f).exists()
+    code, out, err = cli("rm", "-r", "top " + HARD)
+    assert code == 0 and not top.exists(), err
+    assert [p.name for p in dav.root.iterdir()] == []
+
+
+def test_a_question_mark_is_kept_or_refused_never_cut(cli, dav, tmp_path):
+    # nginx and Apache store "?" like any character; XRootD cuts a name
+    # there (even sent as %3F): each command refuses it, nothing is cut
+    src = make_tree(tmp_path / "src", {"what?.txt": b"w", "d?/f": b"f", "ok": b"k"})
+    runs = [cli("put", src / "what?.txt", "q/"), cli("put", "-r", src, "q/"),
+            cli("mkdir", "-p", "q/new?"), cli("stat", "q/what?.txt")]
+    codes = [r[0] for r in runs]
+    if dav.name == "xrootd":
+        # one name: a usage error (2); in a tree: that file and that folder fail
+        assert codes == [2, 1, 2, 2]
+        for _code, _out, err in runs:
+            assert 'XRootD cannot store or find a name with "?" in it' in err
+        assert "2 failed" in runs[1][2] and "1 transferred" in runs[1][2]
+        assert sorted(str(p.relative_to(dav.root)) for p in dav.root.rglob("*")) == [
+            "q", "q/src", "q/src/ok"]                       # nothing cut at the "?"
+    else:
+        assert codes == [0, 0, 0, 0]
+        assert (dav.root / "q/what?.txt").read_bytes() == b"w"
+        assert (dav.root / "q/src/d?/f").read_bytes() == b"f"
+        assert (dav.root / "q/new?").is_dir()
+        code, out, err = cli("mv", "q/what?.txt", "q/new?/")
+        assert code == 0 and (dav.root / "q/new?/what?.txt").exists()
+        code, out, err = cli("rm", "-r", "q")
+        assert code == 0 and not (dav.root / "q").exists()
