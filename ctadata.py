@@ -2,9 +2,10 @@
 """ctadata: list, download and upload files on CTAO science data archives.
 
 One module, standard library only, Python 3.6+.  It speaks WebDAV to dCache
-(and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
-"direct mode"), or goes through the CTA download service, a JupyterHub service
-that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
+(and to any WebDAV server: XRootD's HTTP door, nginx, Apache, StoRM) with
+OIDC bearer tokens (the "direct mode"), or goes through the CTA download
+service, a JupyterHub service that proxies the storage (the "service mode":
+``--service``, ``$CTADS_URL``).
 Scripts written for the old ``ctadata`` client keep working: its functions,
 keyword arguments, ``APIClient`` class and exception names are all here.
 It can be used three ways:
@@ -11191,7 +11192,8 @@ def _args_get(sub):
     sp = _subcommand(sub, "get", _cmd_get, "download files", description=(
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
-                "verified against the server's checksum; an interrupted download of a file "
+                "verified against the server's checksum (when it has one; XRootD before "
+                "5.8.3: the size only, see the README); an interrupted download of a file "
                 "over 1 MiB resumes from its .part file when NAME.part.meta says it is of the "
                 "same file; files already there (the same size and modification time) are "
                 "skipped; a file another process is downloading into the same place is "
