@@ -2,9 +2,10 @@
 """ctadata: list, download and upload files on CTAO science data archives.
 
 One module, standard library only, Python 3.6+.  It speaks WebDAV to dCache
-(and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
-"direct mode"), or goes through the CTA download service, a JupyterHub service
-that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
+(and to any WebDAV server: XRootD's HTTP door, nginx, Apache, StoRM) with
+OIDC bearer tokens (the "direct mode"), or goes through the CTA download
+service, a JupyterHub service that proxies the storage (the "service mode":
+``--service``, ``$CTADS_URL``).
 Scripts written for the old ``ctadata`` client keep working: its functions,
 keyword arguments, ``APIClient`` class and exception names are all here.
 It can be used three ways:
@@ -403,6 +404,13 @@ def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
     for the destination) and 412 (the destination exists, Overwrite: F)."""
     where = path if path is not None else _safe_url(url)
     where = where or "/"
+    if status == 404 and body.startswith(_XROOTD_READ_RACE):
+        # XRootD before 5.8.3: its bridge lost a race while reading a file
+        # that is there (xrootd issue 2360, fixed in 5.8.3; measured on 5.5.3:
+        # about 1 GET in 400 while it computes a checksum): a failed
+        # transfer, worth another try (_retry_delay), not "no such file"
+        return TransferError("%s: HTTP 404 %s" % (what or "request", _printable(
+            _error_text(body))), url, 404, "the server failed to read the file")
     if status == 404 and what in _PATH_WHATS:
         return NotFound("no such file or folder: %s" % where, url, status, path=where)
     if (what, status) in _PLAIN_STATUS:
@@ -422,14 +430,22 @@ def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
         hint = auth.hint() if auth is not None else None
         return AuthError(msg, url, status, hint)
     if status == 403:
-        return AuthError(msg, url, status,
-                         "the token is valid but lacks permission for this path")
+        # dCache, nginx, Apache: the credentials are fine, the path is not
+        # allowed; XRootD answers 403 (never 401) to missing or refused ones
+        hint = auth.hint() if auth is not None else None
+        if not (hint or "").startswith("no token found"):
+            hint = "refused: no permission for this path, or credentials this server " \
+                   "does not accept (XRootD answers 403 to both)"
+        return AuthError(msg, url, status, hint)
     if status == 404:
         return NotFound(msg, url, status, path=path)
     if status == 507:
         return RemoteError(msg, url, status, "the storage is out of space")
     return RemoteError(msg, url, status)
 
+
+# The start of XRootD's answer to a read its bridge failed (see _error_for_status).
+_XROOTD_READ_RACE = b"Could not run read request"
 
 # (what, status) -> (message with %s for the path, hint, hint on the command line)
 _PLAIN_STATUS = {
@@ -504,6 +520,18 @@ def _is_safe_name(name):
                 or not name.isprintable() and _has_control(name))
 
 
+def _cut_name_error(path):
+    """The error for a remote *path* with "?" on a server that cuts names
+    there (_Quirks.cuts_at_query), raised before anything is sent: XRootD's
+    HTTP door decodes the path, then its xroot layer takes what follows a
+    "?" (even one sent as %3F) as its own options, so "question?.txt" would
+    be stored as "question" and a GET of "q?x.txt" would answer with the
+    file "q".  Its *path* is set: it is about one name (a tree goes on
+    without it, see _fails_everything)."""
+    return ConfigError('XRootD cannot store or find a name with "?" in it (it cuts the '
+                       'name there): %s' % path, path=path)
+
+
 def _safe_join(root, rel_parts):
     """Join remote path segments below a local *root*, refusing any that is
     not a safe name (the parsers drop such entries already; this is the
@@ -540,14 +568,21 @@ def _names_folder(dest):
 
 
 def _rel_parts(base_url, url):
-    """Decoded path segments of *url* below *base_url*."""
+    """Decoded path segments of *url* below *base_url*.  Servers encode
+    differently (nginx leaves "&", "'", ";", "[" as they are, Python's
+    quote does not): a prefix that differs raw is compared decoded,
+    segment by segment (an encoded "/" stays inside its segment)."""
     from urllib.parse import urlsplit, unquote
     b = urlsplit(base_url).path.rstrip("/") + "/"
     p = urlsplit(url).path
-    if not (p.rstrip("/") + "/").startswith(b):
+    if (p.rstrip("/") + "/").startswith(b):
+        rest = p[len(b):].strip("/")
+        return [unquote(s) for s in rest.split("/")] if rest else []
+    bs = [unquote(s) for s in b.strip("/").split("/")] if b.strip("/") else []
+    ps = [unquote(s) for s in p.strip("/").split("/")] if p.strip("/") else []
+    if ps[:len(bs)] != bs:
         raise ProtocolError("listing left the requested tree", url)
-    rest = p[len(b):].strip("/")
-    return [unquote(s) for s in rest.split("/")] if rest else []
+    return ps[len(bs):]
 
 
 def _rel_path(base_url, url):
@@ -1624,6 +1659,17 @@ def _should_retry(policy, attempt, status=None, exc=None, retry_after=None,
     return delay
 
 
+def _retry_delay(policy, attempt, err):
+    """_should_retry for a CtadataError raised by a request or a transfer
+    (also for an error answer in _Transport.request: _error_for_status
+    decides what an answer is, this whether it is tried again)."""
+    if isinstance(err, RemoteError):
+        return _should_retry(policy, attempt, status=err.status, retry_after=err.retry_after)
+    if isinstance(err, TransferError):
+        return _should_retry(policy, attempt, exc=err)
+    return None
+
+
 def _log_retry(method, url, delay, why, attempt, policy):
     """Say that a request is tried again, one line per retry: "retrying GET
     URL in 2.1 s after: connection reset by peer (attempt 2 of 6)".  At INFO
@@ -1632,9 +1678,10 @@ def _log_retry(method, url, delay, why, attempt, policy):
     minutes of silence.  *attempt* counts the failures before this one."""
     if isinstance(why, CtadataError):
         # "HTTP 503", "connection reset by peer": the request is named already
+        # (a TransferError with a status says more than its status)
         verb, sep, rest = why.message.partition(": ")
-        why = "HTTP %d" % why.status if why.status else rest if sep and " " not in verb \
-            else why.message
+        why = "HTTP %d" % why.status if why.status and not isinstance(why, TransferError) \
+            else rest if sep and " " not in verb else why.message
     elif isinstance(why, BaseException):
         why = _network_error(why, url).message
     why = str(why)
@@ -1870,6 +1917,66 @@ def _response_class():
     return _Response
 
 
+class _Quirks:
+    """What the storage's HTTP server does differently from the RFCs, as its
+    Server header says: the one place that knows server products (the rest
+    of the module asks these flags, never for a product).  So far only
+    XRootD's HTTP door (XrdHttp; measured on 5.5.3, PROTOCOL.md §5, pinned
+    by tests/test_xrootd.py):
+
+    raw_hrefs      PROPFIND hrefs are the names as they are, not
+                   percent-encoded ("lit%20eral" is literal).
+    cuts_at_query  a "?" in a path, even sent as %3F, ends the name: a
+                   name with one can be neither stored nor found
+                   (_cut_name_error).
+    raw_destination  MOVE's Destination is taken byte for byte, not
+                   percent-decoded: it is sent unencoded (UTF-8).
+    moves_over     MOVE ignores "Overwrite: F" and replaces the
+                   destination: the client looks first.
+    rmdir_delete   DELETE removes only an empty folder ("directory not
+                   empty" otherwise): what is in it goes first.
+    lenient_mkcol  MKCOL makes missing parents and accepts an existing
+                   folder: mkdir without parents looks first.
+    digests        may be asked for checksums (Want-Digest) in transfers:
+                   not XRootD before 5.8.3.  It computes a checksum it has
+                   not stored yet in a job whose answer races with the rest
+                   of the request (xrootd issues 2360, 2602; fixed in 5.8.3
+                   and 6.0).  Measured on 5.5.3: GET + Want-Digest failed or
+                   hung 1 time in 40 and crashed the server within a few
+                   hundred; HEAD + Want-Digest just after a PUT crashed it
+                   within 30-800 uploads; a Want-Digest lingered in its
+                   recycled request objects, so that later GETs came back
+                   with a wrong Digest.  Those transfers are checked by size
+                   only (XRootD sends no ETag or Last-Modified either, so a
+                   .part is never resumed there: _PartMeta); `ctadata sum`
+                   still asks, with one HEAD.
+    refuses_403    answers 403, never 401, to missing or refused
+                   credentials: a 403 gets what a 401 gets (one refresh or
+                   second look for a token, the credentials' hint)."""
+
+    __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over",
+                 "rmdir_delete", "lenient_mkcol", "digests", "refuses_403")
+
+    def __init__(self, server):
+        self.server = server or ""   # the Server header ("" when none)
+        xrootd = self.server.startswith("XrootD")
+        self.raw_hrefs = self.cuts_at_query = xrootd
+        self.raw_destination = self.moves_over = self.rmdir_delete = xrootd
+        self.lenient_mkcol = xrootd
+        self.digests = not xrootd or self.version() >= (5, 8, 3)
+        self.refuses_403 = xrootd
+
+    def __repr__(self):
+        return "<ctadata quirks of %r>" % self.server
+
+    def version(self):
+        """The product's version from "Name/v1.2.3..." as a tuple of three
+        ints; (0, 0, 0) when the header has none."""
+        import re
+        m = re.match(r"[^/]*/v?(\d+)\.(\d+)(?:\.(\d+))?", self.server)
+        return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
+
+
 class _Transport:
     """The one HTTP transport: a keep-alive http.client connection per
     (thread, origin), a timeout on every request, our own redirect loop
@@ -1891,6 +1998,7 @@ class _Transport:
         self.record_sums = False
         # does this server answer uploads with a Digest? None: not known yet
         self.put_digests = None
+        self._quirks = None  # the storage's _Quirks, from its first answer (see quirks())
         self.cancel = cancel
         self._local = _thread._local()
         self._ctx = None
@@ -2038,12 +2146,25 @@ class _Transport:
                         self.cancel is not None and self.cancel.is_set()):
                     continue
                 raise
+            if self._quirks is None and key == self.auth_origin:
+                self._quirks = _Quirks(resp.getheader("Server"))
             resp.ctadata_url = url
             resp.ctadata_key = key
             resp.ctadata_auth = value
             resp.ctadata_conn = conn
             resp.ctadata_close = expect or resp.will_close or cut is not None
             return resp
+
+    def quirks(self):
+        """The storage's _Quirks, from the Server header of its first answer;
+        asked with OPTIONS when nothing has answered yet (a failure then
+        says nothing is known: no quirks)."""
+        if self._quirks is None:
+            try:
+                self.release(self._send("OPTIONS", self._prefix + "/", {}, None, False))
+            except Exception:
+                return _Quirks(None)
+        return self._quirks
 
     @staticmethod
     def _split(url):
@@ -2148,6 +2269,8 @@ class _Transport:
         Returns the final http.client.HTTPResponse (status in *ok*, body
         unread); raises the exception _error_for_status maps any other
         status to, or TransferError for network failures."""
+        if "%3F" in url or "%3f" in url:
+            self._refuse_cut_name(url)
         headers = headers or {}
         attempt = 0
         auth_retried = False
@@ -2167,20 +2290,30 @@ class _Transport:
                 return resp
             err_body = _read_limited(resp)
             self.release(resp)
-            if resp.status == 401 and not auth_retried and self._auth_ok and \
+            if resp.status in (401, 403) and not auth_retried and self._auth_ok and \
                     resp.ctadata_key == self.auth_origin and \
+                    (resp.status == 401 or self.quirks().refuses_403) and \
                     self.auth.on_unauthorized(resp.ctadata_auth):
                 # A token can die before its "exp" (revoked, server clock):
                 # one refresh (or a second look for one), then the same
-                # request again.
+                # request again.  (XRootD says 403: _Quirks.refuses_403.)
                 auth_retried = True
                 continue
-            delay = _should_retry(self.policy, attempt, status=resp.status,
-                                  retry_after=resp.getheader("Retry-After")) if retry else None
+            err = self._status_error(resp, err_body, what, url)
+            delay = _retry_delay(self.policy, attempt, err) if retry else None
             if delay is None:
-                raise self._status_error(resp, err_body, what, url)
-            self._pause(method, url, delay, "HTTP %d" % resp.status, attempt)
+                raise err
+            self._pause(method, url, delay, err, attempt)
             attempt += 1
+
+    def _refuse_cut_name(self, url):
+        """Raise _cut_name_error for a URL of the storage whose path has a
+        "?" (a query of a URL given as it is stays alone)."""
+        from urllib.parse import urlsplit, unquote
+        path = urlsplit(url).path
+        if "%3f" in path.lower() and _origin(url) == self.auth_origin and \
+                self.quirks().cuts_at_query:
+            raise _cut_name_error(self.describe(url) or unquote(path))
 
     def _status_error(self, resp, body, what, url):
         """The exception for an answer with an error status to a request
@@ -2189,6 +2322,9 @@ class _Transport:
                                 self.describe(url))
         if resp.status == 401 and not self._auth_ok:
             err.hint = "no token is sent over plain http to another machine: use https"
+        elif resp.status == 403 and resp.ctadata_key == self.auth_origin and \
+                self.quirks().refuses_403:
+            err.hint = self.auth.hint()  # (a 401 elsewhere)
         elif resp.status in (401, 403) and resp.ctadata_key != self.auth_origin:
             # the token was not refused: it never went there (see _headers)
             there = _hostport(resp.ctadata_key)
@@ -3370,12 +3506,16 @@ _MONTHS = {m: i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
 
 
-def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=None):
+def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=None,
+                       raw_hrefs=False):
     """Parse a PROPFIND multistatus answer, streamed as byte *chunks*, into
     Entry objects, yielded as they complete (memory does not grow with the
     size of the listing).
 
-    Each href is percent-decoded and resolved against *request_url*; the
+    Each href is percent-decoded and resolved against *request_url*, except
+    with *raw_hrefs* (a server that sends names as they are: _Quirks) and
+    for an href that cannot be percent-encoded (_unencoded): that one is
+    the path as it is, and the entry's URL is that path percent-encoded.  The
     collection itself is passed to *on_self* (when given) instead of being
     yielded; dropped is anything that is not a direct child of it, is on
     another origin, or has a name that is not safe (_is_safe_name: "..",
@@ -3389,7 +3529,7 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
     ElementTree's pull parser."""
     import xml.parsers.expat
     warn = warn or (lambda msg: None)
-    ctx = _HrefContext(request_url, base_url, on_self, warn)
+    ctx = _HrefContext(request_url, base_url, on_self, warn, raw_hrefs)
 
     def refuse(*_args):
         raise ProtocolError("refusing XML with a document type declaration",
@@ -3456,14 +3596,31 @@ def _walk_events(events, state, ctx):
     return out
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _unencoded(href):
+    """True for an href that cannot be percent-encoded: one with a space,
+    "#", "?", a non-ASCII character or a "%" without two hex digits (what
+    XRootD sends for such names; RFC 4918 §8.3 wants them encoded)."""
+    if " " in href or "#" in href or "?" in href or (href and max(href) > "~"):
+        return True
+    if "%" in href:
+        for part in href.split("%")[1:]:
+            if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+                return True
+    return False
+
+
 class _HrefContext:
     """What entries of one PROPFIND answer are checked against."""
 
-    def __init__(self, request_url, base_url, on_self, warn):
-        from urllib.parse import urlsplit, unquote
+    def __init__(self, request_url, base_url, on_self, warn, raw_hrefs=False):
+        from urllib.parse import urlsplit, unquote, quote
         req = urlsplit(request_url)
         self.request_url, self.on_self, self.warn = request_url, on_self, warn
-        self.unquote = unquote
+        self.raw_hrefs = raw_hrefs
+        self.unquote, self.quote = unquote, quote
         self.origin = _origin(request_url)
         self.prefix = "%s://%s" % (req.scheme, req.netloc)
         raw = req.path[:-1] if req.path.endswith("/") else req.path
@@ -3492,6 +3649,19 @@ class _HrefContext:
             return None
         return urlsplit(full).path
 
+    def _raw_path_of(self, href):
+        """The path of an href taken as it is (no dot segments resolved, no
+        "?" or "#" split off) on the request's origin, or None."""
+        if href.lower().startswith(("http://", "https://")):
+            if not href.startswith(self.prefix + "/"):
+                self.warn("skipping entry on another host: %s" % _safe_url(href))
+                return None
+            href = href[len(self.prefix):]
+        if not href.startswith("/") or href.startswith("//"):
+            self.warn("skipping entry with a relative href: %r" % href)
+            return None
+        return href
+
     def entry(self, href, props):
         """The Entry of one <response> (its href, its 200 properties), or
         None when it is dropped.  One function on purpose: it runs for every
@@ -3500,7 +3670,8 @@ class _HrefContext:
         unquote = self.unquote
         if not href:
             return None
-        path = self._path_of(href)
+        as_is = self.raw_hrefs or _unencoded(href)
+        path = self._raw_path_of(href) if as_is else self._path_of(href)
         if path is None:
             return None
         # Servers differ in percent-encoding (nginx upper-case hex, Apache
@@ -3508,11 +3679,15 @@ class _HrefContext:
         # an encoded "/" (%2F) cannot pose as a separator.
         raw = path[:-1] if path.endswith("/") else path
         nsegs = raw.count("/")
-        try:
-            dpath = unquote(raw, errors="strict")
-        except UnicodeDecodeError:
-            self.warn("skipping entry with undecodable name: %r" % raw)
-            return None
+        if as_is:
+            dpath = raw
+            path = self.quote(path, safe="/")  # the URL to ask for it: encoded once
+        else:
+            try:
+                dpath = unquote(raw, errors="strict")
+            except UnicodeDecodeError:
+                self.warn("skipping entry with undecodable name: %r" % raw)
+                return None
         is_self = nsegs == self.nsegs and dpath == self.dpath
         if is_self:
             if self.on_self is None:
@@ -3620,7 +3795,8 @@ class _DAV:
                 raise ProtocolError("the server does not speak WebDAV (PROPFIND "
                                     "answered %d)" % resp.status, url)
             yield from _parse_multistatus(_iter_body(resp), resp.ctadata_url,
-                                          self.base_url, on_self, self.warn)
+                                          self.base_url, on_self, self.warn,
+                                          _Quirks(resp.getheader("Server")).raw_hrefs)
         finally:
             self.tr.release(resp)
 
@@ -3655,7 +3831,12 @@ class _DAV:
         refusal but 401 is followed by a look (PROPFIND Depth 0): Apache
         answers 403 to the loser of two MKCOLs of one folder at the same
         moment (mod_dav_fs: its mkdir() fails with EEXIST after its own
-        check found nothing), so a folder that is there now is made."""
+        check found nothing), so a folder that is there now is made.
+        Without *exist_ok*, a server whose MKCOL makes parents and accepts
+        an existing folder (_Quirks.lenient_mkcol) is asked first, so that
+        it refuses what RFC 4918 §9.3.1 refuses (405, 409)."""
+        if not exist_ok and self.tr.quirks().lenient_mkcol:
+            self.mkcol_look(url)
         ok = (200, 201, 405) if exist_ok else (200, 201)
         try:
             self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
@@ -3669,6 +3850,17 @@ class _DAV:
                 pass
             raise e
 
+    def mkcol_look(self, url):
+        """Raise what a strict MKCOL of *url* would answer: 405 when the
+        name exists, 409 when its parent folder does not."""
+        from urllib.parse import urlsplit
+        where = self.tr.describe(url)
+        if self.exists(url):
+            raise _error_for_status(405, url, what="mkdir", path=where)
+        parent = url.rstrip("/").rpartition("/")[0] + "/"
+        if urlsplit(parent).path != "/" and not self.exists(parent):
+            raise _error_for_status(409, url, what="mkdir", path=where)
+
     def mkdir(self, path, parents=False):
         """MKCOL *path*; with *parents*, each missing folder on the way too
         (an existing one is then fine)."""
@@ -3680,12 +3872,57 @@ class _DAV:
         for i in range(1, len(segs) + 1):
             self.mkcol(self.url_for("/".join(segs[:i]), True), exist_ok=True)
 
-    def delete(self, url):
+    def delete(self, url, folder=False):
+        """DELETE *url*; a *folder* goes with everything in it (RFC 4918
+        §9.6.1).  A server whose DELETE removes only empty folders
+        (_Quirks.rmdir_delete) gets what is in it deleted first."""
+        if folder and self.tr.quirks().rmdir_delete:
+            self.empty(url)
         self.tr.release(self.tr.request("DELETE", url, ok=(200, 202, 204), what="remove"))
 
+    def empty(self, url):
+        """Delete what is in the folder *url*, deepest first: its files (on
+        the transport's jobs threads), then each folder in it, emptied."""
+        children = list(self.children(url, details=False))
+        files = [e.url for e in children if not e.is_dir]
+        if files:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=min(self.tr.settings.jobs, len(files))) as ex:
+                for _ in ex.map(self.delete, files):
+                    pass
+        for e in children:
+            if e.is_dir:
+                self.delete(self.url_for(e, collection=True), folder=True)
+
     def move(self, url, target, overwrite=False):
-        headers = {"Destination": target, "Overwrite": "T" if overwrite else "F"}
+        """MOVE *url* to the URL *target*; without *overwrite* an existing
+        target is refused (412).  A server that ignores "Overwrite: F"
+        (_Quirks.moves_over) is asked first whether the target exists (a
+        look, then the move: another client could still come in between);
+        one that does not percent-decode the Destination (raw_destination)
+        gets it unencoded."""
+        quirks = self.tr.quirks()
+        dest = target
+        if quirks.raw_destination or quirks.cuts_at_query:
+            from urllib.parse import urlsplit, unquote
+            p = urlsplit(target)
+            path = unquote(p.path)
+            if quirks.cuts_at_query and "?" in path:
+                raise _cut_name_error(self.tr.describe(target) or path)
+            if quirks.raw_destination:
+                dest = ("%s://%s%s" % (p.scheme, p.netloc, path)).encode("utf-8")
+        if quirks.moves_over and not overwrite and self.exists(target):
+            raise _error_for_status(412, url, what="move", path=self.tr.describe(url))
+        headers = {"Destination": dest, "Overwrite": "T" if overwrite else "F"}
         self.tr.release(self.tr.request("MOVE", url, headers, ok=(201, 204), what="move"))
+
+    def exists(self, url):
+        """Is there a file or folder at *url*?"""
+        try:
+            self.stat(url)
+        except NotFound:
+            return False
+        return True
 
     def checksum(self, target):
         """The server's checksums of a file: HEAD + Want-Digest (RFC 3230),
@@ -5073,7 +5310,7 @@ class _Download:
                 self.start_over(resp, total, clean)
             if total is not None:
                 expected = total  # the server's word (the file may have changed)
-            remote_sums = _parse_digest(resp.getheader("Digest")) or (
+            remote_sums = _asked_digest(resp, headers) or (
                 entry.checksums if entry is not None else {})
             hashers = _Hashers(_algos_for(remote_sums, self.tr.record_sums))
             mtime = entry.mtime if entry is not None and entry.mtime is not None else \
@@ -5090,7 +5327,7 @@ class _Download:
         and a part shorter than that; If-Range then carries the validator
         the server gave when the part was started, never today's listing's:
         only it says that the bytes in the part belong to the file."""
-        headers = {"Want-Digest": _WANT_DIGEST}
+        headers = _want_digest_header(self.tr)
         if not look or (expected is not None and expected <= _SMALL_BODY):
             return 0, headers  # small files are never resumed
         offset = os.fstat(self.fd).st_size
@@ -5102,8 +5339,9 @@ class _Download:
         if not meta or (expected is not None and meta.size != expected) or \
                 offset >= meta.size:
             return 0, headers  # nothing says the part is current: start over
-        # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
-        headers["Range"] = "bytes=%d-" % offset
+        # RFC 9110 §13.1.5: if the file changed, we get all of it (200).  The
+        # last byte is named: XRootD 5.5 answers "bytes=N-" with an empty 206.
+        headers["Range"] = "bytes=%d-%d" % (offset, meta.size - 1)
         headers["If-Range"] = meta.validator
         return offset, headers
 
@@ -5286,15 +5524,6 @@ def _chunked_download(tr, t, progress, cancel, chunk_size):
     return res
 
 
-def _retry_delay(policy, attempt, err):
-    """_should_retry for a CtadataError raised by a request or a transfer."""
-    if isinstance(err, RemoteError):
-        return _should_retry(policy, attempt, status=err.status, retry_after=err.retry_after)
-    if isinstance(err, TransferError):
-        return _should_retry(policy, attempt, exc=err)
-    return None
-
-
 class _PartMeta:
     """The provenance of a partial download, NAME.part.meta: one JSON
     object, written before the part's first byte and removed after the
@@ -5446,7 +5675,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     streamed = isinstance(body, _FileBody)
     if streamed and progress is not None:
         body.advance = progress.advance  # progress moves as the bytes are sent
-    headers = {"Want-Digest": _WANT_DIGEST}
+    headers = _want_digest_header(tr)
     if local_md5 is not None:
         import base64
         headers["Content-MD5"] = base64.b64encode(local_md5.digest()).decode()
@@ -5463,6 +5692,18 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     except OSError:
         pass
     return res
+
+
+def _want_digest_header(tr):
+    """The Want-Digest of a GET or PUT (RFC 3230): adler32, else md5; none
+    for a server that must not be asked during transfers (_Quirks.digests)."""
+    return {"Want-Digest": _WANT_DIGEST} if tr.quirks().digests else {}
+
+
+def _asked_digest(resp, headers):
+    """The checksums of the answer's Digest, if the request asked for one
+    (XRootD 5.5 may answer with the Digest of an earlier request)."""
+    return _parse_digest(resp.getheader("Digest")) if "Want-Digest" in headers else {}
 
 
 def _put_algos(tr, size):
@@ -5518,7 +5759,7 @@ def _put(tr, url, headers, body, expect):
             raise ChecksumMismatch("server rejected the upload: %s; remote copy deleted"
                                    % e.message, url, "md5")
         raise
-    remote_sums = _parse_digest(resp.getheader("Digest"))
+    remote_sums = _asked_digest(resp, headers)
     tr.release(resp)
     tr.put_digests = bool(remote_sums) or bool(tr.put_digests)
     return remote_sums
@@ -5910,9 +6151,9 @@ def _fails_everything(error):
     """True for an error that every other folder would meet too (no token,
     an expired or refused one: 401; bad settings), which stops a tree at
     once rather than failing each of its folders (a 403 is about one
-    folder)."""
-    return isinstance(error, ConfigError) or (isinstance(error, AuthError) and
-                                              error.status != 403)
+    folder, and so is a ConfigError about one name: _cut_name_error)."""
+    return isinstance(error, ConfigError) and error.path is None or (
+        isinstance(error, AuthError) and error.status != 403)
 
 
 def _unique(entries, warn=None):
@@ -7379,9 +7620,11 @@ def _copy_attempt(tr, entry, out, state, cancel):
     """One GET of _copy_to, from where the bytes written end (the answer
     must be the same version of the file: see _same_version)."""
     written = state["written"]
-    headers = {"Want-Digest": _WANT_DIGEST}
+    headers = _want_digest_header(tr)
     if written:
-        headers["Range"] = "bytes=%d-" % written
+        # the last byte named (XRootD 5.5 answers "bytes=N-" with an empty 206)
+        headers["Range"] = "bytes=%d-%s" % (written, "" if entry.size is None
+                                            else entry.size - 1)
     resp = tr.request("GET", entry.url, headers, ok=(200, 206), what="read", retry=False)
     try:
         first, total = _content_range(resp)
@@ -7393,7 +7636,7 @@ def _copy_attempt(tr, entry, out, state, cancel):
         else:
             state["version"] = (resp.getheader("ETag"), resp.getheader("Last-Modified"))
         if state["hashers"] is None:
-            state["sums"] = _parse_digest(resp.getheader("Digest")) or entry.checksums
+            state["sums"] = _asked_digest(resp, headers) or entry.checksums
             state["hashers"] = _Hashers(_algos_for(state["sums"], False))
         update = state["hashers"].update if state["hashers"].active else None
         size = total if total is not None else entry.size
@@ -7544,10 +7787,8 @@ def _racy_checksums(server):
     none in 4,500); asking for the checksum of files the server has just
     written by third-party copy killed it (SIGSEGV in SSL_read) in 3 runs
     of 6 of a 249-file `cp -r`, even one request at a time.  So: one at a
-    time, and never for a file it has just written."""
-    import re
-    m = re.match(r"xrootd/v?(\d+)\.(\d+)(?:\.(\d+))?", server.strip().lower())
-    return bool(m) and tuple(int(g or 0) for g in m.groups()) < (5, 8, 3)
+    time, and never for a file it has just written (_Quirks.digests)."""
+    return not _Quirks(server.strip()).digests
 
 
 # -- macaroons ----------------------------------------------------------------
@@ -9407,7 +9648,7 @@ class Client:
                               hint="use recursive=True", cli_hint="use rm -r")
         if dry_run:
             return [entry] + (self.ls(entry, recursive=True) if entry.is_dir else [])
-        dav.delete(dav.url_for(entry, collection=entry.is_dir))
+        dav.delete(dav.url_for(entry, collection=entry.is_dir), folder=entry.is_dir)
         return [entry]
 
     def move(self, src, dst, overwrite=False, dry_run=False):
@@ -12131,7 +12372,8 @@ def _args_get(sub):
     sp = _subcommand(sub, "get", _cmd_get, "download files", description=(
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
-                "verified against the server's checksum; an interrupted download of a file "
+                "verified against the server's checksum (when it has one; XRootD before "
+                "5.8.3: the size only, see the README); an interrupted download of a file "
                 "over 1 MiB resumes from its .part file when NAME.part.meta says it is of the "
                 "same file; files already there (the same size and modification time) are "
                 "skipped; a file another process is downloading into the same place is "

@@ -181,12 +181,17 @@ def _folder_name(nodename: str) -> str:
     return "t%04d-%s" % (next(_folder_counter), safe)
 
 
-DAV_SERVERS = ["nginx", "apache"]
+DAV_SERVERS = ["nginx", "apache", "xrootd"]
 
 
 @pytest.fixture(params=DAV_SERVERS, ids=DAV_SERVERS)
-def dav(request: pytest.FixtureRequest) -> Iterator[DavTarget]:
-    yield from dav_target(request, request.param)
+def dav(request: pytest.FixtureRequest, monkeypatch) -> Iterator[DavTarget]:
+    for target in dav_target(request, request.param):
+        if target.ca_file:
+            # a private CA (XRootD's https), trusted as a user would make it
+            # trusted: every Client and command of the test finds it
+            monkeypatch.setenv("X509_CERT_FILE", target.ca_file)
+        yield target
 
 
 def dav_target(request: pytest.FixtureRequest, kind: str) -> Iterator[DavTarget]:

@@ -12,6 +12,8 @@ Servers
                                                    (``make_client_cert``)
 * ``start_nginx(..., limit_rate="100k")``          slow downloads (bytes/s per connection)
 * ``start_apache(root, token, workdir)``           Apache httpd + mod_dav + mod_dav_fs
+* ``start_xrootd(root, workdir, macaroons=...)``   XRootD 5 (XrdHttp door over https, HTTP-TPC,
+                                                   macaroons); see "XRootD" below
 
 Every server listens on 127.0.0.1 on an ephemeral port, runs in the foreground
 as a child of the test process (own process group) and keeps all its
@@ -126,6 +128,63 @@ most real Apache servers):
     the resource (no PUT/MKCOL on an existing collection).
 
 See the constants/behaviour tested in tests/test_servers.py for exact proof.
+
+XRootD (5.5.3, Debian 12: xrootd-server, -server-plugins, -client)
+-------------------------------------------------------------------
+Two instances per session (conftest ``xrootd_server``, ``xrootd_open_server``),
+sharing one test CA so that each verifies the other in third-party copies:
+https on an ephemeral port (XrdHttp) plus the xroot protocol on another
+(``server.xroot_url``).  XRootD cannot bind one address: it listens on all,
+and ``xrd.allow host localhost`` refuses other peers.  It refuses to run as
+root: as root it runs as ``xrootd`` (else ``daemon``), privileges dropped in
+preexec_fn (after which the parent-death signal is set again); the data
+folder gets the same default ACL as Apache's.  Start-up ~0.15 s.
+
+How clients authenticate (the choice for the suite):
+  * ``xrootd_server`` ("xrootd"): ``ofs.authorize`` + an authdb that grants
+    everything to the test client certificate only (``server.client_cert``;
+    XrdHttp names it by subject hash), libXrdMacaroons as authlib and
+    exthandler, ``http.header2cgi Authorization authz``.  Without a valid
+    macaroon every request gets **403** (never 401).  ``server.token`` is a
+    macaroon the server issued at start-up to that certificate (path "/",
+    every activity, 23 h): ctadata uses it as any bearer token.  This is the
+    instance of the ``dav`` fixture's "xrootd" parameter.
+    ``mint_macaroon(server, path, caveats)`` asks for more.
+  * ``xrootd_open_server`` ("xrootd-open"): no authorization at all
+    (anything goes, a token is ignored): the peer for copies.
+
+Facts for the client author (pinned by tests/test_xrootd.py, test_quirk_*;
+the full name table is in /work/notes/xrootd-names.md):
+  * PROPFIND hrefs are NOT percent-encoded (space, #, ?, %, unicode, a
+    literal %20 all as they are; XML-escaped).  The self href is the request
+    path decoded, with a slash only if the request had one.  Depth infinity
+    is answered like Depth 0 (the folder alone, no error: a client that
+    relies on it lists nothing); the request body is ignored (all properties
+    always: getcontentlength, getlastmodified, resourcetype, iscollection,
+    executable).  No getetag.
+  * A request path is percent-decoded once; then "?" (even from %3F) starts
+    XRootD's opaque data: a name with "?" cannot be stored or addressed
+    (PUT "q%3Fx" stores "q").  A raw space ends the request target, a raw
+    "%" is mis-decoded: percent-encode everything but unreserved and "/".
+  * MOVE: Destination must be a full URL and is NOT percent-decoded (send
+    the path unencoded, UTF-8); ``Overwrite: F`` is ignored (replaces).
+  * PUT -> 200 (new or replaced) and creates parents; MKCOL creates parents
+    and answers 201 for an existing folder; DELETE of a folder is rmdir
+    (500 "directory not empty"); GET of a folder -> 200 HTML listing.
+  * ``Range: bytes=N-`` -> 206 with NO body (``Content-Range: bytes
+    N--1/SIZE``); ``bytes=N-M`` works; If-Range ignored; no ETag or
+    Last-Modified.  ``Want-Digest: adler32`` -> ``Digest: adler32=...`` on
+    GET/HEAD (never on PUT answers).
+  * Server bug (XRootD < 5.8.3): a checksum not yet stored is computed in a
+    job; a GET that waits for it fails now and then ("404 Could not run read
+    request." or a hang) and, repeated, crashes the server; asking for the
+    checksum (HEAD + Want-Digest) of a file just written crashes it within
+    tens to hundreds of uploads; HEADs in parallel hang now and then.  A
+    Want-Digest also lingers in the server's recycled request objects: a
+    later GET *without* one may come back with a Digest of something else.
+    So ctadata (_Quirks.digests) asks XRootD < 5.8.3 for no checksum in
+    get/put/cat and ignores Digests it did not ask for; ``ctadata sum``
+    asks (one HEAD: reliable).
 """
 
 import atexit

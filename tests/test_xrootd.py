@@ -227,6 +227,8 @@ def test_quirk_collections(xrd):
     st, _, body = call(xrd, "GET", "x")
     assert st == 200 and body.startswith(b"<!DOCTYPE html")
     assert call(xrd, "PROPFIND", "nothing", headers={"Depth": "0"})[0] == 404
+    # Depth infinity: no error, the folder alone
+    assert hrefs(xrd, "x/", "infinity") == [xrd.path + "x/"]
 
 
 def test_quirk_ranges_and_digests(xrd):
