@@ -18,15 +18,16 @@ It can be used three ways:
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
 The sections below are in dependency order: each one only uses those above
-it.  Constants -> Errors -> Paths & names -> Checksums -> Settings -> HTTP
-transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
-_DAV, the direct-mode backend) -> Tape (the WLCG Tape REST API: _TapeAPI,
-StageRequest) -> Download service & JupyterHub services
-(_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
-the worker pool, the planners) -> Remote files (open, cat) -> Third-party
-copy & FTS3 (_ThirdPartyCopy, _Copies, share's macaroons, _FTS, FTSJob) ->
-Progress displays (terminal, notebook) -> Client (a face over a backend and the
-planners) -> Public functions -> Server -> CLI -> Entry point.
+it.  Constants -> Errors -> Paths & names -> Local files -> Checksums ->
+Settings -> HTTP transport -> OpenID Connect -> Credentials -> WebDAV
+protocol (the parser and _DAV, the direct-mode backend) -> Tape (the WLCG
+Tape REST API: _TapeAPI, StageRequest) -> Download service & JupyterHub
+services (_Service, the service-mode backend, and _Hub) -> Transfer engine
+(_Download, the worker pool, the planners) -> Remote files (open, cat) ->
+Third-party copy & FTS3 (_ThirdPartyCopy, _Copies, share's macaroons, _FTS,
+FTSJob) -> Progress displays (terminal, notebook) -> Client (a face over a
+backend and the planners) -> Public functions -> Server -> CLI -> Entry
+point.
 """
 
 import _thread
@@ -313,18 +314,6 @@ class ChecksumMismatch(TransferError):
 
 class ProtocolError(CtadataError):
     """The server's answer could not be understood or was refused as unsafe."""
-
-
-class PartialFailure(CtadataError):
-    """Some files of a multi-file transfer failed; ``summary`` has them all."""
-
-    def __init__(self, summary):
-        first = summary.failures[0]
-        CtadataError.__init__(
-            self, "%d of %s failed; first: %s: %s" % (
-                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
-                first.error))
-        self.summary = summary
 
 
 # Errors of the old client's functions: each class with a twin that is
@@ -4854,6 +4843,18 @@ class TransferSummary:
                 "results": [r.to_dict() for r in self.results]}
 
 
+class PartialFailure(CtadataError):
+    """Some files of a multi-file transfer failed; ``summary`` has them all."""
+
+    def __init__(self, summary):
+        first = summary.failures[0]
+        CtadataError.__init__(
+            self, "%d of %s failed; first: %s: %s" % (
+                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
+                first.error))
+        self.summary = summary
+
+
 class Progress:
     """Counts what a transfer has done.  The engine calls ``add_total``,
     ``advance`` and ``file_done`` from its worker threads, ``planned`` once
@@ -7669,6 +7670,7 @@ def _copy_attempt(tr, entry, out, state, cancel):
                             entry.url, expected=size, received=state["written"])
 
 
+############################################################################
 # Third-party copy & FTS3
 ############################################################################
 
