@@ -578,13 +578,6 @@ def _rel_path(base_url, url):
     return "/".join(_rel_parts(base_url, url))
 
 
-def _unlink_missing_ok(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _unlink_quietly(path):
     try:
         os.unlink(path)
@@ -2759,7 +2752,7 @@ def _read_private(path, what="token file"):
     another user owns (PROTOCOL.md §3): someone else could read the token,
     or plant theirs."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -2782,8 +2775,7 @@ def _write_private(path, data):
     import secrets
     tmp = os.path.join(os.path.dirname(path), ".%s.%s.tmp" % (
         os.path.basename(path), secrets.token_hex(6)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -2893,8 +2885,7 @@ class _FileLock:
         except ImportError:  # not POSIX: threads are still serialised by _Auth
             return self
         self.prepare()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                          0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
@@ -4993,13 +4984,6 @@ class _Snapshot:
             self.files_done, self.files_total, "+" if self.listing else "",
             self.bytes_done, self.bytes_total, self.rate,
             "-" if self.eta is None else "%.1f s" % self.eta, ", final" if self.final else "")
-
-
-def _makedirs(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise _local_error(e, path)
 
 
 def _download_file(tr, task, progress=None, cancel=None, resume=True, warn=None):
@@ -11160,7 +11144,7 @@ class _DavRequest:
                                node.rel, where, self._public_base(), _TAPE_API))
 
     def _send_file(self, node, head):
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC
         fd = os.open(node.real, flags)    # node.real has no symlink left in it
         with os.fdopen(fd, "rb", buffering=0) as f:
             node.st = st = os.fstat(fd)   # what is sent is what was opened
@@ -11311,8 +11295,8 @@ class _DavRequest:
                 raise _Refusal(400, "malformed Content-MD5")
         existed = os.path.lexists(node.path)
         tmp = os.path.join(os.path.dirname(node.path), _SERVE_TMP + secrets.token_hex(8))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                     0o644)
         hashers = _Hashers(("adler32", "md5"))
         try:
             with os.fdopen(fd, "wb") as f:
