@@ -4004,6 +4004,31 @@ class _Pace:
         return delay
 
 
+def _poll_until_done(job, pace, sleep, timeout=None, progress=None):
+    """Refresh *job* (a StageRequest, an FTSJob) until it is ``done``,
+    waiting between two polls what the _Pace *pace* says: it backs off
+    while ``job._poll_state()`` stays the same.  *progress(job)* is called
+    after each poll, *sleep(seconds)* waits.  Return True when done, False
+    when *timeout* seconds ran out first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = None
+    while True:
+        job.refresh()
+        if progress is not None:
+            progress(job)
+        if job.done:
+            return True
+        now = job._poll_state()
+        delay = pace.next(now != seen)
+        seen = now
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            delay = min(delay, left)
+        sleep(delay)
+
+
 class StagedFile:
     """One file of a stage request, as the tape REST API last reported it.
 
@@ -4333,24 +4358,11 @@ class StageRequest:
         up to 60 s); *progress(request)* is called after each poll.  Return
         True when done, False when *timeout* seconds ran out first.  Raises
         NotFound when the server has forgotten the request."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pace = _Pace(*self._tape.poll)
-        seen = None
-        while True:
-            self.refresh()
-            if progress is not None:
-                progress(self)
-            if self.done:
-                return True
-            now = (self.on_disk, self.failed, sum(f.state == "STARTED" for f in self.files))
-            delay = pace.next(now != seen)
-            seen = now
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                delay = min(delay, left)
-            time.sleep(delay)
+        return _poll_until_done(self, _Pace(*self._tape.poll), time.sleep, timeout, progress)
+
+    def _poll_state(self):
+        """What two polls compare: files on disk, failed, started."""
+        return self.on_disk, self.failed, sum(f.state == "STARTED" for f in self.files)
 
     def cancel(self):
         """Stop staging the files that are not done yet (files already on
@@ -8681,24 +8693,12 @@ class FTSJob:
         polls (*poll*: (first, longest) seconds; default 2 s, doubling while
         nothing changes, up to 60 s); *progress(job)* is called after each
         poll.  Return True when done, False when *timeout* seconds ran out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pace = _Pace(*(poll or self._fts.poll))
-        seen = None
-        while True:
-            self.refresh()
-            if progress is not None:
-                progress(self)
-            if self.done:
-                return True
-            now = sorted(self.counts.items())
-            delay = pace.next(now != seen)
-            seen = now
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                delay = min(delay, left)
-            self._fts.tr.sleep(delay)
+        return _poll_until_done(self, _Pace(*(poll or self._fts.poll)), self._fts.tr.sleep,
+                                timeout, progress)
+
+    def _poll_state(self):
+        """What two polls compare: the number of files in each state."""
+        return sorted(self.counts.items())
 
     def cancel(self):
         """Cancel the jobs (FTS3 stops their files that are not done yet);
