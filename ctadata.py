@@ -166,8 +166,8 @@ _RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
 _TAPE_WELL_KNOWN = "/.well-known/wlcg-tape-rest-api"
 _STAGE_BATCH = 1000
 _STAGE_POLL = (1.0, 60.0)
-# A stage request's status or an archiveinfo answer is read whole, never more.
-_TAPE_ANSWER_LIMIT = 64 << 20
+# A JSON answer (of the tape REST API, of FTS3) is read whole, never more.
+_JSON_ANSWER_LIMIT = 64 << 20
 
 # A PROPFIND answer streams through the parser; what it buffers is bounded:
 # one text node (the parser keeps no element stack of its own).
@@ -3954,16 +3954,32 @@ def _api_clean(path):
 
 
 def _json_answer(data, url, what):
-    """A JSON answer of the tape API, decoded; ProtocolError when it is not
-    JSON or too large."""
+    """A JSON answer (of the tape API, of FTS3), decoded; ProtocolError when
+    it is not JSON or too large."""
     import json
-    if len(data) >= _TAPE_ANSWER_LIMIT:
+    if len(data) >= _JSON_ANSWER_LIMIT:
         raise ProtocolError("%s: the answer is larger than %d MiB" % (
-            what, _TAPE_ANSWER_LIMIT >> 20), url)
+            what, _JSON_ANSWER_LIMIT >> 20), url)
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("%s: the answer is not JSON" % what, url)
+
+
+def _json_call(tr, method, url, doc=None, what="tape API", ok=(200, 201, 202, 204),
+               retry=True):
+    """One request to a JSON API (the tape REST API, FTS3) over *tr*, with
+    the JSON document *doc* as its body when given; its decoded JSON answer
+    (None if empty)."""
+    import json
+    headers = {"Accept": "application/json"}
+    body = None
+    if doc is not None:
+        body = json.dumps(doc).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    resp = tr.request(method, url, headers, body, ok=ok, what=what, retry=retry)
+    data = _read_body(tr, resp, url, what, _JSON_ANSWER_LIMIT)
+    return _json_answer(data, url, what) if data.strip() else None
 
 
 def _check_api_url(url, what):
@@ -3972,6 +3988,33 @@ def _check_api_url(url, what):
     if p.scheme not in ("http", "https") or not p.hostname or p.username or p.password:
         raise ConfigError("%s must be an http(s) URL without credentials: %r"
                           % (what, _safe_url(url)))
+
+
+def _url_id(value, what, refuse=""):
+    """A request or job id (a user typed it, a server sent it), fit for a
+    URL path; ConfigError when it is empty, unprintable or holds a
+    character of *refuse*."""
+    from urllib.parse import quote
+    value = str(value or "").strip()
+    if not value or not value.isprintable() or any(c in value for c in refuse):
+        raise ConfigError("not %s: %r" % (what, value))
+    return quote(value, safe="")
+
+
+def _split_ids(text, what):
+    """The ids of "ID1,ID2,..." (the id of a StageRequest or an FTSJob
+    made of several); ConfigError when there is none."""
+    ids = [i.strip() for i in str(text or "").split(",") if i.strip()]
+    if not ids:
+        raise ConfigError("no %s given" % what)
+    return ids
+
+
+def _say_submitted(error, ids):
+    """Add to *error*'s hint the ids of the requests (or jobs) submitted
+    before it, so that they can be followed or cancelled."""
+    if ids:
+        error.hint = "%s; already submitted: %s" % (error.hint or "", ",".join(ids))
 
 
 def _lifetime(value):
@@ -4166,7 +4209,7 @@ class _TapeAPI:
             raise ConfigError("this storage announces no tape REST API (%s: 404)"
                               % _TAPE_WELL_KNOWN, url,
                               hint="if it has one, set tape_api = URL in your profile")
-        doc = _json_answer(_read_body(self.tr, resp, url, what, _TAPE_ANSWER_LIMIT), url, what)
+        doc = _json_answer(_read_body(self.tr, resp, url, what, _JSON_ANSWER_LIMIT), url, what)
         endpoints = doc.get("endpoints") if isinstance(doc, dict) else None
         uris = [e["uri"] for e in endpoints if isinstance(e, dict)
                 and isinstance(e.get("uri"), str) and str(e.get("version")).lower() == "v1"] \
@@ -4212,26 +4255,12 @@ class _TapeAPI:
 
     def call(self, method, sub, doc=None, what="tape API"):
         """One request to the API; its decoded JSON answer (None if empty)."""
-        import json
         uri, tr = self.endpoint()
-        url = uri + sub
-        headers = {"Accept": "application/json"}
-        body = None
-        if doc is not None:
-            body = json.dumps(doc).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        resp = tr.request(method, url, headers, body, ok=(200, 201, 202, 204), what=what)
-        data = _read_body(tr, resp, url, what, _TAPE_ANSWER_LIMIT)
-        return _json_answer(data, url, what) if data.strip() else None
+        return _json_call(tr, method, uri + sub, doc, what)
 
     @staticmethod
     def _id(rid):
-        """A request id, fit for a URL path (a user typed it, or a server sent it)."""
-        from urllib.parse import quote
-        rid = str(rid or "").strip()
-        if not rid or not rid.isprintable():
-            raise ConfigError("not a stage request id: %r" % rid)
-        return quote(rid, safe="")
+        return _url_id(rid, "a stage request id")
 
     def stage(self, api_paths, lifetime=None):
         """POST /stage for at most _STAGE_BATCH paths (*lifetime*: ISO 8601
@@ -7203,8 +7232,7 @@ class _TapeDownloads(_Downloads):
             if batch:
                 self.submit(batch, life, ids, files)
         except CtadataError as e:
-            if ids:   # say what is staging already, so that it can be followed or cancelled
-                e.hint = "%s; already submitted: %s" % (e.hint or "", ",".join(ids))
+            _say_submitted(e, ids)
             raise
         if not ids:
             raise ConfigError("nothing to stage: no file selected")
@@ -7239,10 +7267,7 @@ class _TapeDownloads(_Downloads):
     def stage_request(self, request_id):
         """See Client.stage_request."""
         self.tape.require()
-        ids = [i.strip() for i in str(request_id or "").split(",") if i.strip()]
-        if not ids:
-            raise ConfigError("no stage request id given")
-        return StageRequest(self.tape, ids).refresh()
+        return StageRequest(self.tape, _split_ids(request_id, "stage request id")).refresh()
 
     def archive_info(self, paths):
         """See Client.archive_info."""
@@ -7712,7 +7737,6 @@ _SHARE_DEFAULT = ("download", "list")
 _FTS_BATCH = 1000
 _FTS_POLL = (2.0, 60.0)
 _FTS_FINAL = frozenset(("FINISHED", "FAILED", "FINISHEDDIRTY", "CANCELED"))
-_FTS_ANSWER_LIMIT = 64 << 20
 # A macaroon request's answer is read whole, never more than this.
 _MACAROON_ANSWER_LIMIT = 1 << 20
 
@@ -8504,8 +8528,7 @@ class _Copies(_Planner):
             for i in range(0, len(files), _FTS_BATCH):
                 ids.append(fts.submit(files[i:i + _FTS_BATCH], params))
         except CtadataError as e:
-            if ids:   # say what runs already, so that it can be followed or cancelled
-                e.hint = "%s; already submitted: %s" % (e.hint or "", ",".join(ids))
+            _say_submitted(e, ids)
             raise
         return FTSJob(fts, ids)
 
@@ -8541,32 +8564,21 @@ class _FTS:
         return "<ctadata FTS3 %s>" % _safe_url(self.url)
 
     def call(self, method, sub, doc=None, what="FTS3"):
-        import json
-        url = self.url + sub
-        headers = {"Accept": "application/json"}
-        body = None
-        if doc is not None:
-            body = json.dumps(doc).encode("utf-8")
-            headers["Content-Type"] = "application/json"
+        """One request to FTS3 (a submission is never sent twice); its
+        decoded JSON answer (None if empty)."""
         try:
-            resp = self.tr.request(method, url, headers, body, ok=(200, 201, 202, 207),
-                                   what=what, retry=method != "POST")
+            return _json_call(self.tr, method, self.url + sub, doc, what,
+                              ok=(200, 201, 202, 207), retry=method != "POST")
         except RemoteError as e:
             if e.status == 419:
                 e.hint = ("FTS3 wants a proxy certificate delegated to it, which ctadata "
                           "cannot make: delegate with fts-rest-delegate (or fts-delegation-"
                           "init) first, or use a token")
             raise
-        data = _read_body(self.tr, resp, url, what, _FTS_ANSWER_LIMIT)
-        return _json_answer(data, url, what) if data.strip() else None
 
     @staticmethod
     def _id(job_id):
-        from urllib.parse import quote
-        job_id = str(job_id or "").strip()
-        if not job_id or not job_id.isprintable() or "," in job_id:
-            raise ConfigError("not an FTS3 job id: %r" % job_id)
-        return quote(job_id, safe="")
+        return _url_id(job_id, "an FTS3 job id", refuse=",")
 
     def submit(self, files, params):
         answer = self.call("POST", "/jobs", {"files": files, "params": params}, "FTS3 submit")
@@ -9592,9 +9604,7 @@ class Client:
         follow or cancel one submitted earlier, from any machine.  Raises
         NotFound (FTS3 does not know it), ConfigError (no FTS3 server),
         AuthError."""
-        ids = [i.strip() for i in str(job_id or "").split(",") if i.strip()]
-        if not ids:
-            raise ConfigError("no FTS3 job id given")
+        ids = _split_ids(job_id, "FTS3 job id")
         return FTSJob(self._fts(fts), ids).refresh()
 
     def _fts(self, url):
