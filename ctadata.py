@@ -6110,6 +6110,18 @@ def _summarize(results, started, raise_on_failure=True):
     return summary
 
 
+def _failed(source, dest, size, err, cls=TransferResult, remote_path=None):
+    """The "failed" result (a *cls*) of one file, carrying the error *err*."""
+    res = cls(source, dest, size, "failed", str(err), remote_path=remote_path)
+    res.exception = err
+    return res
+
+
+def _failure_of(task, err, cls=TransferResult):
+    """The "failed" result of a planned task (a _Task, a _CopyTask)."""
+    return _failed(task.source, task.dest, task.size, err, cls)
+
+
 def _failure_exception(result):
     """The exception of a failed single-file result."""
     if result.exception is not None:
@@ -6423,10 +6435,8 @@ class _Downloads(_Planner):
                     folder = tree.folder(rel, create=not dry_run)
                 except TransferError as e:
                     bad.append(rel)
-                    res = TransferResult(top_entry.url if top_entry is not None else base,
-                                         os.path.join(tree.root, *rel), None, "failed", str(e))
-                    res.exception = e
-                    yield res
+                    yield _failed(top_entry.url if top_entry is not None else base,
+                                  os.path.join(tree.root, *rel), None, e)
                     continue
                 try:
                     for e in files:
@@ -6444,10 +6454,8 @@ class _Downloads(_Planner):
         """One failed result per remote folder that could not be listed."""
         while failures:
             e, exc = failures.pop(0)
-            res = TransferResult(e.url, os.path.join(tree.root, *(top + _rel_parts(
-                base, e.url))), None, "failed", str(exc))
-            res.exception = exc
-            yield res
+            yield _failed(e.url, os.path.join(tree.root, *(top + _rel_parts(base, e.url))),
+                          None, exc)
 
     def no_part_clash(self, files):
         """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
@@ -6534,9 +6542,7 @@ class _Downloads(_Planner):
                             folder = None
                         folder = tree.folder(parts[:-1], create=not dry_run)
                 except CtadataError as e:
-                    res = TransferResult(item, None, None, "failed", str(e))
-                    res.exception = e
-                    yield res
+                    yield _failed(item, None, None, e)
                     continue
                 progress.add_total(1, 0)
                 yield _Task(url, dest, None, folder=folder.hold(), name=parts[-1],
@@ -6674,10 +6680,7 @@ class _Uploads(_Planner):
                     if _fails_everything(e):
                         raise
                     dirnames[:] = []  # nothing below it either
-                    res = TransferResult(dirpath, self.url(rdir), None, "failed", str(e),
-                                         remote_path=rdir)
-                    res.exception = e
-                    yield res
+                    yield _failed(dirpath, self.url(rdir), None, e, remote_path=rdir)
                     continue
             check = self.confirmer(rdir, rparts, names, existing) if confirm else None
             for fn in names:
@@ -6720,10 +6723,7 @@ class _Uploads(_Planner):
         """One failed result per local folder that could not be read."""
         while errors:
             e = errors.pop(0)
-            err = _local_error(e, e.filename)
-            res = TransferResult(e.filename, None, None, "failed", str(err))
-            res.exception = err
-            yield res
+            yield _failed(e.filename, None, None, _local_error(e, e.filename))
 
     # -- what differs between WebDAV and the download service -------------------
 
@@ -6996,16 +6996,7 @@ class _StageOptions:
 
 def _tape_failure(task, message, hint=None):
     """The failed result of a file that cannot be read from disk."""
-    err = TransferError(message, task.source, hint=hint, retryable=False)
-    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
-
-
-def _failure_of(task, err):
-    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
+    return _failure_of(task, TransferError(message, task.source, hint=hint, retryable=False))
 
 
 class _TapeGate:
@@ -8155,12 +8146,6 @@ class _CopyTask:
         self.src, self.dst, self.have, self.scopes = src, dst, have, scopes
 
 
-def _copy_failure(task, err):
-    res = _CopyResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
-
-
 class _ThirdPartyCopy:
     """The worker of a copy: COPY one file (within one server, or pull/push
     between two), follow its perf markers (*progress* advances with them),
@@ -8391,7 +8376,7 @@ class _Copies(_Planner):
         try:
             return worker(t)
         except CtadataError as e:
-            return _copy_failure(t, e)
+            return _failure_of(t, e, _CopyResult)
 
     def plan(self, origins, sources, dst, recursive, sel, dry_run, progress, jobs, fts):
         """The _CopyTask of every file to copy (and failed results for
@@ -8416,8 +8401,8 @@ class _Copies(_Planner):
                 err = NotFound("the source does not exist", url, 404)
                 if not many:
                     raise err
-                found.append(_copy_failure(_CopyTask(Entry("", "", url, False), dst_url, src,
-                                                     src, None, (url, url)), err))
+                found.append(_failure_of(_CopyTask(Entry("", "", url, False), dst_url, src,
+                                                   src, None, (url, url)), err, _CopyResult))
                 continue
             if entry.is_dir and not recursive:
                 raise ConfigError("%s is a folder (use recursive=True / cp -r)"
@@ -8457,9 +8442,9 @@ class _Copies(_Planner):
                     except NotFound:
                         have = None
                 if have is not None and have.is_dir:
-                    yield _copy_failure(_CopyTask(entry, target, src, dst, None, (
+                    yield _failure_of(_CopyTask(entry, target, src, dst, None, (
                         entry.url, target)), ConfigError("a folder is in the way at the "
-                                                         "destination", target))
+                                                         "destination", target), _CopyResult)
                     continue
             progress.add_total(1, entry.size)
             yield _CopyTask(entry, target, src, dst, have,
