@@ -6185,6 +6185,22 @@ def _walk(remote, path, jobs, details=True, warn=None, on_error=None):
                 fut.cancel()
 
 
+def _files_below(remote, folder, jobs, warn=None):
+    """{path relative to *folder*: Entry} of every file below the remote
+    *folder* (a path, URL or Entry of the backend *remote*): what a copy
+    or an upload finds already there; empty when it does not exist."""
+    index = {}
+    root = remote.url_for(folder, collection=True)
+    try:
+        for _top, children in _walk(remote, folder, jobs, True, warn):
+            for e in children:
+                if not e.is_dir:
+                    index[_rel_path(root, e.url)] = e
+    except NotFound:
+        pass
+    return index
+
+
 def _fails_everything(error):
     """True for an error that every other folder would meet too (no token,
     an expired or refused one: 401; bad settings), which stops a tree at
@@ -6767,16 +6783,7 @@ class _Uploads(_Planner):
     def existing(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
         when it does not exist yet)."""
-        index = {}
-        root = self.remote.url_for(target, collection=True)
-        try:
-            for _top, children in self.walk(target):
-                for e in children:
-                    if not e.is_dir:
-                        index[_rel_path(root, e.url)] = e
-        except NotFound:
-            pass
-        return index
+        return _files_below(self.remote, target, self.jobs, self.warn)
 
     def folder_maker(self, base, dry_run):
         """A function that makes a remote folder once, parents first
@@ -8456,7 +8463,7 @@ class _Copies(_Planner):
         before its files are handed out (without a filter, empty ones too)."""
         root = entry.url if entry.url.endswith("/") else entry.url + "/"
         target = target.rstrip("/") + "/"
-        existing = {} if fts else self.existing(dst, target)
+        existing = {} if fts else _files_below(dst.dav, target, self.jobs, self.warn)
         made = set()
         if not dry_run and not fts:
             _ensure_folder(dst.dav, target)
@@ -8474,19 +8481,6 @@ class _Copies(_Planner):
                 have = existing.get("/".join(rel + [e.name]))
                 progress.add_total(1, e.size)
                 yield _CopyTask(e, _join_url(folder, [e.name]), src, dst, have, scopes)
-
-    def existing(self, dst, target):
-        """{relative path: Entry} of the files below the destination folder
-        (empty when it does not exist yet)."""
-        index = {}
-        try:
-            for _top, children in _walk(dst.dav, target, self.jobs, True, self.warn):
-                for e in children:
-                    if not e.is_dir:
-                        index[_rel_path(target, e.url)] = e
-        except NotFound:
-            pass
-        return index
 
     # -- FTS3 -------------------------------------------------------------------------
 
