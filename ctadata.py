@@ -7519,17 +7519,7 @@ class _RemoteFile(io.RawIOBase):
         start = k * self.block
         end = min(stop * self.block, self.size) - 1
         headers = {"Range": "bytes=%d-%d" % (start, end)}
-        attempt = 0
-        while True:
-            try:
-                return self._get(headers, start, end)
-            except CtadataError as e:
-                delay = _retry_delay(self.tr.policy, attempt, e)
-                if delay is None:
-                    raise
-                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
-                self.tr.sleep(delay)
-                attempt += 1
+        return _retrying(self.tr, self.url, lambda: self._get(headers, start, end))
 
     def _get(self, headers, start, end):
         resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="read",
@@ -7554,20 +7544,13 @@ class _RemoteFile(io.RawIOBase):
 
     def _read_exactly(self, resp, n):
         parts, got = [], 0
-        try:
-            while got < n:
-                data = resp.read(n - got)
-                if not data:
-                    raise TransferError("short read: the server sent %d of %d bytes"
-                                        % (got, n), self.url)
-                parts.append(data)
-                got += len(data)
-        except TransferError:
-            raise
-        except Exception as e:
-            if not _is_transient(e):
-                raise
-            raise _network_error(e, self.url, "read")
+        while got < n:
+            data = _read_from(resp.read, n - got, self.url)
+            if not data:
+                raise TransferError("short read: the server sent %d of %d bytes"
+                                    % (got, n), self.url)
+            parts.append(data)
+            got += len(data)
         self.fetched += n
         if self.cancel is not None and self.cancel.is_set():
             raise KeyboardInterrupt
@@ -7578,12 +7561,8 @@ class _RemoteFile(io.RawIOBase):
         if self._stream is None:
             self._stream = self.tr.request("GET", self.url, ok=(200,), what="read")
             self.requests += 1
-        try:
-            data = self._stream.read(len(view))  # (PyPy's readinto refuses a cast view)
-        except Exception as e:
-            if not _is_transient(e):
-                raise
-            raise _network_error(e, self.url, "read")
+        # (read, not readinto: PyPy's readinto refuses a cast view)
+        data = _read_from(self._stream.read, len(view), self.url)
         n = len(data)
         view[:n] = data
         if not n:
@@ -7592,6 +7571,35 @@ class _RemoteFile(io.RawIOBase):
         self.fetched += n
         self._pos += n
         return n
+
+
+def _retrying(tr, url, attempt, may_retry=None):
+    """The result of *attempt()* (a GET of *url*), tried again after a
+    CtadataError as the transport's policy says (logged; the cancellable
+    sleep between), as long as *may_retry()* (when given) allows it."""
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except CtadataError as e:
+            delay = _retry_delay(tr.policy, failures, e) \
+                if may_retry is None or may_retry() else None
+            if delay is None:
+                raise
+            _log_retry("GET", url, delay, e, failures, tr.policy)
+            tr.sleep(delay)
+            failures += 1
+
+
+def _read_from(read, n, url):
+    """*read(n)* of an answer's body; a network failure is a (retryable)
+    TransferError."""
+    try:
+        return read(n)
+    except Exception as e:
+        if not _is_transient(e):
+            raise
+        raise _network_error(e, url, "read")
 
 
 def _same_version(version, resp, total, size, url):
@@ -7615,20 +7623,8 @@ def _copy_to(tr, entry, out, resumable, cancel=None):
     file TransferError) for the caller to report.  A failed write (a
     closed pipe) is raised as it is."""
     state = {"written": 0, "hashers": None, "sums": None, "version": None}
-    attempt = 0
-    while True:
-        try:
-            _copy_attempt(tr, entry, out, state, cancel)
-            break
-        except CtadataError as e:
-            written = state["written"]
-            can = not written or resumable
-            delay = _retry_delay(tr.policy, attempt, e) if can else None
-            if delay is None:
-                raise
-            _log_retry("GET", entry.url, delay, e, attempt, tr.policy)
-            tr.sleep(delay)
-            attempt += 1
+    _retrying(tr, entry.url, lambda: _copy_attempt(tr, entry, out, state, cancel),
+              lambda: not state["written"] or resumable)
     bad = _first_mismatch(state["hashers"].result(), state["sums"])
     if bad:
         raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s; the "
@@ -7658,35 +7654,37 @@ def _copy_attempt(tr, entry, out, state, cancel):
         if state["hashers"] is None:
             state["sums"] = _asked_digest(resp, headers) or entry.checksums
             state["hashers"] = _Hashers(_algos_for(state["sums"], False))
-        update = state["hashers"].update if state["hashers"].active else None
         size = total if total is not None else entry.size
-        read = resp.read1 if hasattr(resp, "read1") else resp.read
-        while True:
-            try:
-                block = read(_CHUNK)
-            except Exception as e:
-                if not _is_transient(e):
-                    raise
-                raise _network_error(e, entry.url, "read")
-            if not block:
-                break
-            try:
-                out.write(block)
-            except BrokenPipeError:
-                raise
-            except OSError as e:
-                raise TransferError("cannot write the output: %s" % (e.strerror or e),
-                                    retryable=False)
-            if update is not None:
-                update(block)
-            state["written"] += len(block)
-            if cancel is not None and cancel.is_set():
-                raise KeyboardInterrupt
+        _copy_stream(resp, out, state, cancel, entry.url)
     finally:
         tr.release(resp)
     if size is not None and state["written"] != size:
         raise TransferError("short read: %d of %d bytes" % (state["written"], size),
                             entry.url, expected=size, received=state["written"])
+
+
+def _copy_stream(resp, out, state, cancel, url):
+    """Write the body of *resp* to *out* as it arrives, hashing it and
+    counting it in *state* (see _copy_to); a failed write (but a closed
+    pipe) is a TransferError that is not retried."""
+    update = state["hashers"].update if state["hashers"].active else None
+    read = resp.read1 if hasattr(resp, "read1") else resp.read
+    while True:
+        block = _read_from(read, _CHUNK, url)
+        if not block:
+            return
+        try:
+            out.write(block)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise TransferError("cannot write the output: %s" % (e.strerror or e),
+                                retryable=False)
+        if update is not None:
+            update(block)
+        state["written"] += len(block)
+        if cancel is not None and cancel.is_set():
+            raise KeyboardInterrupt
 
 
 ############################################################################
