@@ -6669,11 +6669,9 @@ class _Uploads(_Planner):
         """The tasks of a tree upload, folder by folder, remote folders made
         as it goes.  A folder that cannot be read, or made on the server,
         is one failed result; the others go on.  Only regular files, and
-        symlinks to regular files, are uploaded; anything else (FIFOs,
-        sockets, devices, links to nothing or to those, links to folders)
-        is skipped with a warning.  With *confirm*, each remote folder's
-        uploads are confirmed once its last one is done (see _Confirm)."""
-        import stat
+        symlinks to regular files, are uploaded (see file_task).  With
+        *confirm*, each remote folder's uploads are confirmed once its last
+        one is done (see _Confirm)."""
         unreadable = []
         for dirpath, dirnames, filenames in os.walk(local, onerror=unreadable.append):
             for res in self.unreadable(unreadable):
@@ -6700,39 +6698,42 @@ class _Uploads(_Planner):
                     continue
             check = self.confirmer(rdir, rparts, names, existing) if confirm else None
             for fn in names:
-                path = os.path.join(dirpath, fn)
-                rpath = (rdir + "/" + fn) if rdir else fn
-                try:
-                    st = os.stat(path)  # a symlink to a regular file is uploaded
-                except OSError as e:
-                    if os.path.islink(path):
-                        self.warn("skipping %s: a symbolic link to nothing" % path)
-                        yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
-                    else:
-                        yield TransferResult(path, rpath, None, "failed",
-                                             str(_local_error(e, path)))
-                    continue
-                if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
-                    self.warn("skipping %s: not a regular file (%s)" % (path,
-                                                                       _file_kind(st.st_mode)))
-                    yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
-                    continue
-                size = st.st_size
-                have = existing.get("/".join(rparts + [fn]))
-                how = self.same(size, st.st_mtime, have, checksum, upload=True)
-                if how == "same":
-                    yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
-                    continue
-                progress.add_total(1, size)
-                task = _Task(path, self.url(rpath), size, have,
-                             check=how == "hash", remote=rpath)
-                if check is not None:
+                task = self.file_task(os.path.join(dirpath, fn), rdir, existing.get(
+                    "/".join(rparts + [fn])), checksum, progress)
+                if check is not None and isinstance(task, _Task):
                     task.confirm = check.add()
                 yield task
             if check is not None:
                 yield check  # the folder's last task: a worker confirms it (or its last upload)
         for res in self.unreadable(unreadable):
             yield res
+
+    def file_task(self, path, rdir, have, checksum, progress):
+        """The _Task of uploading the local file *path* into the remote
+        folder *rdir* (where *have*, an Entry or None, is what is there
+        now), or its result: skipped when the same file is there (same()),
+        or when it is not a regular file or a symlink to one (FIFOs,
+        sockets, devices, links to nothing or to those: with a warning);
+        failed when it cannot be read."""
+        import stat
+        fn = os.path.basename(path)
+        rpath = (rdir + "/" + fn) if rdir else fn
+        try:
+            st = os.stat(path)  # a symlink to a regular file is uploaded
+        except OSError as e:
+            if os.path.islink(path):
+                self.warn("skipping %s: a symbolic link to nothing" % path)
+                return TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+            return TransferResult(path, rpath, None, "failed", str(_local_error(e, path)))
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
+            self.warn("skipping %s: not a regular file (%s)" % (path, _file_kind(st.st_mode)))
+            return TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+        how = self.same(st.st_size, st.st_mtime, have, checksum, upload=True)
+        if how == "same":
+            return TransferResult(path, have.url, st.st_size, "skipped", remote_path=rpath)
+        progress.add_total(1, st.st_size)
+        return _Task(path, self.url(rpath), st.st_size, have, check=how == "hash",
+                     remote=rpath)
 
     @staticmethod
     def unreadable(errors):
