@@ -18,15 +18,16 @@ It can be used three ways:
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
 The sections below are in dependency order: each one only uses those above
-it.  Constants -> Errors -> Paths & names -> Checksums -> Settings -> HTTP
-transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
-_DAV, the direct-mode backend) -> Tape (the WLCG Tape REST API: _TapeAPI,
-StageRequest) -> Download service & JupyterHub services
-(_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
-the worker pool, the planners) -> Remote files (open, cat) -> Third-party
-copy & FTS3 (_ThirdPartyCopy, _Copies, share's macaroons, _FTS, FTSJob) ->
-Progress displays (terminal, notebook) -> Client (a face over a backend and the
-planners) -> Public functions -> Server -> CLI -> Entry point.
+it.  Constants -> Errors -> Paths & names -> Local files -> Checksums ->
+Settings -> HTTP transport -> OpenID Connect -> Credentials -> WebDAV
+protocol (the parser and _DAV, the direct-mode backend) -> Tape (the WLCG
+Tape REST API: _TapeAPI, StageRequest) -> Download service & JupyterHub
+services (_Service, the service-mode backend, and _Hub) -> Transfer engine
+(_Download, the worker pool, the planners) -> Remote files (open, cat) ->
+Third-party copy & FTS3 (_ThirdPartyCopy, _Copies, share's macaroons, _FTS,
+FTSJob) -> Progress displays (terminal, notebook) -> Client (a face over a
+backend and the planners) -> Public functions -> Server -> CLI -> Entry
+point.
 """
 
 import _thread
@@ -165,8 +166,8 @@ _RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
 _TAPE_WELL_KNOWN = "/.well-known/wlcg-tape-rest-api"
 _STAGE_BATCH = 1000
 _STAGE_POLL = (1.0, 60.0)
-# A stage request's status or an archiveinfo answer is read whole, never more.
-_TAPE_ANSWER_LIMIT = 64 << 20
+# A JSON answer (of the tape REST API, of FTS3) is read whole, never more.
+_JSON_ANSWER_LIMIT = 64 << 20
 
 # A PROPFIND answer streams through the parser; what it buffers is bounded:
 # one text node (the parser keeps no element stack of its own).
@@ -313,18 +314,6 @@ class ChecksumMismatch(TransferError):
 
 class ProtocolError(CtadataError):
     """The server's answer could not be understood or was refused as unsafe."""
-
-
-class PartialFailure(CtadataError):
-    """Some files of a multi-file transfer failed; ``summary`` has them all."""
-
-    def __init__(self, summary):
-        first = summary.failures[0]
-        CtadataError.__init__(
-            self, "%d of %s failed; first: %s: %s" % (
-                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
-                first.error))
-        self.summary = summary
 
 
 # Errors of the old client's functions: each class with a twin that is
@@ -587,13 +576,6 @@ def _rel_parts(base_url, url):
 
 def _rel_path(base_url, url):
     return "/".join(_rel_parts(base_url, url))
-
-
-def _unlink_missing_ok(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _unlink_quietly(path):
@@ -2770,7 +2752,7 @@ def _read_private(path, what="token file"):
     another user owns (PROTOCOL.md §3): someone else could read the token,
     or plant theirs."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -2793,8 +2775,7 @@ def _write_private(path, data):
     import secrets
     tmp = os.path.join(os.path.dirname(path), ".%s.%s.tmp" % (
         os.path.basename(path), secrets.token_hex(6)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -2904,8 +2885,7 @@ class _FileLock:
         except ImportError:  # not POSIX: threads are still serialised by _Auth
             return self
         self.prepare()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                          0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
@@ -3974,16 +3954,32 @@ def _api_clean(path):
 
 
 def _json_answer(data, url, what):
-    """A JSON answer of the tape API, decoded; ProtocolError when it is not
-    JSON or too large."""
+    """A JSON answer (of the tape API, of FTS3), decoded; ProtocolError when
+    it is not JSON or too large."""
     import json
-    if len(data) >= _TAPE_ANSWER_LIMIT:
+    if len(data) >= _JSON_ANSWER_LIMIT:
         raise ProtocolError("%s: the answer is larger than %d MiB" % (
-            what, _TAPE_ANSWER_LIMIT >> 20), url)
+            what, _JSON_ANSWER_LIMIT >> 20), url)
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("%s: the answer is not JSON" % what, url)
+
+
+def _json_call(tr, method, url, doc=None, what="tape API", ok=(200, 201, 202, 204),
+               retry=True):
+    """One request to a JSON API (the tape REST API, FTS3) over *tr*, with
+    the JSON document *doc* as its body when given; its decoded JSON answer
+    (None if empty)."""
+    import json
+    headers = {"Accept": "application/json"}
+    body = None
+    if doc is not None:
+        body = json.dumps(doc).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    resp = tr.request(method, url, headers, body, ok=ok, what=what, retry=retry)
+    data = _read_body(tr, resp, url, what, _JSON_ANSWER_LIMIT)
+    return _json_answer(data, url, what) if data.strip() else None
 
 
 def _check_api_url(url, what):
@@ -3992,6 +3988,33 @@ def _check_api_url(url, what):
     if p.scheme not in ("http", "https") or not p.hostname or p.username or p.password:
         raise ConfigError("%s must be an http(s) URL without credentials: %r"
                           % (what, _safe_url(url)))
+
+
+def _url_id(value, what, refuse=""):
+    """A request or job id (a user typed it, a server sent it), fit for a
+    URL path; ConfigError when it is empty, unprintable or holds a
+    character of *refuse*."""
+    from urllib.parse import quote
+    value = str(value or "").strip()
+    if not value or not value.isprintable() or any(c in value for c in refuse):
+        raise ConfigError("not %s: %r" % (what, value))
+    return quote(value, safe="")
+
+
+def _split_ids(text, what):
+    """The ids of "ID1,ID2,..." (the id of a StageRequest or an FTSJob
+    made of several); ConfigError when there is none."""
+    ids = [i.strip() for i in str(text or "").split(",") if i.strip()]
+    if not ids:
+        raise ConfigError("no %s given" % what)
+    return ids
+
+
+def _say_submitted(error, ids):
+    """Add to *error*'s hint the ids of the requests (or jobs) submitted
+    before it, so that they can be followed or cancelled."""
+    if ids:
+        error.hint = "%s; already submitted: %s" % (error.hint or "", ",".join(ids))
 
 
 def _lifetime(value):
@@ -4022,6 +4045,31 @@ class _Pace:
         if not news:
             self.delay = min(self.longest, self.delay * 2)
         return delay
+
+
+def _poll_until_done(job, pace, sleep, timeout=None, progress=None):
+    """Refresh *job* (a StageRequest, an FTSJob) until it is ``done``,
+    waiting between two polls what the _Pace *pace* says: it backs off
+    while ``job._poll_state()`` stays the same.  *progress(job)* is called
+    after each poll, *sleep(seconds)* waits.  Return True when done, False
+    when *timeout* seconds ran out first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = None
+    while True:
+        job.refresh()
+        if progress is not None:
+            progress(job)
+        if job.done:
+            return True
+        now = job._poll_state()
+        delay = pace.next(now != seen)
+        seen = now
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            delay = min(delay, left)
+        sleep(delay)
 
 
 class StagedFile:
@@ -4161,7 +4209,7 @@ class _TapeAPI:
             raise ConfigError("this storage announces no tape REST API (%s: 404)"
                               % _TAPE_WELL_KNOWN, url,
                               hint="if it has one, set tape_api = URL in your profile")
-        doc = _json_answer(_read_body(self.tr, resp, url, what, _TAPE_ANSWER_LIMIT), url, what)
+        doc = _json_answer(_read_body(self.tr, resp, url, what, _JSON_ANSWER_LIMIT), url, what)
         endpoints = doc.get("endpoints") if isinstance(doc, dict) else None
         uris = [e["uri"] for e in endpoints if isinstance(e, dict)
                 and isinstance(e.get("uri"), str) and str(e.get("version")).lower() == "v1"] \
@@ -4207,26 +4255,12 @@ class _TapeAPI:
 
     def call(self, method, sub, doc=None, what="tape API"):
         """One request to the API; its decoded JSON answer (None if empty)."""
-        import json
         uri, tr = self.endpoint()
-        url = uri + sub
-        headers = {"Accept": "application/json"}
-        body = None
-        if doc is not None:
-            body = json.dumps(doc).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        resp = tr.request(method, url, headers, body, ok=(200, 201, 202, 204), what=what)
-        data = _read_body(tr, resp, url, what, _TAPE_ANSWER_LIMIT)
-        return _json_answer(data, url, what) if data.strip() else None
+        return _json_call(tr, method, uri + sub, doc, what)
 
     @staticmethod
     def _id(rid):
-        """A request id, fit for a URL path (a user typed it, or a server sent it)."""
-        from urllib.parse import quote
-        rid = str(rid or "").strip()
-        if not rid or not rid.isprintable():
-            raise ConfigError("not a stage request id: %r" % rid)
-        return quote(rid, safe="")
+        return _url_id(rid, "a stage request id")
 
     def stage(self, api_paths, lifetime=None):
         """POST /stage for at most _STAGE_BATCH paths (*lifetime*: ISO 8601
@@ -4353,24 +4387,11 @@ class StageRequest:
         up to 60 s); *progress(request)* is called after each poll.  Return
         True when done, False when *timeout* seconds ran out first.  Raises
         NotFound when the server has forgotten the request."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pace = _Pace(*self._tape.poll)
-        seen = None
-        while True:
-            self.refresh()
-            if progress is not None:
-                progress(self)
-            if self.done:
-                return True
-            now = (self.on_disk, self.failed, sum(f.state == "STARTED" for f in self.files))
-            delay = pace.next(now != seen)
-            seen = now
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                delay = min(delay, left)
-            time.sleep(delay)
+        return _poll_until_done(self, _Pace(*self._tape.poll), time.sleep, timeout, progress)
+
+    def _poll_state(self):
+        """What two polls compare: files on disk, failed, started."""
+        return self.on_disk, self.failed, sum(f.state == "STARTED" for f in self.files)
 
     def cancel(self):
         """Stop staging the files that are not done yet (files already on
@@ -4854,6 +4875,18 @@ class TransferSummary:
                 "results": [r.to_dict() for r in self.results]}
 
 
+class PartialFailure(CtadataError):
+    """Some files of a multi-file transfer failed; ``summary`` has them all."""
+
+    def __init__(self, summary):
+        first = summary.failures[0]
+        CtadataError.__init__(
+            self, "%d of %s failed; first: %s: %s" % (
+                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
+                first.error))
+        self.summary = summary
+
+
 class Progress:
     """Counts what a transfer has done.  The engine calls ``add_total``,
     ``advance`` and ``file_done`` from its worker threads, ``planned`` once
@@ -4992,13 +5025,6 @@ class _Snapshot:
             self.files_done, self.files_total, "+" if self.listing else "",
             self.bytes_done, self.bytes_total, self.rate,
             "-" if self.eta is None else "%.1f s" % self.eta, ", final" if self.final else "")
-
-
-def _makedirs(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise _local_error(e, path)
 
 
 def _download_file(tr, task, progress=None, cancel=None, resume=True, warn=None):
@@ -6084,6 +6110,18 @@ def _summarize(results, started, raise_on_failure=True):
     return summary
 
 
+def _failed(source, dest, size, err, cls=TransferResult, remote_path=None):
+    """The "failed" result (a *cls*) of one file, carrying the error *err*."""
+    res = cls(source, dest, size, "failed", str(err), remote_path=remote_path)
+    res.exception = err
+    return res
+
+
+def _failure_of(task, err, cls=TransferResult):
+    """The "failed" result of a planned task (a _Task, a _CopyTask)."""
+    return _failed(task.source, task.dest, task.size, err, cls)
+
+
 def _failure_exception(result):
     """The exception of a failed single-file result."""
     if result.exception is not None:
@@ -6145,6 +6183,22 @@ def _walk(remote, path, jobs, details=True, warn=None, on_error=None):
         finally:
             for _entry, fut in queue:
                 fut.cancel()
+
+
+def _files_below(remote, folder, jobs, warn=None):
+    """{path relative to *folder*: Entry} of every file below the remote
+    *folder* (a path, URL or Entry of the backend *remote*): what a copy
+    or an upload finds already there; empty when it does not exist."""
+    index = {}
+    root = remote.url_for(folder, collection=True)
+    try:
+        for _top, children in _walk(remote, folder, jobs, True, warn):
+            for e in children:
+                if not e.is_dir:
+                    index[_rel_path(root, e.url)] = e
+    except NotFound:
+        pass
+    return index
 
 
 def _fails_everything(error):
@@ -6397,10 +6451,8 @@ class _Downloads(_Planner):
                     folder = tree.folder(rel, create=not dry_run)
                 except TransferError as e:
                     bad.append(rel)
-                    res = TransferResult(top_entry.url if top_entry is not None else base,
-                                         os.path.join(tree.root, *rel), None, "failed", str(e))
-                    res.exception = e
-                    yield res
+                    yield _failed(top_entry.url if top_entry is not None else base,
+                                  os.path.join(tree.root, *rel), None, e)
                     continue
                 try:
                     for e in files:
@@ -6418,10 +6470,8 @@ class _Downloads(_Planner):
         """One failed result per remote folder that could not be listed."""
         while failures:
             e, exc = failures.pop(0)
-            res = TransferResult(e.url, os.path.join(tree.root, *(top + _rel_parts(
-                base, e.url))), None, "failed", str(exc))
-            res.exception = exc
-            yield res
+            yield _failed(e.url, os.path.join(tree.root, *(top + _rel_parts(base, e.url))),
+                          None, exc)
 
     def no_part_clash(self, files):
         """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
@@ -6508,9 +6558,7 @@ class _Downloads(_Planner):
                             folder = None
                         folder = tree.folder(parts[:-1], create=not dry_run)
                 except CtadataError as e:
-                    res = TransferResult(item, None, None, "failed", str(e))
-                    res.exception = e
-                    yield res
+                    yield _failed(item, None, None, e)
                     continue
                 progress.add_total(1, 0)
                 yield _Task(url, dest, None, folder=folder.hold(), name=parts[-1],
@@ -6621,11 +6669,9 @@ class _Uploads(_Planner):
         """The tasks of a tree upload, folder by folder, remote folders made
         as it goes.  A folder that cannot be read, or made on the server,
         is one failed result; the others go on.  Only regular files, and
-        symlinks to regular files, are uploaded; anything else (FIFOs,
-        sockets, devices, links to nothing or to those, links to folders)
-        is skipped with a warning.  With *confirm*, each remote folder's
-        uploads are confirmed once its last one is done (see _Confirm)."""
-        import stat
+        symlinks to regular files, are uploaded (see file_task).  With
+        *confirm*, each remote folder's uploads are confirmed once its last
+        one is done (see _Confirm)."""
         unreadable = []
         for dirpath, dirnames, filenames in os.walk(local, onerror=unreadable.append):
             for res in self.unreadable(unreadable):
@@ -6648,40 +6694,13 @@ class _Uploads(_Planner):
                     if _fails_everything(e):
                         raise
                     dirnames[:] = []  # nothing below it either
-                    res = TransferResult(dirpath, self.url(rdir), None, "failed", str(e),
-                                         remote_path=rdir)
-                    res.exception = e
-                    yield res
+                    yield _failed(dirpath, self.url(rdir), None, e, remote_path=rdir)
                     continue
             check = self.confirmer(rdir, rparts, names, existing) if confirm else None
             for fn in names:
-                path = os.path.join(dirpath, fn)
-                rpath = (rdir + "/" + fn) if rdir else fn
-                try:
-                    st = os.stat(path)  # a symlink to a regular file is uploaded
-                except OSError as e:
-                    if os.path.islink(path):
-                        self.warn("skipping %s: a symbolic link to nothing" % path)
-                        yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
-                    else:
-                        yield TransferResult(path, rpath, None, "failed",
-                                             str(_local_error(e, path)))
-                    continue
-                if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
-                    self.warn("skipping %s: not a regular file (%s)" % (path,
-                                                                       _file_kind(st.st_mode)))
-                    yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
-                    continue
-                size = st.st_size
-                have = existing.get("/".join(rparts + [fn]))
-                how = self.same(size, st.st_mtime, have, checksum, upload=True)
-                if how == "same":
-                    yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
-                    continue
-                progress.add_total(1, size)
-                task = _Task(path, self.url(rpath), size, have,
-                             check=how == "hash", remote=rpath)
-                if check is not None:
+                task = self.file_task(os.path.join(dirpath, fn), rdir, existing.get(
+                    "/".join(rparts + [fn])), checksum, progress)
+                if check is not None and isinstance(task, _Task):
                     task.confirm = check.add()
                 yield task
             if check is not None:
@@ -6689,15 +6708,39 @@ class _Uploads(_Planner):
         for res in self.unreadable(unreadable):
             yield res
 
+    def file_task(self, path, rdir, have, checksum, progress):
+        """The _Task of uploading the local file *path* into the remote
+        folder *rdir* (where *have*, an Entry or None, is what is there
+        now), or its result: skipped when the same file is there (same()),
+        or when it is not a regular file or a symlink to one (FIFOs,
+        sockets, devices, links to nothing or to those: with a warning);
+        failed when it cannot be read."""
+        import stat
+        fn = os.path.basename(path)
+        rpath = (rdir + "/" + fn) if rdir else fn
+        try:
+            st = os.stat(path)  # a symlink to a regular file is uploaded
+        except OSError as e:
+            if os.path.islink(path):
+                self.warn("skipping %s: a symbolic link to nothing" % path)
+                return TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+            return TransferResult(path, rpath, None, "failed", str(_local_error(e, path)))
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
+            self.warn("skipping %s: not a regular file (%s)" % (path, _file_kind(st.st_mode)))
+            return TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+        how = self.same(st.st_size, st.st_mtime, have, checksum, upload=True)
+        if how == "same":
+            return TransferResult(path, have.url, st.st_size, "skipped", remote_path=rpath)
+        progress.add_total(1, st.st_size)
+        return _Task(path, self.url(rpath), st.st_size, have, check=how == "hash",
+                     remote=rpath)
+
     @staticmethod
     def unreadable(errors):
         """One failed result per local folder that could not be read."""
         while errors:
             e = errors.pop(0)
-            err = _local_error(e, e.filename)
-            res = TransferResult(e.filename, None, None, "failed", str(err))
-            res.exception = err
-            yield res
+            yield _failed(e.filename, None, None, _local_error(e, e.filename))
 
     # -- what differs between WebDAV and the download service -------------------
 
@@ -6741,16 +6784,7 @@ class _Uploads(_Planner):
     def existing(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
         when it does not exist yet)."""
-        index = {}
-        root = self.remote.url_for(target, collection=True)
-        try:
-            for _top, children in self.walk(target):
-                for e in children:
-                    if not e.is_dir:
-                        index[_rel_path(root, e.url)] = e
-        except NotFound:
-            pass
-        return index
+        return _files_below(self.remote, target, self.jobs, self.warn)
 
     def folder_maker(self, base, dry_run):
         """A function that makes a remote folder once, parents first
@@ -6970,16 +7004,7 @@ class _StageOptions:
 
 def _tape_failure(task, message, hint=None):
     """The failed result of a file that cannot be read from disk."""
-    err = TransferError(message, task.source, hint=hint, retryable=False)
-    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
-
-
-def _failure_of(task, err):
-    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
+    return _failure_of(task, TransferError(message, task.source, hint=hint, retryable=False))
 
 
 class _TapeGate:
@@ -7206,8 +7231,7 @@ class _TapeDownloads(_Downloads):
             if batch:
                 self.submit(batch, life, ids, files)
         except CtadataError as e:
-            if ids:   # say what is staging already, so that it can be followed or cancelled
-                e.hint = "%s; already submitted: %s" % (e.hint or "", ",".join(ids))
+            _say_submitted(e, ids)
             raise
         if not ids:
             raise ConfigError("nothing to stage: no file selected")
@@ -7242,10 +7266,7 @@ class _TapeDownloads(_Downloads):
     def stage_request(self, request_id):
         """See Client.stage_request."""
         self.tape.require()
-        ids = [i.strip() for i in str(request_id or "").split(",") if i.strip()]
-        if not ids:
-            raise ConfigError("no stage request id given")
-        return StageRequest(self.tape, ids).refresh()
+        return StageRequest(self.tape, _split_ids(request_id, "stage request id")).refresh()
 
     def archive_info(self, paths):
         """See Client.archive_info."""
@@ -7499,17 +7520,7 @@ class _RemoteFile(io.RawIOBase):
         start = k * self.block
         end = min(stop * self.block, self.size) - 1
         headers = {"Range": "bytes=%d-%d" % (start, end)}
-        attempt = 0
-        while True:
-            try:
-                return self._get(headers, start, end)
-            except CtadataError as e:
-                delay = _retry_delay(self.tr.policy, attempt, e)
-                if delay is None:
-                    raise
-                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
-                self.tr.sleep(delay)
-                attempt += 1
+        return _retrying(self.tr, self.url, lambda: self._get(headers, start, end))
 
     def _get(self, headers, start, end):
         resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="read",
@@ -7534,20 +7545,13 @@ class _RemoteFile(io.RawIOBase):
 
     def _read_exactly(self, resp, n):
         parts, got = [], 0
-        try:
-            while got < n:
-                data = resp.read(n - got)
-                if not data:
-                    raise TransferError("short read: the server sent %d of %d bytes"
-                                        % (got, n), self.url)
-                parts.append(data)
-                got += len(data)
-        except TransferError:
-            raise
-        except Exception as e:
-            if not _is_transient(e):
-                raise
-            raise _network_error(e, self.url, "read")
+        while got < n:
+            data = _read_from(resp.read, n - got, self.url)
+            if not data:
+                raise TransferError("short read: the server sent %d of %d bytes"
+                                    % (got, n), self.url)
+            parts.append(data)
+            got += len(data)
         self.fetched += n
         if self.cancel is not None and self.cancel.is_set():
             raise KeyboardInterrupt
@@ -7558,12 +7562,8 @@ class _RemoteFile(io.RawIOBase):
         if self._stream is None:
             self._stream = self.tr.request("GET", self.url, ok=(200,), what="read")
             self.requests += 1
-        try:
-            data = self._stream.read(len(view))  # (PyPy's readinto refuses a cast view)
-        except Exception as e:
-            if not _is_transient(e):
-                raise
-            raise _network_error(e, self.url, "read")
+        # (read, not readinto: PyPy's readinto refuses a cast view)
+        data = _read_from(self._stream.read, len(view), self.url)
         n = len(data)
         view[:n] = data
         if not n:
@@ -7572,6 +7572,35 @@ class _RemoteFile(io.RawIOBase):
         self.fetched += n
         self._pos += n
         return n
+
+
+def _retrying(tr, url, attempt, may_retry=None):
+    """The result of *attempt()* (a GET of *url*), tried again after a
+    CtadataError as the transport's policy says (logged; the cancellable
+    sleep between), as long as *may_retry()* (when given) allows it."""
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except CtadataError as e:
+            delay = _retry_delay(tr.policy, failures, e) \
+                if may_retry is None or may_retry() else None
+            if delay is None:
+                raise
+            _log_retry("GET", url, delay, e, failures, tr.policy)
+            tr.sleep(delay)
+            failures += 1
+
+
+def _read_from(read, n, url):
+    """*read(n)* of an answer's body; a network failure is a (retryable)
+    TransferError."""
+    try:
+        return read(n)
+    except Exception as e:
+        if not _is_transient(e):
+            raise
+        raise _network_error(e, url, "read")
 
 
 def _same_version(version, resp, total, size, url):
@@ -7595,20 +7624,8 @@ def _copy_to(tr, entry, out, resumable, cancel=None):
     file TransferError) for the caller to report.  A failed write (a
     closed pipe) is raised as it is."""
     state = {"written": 0, "hashers": None, "sums": None, "version": None}
-    attempt = 0
-    while True:
-        try:
-            _copy_attempt(tr, entry, out, state, cancel)
-            break
-        except CtadataError as e:
-            written = state["written"]
-            can = not written or resumable
-            delay = _retry_delay(tr.policy, attempt, e) if can else None
-            if delay is None:
-                raise
-            _log_retry("GET", entry.url, delay, e, attempt, tr.policy)
-            tr.sleep(delay)
-            attempt += 1
+    _retrying(tr, entry.url, lambda: _copy_attempt(tr, entry, out, state, cancel),
+              lambda: not state["written"] or resumable)
     bad = _first_mismatch(state["hashers"].result(), state["sums"])
     if bad:
         raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s; the "
@@ -7638,30 +7655,8 @@ def _copy_attempt(tr, entry, out, state, cancel):
         if state["hashers"] is None:
             state["sums"] = _asked_digest(resp, headers) or entry.checksums
             state["hashers"] = _Hashers(_algos_for(state["sums"], False))
-        update = state["hashers"].update if state["hashers"].active else None
         size = total if total is not None else entry.size
-        read = resp.read1 if hasattr(resp, "read1") else resp.read
-        while True:
-            try:
-                block = read(_CHUNK)
-            except Exception as e:
-                if not _is_transient(e):
-                    raise
-                raise _network_error(e, entry.url, "read")
-            if not block:
-                break
-            try:
-                out.write(block)
-            except BrokenPipeError:
-                raise
-            except OSError as e:
-                raise TransferError("cannot write the output: %s" % (e.strerror or e),
-                                    retryable=False)
-            if update is not None:
-                update(block)
-            state["written"] += len(block)
-            if cancel is not None and cancel.is_set():
-                raise KeyboardInterrupt
+        _copy_stream(resp, out, state, cancel, entry.url)
     finally:
         tr.release(resp)
     if size is not None and state["written"] != size:
@@ -7669,6 +7664,31 @@ def _copy_attempt(tr, entry, out, state, cancel):
                             entry.url, expected=size, received=state["written"])
 
 
+def _copy_stream(resp, out, state, cancel, url):
+    """Write the body of *resp* to *out* as it arrives, hashing it and
+    counting it in *state* (see _copy_to); a failed write (but a closed
+    pipe) is a TransferError that is not retried."""
+    update = state["hashers"].update if state["hashers"].active else None
+    read = resp.read1 if hasattr(resp, "read1") else resp.read
+    while True:
+        block = _read_from(read, _CHUNK, url)
+        if not block:
+            return
+        try:
+            out.write(block)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise TransferError("cannot write the output: %s" % (e.strerror or e),
+                                retryable=False)
+        if update is not None:
+            update(block)
+        state["written"] += len(block)
+        if cancel is not None and cancel.is_set():
+            raise KeyboardInterrupt
+
+
+############################################################################
 # Third-party copy & FTS3
 ############################################################################
 
@@ -7714,7 +7734,6 @@ _SHARE_DEFAULT = ("download", "list")
 _FTS_BATCH = 1000
 _FTS_POLL = (2.0, 60.0)
 _FTS_FINAL = frozenset(("FINISHED", "FAILED", "FINISHEDDIRTY", "CANCELED"))
-_FTS_ANSWER_LIMIT = 64 << 20
 # A macaroon request's answer is read whole, never more than this.
 _MACAROON_ANSWER_LIMIT = 1 << 20
 
@@ -8133,12 +8152,6 @@ class _CopyTask:
         self.src, self.dst, self.have, self.scopes = src, dst, have, scopes
 
 
-def _copy_failure(task, err):
-    res = _CopyResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
-
-
 class _ThirdPartyCopy:
     """The worker of a copy: COPY one file (within one server, or pull/push
     between two), follow its perf markers (*progress* advances with them),
@@ -8369,7 +8382,7 @@ class _Copies(_Planner):
         try:
             return worker(t)
         except CtadataError as e:
-            return _copy_failure(t, e)
+            return _failure_of(t, e, _CopyResult)
 
     def plan(self, origins, sources, dst, recursive, sel, dry_run, progress, jobs, fts):
         """The _CopyTask of every file to copy (and failed results for
@@ -8394,8 +8407,8 @@ class _Copies(_Planner):
                 err = NotFound("the source does not exist", url, 404)
                 if not many:
                     raise err
-                found.append(_copy_failure(_CopyTask(Entry("", "", url, False), dst_url, src,
-                                                     src, None, (url, url)), err))
+                found.append(_failure_of(_CopyTask(Entry("", "", url, False), dst_url, src,
+                                                   src, None, (url, url)), err, _CopyResult))
                 continue
             if entry.is_dir and not recursive:
                 raise ConfigError("%s is a folder (use recursive=True / cp -r)"
@@ -8435,9 +8448,9 @@ class _Copies(_Planner):
                     except NotFound:
                         have = None
                 if have is not None and have.is_dir:
-                    yield _copy_failure(_CopyTask(entry, target, src, dst, None, (
+                    yield _failure_of(_CopyTask(entry, target, src, dst, None, (
                         entry.url, target)), ConfigError("a folder is in the way at the "
-                                                         "destination", target))
+                                                         "destination", target), _CopyResult)
                     continue
             progress.add_total(1, entry.size)
             yield _CopyTask(entry, target, src, dst, have,
@@ -8449,7 +8462,7 @@ class _Copies(_Planner):
         before its files are handed out (without a filter, empty ones too)."""
         root = entry.url if entry.url.endswith("/") else entry.url + "/"
         target = target.rstrip("/") + "/"
-        existing = {} if fts else self.existing(dst, target)
+        existing = {} if fts else _files_below(dst.dav, target, self.jobs, self.warn)
         made = set()
         if not dry_run and not fts:
             _ensure_folder(dst.dav, target)
@@ -8467,19 +8480,6 @@ class _Copies(_Planner):
                 have = existing.get("/".join(rel + [e.name]))
                 progress.add_total(1, e.size)
                 yield _CopyTask(e, _join_url(folder, [e.name]), src, dst, have, scopes)
-
-    def existing(self, dst, target):
-        """{relative path: Entry} of the files below the destination folder
-        (empty when it does not exist yet)."""
-        index = {}
-        try:
-            for _top, children in _walk(dst.dav, target, self.jobs, True, self.warn):
-                for e in children:
-                    if not e.is_dir:
-                        index[_rel_path(target, e.url)] = e
-        except NotFound:
-            pass
-        return index
 
     # -- FTS3 -------------------------------------------------------------------------
 
@@ -8506,8 +8506,7 @@ class _Copies(_Planner):
             for i in range(0, len(files), _FTS_BATCH):
                 ids.append(fts.submit(files[i:i + _FTS_BATCH], params))
         except CtadataError as e:
-            if ids:   # say what runs already, so that it can be followed or cancelled
-                e.hint = "%s; already submitted: %s" % (e.hint or "", ",".join(ids))
+            _say_submitted(e, ids)
             raise
         return FTSJob(fts, ids)
 
@@ -8543,32 +8542,21 @@ class _FTS:
         return "<ctadata FTS3 %s>" % _safe_url(self.url)
 
     def call(self, method, sub, doc=None, what="FTS3"):
-        import json
-        url = self.url + sub
-        headers = {"Accept": "application/json"}
-        body = None
-        if doc is not None:
-            body = json.dumps(doc).encode("utf-8")
-            headers["Content-Type"] = "application/json"
+        """One request to FTS3 (a submission is never sent twice); its
+        decoded JSON answer (None if empty)."""
         try:
-            resp = self.tr.request(method, url, headers, body, ok=(200, 201, 202, 207),
-                                   what=what, retry=method != "POST")
+            return _json_call(self.tr, method, self.url + sub, doc, what,
+                              ok=(200, 201, 202, 207), retry=method != "POST")
         except RemoteError as e:
             if e.status == 419:
                 e.hint = ("FTS3 wants a proxy certificate delegated to it, which ctadata "
                           "cannot make: delegate with fts-rest-delegate (or fts-delegation-"
                           "init) first, or use a token")
             raise
-        data = _read_body(self.tr, resp, url, what, _FTS_ANSWER_LIMIT)
-        return _json_answer(data, url, what) if data.strip() else None
 
     @staticmethod
     def _id(job_id):
-        from urllib.parse import quote
-        job_id = str(job_id or "").strip()
-        if not job_id or not job_id.isprintable() or "," in job_id:
-            raise ConfigError("not an FTS3 job id: %r" % job_id)
-        return quote(job_id, safe="")
+        return _url_id(job_id, "an FTS3 job id", refuse=",")
 
     def submit(self, files, params):
         answer = self.call("POST", "/jobs", {"files": files, "params": params}, "FTS3 submit")
@@ -8695,24 +8683,12 @@ class FTSJob:
         polls (*poll*: (first, longest) seconds; default 2 s, doubling while
         nothing changes, up to 60 s); *progress(job)* is called after each
         poll.  Return True when done, False when *timeout* seconds ran out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pace = _Pace(*(poll or self._fts.poll))
-        seen = None
-        while True:
-            self.refresh()
-            if progress is not None:
-                progress(self)
-            if self.done:
-                return True
-            now = sorted(self.counts.items())
-            delay = pace.next(now != seen)
-            seen = now
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                delay = min(delay, left)
-            self._fts.tr.sleep(delay)
+        return _poll_until_done(self, _Pace(*(poll or self._fts.poll)), self._fts.tr.sleep,
+                                timeout, progress)
+
+    def _poll_state(self):
+        """What two polls compare: the number of files in each state."""
+        return sorted(self.counts.items())
 
     def cancel(self):
         """Cancel the jobs (FTS3 stops their files that are not done yet);
@@ -9606,9 +9582,7 @@ class Client:
         follow or cancel one submitted earlier, from any machine.  Raises
         NotFound (FTS3 does not know it), ConfigError (no FTS3 server),
         AuthError."""
-        ids = [i.strip() for i in str(job_id or "").split(",") if i.strip()]
-        if not ids:
-            raise ConfigError("no FTS3 job id given")
+        ids = _split_ids(job_id, "FTS3 job id")
         return FTSJob(self._fts(fts), ids).refresh()
 
     def _fts(self, url):
@@ -11158,7 +11132,7 @@ class _DavRequest:
                                node.rel, where, self._public_base(), _TAPE_API))
 
     def _send_file(self, node, head):
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC
         fd = os.open(node.real, flags)    # node.real has no symlink left in it
         with os.fdopen(fd, "rb", buffering=0) as f:
             node.st = st = os.fstat(fd)   # what is sent is what was opened
@@ -11309,8 +11283,8 @@ class _DavRequest:
                 raise _Refusal(400, "malformed Content-MD5")
         existed = os.path.lexists(node.path)
         tmp = os.path.join(os.path.dirname(node.path), _SERVE_TMP + secrets.token_hex(8))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                     0o644)
         hashers = _Hashers(("adler32", "md5"))
         try:
             with os.fdopen(fd, "wb") as f:
