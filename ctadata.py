@@ -2,9 +2,10 @@
 """ctadata: list, download and upload files on CTAO science data archives.
 
 One module, standard library only, Python 3.6+.  It speaks WebDAV to dCache
-(and to any WebDAV server: nginx, Apache, StoRM) with OIDC bearer tokens (the
-"direct mode"), or goes through the CTA download service, a JupyterHub service
-that proxies the storage (the "service mode": ``--service``, ``$CTADS_URL``).
+(and to any WebDAV server: XRootD's HTTP door, nginx, Apache, StoRM) with
+OIDC bearer tokens (the "direct mode"), or goes through the CTA download
+service, a JupyterHub service that proxies the storage (the "service mode":
+``--service``, ``$CTADS_URL``).
 Scripts written for the old ``ctadata`` client keep working: its functions,
 keyword arguments, ``APIClient`` class and exception names are all here.
 It can be used three ways:
@@ -12,18 +13,21 @@ It can be used three ways:
 * from Python: ``ctadata.list_dir(...)``, ``ctadata.fetch_and_save_file(...)``,
   ``ctadata.upload_file(...)``, ``ctadata.open(path, "rb")`` or an explicit
   ``ctadata.Client(...)``;
-* from the shell: ``ctadata ls / get / put / mkdir / rm / mv / stat / stage``;
+* from the shell: ``ctadata ls / get / put / cp / share / mkdir / rm / mv / stat /
+  stage``;
 * as a single file, ``python3 ctadata.pyz ...`` built by ``make zipapp``.
 
 The sections below are in dependency order: each one only uses those above
-it.  Constants -> Errors -> Paths & names -> Checksums -> Settings -> HTTP
-transport -> OpenID Connect -> Credentials -> WebDAV protocol (the parser and
-_DAV, the direct-mode backend) -> Tape (the WLCG Tape REST API: _TapeAPI,
-StageRequest) -> Download service & JupyterHub services
-(_Service, the service-mode backend, and _Hub) -> Transfer engine (_Download,
-the worker pool, the planners) -> Remote files (open, cat) -> Progress
-displays (terminal, notebook) -> Client (a face over a backend and the
-planners) -> Public functions -> CLI -> Entry point.
+it.  Constants -> Errors -> Paths & names -> Local files -> Checksums ->
+Settings -> HTTP transport -> OpenID Connect -> Credentials -> WebDAV
+protocol (the parser and _DAV, the direct-mode backend) -> Tape (the WLCG
+Tape REST API: _TapeAPI, StageRequest) -> Download service & JupyterHub
+services (_Service, the service-mode backend, and _Hub) -> Transfer engine
+(_Download, the worker pool, the planners) -> Remote files (open, cat) ->
+Third-party copy & FTS3 (_ThirdPartyCopy, _Copies, share's macaroons, _FTS,
+FTSJob) -> Progress displays (terminal, notebook) -> Client (a face over a
+backend and the planners) -> Public functions -> Server -> CLI -> Entry
+point.
 """
 
 import _thread
@@ -91,7 +95,7 @@ __version__ = "1.0.0"
 __all__ = [
     # client, settings and data classes
     "Client", "Settings", "Entry", "DEFAULT_URL", "DEV_URL", "TransferResult", "TransferSummary", "Progress",
-    "StageRequest", "StagedFile",
+    "StageRequest", "StagedFile", "SharedLink", "FTSJob",
     "SERVICE_URL", "CERTIFICATE_SERVICE_URL",
     # module-level functions (thin wrappers over a default Client)
     "list_dir", "ls", "stat", "fetch_and_save_file", "fetch_and_save_file_or_dir",
@@ -99,6 +103,7 @@ __all__ = [
     "upload_certificate", "upload_personal_certificate", "upload_shared_certificate",
     "webdav_client", "webdav4_client",
     "stage", "stage_request", "archive_info",
+    "copy", "share", "fts_copy", "fts_job",
     "default_client", "set_default_client",
     # a local dCache-like archive (`ctadata serve`)
     "serve",
@@ -166,8 +171,8 @@ _RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504))
 _TAPE_WELL_KNOWN = "/.well-known/wlcg-tape-rest-api"
 _STAGE_BATCH = 1000
 _STAGE_POLL = (1.0, 60.0)
-# A stage request's status or an archiveinfo answer is read whole, never more.
-_TAPE_ANSWER_LIMIT = 64 << 20
+# A JSON answer (of the tape REST API, of FTS3) is read whole, never more.
+_JSON_ANSWER_LIMIT = 64 << 20
 
 # A PROPFIND answer streams through the parser; what it buffers is bounded:
 # one text node (the parser keeps no element stack of its own).
@@ -316,18 +321,6 @@ class ProtocolError(CtadataError):
     """The server's answer could not be understood or was refused as unsafe."""
 
 
-class PartialFailure(CtadataError):
-    """Some files of a multi-file transfer failed; ``summary`` has them all."""
-
-    def __init__(self, summary):
-        first = summary.failures[0]
-        CtadataError.__init__(
-            self, "%d of %s failed; first: %s: %s" % (
-                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
-                first.error))
-        self.summary = summary
-
-
 # Errors of the old client's functions: each class with a twin that is
 # also a StorageException (same name, fields, message and exit code), made
 # on first use.  A twin pickles as its class plus the twin mark, so that a
@@ -363,7 +356,8 @@ def _old_api_rebuilt(cls, args):
 def _error_text(body):
     """The server's own words from an error body: the ``message`` of a JSON
     object (the download service answers 401 with ``{"message": ...}``), the
-    ``title`` and ``detail`` of an RFC 7807 problem (the tape REST API), else
+    ``title`` and ``detail`` of an RFC 7807 problem (the tape REST API), the
+    ``http_message`` of an FTS3 job that cannot be shown, else
     the text up to any HTML page (the service passes upstream errors through as
     ``Error: 404 <html>...``: an HTML page says nothing the status does not)."""
     text = body.decode("utf-8", "replace").strip() if body else ""
@@ -374,7 +368,7 @@ def _error_text(body):
         except ValueError:
             doc = None
         if isinstance(doc, dict):
-            found = [doc[k] for k in ("message", "error", "detail")
+            found = [doc[k] for k in ("message", "error", "detail", "http_message")
                      if isinstance(doc.get(k), str)]
             text = found[0] if found else ""
             title = doc.get("title")
@@ -404,6 +398,13 @@ def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
     for the destination) and 412 (the destination exists, Overwrite: F)."""
     where = path if path is not None else _safe_url(url)
     where = where or "/"
+    if status == 404 and body.startswith(_XROOTD_READ_RACE):
+        # XRootD before 5.8.3: its bridge lost a race while reading a file
+        # that is there (xrootd issue 2360, fixed in 5.8.3; measured on 5.5.3:
+        # about 1 GET in 400 while it computes a checksum): a failed
+        # transfer, worth another try (_retry_delay), not "no such file"
+        return TransferError("%s: HTTP 404 %s" % (what or "request", _printable(
+            _error_text(body))), url, 404, "the server failed to read the file")
     if status == 404 and what in _PATH_WHATS:
         return NotFound("no such file or folder: %s" % where, url, status, path=where)
     if (what, status) in _PLAIN_STATUS:
@@ -423,14 +424,22 @@ def _error_for_status(status, url, body=b"", what=None, auth=None, path=None):
         hint = auth.hint() if auth is not None else None
         return AuthError(msg, url, status, hint)
     if status == 403:
-        return AuthError(msg, url, status,
-                         "the token is valid but lacks permission for this path")
+        # dCache, nginx, Apache: the credentials are fine, the path is not
+        # allowed; XRootD answers 403 (never 401) to missing or refused ones
+        hint = auth.hint() if auth is not None else None
+        if not (hint or "").startswith("no token found"):
+            hint = "refused: no permission for this path, or credentials this server " \
+                   "does not accept (XRootD answers 403 to both)"
+        return AuthError(msg, url, status, hint)
     if status == 404:
         return NotFound(msg, url, status, path=path)
     if status == 507:
         return RemoteError(msg, url, status, "the storage is out of space")
     return RemoteError(msg, url, status)
 
+
+# The start of XRootD's answer to a read its bridge failed (see _error_for_status).
+_XROOTD_READ_RACE = b"Could not run read request"
 
 # (what, status) -> (message with %s for the path, hint, hint on the command line)
 _PLAIN_STATUS = {
@@ -505,6 +514,18 @@ def _is_safe_name(name):
                 or not name.isprintable() and _has_control(name))
 
 
+def _cut_name_error(path):
+    """The error for a remote *path* with "?" on a server that cuts names
+    there (_Quirks.cuts_at_query), raised before anything is sent: XRootD's
+    HTTP door decodes the path, then its xroot layer takes what follows a
+    "?" (even one sent as %3F) as its own options, so "question?.txt" would
+    be stored as "question" and a GET of "q?x.txt" would answer with the
+    file "q".  Its *path* is set: it is about one name (a tree goes on
+    without it, see _fails_everything)."""
+    return ConfigError('XRootD cannot store or find a name with "?" in it (it cuts the '
+                       'name there): %s' % path, path=path)
+
+
 def _safe_join(root, rel_parts):
     """Join remote path segments below a local *root*, refusing any that is
     not a safe name (the parsers drop such entries already; this is the
@@ -541,25 +562,25 @@ def _names_folder(dest):
 
 
 def _rel_parts(base_url, url):
-    """Decoded path segments of *url* below *base_url*."""
+    """Decoded path segments of *url* below *base_url*.  Servers encode
+    differently (nginx leaves "&", "'", ";", "[" as they are, Python's
+    quote does not): a prefix that differs raw is compared decoded,
+    segment by segment (an encoded "/" stays inside its segment)."""
     from urllib.parse import urlsplit, unquote
     b = urlsplit(base_url).path.rstrip("/") + "/"
     p = urlsplit(url).path
-    if not (p.rstrip("/") + "/").startswith(b):
+    if (p.rstrip("/") + "/").startswith(b):
+        rest = p[len(b):].strip("/")
+        return [unquote(s) for s in rest.split("/")] if rest else []
+    bs = [unquote(s) for s in b.strip("/").split("/")] if b.strip("/") else []
+    ps = [unquote(s) for s in p.strip("/").split("/")] if p.strip("/") else []
+    if ps[:len(bs)] != bs:
         raise ProtocolError("listing left the requested tree", url)
-    rest = p[len(b):].strip("/")
-    return [unquote(s) for s in rest.split("/")] if rest else []
+    return ps[len(bs):]
 
 
 def _rel_path(base_url, url):
     return "/".join(_rel_parts(base_url, url))
-
-
-def _unlink_missing_ok(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _unlink_quietly(path):
@@ -1307,7 +1328,7 @@ _PROFILE_KEYS = {
     "issuer": None, "client_id": None, "jobs": None, "timeout": None, "retries": None,
     "ca_dir": "X509_CERT_DIR", "ca_file": "X509_CERT_FILE", "token_file": None,
     "oidc_agent": "CTADATA_OIDC_AGENT", "auth": None, "cert": None,
-    "tape_api": None, "tape_prefix": None, "stage_poll": None,
+    "tape_api": None, "tape_prefix": None, "stage_poll": None, "fts": "CTADATA_FTS",
 }
 _BUILTIN_PROFILES = {"default": {}, "dev": {"url": DEV_URL, "client_id": _DEV_CLIENT_ID}}
 
@@ -1557,6 +1578,7 @@ class _Options:
         row("tape_api", v["tape_api"] or "asked of the storage (.well-known)")
         row("tape_prefix", v["tape_prefix"] or "the URL path")
         row("stage_poll", "%gs growing to %gs" % _stage_poll(v["stage_poll"]))
+        row("fts", v["fts"] or self.env.get("CTADATA_FTS") or None)
         return rows
 
 
@@ -1627,6 +1649,17 @@ def _should_retry(policy, attempt, status=None, exc=None, retry_after=None,
     return delay
 
 
+def _retry_delay(policy, attempt, err):
+    """_should_retry for a CtadataError raised by a request or a transfer
+    (also for an error answer in _Transport.request: _error_for_status
+    decides what an answer is, this whether it is tried again)."""
+    if isinstance(err, RemoteError):
+        return _should_retry(policy, attempt, status=err.status, retry_after=err.retry_after)
+    if isinstance(err, TransferError):
+        return _should_retry(policy, attempt, exc=err)
+    return None
+
+
 def _log_retry(method, url, delay, why, attempt, policy):
     """Say that a request is tried again, one line per retry: "retrying GET
     URL in 2.1 s after: connection reset by peer (attempt 2 of 6)".  At INFO
@@ -1635,9 +1668,10 @@ def _log_retry(method, url, delay, why, attempt, policy):
     minutes of silence.  *attempt* counts the failures before this one."""
     if isinstance(why, CtadataError):
         # "HTTP 503", "connection reset by peer": the request is named already
+        # (a TransferError with a status says more than its status)
         verb, sep, rest = why.message.partition(": ")
-        why = "HTTP %d" % why.status if why.status else rest if sep and " " not in verb \
-            else why.message
+        why = "HTTP %d" % why.status if why.status and not isinstance(why, TransferError) \
+            else rest if sep and " " not in verb else why.message
     elif isinstance(why, BaseException):
         why = _network_error(why, url).message
     why = str(why)
@@ -1873,6 +1907,66 @@ def _response_class():
     return _Response
 
 
+class _Quirks:
+    """What the storage's HTTP server does differently from the RFCs, as its
+    Server header says: the one place that knows server products (the rest
+    of the module asks these flags, never for a product).  So far only
+    XRootD's HTTP door (XrdHttp; measured on 5.5.3, PROTOCOL.md §5, pinned
+    by tests/test_xrootd.py):
+
+    raw_hrefs      PROPFIND hrefs are the names as they are, not
+                   percent-encoded ("lit%20eral" is literal).
+    cuts_at_query  a "?" in a path, even sent as %3F, ends the name: a
+                   name with one can be neither stored nor found
+                   (_cut_name_error).
+    raw_destination  MOVE's Destination is taken byte for byte, not
+                   percent-decoded: it is sent unencoded (UTF-8).
+    moves_over     MOVE ignores "Overwrite: F" and replaces the
+                   destination: the client looks first.
+    rmdir_delete   DELETE removes only an empty folder ("directory not
+                   empty" otherwise): what is in it goes first.
+    lenient_mkcol  MKCOL makes missing parents and accepts an existing
+                   folder: mkdir without parents looks first.
+    digests        may be asked for checksums (Want-Digest) in transfers:
+                   not XRootD before 5.8.3.  It computes a checksum it has
+                   not stored yet in a job whose answer races with the rest
+                   of the request (xrootd issues 2360, 2602; fixed in 5.8.3
+                   and 6.0).  Measured on 5.5.3: GET + Want-Digest failed or
+                   hung 1 time in 40 and crashed the server within a few
+                   hundred; HEAD + Want-Digest just after a PUT crashed it
+                   within 30-800 uploads; a Want-Digest lingered in its
+                   recycled request objects, so that later GETs came back
+                   with a wrong Digest.  Those transfers are checked by size
+                   only (XRootD sends no ETag or Last-Modified either, so a
+                   .part is never resumed there: _PartMeta); `ctadata sum`
+                   still asks, with one HEAD.
+    refuses_403    answers 403, never 401, to missing or refused
+                   credentials: a 403 gets what a 401 gets (one refresh or
+                   second look for a token, the credentials' hint)."""
+
+    __slots__ = ("server", "raw_hrefs", "cuts_at_query", "raw_destination", "moves_over",
+                 "rmdir_delete", "lenient_mkcol", "digests", "refuses_403")
+
+    def __init__(self, server):
+        self.server = server or ""   # the Server header ("" when none)
+        xrootd = self.server.startswith("XrootD")
+        self.raw_hrefs = self.cuts_at_query = xrootd
+        self.raw_destination = self.moves_over = self.rmdir_delete = xrootd
+        self.lenient_mkcol = xrootd
+        self.digests = not xrootd or self.version() >= (5, 8, 3)
+        self.refuses_403 = xrootd
+
+    def __repr__(self):
+        return "<ctadata quirks of %r>" % self.server
+
+    def version(self):
+        """The product's version from "Name/v1.2.3..." as a tuple of three
+        ints; (0, 0, 0) when the header has none."""
+        import re
+        m = re.match(r"[^/]*/v?(\d+)\.(\d+)(?:\.(\d+))?", self.server)
+        return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
+
+
 class _Transport:
     """The one HTTP transport: a keep-alive http.client connection per
     (thread, origin), a timeout on every request, our own redirect loop
@@ -1894,6 +1988,7 @@ class _Transport:
         self.record_sums = False
         # does this server answer uploads with a Digest? None: not known yet
         self.put_digests = None
+        self._quirks = None  # the storage's _Quirks, from its first answer (see quirks())
         self.cancel = cancel
         self._local = _thread._local()
         self._ctx = None
@@ -2041,12 +2136,25 @@ class _Transport:
                         self.cancel is not None and self.cancel.is_set()):
                     continue
                 raise
+            if self._quirks is None and key == self.auth_origin:
+                self._quirks = _Quirks(resp.getheader("Server"))
             resp.ctadata_url = url
             resp.ctadata_key = key
             resp.ctadata_auth = value
             resp.ctadata_conn = conn
             resp.ctadata_close = expect or resp.will_close or cut is not None
             return resp
+
+    def quirks(self):
+        """The storage's _Quirks, from the Server header of its first answer;
+        asked with OPTIONS when nothing has answered yet (a failure then
+        says nothing is known: no quirks)."""
+        if self._quirks is None:
+            try:
+                self.release(self._send("OPTIONS", self._prefix + "/", {}, None, False))
+            except Exception:
+                return _Quirks(None)
+        return self._quirks
 
     @staticmethod
     def _split(url):
@@ -2175,6 +2283,8 @@ class _Transport:
         Returns the final http.client.HTTPResponse (status in *ok*, body
         unread); raises the exception _error_for_status maps any other
         status to, or TransferError for network failures."""
+        if "%3F" in url or "%3f" in url:
+            self._refuse_cut_name(url)
         headers = headers or {}
         attempt = 0
         auth_retried = False
@@ -2194,20 +2304,30 @@ class _Transport:
                 return resp
             err_body = _read_limited(resp)
             self.release(resp)
-            if resp.status == 401 and not auth_retried and self._auth_ok and \
+            if resp.status in (401, 403) and not auth_retried and self._auth_ok and \
                     resp.ctadata_key == self.auth_origin and \
+                    (resp.status == 401 or self.quirks().refuses_403) and \
                     self.auth.on_unauthorized(resp.ctadata_auth):
                 # A token can die before its "exp" (revoked, server clock):
                 # one refresh (or a second look for one), then the same
-                # request again.
+                # request again.  (XRootD says 403: _Quirks.refuses_403.)
                 auth_retried = True
                 continue
-            delay = _should_retry(self.policy, attempt, status=resp.status,
-                                  retry_after=resp.getheader("Retry-After")) if retry else None
+            err = self._status_error(resp, err_body, what, url)
+            delay = _retry_delay(self.policy, attempt, err) if retry else None
             if delay is None:
-                raise self._status_error(resp, err_body, what, url)
-            self._pause(method, url, delay, "HTTP %d" % resp.status, attempt)
+                raise err
+            self._pause(method, url, delay, err, attempt)
             attempt += 1
+
+    def _refuse_cut_name(self, url):
+        """Raise _cut_name_error for a URL of the storage whose path has a
+        "?" (a query of a URL given as it is stays alone)."""
+        from urllib.parse import urlsplit, unquote
+        path = urlsplit(url).path
+        if "%3f" in path.lower() and _origin(url) == self.auth_origin and \
+                self.quirks().cuts_at_query:
+            raise _cut_name_error(self.describe(url) or unquote(path))
 
     def _status_error(self, resp, body, what, url):
         """The exception for an answer with an error status to a request
@@ -2216,6 +2336,9 @@ class _Transport:
                                 self.describe(url))
         if resp.status == 401 and not self._auth_ok:
             err.hint = "no token is sent over plain http to another machine: use https"
+        elif resp.status == 403 and resp.ctadata_key == self.auth_origin and \
+                self.quirks().refuses_403:
+            err.hint = self.auth.hint()  # (a 401 elsewhere)
         elif resp.status in (401, 403) and resp.ctadata_key != self.auth_origin:
             # the token was not refused: it never went there (see _headers)
             there = _hostport(resp.ctadata_key)
@@ -2661,7 +2784,7 @@ def _read_private(path, what="token file"):
     another user owns (PROTOCOL.md §3): someone else could read the token,
     or plant theirs."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -2684,8 +2807,7 @@ def _write_private(path, data):
     import secrets
     tmp = os.path.join(os.path.dirname(path), ".%s.%s.tmp" % (
         os.path.basename(path), secrets.token_hex(6)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -2795,8 +2917,7 @@ class _FileLock:
         except ImportError:  # not POSIX: threads are still serialised by _Auth
             return self
         self.prepare()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                          0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
@@ -3397,12 +3518,16 @@ _MONTHS = {m: i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
 
 
-def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=None):
+def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=None,
+                       raw_hrefs=False):
     """Parse a PROPFIND multistatus answer, streamed as byte *chunks*, into
     Entry objects, yielded as they complete (memory does not grow with the
     size of the listing).
 
-    Each href is percent-decoded and resolved against *request_url*; the
+    Each href is percent-decoded and resolved against *request_url*, except
+    with *raw_hrefs* (a server that sends names as they are: _Quirks) and
+    for an href that cannot be percent-encoded (_unencoded): that one is
+    the path as it is, and the entry's URL is that path percent-encoded.  The
     collection itself is passed to *on_self* (when given) instead of being
     yielded; dropped is anything that is not a direct child of it, is on
     another origin, or has a name that is not safe (_is_safe_name: "..",
@@ -3416,7 +3541,7 @@ def _parse_multistatus(chunks, request_url, base_url=None, on_self=None, warn=No
     ElementTree's pull parser."""
     import xml.parsers.expat
     warn = warn or (lambda msg: None)
-    ctx = _HrefContext(request_url, base_url, on_self, warn)
+    ctx = _HrefContext(request_url, base_url, on_self, warn, raw_hrefs)
 
     def refuse(*_args):
         raise ProtocolError("refusing XML with a document type declaration",
@@ -3483,14 +3608,31 @@ def _walk_events(events, state, ctx):
     return out
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _unencoded(href):
+    """True for an href that cannot be percent-encoded: one with a space,
+    "#", "?", a non-ASCII character or a "%" without two hex digits (what
+    XRootD sends for such names; RFC 4918 §8.3 wants them encoded)."""
+    if " " in href or "#" in href or "?" in href or (href and max(href) > "~"):
+        return True
+    if "%" in href:
+        for part in href.split("%")[1:]:
+            if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+                return True
+    return False
+
+
 class _HrefContext:
     """What entries of one PROPFIND answer are checked against."""
 
-    def __init__(self, request_url, base_url, on_self, warn):
-        from urllib.parse import urlsplit, unquote
+    def __init__(self, request_url, base_url, on_self, warn, raw_hrefs=False):
+        from urllib.parse import urlsplit, unquote, quote
         req = urlsplit(request_url)
         self.request_url, self.on_self, self.warn = request_url, on_self, warn
-        self.unquote = unquote
+        self.raw_hrefs = raw_hrefs
+        self.unquote, self.quote = unquote, quote
         self.origin = _origin(request_url)
         self.prefix = "%s://%s" % (req.scheme, req.netloc)
         raw = req.path[:-1] if req.path.endswith("/") else req.path
@@ -3519,6 +3661,19 @@ class _HrefContext:
             return None
         return urlsplit(full).path
 
+    def _raw_path_of(self, href):
+        """The path of an href taken as it is (no dot segments resolved, no
+        "?" or "#" split off) on the request's origin, or None."""
+        if href.lower().startswith(("http://", "https://")):
+            if not href.startswith(self.prefix + "/"):
+                self.warn("skipping entry on another host: %s" % _safe_url(href))
+                return None
+            href = href[len(self.prefix):]
+        if not href.startswith("/") or href.startswith("//"):
+            self.warn("skipping entry with a relative href: %r" % href)
+            return None
+        return href
+
     def entry(self, href, props):
         """The Entry of one <response> (its href, its 200 properties), or
         None when it is dropped.  One function on purpose: it runs for every
@@ -3527,7 +3682,8 @@ class _HrefContext:
         unquote = self.unquote
         if not href:
             return None
-        path = self._path_of(href)
+        as_is = self.raw_hrefs or _unencoded(href)
+        path = self._raw_path_of(href) if as_is else self._path_of(href)
         if path is None:
             return None
         # Servers differ in percent-encoding (nginx upper-case hex, Apache
@@ -3535,11 +3691,15 @@ class _HrefContext:
         # an encoded "/" (%2F) cannot pose as a separator.
         raw = path[:-1] if path.endswith("/") else path
         nsegs = raw.count("/")
-        try:
-            dpath = unquote(raw, errors="strict")
-        except UnicodeDecodeError:
-            self.warn("skipping entry with undecodable name: %r" % raw)
-            return None
+        if as_is:
+            dpath = raw
+            path = self.quote(path, safe="/")  # the URL to ask for it: encoded once
+        else:
+            try:
+                dpath = unquote(raw, errors="strict")
+            except UnicodeDecodeError:
+                self.warn("skipping entry with undecodable name: %r" % raw)
+                return None
         is_self = nsegs == self.nsegs and dpath == self.dpath
         if is_self:
             if self.on_self is None:
@@ -3648,7 +3808,8 @@ class _DAV:
                 raise ProtocolError("the server does not speak WebDAV (PROPFIND "
                                     "answered %d)" % resp.status, url)
             yield from _parse_multistatus(_iter_body(resp), resp.ctadata_url,
-                                          self.base_url, on_self, self.warn)
+                                          self.base_url, on_self, self.warn,
+                                          _Quirks(resp.getheader("Server")).raw_hrefs)
         finally:
             self.tr.release(resp)
 
@@ -3683,7 +3844,12 @@ class _DAV:
         refusal but 401 is followed by a look (PROPFIND Depth 0): Apache
         answers 403 to the loser of two MKCOLs of one folder at the same
         moment (mod_dav_fs: its mkdir() fails with EEXIST after its own
-        check found nothing), so a folder that is there now is made."""
+        check found nothing), so a folder that is there now is made.
+        Without *exist_ok*, a server whose MKCOL makes parents and accepts
+        an existing folder (_Quirks.lenient_mkcol) is asked first, so that
+        it refuses what RFC 4918 §9.3.1 refuses (405, 409)."""
+        if not exist_ok and self.tr.quirks().lenient_mkcol:
+            self.mkcol_look(url)
         ok = (200, 201, 405) if exist_ok else (200, 201)
         try:
             self.tr.release(self.tr.request("MKCOL", url, ok=ok, what="mkdir"))
@@ -3697,6 +3863,17 @@ class _DAV:
                 pass
             raise e
 
+    def mkcol_look(self, url):
+        """Raise what a strict MKCOL of *url* would answer: 405 when the
+        name exists, 409 when its parent folder does not."""
+        from urllib.parse import urlsplit
+        where = self.tr.describe(url)
+        if self.exists(url):
+            raise _error_for_status(405, url, what="mkdir", path=where)
+        parent = url.rstrip("/").rpartition("/")[0] + "/"
+        if urlsplit(parent).path != "/" and not self.exists(parent):
+            raise _error_for_status(409, url, what="mkdir", path=where)
+
     def mkdir(self, path, parents=False):
         """MKCOL *path*; with *parents*, each missing folder on the way too
         (an existing one is then fine)."""
@@ -3708,12 +3885,57 @@ class _DAV:
         for i in range(1, len(segs) + 1):
             self.mkcol(self.url_for("/".join(segs[:i]), True), exist_ok=True)
 
-    def delete(self, url):
+    def delete(self, url, folder=False):
+        """DELETE *url*; a *folder* goes with everything in it (RFC 4918
+        §9.6.1).  A server whose DELETE removes only empty folders
+        (_Quirks.rmdir_delete) gets what is in it deleted first."""
+        if folder and self.tr.quirks().rmdir_delete:
+            self.empty(url)
         self.tr.release(self.tr.request("DELETE", url, ok=(200, 202, 204), what="remove"))
 
+    def empty(self, url):
+        """Delete what is in the folder *url*, deepest first: its files (on
+        the transport's jobs threads), then each folder in it, emptied."""
+        children = list(self.children(url, details=False))
+        files = [e.url for e in children if not e.is_dir]
+        if files:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=min(self.tr.settings.jobs, len(files))) as ex:
+                for _ in ex.map(self.delete, files):
+                    pass
+        for e in children:
+            if e.is_dir:
+                self.delete(self.url_for(e, collection=True), folder=True)
+
     def move(self, url, target, overwrite=False):
-        headers = {"Destination": target, "Overwrite": "T" if overwrite else "F"}
+        """MOVE *url* to the URL *target*; without *overwrite* an existing
+        target is refused (412).  A server that ignores "Overwrite: F"
+        (_Quirks.moves_over) is asked first whether the target exists (a
+        look, then the move: another client could still come in between);
+        one that does not percent-decode the Destination (raw_destination)
+        gets it unencoded."""
+        quirks = self.tr.quirks()
+        dest = target
+        if quirks.raw_destination or quirks.cuts_at_query:
+            from urllib.parse import urlsplit, unquote
+            p = urlsplit(target)
+            path = unquote(p.path)
+            if quirks.cuts_at_query and "?" in path:
+                raise _cut_name_error(self.tr.describe(target) or path)
+            if quirks.raw_destination:
+                dest = ("%s://%s%s" % (p.scheme, p.netloc, path)).encode("utf-8")
+        if quirks.moves_over and not overwrite and self.exists(target):
+            raise _error_for_status(412, url, what="move", path=self.tr.describe(url))
+        headers = {"Destination": dest, "Overwrite": "T" if overwrite else "F"}
         self.tr.release(self.tr.request("MOVE", url, headers, ok=(201, 204), what="move"))
+
+    def exists(self, url):
+        """Is there a file or folder at *url*?"""
+        try:
+            self.stat(url)
+        except NotFound:
+            return False
+        return True
 
     def checksum(self, target):
         """The server's checksums of a file: HEAD + Want-Digest (RFC 3230),
@@ -3765,16 +3987,32 @@ def _api_clean(path):
 
 
 def _json_answer(data, url, what):
-    """A JSON answer of the tape API, decoded; ProtocolError when it is not
-    JSON or too large."""
+    """A JSON answer (of the tape API, of FTS3), decoded; ProtocolError when
+    it is not JSON or too large."""
     import json
-    if len(data) >= _TAPE_ANSWER_LIMIT:
+    if len(data) >= _JSON_ANSWER_LIMIT:
         raise ProtocolError("%s: the answer is larger than %d MiB" % (
-            what, _TAPE_ANSWER_LIMIT >> 20), url)
+            what, _JSON_ANSWER_LIMIT >> 20), url)
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("%s: the answer is not JSON" % what, url)
+
+
+def _json_call(tr, method, url, doc=None, what="tape API", ok=(200, 201, 202, 204),
+               retry=True):
+    """One request to a JSON API (the tape REST API, FTS3) over *tr*, with
+    the JSON document *doc* as its body when given; its decoded JSON answer
+    (None if empty)."""
+    import json
+    headers = {"Accept": "application/json"}
+    body = None
+    if doc is not None:
+        body = json.dumps(doc).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    resp = tr.request(method, url, headers, body, ok=ok, what=what, retry=retry)
+    data = _read_body(tr, resp, url, what, _JSON_ANSWER_LIMIT)
+    return _json_answer(data, url, what) if data.strip() else None
 
 
 def _check_api_url(url, what):
@@ -3783,6 +4021,33 @@ def _check_api_url(url, what):
     if p.scheme not in ("http", "https") or not p.hostname or p.username or p.password:
         raise ConfigError("%s must be an http(s) URL without credentials: %r"
                           % (what, _safe_url(url)))
+
+
+def _url_id(value, what, refuse=""):
+    """A request or job id (a user typed it, a server sent it), fit for a
+    URL path; ConfigError when it is empty, unprintable or holds a
+    character of *refuse*."""
+    from urllib.parse import quote
+    value = str(value or "").strip()
+    if not value or not value.isprintable() or any(c in value for c in refuse):
+        raise ConfigError("not %s: %r" % (what, value))
+    return quote(value, safe="")
+
+
+def _split_ids(text, what):
+    """The ids of "ID1,ID2,..." (the id of a StageRequest or an FTSJob
+    made of several); ConfigError when there is none."""
+    ids = [i.strip() for i in str(text or "").split(",") if i.strip()]
+    if not ids:
+        raise ConfigError("no %s given" % what)
+    return ids
+
+
+def _say_submitted(error, ids):
+    """Add to *error*'s hint the ids of the requests (or jobs) submitted
+    before it, so that they can be followed or cancelled."""
+    if ids:
+        error.hint = "%s; already submitted: %s" % (error.hint or "", ",".join(ids))
 
 
 def _lifetime(value):
@@ -3813,6 +4078,31 @@ class _Pace:
         if not news:
             self.delay = min(self.longest, self.delay * 2)
         return delay
+
+
+def _poll_until_done(job, pace, sleep, timeout=None, progress=None):
+    """Refresh *job* (a StageRequest, an FTSJob) until it is ``done``,
+    waiting between two polls what the _Pace *pace* says: it backs off
+    while ``job._poll_state()`` stays the same.  *progress(job)* is called
+    after each poll, *sleep(seconds)* waits.  Return True when done, False
+    when *timeout* seconds ran out first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = None
+    while True:
+        job.refresh()
+        if progress is not None:
+            progress(job)
+        if job.done:
+            return True
+        now = job._poll_state()
+        delay = pace.next(now != seen)
+        seen = now
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            delay = min(delay, left)
+        sleep(delay)
 
 
 class StagedFile:
@@ -3952,7 +4242,7 @@ class _TapeAPI:
             raise ConfigError("this storage announces no tape REST API (%s: 404)"
                               % _TAPE_WELL_KNOWN, url,
                               hint="if it has one, set tape_api = URL in your profile")
-        doc = _json_answer(_read_body(self.tr, resp, url, what, _TAPE_ANSWER_LIMIT), url, what)
+        doc = _json_answer(_read_body(self.tr, resp, url, what, _JSON_ANSWER_LIMIT), url, what)
         endpoints = doc.get("endpoints") if isinstance(doc, dict) else None
         uris = [e["uri"] for e in endpoints if isinstance(e, dict)
                 and isinstance(e.get("uri"), str) and str(e.get("version")).lower() == "v1"] \
@@ -3998,26 +4288,12 @@ class _TapeAPI:
 
     def call(self, method, sub, doc=None, what="tape API"):
         """One request to the API; its decoded JSON answer (None if empty)."""
-        import json
         uri, tr = self.endpoint()
-        url = uri + sub
-        headers = {"Accept": "application/json"}
-        body = None
-        if doc is not None:
-            body = json.dumps(doc).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        resp = tr.request(method, url, headers, body, ok=(200, 201, 202, 204), what=what)
-        data = _read_body(tr, resp, url, what, _TAPE_ANSWER_LIMIT)
-        return _json_answer(data, url, what) if data.strip() else None
+        return _json_call(tr, method, uri + sub, doc, what)
 
     @staticmethod
     def _id(rid):
-        """A request id, fit for a URL path (a user typed it, or a server sent it)."""
-        from urllib.parse import quote
-        rid = str(rid or "").strip()
-        if not rid or not rid.isprintable():
-            raise ConfigError("not a stage request id: %r" % rid)
-        return quote(rid, safe="")
+        return _url_id(rid, "a stage request id")
 
     def stage(self, api_paths, lifetime=None):
         """POST /stage for at most _STAGE_BATCH paths (*lifetime*: ISO 8601
@@ -4144,24 +4420,11 @@ class StageRequest:
         up to 60 s); *progress(request)* is called after each poll.  Return
         True when done, False when *timeout* seconds ran out first.  Raises
         NotFound when the server has forgotten the request."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pace = _Pace(*self._tape.poll)
-        seen = None
-        while True:
-            self.refresh()
-            if progress is not None:
-                progress(self)
-            if self.done:
-                return True
-            now = (self.on_disk, self.failed, sum(f.state == "STARTED" for f in self.files))
-            delay = pace.next(now != seen)
-            seen = now
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                delay = min(delay, left)
-            time.sleep(delay)
+        return _poll_until_done(self, _Pace(*self._tape.poll), time.sleep, timeout, progress)
+
+    def _poll_state(self):
+        """What two polls compare: files on disk, failed, started."""
+        return self.on_disk, self.failed, sum(f.state == "STARTED" for f in self.files)
 
     def cancel(self):
         """Stop staging the files that are not done yet (files already on
@@ -4648,6 +4911,18 @@ class TransferSummary:
                 "results": [r.to_dict() for r in self.results]}
 
 
+class PartialFailure(CtadataError):
+    """Some files of a multi-file transfer failed; ``summary`` has them all."""
+
+    def __init__(self, summary):
+        first = summary.failures[0]
+        CtadataError.__init__(
+            self, "%d of %s failed; first: %s: %s" % (
+                summary.failed, _plural(summary.files, "file"), _safe_place(first.source),
+                first.error))
+        self.summary = summary
+
+
 class Progress:
     """Counts what a transfer has done.  The engine calls ``add_total``,
     ``advance`` and ``file_done`` from its worker threads, ``planned`` once
@@ -4786,13 +5061,6 @@ class _Snapshot:
             self.files_done, self.files_total, "+" if self.listing else "",
             self.bytes_done, self.bytes_total, self.rate,
             "-" if self.eta is None else "%.1f s" % self.eta, ", final" if self.final else "")
-
-
-def _makedirs(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise _local_error(e, path)
 
 
 def _download_file(tr, task, progress=None, cancel=None, resume=True, warn=None):
@@ -5104,7 +5372,7 @@ class _Download:
                 self.start_over(resp, total, clean)
             if total is not None:
                 expected = total  # the server's word (the file may have changed)
-            remote_sums = _parse_digest(resp.getheader("Digest")) or (
+            remote_sums = _asked_digest(resp, headers) or (
                 entry.checksums if entry is not None else {})
             hashers = _Hashers(_algos_for(remote_sums, self.tr.record_sums))
             mtime = entry.mtime if entry is not None and entry.mtime is not None else \
@@ -5121,7 +5389,7 @@ class _Download:
         and a part shorter than that; If-Range then carries the validator
         the server gave when the part was started, never today's listing's:
         only it says that the bytes in the part belong to the file."""
-        headers = {"Want-Digest": _WANT_DIGEST}
+        headers = _want_digest_header(self.tr)
         if not look or (expected is not None and expected <= _SMALL_BODY):
             return 0, headers  # small files are never resumed
         offset = os.fstat(self.fd).st_size
@@ -5133,8 +5401,9 @@ class _Download:
         if not meta or (expected is not None and meta.size != expected) or \
                 offset >= meta.size:
             return 0, headers  # nothing says the part is current: start over
-        # RFC 9110 §13.1.5: if the file changed, we get all of it (200).
-        headers["Range"] = "bytes=%d-" % offset
+        # RFC 9110 §13.1.5: if the file changed, we get all of it (200).  The
+        # last byte is named: XRootD 5.5 answers "bytes=N-" with an empty 206.
+        headers["Range"] = "bytes=%d-%d" % (offset, meta.size - 1)
         headers["If-Range"] = meta.validator
         return offset, headers
 
@@ -5317,15 +5586,6 @@ def _chunked_download(tr, t, progress, cancel, chunk_size):
     return res
 
 
-def _retry_delay(policy, attempt, err):
-    """_should_retry for a CtadataError raised by a request or a transfer."""
-    if isinstance(err, RemoteError):
-        return _should_retry(policy, attempt, status=err.status, retry_after=err.retry_after)
-    if isinstance(err, TransferError):
-        return _should_retry(policy, attempt, exc=err)
-    return None
-
-
 class _PartMeta:
     """The provenance of a partial download, NAME.part.meta: one JSON
     object, written before the part's first byte and removed after the
@@ -5477,7 +5737,7 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     streamed = isinstance(body, _FileBody)
     if streamed and progress is not None:
         body.advance = progress.advance  # progress moves as the bytes are sent
-    headers = {"Want-Digest": _WANT_DIGEST}
+    headers = _want_digest_header(tr)
     if local_md5 is not None:
         import base64
         headers["Content-MD5"] = base64.b64encode(local_md5.digest()).decode()
@@ -5494,6 +5754,18 @@ def _upload_file(tr, local, url, size, verify=None, progress=None):
     except OSError:
         pass
     return res
+
+
+def _want_digest_header(tr):
+    """The Want-Digest of a GET or PUT (RFC 3230): adler32, else md5; none
+    for a server that must not be asked during transfers (_Quirks.digests)."""
+    return {"Want-Digest": _WANT_DIGEST} if tr.quirks().digests else {}
+
+
+def _asked_digest(resp, headers):
+    """The checksums of the answer's Digest, if the request asked for one
+    (XRootD 5.5 may answer with the Digest of an earlier request)."""
+    return _parse_digest(resp.getheader("Digest")) if "Want-Digest" in headers else {}
 
 
 def _put_algos(tr, size):
@@ -5549,7 +5821,7 @@ def _put(tr, url, headers, body, expect):
             raise ChecksumMismatch("server rejected the upload: %s; remote copy deleted"
                                    % e.message, url, "md5")
         raise
-    remote_sums = _parse_digest(resp.getheader("Digest"))
+    remote_sums = _asked_digest(resp, headers)
     tr.release(resp)
     tr.put_digests = bool(remote_sums) or bool(tr.put_digests)
     return remote_sums
@@ -6006,6 +6278,18 @@ def _summarize(results, started, raise_on_failure=True):
     return summary
 
 
+def _failed(source, dest, size, err, cls=TransferResult, remote_path=None):
+    """The "failed" result (a *cls*) of one file, carrying the error *err*."""
+    res = cls(source, dest, size, "failed", str(err), remote_path=remote_path)
+    res.exception = err
+    return res
+
+
+def _failure_of(task, err, cls=TransferResult):
+    """The "failed" result of a planned task (a _Task, a _CopyTask)."""
+    return _failed(task.source, task.dest, task.size, err, cls)
+
+
 def _failure_exception(result):
     """The exception of a failed single-file result."""
     if result.exception is not None:
@@ -6070,13 +6354,29 @@ def _walk(remote, path, jobs, details=True, warn=None, on_error=None):
                 fut.cancel()
 
 
+def _files_below(remote, folder, jobs, warn=None):
+    """{path relative to *folder*: Entry} of every file below the remote
+    *folder* (a path, URL or Entry of the backend *remote*): what a copy
+    or an upload finds already there; empty when it does not exist."""
+    index = {}
+    root = remote.url_for(folder, collection=True)
+    try:
+        for _top, children in _walk(remote, folder, jobs, True, warn):
+            for e in children:
+                if not e.is_dir:
+                    index[_rel_path(root, e.url)] = e
+    except NotFound:
+        pass
+    return index
+
+
 def _fails_everything(error):
     """True for an error that every other folder would meet too (no token,
     an expired or refused one: 401; bad settings), which stops a tree at
     once rather than failing each of its folders (a 403 is about one
-    folder)."""
-    return isinstance(error, ConfigError) or (isinstance(error, AuthError) and
-                                              error.status != 403)
+    folder, and so is a ConfigError about one name: _cut_name_error)."""
+    return isinstance(error, ConfigError) and error.path is None or (
+        isinstance(error, AuthError) and error.status != 403)
 
 
 def _unique(entries, warn=None):
@@ -6324,10 +6624,8 @@ class _Downloads(_Planner):
                     folder = tree.folder(rel, create=not dry_run)
                 except TransferError as e:
                     bad.append(rel)
-                    res = TransferResult(top_entry.url if top_entry is not None else base,
-                                         os.path.join(tree.root, *rel), None, "failed", str(e))
-                    res.exception = e
-                    yield res
+                    yield _failed(top_entry.url if top_entry is not None else base,
+                                  os.path.join(tree.root, *rel), None, e)
                     continue
                 try:
                     for e in files:
@@ -6345,10 +6643,8 @@ class _Downloads(_Planner):
         """One failed result per remote folder that could not be listed."""
         while failures:
             e, exc = failures.pop(0)
-            res = TransferResult(e.url, os.path.join(tree.root, *(top + _rel_parts(
-                base, e.url))), None, "failed", str(exc))
-            res.exception = exc
-            yield res
+            yield _failed(e.url, os.path.join(tree.root, *(top + _rel_parts(base, e.url))),
+                          None, exc)
 
     def no_part_clash(self, files):
         """Drop "x.part" (and "x.part.meta") when "x" is in the same listing:
@@ -6435,9 +6731,7 @@ class _Downloads(_Planner):
                             folder = None
                         folder = tree.folder(parts[:-1], create=not dry_run)
                 except CtadataError as e:
-                    res = TransferResult(item, None, None, "failed", str(e))
-                    res.exception = e
-                    yield res
+                    yield _failed(item, None, None, e)
                     continue
                 progress.add_total(1, 0)
                 yield _Task(url, dest, None, folder=folder.hold(), name=parts[-1],
@@ -6548,11 +6842,9 @@ class _Uploads(_Planner):
         """The tasks of a tree upload, folder by folder, remote folders made
         as it goes.  A folder that cannot be read, or made on the server,
         is one failed result; the others go on.  Only regular files, and
-        symlinks to regular files, are uploaded; anything else (FIFOs,
-        sockets, devices, links to nothing or to those, links to folders)
-        is skipped with a warning.  With *confirm*, each remote folder's
-        uploads are confirmed once its last one is done (see _Confirm)."""
-        import stat
+        symlinks to regular files, are uploaded (see file_task).  With
+        *confirm*, each remote folder's uploads are confirmed once its last
+        one is done (see _Confirm)."""
         unreadable = []
         for dirpath, dirnames, filenames in os.walk(local, onerror=unreadable.append):
             for res in self.unreadable(unreadable):
@@ -6575,40 +6867,13 @@ class _Uploads(_Planner):
                     if _fails_everything(e):
                         raise
                     dirnames[:] = []  # nothing below it either
-                    res = TransferResult(dirpath, self.url(rdir), None, "failed", str(e),
-                                         remote_path=rdir)
-                    res.exception = e
-                    yield res
+                    yield _failed(dirpath, self.url(rdir), None, e, remote_path=rdir)
                     continue
             check = self.confirmer(rdir, rparts, names, existing) if confirm else None
             for fn in names:
-                path = os.path.join(dirpath, fn)
-                rpath = (rdir + "/" + fn) if rdir else fn
-                try:
-                    st = os.stat(path)  # a symlink to a regular file is uploaded
-                except OSError as e:
-                    if os.path.islink(path):
-                        self.warn("skipping %s: a symbolic link to nothing" % path)
-                        yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
-                    else:
-                        yield TransferResult(path, rpath, None, "failed",
-                                             str(_local_error(e, path)))
-                    continue
-                if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
-                    self.warn("skipping %s: not a regular file (%s)" % (path,
-                                                                       _file_kind(st.st_mode)))
-                    yield TransferResult(path, rpath, None, "skipped", remote_path=rpath)
-                    continue
-                size = st.st_size
-                have = existing.get("/".join(rparts + [fn]))
-                how = self.same(size, st.st_mtime, have, checksum, upload=True)
-                if how == "same":
-                    yield TransferResult(path, have.url, size, "skipped", remote_path=rpath)
-                    continue
-                progress.add_total(1, size)
-                task = _Task(path, self.url(rpath), size, have,
-                             check=how == "hash", remote=rpath)
-                if check is not None:
+                task = self.file_task(os.path.join(dirpath, fn), rdir, existing.get(
+                    "/".join(rparts + [fn])), checksum, progress)
+                if check is not None and isinstance(task, _Task):
                     task.confirm = check.add()
                 yield task
             if check is not None:
@@ -6616,15 +6881,39 @@ class _Uploads(_Planner):
         for res in self.unreadable(unreadable):
             yield res
 
+    def file_task(self, path, rdir, have, checksum, progress):
+        """The _Task of uploading the local file *path* into the remote
+        folder *rdir* (where *have*, an Entry or None, is what is there
+        now), or its result: skipped when the same file is there (same()),
+        or when it is not a regular file or a symlink to one (FIFOs,
+        sockets, devices, links to nothing or to those: with a warning);
+        failed when it cannot be read."""
+        import stat
+        fn = os.path.basename(path)
+        rpath = (rdir + "/" + fn) if rdir else fn
+        try:
+            st = os.stat(path)  # a symlink to a regular file is uploaded
+        except OSError as e:
+            if os.path.islink(path):
+                self.warn("skipping %s: a symbolic link to nothing" % path)
+                return TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+            return TransferResult(path, rpath, None, "failed", str(_local_error(e, path)))
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block for ever
+            self.warn("skipping %s: not a regular file (%s)" % (path, _file_kind(st.st_mode)))
+            return TransferResult(path, rpath, None, "skipped", remote_path=rpath)
+        how = self.same(st.st_size, st.st_mtime, have, checksum, upload=True)
+        if how == "same":
+            return TransferResult(path, have.url, st.st_size, "skipped", remote_path=rpath)
+        progress.add_total(1, st.st_size)
+        return _Task(path, self.url(rpath), st.st_size, have, check=how == "hash",
+                     remote=rpath)
+
     @staticmethod
     def unreadable(errors):
         """One failed result per local folder that could not be read."""
         while errors:
             e = errors.pop(0)
-            err = _local_error(e, e.filename)
-            res = TransferResult(e.filename, None, None, "failed", str(err))
-            res.exception = err
-            yield res
+            yield _failed(e.filename, None, None, _local_error(e, e.filename))
 
     # -- what differs between WebDAV and the download service -------------------
 
@@ -6668,16 +6957,7 @@ class _Uploads(_Planner):
     def existing(self, target):
         """{relative path: Entry} of the files below a remote folder (empty
         when it does not exist yet)."""
-        index = {}
-        root = self.remote.url_for(target, collection=True)
-        try:
-            for _top, children in self.walk(target):
-                for e in children:
-                    if not e.is_dir:
-                        index[_rel_path(root, e.url)] = e
-        except NotFound:
-            pass
-        return index
+        return _files_below(self.remote, target, self.jobs, self.warn)
 
     def folder_maker(self, base, dry_run):
         """A function that makes a remote folder once, parents first
@@ -6897,16 +7177,7 @@ class _StageOptions:
 
 def _tape_failure(task, message, hint=None):
     """The failed result of a file that cannot be read from disk."""
-    err = TransferError(message, task.source, hint=hint, retryable=False)
-    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
-
-
-def _failure_of(task, err):
-    res = TransferResult(task.source, task.dest, task.size, "failed", str(err))
-    res.exception = err
-    return res
+    return _failure_of(task, TransferError(message, task.source, hint=hint, retryable=False))
 
 
 class _TapeGate:
@@ -7133,8 +7404,7 @@ class _TapeDownloads(_Downloads):
             if batch:
                 self.submit(batch, life, ids, files)
         except CtadataError as e:
-            if ids:   # say what is staging already, so that it can be followed or cancelled
-                e.hint = "%s; already submitted: %s" % (e.hint or "", ",".join(ids))
+            _say_submitted(e, ids)
             raise
         if not ids:
             raise ConfigError("nothing to stage: no file selected")
@@ -7169,10 +7439,7 @@ class _TapeDownloads(_Downloads):
     def stage_request(self, request_id):
         """See Client.stage_request."""
         self.tape.require()
-        ids = [i.strip() for i in str(request_id or "").split(",") if i.strip()]
-        if not ids:
-            raise ConfigError("no stage request id given")
-        return StageRequest(self.tape, ids).refresh()
+        return StageRequest(self.tape, _split_ids(request_id, "stage request id")).refresh()
 
     def archive_info(self, paths):
         """See Client.archive_info."""
@@ -7426,17 +7693,7 @@ class _RemoteFile(io.RawIOBase):
         start = k * self.block
         end = min(stop * self.block, self.size) - 1
         headers = {"Range": "bytes=%d-%d" % (start, end)}
-        attempt = 0
-        while True:
-            try:
-                return self._get(headers, start, end)
-            except CtadataError as e:
-                delay = _retry_delay(self.tr.policy, attempt, e)
-                if delay is None:
-                    raise
-                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
-                self.tr.sleep(delay)
-                attempt += 1
+        return _retrying(self.tr, self.url, lambda: self._get(headers, start, end))
 
     def _get(self, headers, start, end):
         resp = self.tr.request("GET", self.url, headers, ok=(200, 206), what="read",
@@ -7461,20 +7718,13 @@ class _RemoteFile(io.RawIOBase):
 
     def _read_exactly(self, resp, n):
         parts, got = [], 0
-        try:
-            while got < n:
-                data = resp.read(n - got)
-                if not data:
-                    raise TransferError("short read: the server sent %d of %d bytes"
-                                        % (got, n), self.url)
-                parts.append(data)
-                got += len(data)
-        except TransferError:
-            raise
-        except Exception as e:
-            if not _is_transient(e):
-                raise
-            raise _network_error(e, self.url, "read")
+        while got < n:
+            data = _read_from(resp.read, n - got, self.url)
+            if not data:
+                raise TransferError("short read: the server sent %d of %d bytes"
+                                    % (got, n), self.url)
+            parts.append(data)
+            got += len(data)
         self.fetched += n
         if self.cancel is not None and self.cancel.is_set():
             raise KeyboardInterrupt
@@ -7485,12 +7735,8 @@ class _RemoteFile(io.RawIOBase):
         if self._stream is None:
             self._stream = self.tr.request("GET", self.url, ok=(200,), what="read")
             self.requests += 1
-        try:
-            data = self._stream.read(len(view))  # (PyPy's readinto refuses a cast view)
-        except Exception as e:
-            if not _is_transient(e):
-                raise
-            raise _network_error(e, self.url, "read")
+        # (read, not readinto: PyPy's readinto refuses a cast view)
+        data = _read_from(self._stream.read, len(view), self.url)
         n = len(data)
         view[:n] = data
         if not n:
@@ -7499,6 +7745,35 @@ class _RemoteFile(io.RawIOBase):
         self.fetched += n
         self._pos += n
         return n
+
+
+def _retrying(tr, url, attempt, may_retry=None):
+    """The result of *attempt()* (a GET of *url*), tried again after a
+    CtadataError as the transport's policy says (logged; the cancellable
+    sleep between), as long as *may_retry()* (when given) allows it."""
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except CtadataError as e:
+            delay = _retry_delay(tr.policy, failures, e) \
+                if may_retry is None or may_retry() else None
+            if delay is None:
+                raise
+            _log_retry("GET", url, delay, e, failures, tr.policy)
+            tr.sleep(delay)
+            failures += 1
+
+
+def _read_from(read, n, url):
+    """*read(n)* of an answer's body; a network failure is a (retryable)
+    TransferError."""
+    try:
+        return read(n)
+    except Exception as e:
+        if not _is_transient(e):
+            raise
+        raise _network_error(e, url, "read")
 
 
 def _same_version(version, resp, total, size, url):
@@ -7522,20 +7797,8 @@ def _copy_to(tr, entry, out, resumable, cancel=None):
     file TransferError) for the caller to report.  A failed write (a
     closed pipe) is raised as it is."""
     state = {"written": 0, "hashers": None, "sums": None, "version": None}
-    attempt = 0
-    while True:
-        try:
-            _copy_attempt(tr, entry, out, state, cancel)
-            break
-        except CtadataError as e:
-            written = state["written"]
-            can = not written or resumable
-            delay = _retry_delay(tr.policy, attempt, e) if can else None
-            if delay is None:
-                raise
-            _log_retry("GET", entry.url, delay, e, attempt, tr.policy)
-            tr.sleep(delay)
-            attempt += 1
+    _retrying(tr, entry.url, lambda: _copy_attempt(tr, entry, out, state, cancel),
+              lambda: not state["written"] or resumable)
     bad = _first_mismatch(state["hashers"].result(), state["sums"])
     if bad:
         raise ChecksumMismatch("%s checksum mismatch: server says %s, received %s; the "
@@ -7547,9 +7810,11 @@ def _copy_attempt(tr, entry, out, state, cancel):
     """One GET of _copy_to, from where the bytes written end (the answer
     must be the same version of the file: see _same_version)."""
     written = state["written"]
-    headers = {"Want-Digest": _WANT_DIGEST}
+    headers = _want_digest_header(tr)
     if written:
-        headers["Range"] = "bytes=%d-" % written
+        # the last byte named (XRootD 5.5 answers "bytes=N-" with an empty 206)
+        headers["Range"] = "bytes=%d-%s" % (written, "" if entry.size is None
+                                            else entry.size - 1)
     resp = tr.request("GET", entry.url, headers, ok=(200, 206), what="read", retry=False)
     try:
         first, total = _content_range(resp)
@@ -7561,37 +7826,1057 @@ def _copy_attempt(tr, entry, out, state, cancel):
         else:
             state["version"] = (resp.getheader("ETag"), resp.getheader("Last-Modified"))
         if state["hashers"] is None:
-            state["sums"] = _parse_digest(resp.getheader("Digest")) or entry.checksums
+            state["sums"] = _asked_digest(resp, headers) or entry.checksums
             state["hashers"] = _Hashers(_algos_for(state["sums"], False))
-        update = state["hashers"].update if state["hashers"].active else None
         size = total if total is not None else entry.size
-        read = resp.read1 if hasattr(resp, "read1") else resp.read
-        while True:
-            try:
-                block = read(_CHUNK)
-            except Exception as e:
-                if not _is_transient(e):
-                    raise
-                raise _network_error(e, entry.url, "read")
-            if not block:
-                break
-            try:
-                out.write(block)
-            except BrokenPipeError:
-                raise
-            except OSError as e:
-                raise TransferError("cannot write the output: %s" % (e.strerror or e),
-                                    retryable=False)
-            if update is not None:
-                update(block)
-            state["written"] += len(block)
-            if cancel is not None and cancel.is_set():
-                raise KeyboardInterrupt
+        _copy_stream(resp, out, state, cancel, entry.url)
     finally:
         tr.release(resp)
     if size is not None and state["written"] != size:
         raise TransferError("short read: %d of %d bytes" % (state["written"], size),
                             entry.url, expected=size, received=state["written"])
+
+
+def _copy_stream(resp, out, state, cancel, url):
+    """Write the body of *resp* to *out* as it arrives, hashing it and
+    counting it in *state* (see _copy_to); a failed write (but a closed
+    pipe) is a TransferError that is not retried."""
+    update = state["hashers"].update if state["hashers"].active else None
+    read = resp.read1 if hasattr(resp, "read1") else resp.read
+    while True:
+        block = _read_from(read, _CHUNK, url)
+        if not block:
+            return
+        try:
+            out.write(block)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise TransferError("cannot write the output: %s" % (e.strerror or e),
+                                retryable=False)
+        if update is not None:
+            update(block)
+        state["written"] += len(block)
+        if cancel is not None and cancel.is_set():
+            raise KeyboardInterrupt
+
+
+############################################################################
+# Third-party copy & FTS3
+############################################################################
+
+# Copies between remote places: the bytes never pass through this machine.
+# Within one server: WebDAV COPY with Destination (RFC 4918 §9.8).  Between
+# two: HTTP third-party copy (HTTP-TPC, what FTS3 drives between WLCG sites;
+# PROTOCOL.md §6): COPY sent to the destination with "Source:" (pull, the
+# default) or to the source with "Destination:" (push).  The server that gets
+# the COPY reaches the other one with what we hand it in
+# "TransferHeaderAuthorization": a macaroon (§7) that the other server
+# issued, limited to the path and to DOWNLOAD (a pull's source) or UPLOAD (a
+# push's destination).  The answer streams perf markers and ends with a
+# line "success: ..." or "failure: ..." (_perf_markers).
+#
+# Which credential goes to which origin (_Origins): the storage's origin gets
+# our token, as always; another origin gets what `ctadata --profile NAME`
+# sends it, when the url of a profile NAME is on that origin; our token only
+# when the user named that origin with --delegate-token; else nothing (an
+# open server, or a URL that carries ?authz=).  Our token is not handed to
+# another origin inside TransferHeaderAuthorization either: it would pass it
+# on, and could keep it.
+#
+# _ThirdPartyCopy copies one file (COPY, markers, clean-up, checksums of
+# both sides); _Copies plans (a file, a tree, several sources into a
+# folder) for the worker pool; _macaroon / SharedLink are `share`.  FTS3
+# (fts-rest docs/api-curl.md): _FTS submits jobs of at most 1,000 files to
+# the endpoint the user named and follows them; FTSJob is what the user
+# holds, as a StageRequest for tape.
+
+_MACAROON_REQUEST = "application/macaroon-request"
+# A macaroon handed to the other server of a copy is valid for an hour, and
+# asked anew after half of it (it is checked when each transfer starts).
+_TPC_MACAROON_LIFE = 3600.0
+# Lines of a perf-marker stream are short; anything longer is not one.
+_PERF_LINE_LIMIT = 1 << 16
+# What a macaroon may allow, in the words of `share --allow` (PROTOCOL.md §7).
+_SHARE_ACTIVITIES = ("download", "list", "upload", "delete", "manage", "read_metadata",
+                     "update_metadata", "stage")
+_SHARE_DEFAULT = ("download", "list")
+# FTS3: files per job (FTS itself sets no limit; a job of thousands of files
+# is slow to list and to cancel), how often a job is polled by default (2 s,
+# doubling while nothing changes, up to 60 s), its final states.
+_FTS_BATCH = 1000
+_FTS_POLL = (2.0, 60.0)
+_FTS_FINAL = frozenset(("FINISHED", "FAILED", "FINISHEDDIRTY", "CANCELED"))
+# A macaroon request's answer is read whole, never more than this.
+_MACAROON_ANSWER_LIMIT = 1 << 20
+
+
+def _perf_markers(lines):
+    """Read the answer of a third-party COPY, an iterable of byte lines:
+    yield ("progress", bytes moved so far) after each perf marker (blocks
+    "Perf Marker" ... "Stripe Index: I" ... "Stripe Bytes Transferred: N"
+    ... "End", per stripe), then once the verdict: ("success" | "failure" |
+    "aborted", the server's words) from the stream's last line, or
+    ("unknown", "") when the stream ended without one (the copy may have
+    failed: never a success)."""
+    stripes = {}
+    index, moved, verdict = 0, None, None
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line:
+            continue
+        key, sep, value = line.partition(":")
+        word = key.strip().lower()
+        if sep and word in ("success", "failure", "aborted"):
+            verdict = (word, _printable(value.strip()))
+            continue
+        verdict = None      # the last line decides: a verdict followed by more is none
+        if line == "Perf Marker":
+            index, moved = 0, None
+        elif word == "stripe index":
+            index = _count(value) or 0
+        elif word == "stripe bytes transferred":
+            moved = _count(value)
+        elif line == "End" and moved is not None:
+            stripes[index] = moved
+            yield "progress", sum(stripes.values())
+    yield verdict or ("unknown", "")
+
+
+def _response_lines(resp, cancel=None):
+    """The lines of a (chunked) answer as they arrive."""
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise KeyboardInterrupt
+        line = resp.readline(_PERF_LINE_LIMIT)
+        if not line:
+            return
+        yield line
+
+
+def _remote_sums(dav, url):
+    """(size or None, {algorithm: hex}, the Server header) of a remote file:
+    HEAD with Want-Digest (XRootD, dCache), else the listing's Checksums
+    (dCache)."""
+    resp = dav.tr.request("HEAD", url, {"Want-Digest": _WANT_DIGEST}, ok=(200,),
+                          what="checksum")
+    size = _count(resp.getheader("Content-Length"))
+    sums = _parse_digest(resp.getheader("Digest"))
+    server = resp.getheader("Server") or ""
+    dav.tr.release(resp)
+    if not sums:
+        entry = dav.stat(url)
+        sums, size = entry.checksums, size if size is not None else entry.size
+    return size, sums, server
+
+
+def _racy_checksums(server):
+    """True for a Server header of XRootD before 5.8.3, which computes a
+    checksum it has not stored yet in a job whose answer races with the
+    link's next request (fixed in 5.8.3, "Do not reset runStatus...", xrootd
+    #2360).  Measured on 5.5.3 with copies between two instances: with four
+    such requests at a time about one in a thousand hangs (one at a time:
+    none in 4,500); asking for the checksum of files the server has just
+    written by third-party copy killed it (SIGSEGV in SSL_read) in 3 runs
+    of 6 of a 249-file `cp -r`, even one request at a time.  So: one at a
+    time, and never for a file it has just written (_Quirks.digests)."""
+    return not _Quirks(server.strip()).digests
+
+
+# -- macaroons ----------------------------------------------------------------
+
+
+class _NoMacaroons(RemoteError):
+    """The server answered a macaroon request with "not offered here"."""
+
+
+def _macaroon(tr, url, activities, seconds, ip=None):
+    """Ask the server of *url* for a macaroon limited to that path (and
+    below), to *activities* (upper-case names: DOWNLOAD, LIST...) and, with
+    *ip*, to that address, valid *seconds* (PROTOCOL.md §7); return
+    (macaroon, its validity in seconds as the server says it, or None).
+    Raises _NoMacaroons when the server issues none, AuthError, ProtocolError."""
+    import json
+    caveats = ["activity:" + ",".join(activities)] + (["ip:" + ip] if ip else [])
+    body = json.dumps({"caveats": caveats, "validity": _iso_seconds(seconds)}).encode()
+    what = "macaroon request"
+    try:
+        resp = tr.request("POST", url, {"Content-Type": _MACAROON_REQUEST,
+                                        "Accept": "application/json"}, body, ok=(200, 201),
+                          what=what)
+    except AuthError:
+        raise
+    except RemoteError as e:
+        if e.status in (400, 405, 415, 501):
+            # nginx, Apache: 405; XRootD without libXrdMacaroons: 501
+            raise _NoMacaroons("%s: this server issues no macaroons (HTTP %d)"
+                               % (_safe_url(url), e.status), url, e.status)
+        raise
+    data = _read_body(tr, resp, url, what, _MACAROON_ANSWER_LIMIT)
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _NoMacaroons("%s: the answer to a macaroon request is not JSON: this server "
+                           "issues no macaroons" % _safe_url(url), url, resp.status)
+    value = doc.get("macaroon") if isinstance(doc, dict) else None
+    if not isinstance(value, str) or not value or \
+            any(not ("!" <= c <= "~") for c in value):
+        raise ProtocolError("the answer to a macaroon request has no macaroon", url)
+    tr.auth.secrets.add(value)
+    life = doc.get("expires_in")
+    return value, (float(life) if isinstance(life, (int, float)) and
+                   not isinstance(life, bool) else None)
+
+
+class SharedLink:
+    """A link to a remote file or folder that works without an account,
+    until it expires: what ``Client.share()`` returns.
+
+    url       the address with the macaroon in it (``...?authz=...``): opens
+              in a browser, or ``curl -O URL``
+    macaroon  the macaroon alone (``Authorization: Bearer <macaroon>``)
+    path      the remote path shared
+    allow     what the holder may do ("download", "list", ...)
+    ip        the address (or network) it is limited to, or None
+    expires   when it stops working (seconds since the epoch)
+
+    The macaroon is a secret: whoever has the link can do what it allows.
+    repr() shows neither it nor the url."""
+
+    __slots__ = ("url", "macaroon", "path", "allow", "ip", "expires")
+
+    def __init__(self, url, macaroon, path, allow, ip, expires):
+        self.url, self.macaroon, self.path = url, macaroon, path
+        self.allow, self.ip, self.expires = list(allow), ip, expires
+
+    def __repr__(self):
+        return "SharedLink(%r, allow=%s, expires=%s)" % (self.path, ",".join(self.allow),
+                                                         _iso(self.expires))
+
+    def to_dict(self):
+        """A JSON-ready dict: url, macaroon, path, allow, ip, expires (ISO
+        8601 UTC), expires_in (seconds from now)."""
+        return {"url": self.url, "macaroon": self.macaroon, "path": self.path,
+                "allow": list(self.allow), "ip": self.ip, "expires": _iso(self.expires),
+                "expires_in": max(0, int(round(self.expires - time.time())))}
+
+
+def _share(dav, path, duration, allow, ip):
+    """See Client.share."""
+    from urllib.parse import quote
+    seconds = duration if isinstance(duration, (int, float)) and \
+        not isinstance(duration, bool) else _duration(duration)
+    if not seconds or seconds <= 0:
+        raise ConfigError("the validity of a shared link must be a positive duration like "
+                          "1d, 12h, 30m or P1D, not %r" % (duration,))
+    words = [allow] if isinstance(allow, str) else list(allow or ())
+    words = [w.strip().lower() for item in words for w in str(item).split(",") if w.strip()]
+    bad = [w for w in words if w not in _SHARE_ACTIVITIES]
+    if bad or not words:
+        raise ConfigError("a shared link may allow %s, not %r" % (
+            ", ".join(_SHARE_ACTIVITIES), ",".join(bad) or allow))
+    if ip is not None:
+        import ipaddress
+        try:
+            ipaddress.ip_network(str(ip).strip(), strict=False)
+        except ValueError:
+            raise ConfigError("--ip takes an address or network (192.0.2.1, "
+                              "192.0.2.0/24), not %r" % (ip,))
+        ip = str(ip).strip()
+    url = dav.url_for(path)
+    try:
+        if dav.stat(url).is_dir and not url.endswith("/"):
+            url += "/"
+    except NotFound:
+        pass    # a place to upload to may not exist yet
+    activities = [w.upper() for w in dict.fromkeys(words)]
+    asked = time.time()
+    try:
+        value, life = _macaroon(dav.tr, url, activities, seconds, ip)
+    except _NoMacaroons as e:
+        e.hint = ("share needs a storage that issues macaroons (dCache, XRootD with "
+                  "libXrdMacaroons, ctadata serve)")
+        raise
+    link = url + "?authz=" + quote(value, safe="")
+    shown = path.path if isinstance(path, Entry) else str(path)
+    shown = _normpath(shown) if "://" not in shown else _safe_url(url)
+    return SharedLink(link, value, shown, [w.lower() for w in activities], ip,
+                      asked + (life or seconds))
+
+
+# -- who is who in a copy -------------------------------------------------------
+
+
+def _profile_for_origin(origin, env):
+    """(profile name, its url) of the first profile of the config file whose
+    url is on *origin*, or None."""
+    import configparser
+    cp = configparser.ConfigParser(interpolation=None, default_section="\x00none")
+    try:
+        cp.read(_config_file(env), encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError):
+        return None
+    for name in cp.sections():
+        url = cp.get(name, "url", fallback="").strip()
+        if url and "://" not in url:
+            url = "https://" + url
+        try:
+            if url and _origin(url) == origin:
+                return name, url.rstrip("/")
+        except ProtocolError:
+            continue
+    return None
+
+
+def _origin_root(url):
+    from urllib.parse import urlsplit
+    p = urlsplit(url)
+    return "%s://%s" % (p.scheme.lower(), p.netloc.rpartition("@")[2])
+
+
+class _Peer:
+    """One server of a copy: *tr* reaches its origin with the credentials
+    that may go there (or none), *dav* makes the WebDAV requests over it,
+    *label* says whose credentials those are ("the storage", "profile
+    NAME", "--delegate-token") or is None (none), *home* the origins to which
+    its bearer token may be shown."""
+
+    __slots__ = ("origin", "tr", "dav", "label", "home", "one_at_a_time", "sums_lock")
+
+    def __init__(self, origin, tr, dav, label, home):
+        self.origin, self.tr, self.dav, self.label, self.home = origin, tr, dav, label, home
+        self.one_at_a_time = None         # not known until the server answered once
+        self.sums_lock = _thread.allocate_lock()
+
+    def __repr__(self):
+        return "<ctadata copy peer %s://%s:%d (%s)>" % (self.origin + (
+            self.label or "no credentials",))
+
+    def bearer(self):
+        """The Authorization value of our credentials here, or None."""
+        if self.label is None:
+            return None
+        try:
+            return self.tr.auth.header()
+        except AuthError:
+            return None
+
+    def checksums(self, url):
+        """(size or None, {algorithm: hex}) of a file of this server; one
+        request at a time to a server whose checksums race (_racy_checksums)."""
+        if self.one_at_a_time is False:
+            return _remote_sums(self.dav, url)[:2]
+        with self.sums_lock:
+            size, sums, server = _remote_sums(self.dav, url)
+            self.learn(server)
+            return size, sums
+
+    def learn(self, server):
+        """Note what the Server header of an answer says about checksums."""
+        if self.one_at_a_time is None and server is not None:
+            self.one_at_a_time = _racy_checksums(server)
+
+    def racy(self, url):
+        """True for a server that must not be asked for the checksum of a
+        file it has just written (_racy_checksums), learnt from its Server
+        header: of an earlier answer, else of an OPTIONS request."""
+        if self.one_at_a_time is None:
+            resp = self.tr.request("OPTIONS", url, ok=tuple(range(200, 600)),
+                                   what="options", retry=False)
+            self.tr.release(resp)
+            self.learn(resp.getheader("Server") or "")
+        return self.one_at_a_time
+
+    def holds_credentials(self):
+        return self.bearer() is not None or (
+            self.label is not None and self.tr.auth.client_cert() is not None)
+
+
+class _Origins:
+    """The servers of one copy call, by origin (see the section's head):
+    the storage's origin with the Client's transport, origins named with
+    --delegate-token with a sibling of it (our token), origins of a profile
+    with that profile's Client (made by *peer_client(name, url)*), any other
+    with a transport that sends no credentials.  Hands out the credential
+    one server needs to reach another (transfer_header)."""
+
+    def __init__(self, tr, dav, env, delegated, peer_client, warn):
+        import threading
+        self.tr, self.env, self.peer_client, self.warn = tr, env, peer_client, warn
+        self.delegated = set()
+        for item in delegated or ():
+            _check_api_url(str(item), "--delegate-token")
+            self.delegated.add(_origin(str(item)))
+        home = frozenset(self.delegated | {tr.auth_origin})
+        self.main = _Peer(tr.auth_origin, tr, dav, "the storage", home)
+        self.peers = {tr.auth_origin: self.main}
+        self.clients = []
+        self.transports = []
+        self.macaroons = {}        # (origin, scope URL, activities) -> (value, when)
+        self.lock = threading.Lock()
+
+    def peer(self, url):
+        """The _Peer of the origin of *url*."""
+        origin = _origin(url)
+        with self.lock:
+            found = self.peers.get(origin)
+            if found is None:
+                found = self.peers[origin] = self._make(origin, _origin_root(url))
+            return found
+
+    def _make(self, origin, root):
+        if origin in self.delegated:
+            tr = self.tr.sibling(root)
+            return _Peer(origin, tr, _DAV(tr, root, self.warn), "--delegate-token",
+                         self.main.home)
+        found = _profile_for_origin(origin, self.env)
+        if found is not None:
+            client = self.peer_client(*found)
+            self.clients.append(client)
+            return _Peer(origin, client._transport, client._remote.webdav("copy"),
+                         "profile " + found[0], frozenset((origin,)))
+        s = self.tr.settings
+        tr = _Transport(Settings(root, s.timeout, s.retries, s.jobs, s.ca_file, s.ca_dir,
+                                 s.insecure, None, s.backoff, s.expect_threshold, env={}),
+                        _NoAuth(self.tr.auth.secrets), self.tr.cancel)
+        self.transports.append(tr)
+        return _Peer(origin, tr, _DAV(tr, root, self.warn), None, frozenset())
+
+    def transfer_header(self, passive, active, scope, activities):
+        """The TransferHeaderAuthorization value with which *active*'s server
+        may reach *scope* (a URL, the file or the folder of the copy) on
+        *passive*'s; None when we hold no credentials for *passive* (an open
+        server).  Within one server: our own token, else a macaroon.  Across
+        two: a macaroon that *passive* issues, cached per scope; where it
+        issues none, its token only if *active*'s origin may see it, else
+        ConfigError (nothing is sent)."""
+        if passive is active and passive.bearer():
+            return passive.bearer()   # the same origin: the token stays at home
+        if not passive.holds_credentials():
+            return None
+        key = (passive.origin, scope, tuple(activities))
+        with self.lock:
+            have = self.macaroons.get(key)
+        if have is not None and time.monotonic() - have[1] < _TPC_MACAROON_LIFE / 2:
+            return "Bearer " + have[0]
+        try:
+            value = _macaroon(passive.tr, scope, activities, _TPC_MACAROON_LIFE)[0]
+        except _NoMacaroons as e:
+            token = passive.bearer()
+            if token and active.origin in passive.home:
+                return token
+            if passive is active:
+                return None
+            other = _origin_root(active.tr.settings.url)
+            if not token:
+                raise ConfigError("%s cannot be let in at %s: that server issues no "
+                                  "macaroons (HTTP %s), and a client certificate cannot be "
+                                  "handed over" % (other, _safe_url(scope), e.status), scope,
+                                  hint="copy the other way round (--push, or without it)")
+            raise ConfigError("%s would need your token to reach %s, whose server issues "
+                              "no macaroons (HTTP %s)" % (other, _safe_url(scope), e.status),
+                              scope, hint="copy the other way round (--push, or without it), "
+                              "or, if you trust %s with your token, --delegate-token %s"
+                              % (other, other))
+        for peer in list(self.peers.values()):
+            peer.tr.auth.secrets.add(value)
+        with self.lock:
+            self.macaroons[key] = (value, time.monotonic())
+        return "Bearer " + value
+
+    def abort(self):
+        """Wake every worker blocked on any of these servers (Ctrl-C)."""
+        for peer in list(self.peers.values()):
+            peer.tr.abort()
+
+    def close(self):
+        for client in self.clients:
+            client.close()
+        for tr in self.transports:
+            tr.close()
+
+
+# -- copying one file -------------------------------------------------------------
+
+
+class _CopyResult(TransferResult):
+    """The TransferResult of a copy between remote places."""
+
+    __slots__ = ()
+
+    def to_dict(self):
+        """The manifest record: source, destination (URLs), size, checksums
+        (of the destination, as verified), status, error, bytes."""
+        return {"source": _safe_url(self.source), "destination": _safe_url(self.dest),
+                "size": self.size, "checksums": dict(self.checksums),
+                "status": self.status, "error": self.error, "bytes": self.bytes}
+
+
+class _CopyTask:
+    """One planned copy: *source*, *dest* URLs; *entry* the source's Entry;
+    *src*, *dst* their _Peer; *have* the Entry already at *dest* or None;
+    *scopes* (source URL, destination URL) that the macaroons handed over
+    are limited to (the file or the trees copied)."""
+
+    __slots__ = ("source", "dest", "size", "entry", "src", "dst", "have", "scopes")
+
+    def __init__(self, entry, dest, src, dst, have, scopes):
+        self.source, self.dest, self.size, self.entry = entry.url, dest, entry.size, entry
+        self.src, self.dst, self.have, self.scopes = src, dst, have, scopes
+
+
+class _ThirdPartyCopy:
+    """The worker of a copy: COPY one file (within one server, or pull/push
+    between two), follow its perf markers (*progress* advances with them),
+    decide on the stream's last line, and verify: the checksums of both
+    sides (HEAD with Want-Digest) must agree, else the destination copy is
+    deleted.  A failed copy deletes what it left at the destination (XRootD
+    leaves an empty file behind a failed pull).  A destination that is
+    already there is skipped when it has the same size and, when both
+    servers have one, the same checksum; when it differs, the file fails
+    unless *overwrite*."""
+
+    def __init__(self, origins, mode, overwrite, verify, progress, cancel):
+        self.origins, self.mode, self.overwrite = origins, mode, overwrite
+        self.verify, self.progress, self.cancel = verify, progress, cancel
+
+    def __call__(self, t):
+        if t.have is not None and not self.overwrite:
+            differs = self.differs(t)
+            if not differs:
+                return _CopyResult(t.source, t.dest, t.size, "skipped")
+            raise TransferError("already at the destination, and different (%s); "
+                                "--overwrite replaces it" % differs, t.dest, retryable=False)
+        if t.have is not None:
+            # Replaced by a new file, not rewritten: XRootD 5.5 keeps the
+            # checksum it computed for a file as long as its mtime has the same
+            # second, and would report the old file's after a quick rewrite.
+            _try_delete(t.dst.tr, t.dest)
+        self.send(t)
+        sums = self.check(t) if self.verify else {}
+        return _CopyResult(t.source, t.dest, t.size, "transferred", None, sums, t.size or 0)
+
+    def differs(self, t):
+        """Why the file at the destination is not the source's, or None."""
+        if t.have.size is not None and t.size is not None and t.have.size != t.size:
+            return "%d bytes, the source %d" % (t.have.size, t.size)
+        src = t.entry.checksums or t.src.checksums(t.source)[1]
+        dst = t.have.checksums or t.dst.checksums(t.dest)[1]
+        bad = _first_mismatch(dst, src)
+        return "%s %s, the source %s" % (bad[0], bad[2], bad[1]) if bad else None
+
+    def request(self, t):
+        """(the _Peer that gets the COPY, its URL, its headers)."""
+        within = t.src.origin == t.dst.origin
+        if within or self.mode == "push":
+            # within one server the source gets the COPY (RFC 4918 §9.8);
+            # XRootD pushes to itself and needs to be let in as well
+            active, url = t.src, t.source
+            headers = {"Destination": t.dest}
+            cred = self.origins.transfer_header(t.dst, active, t.scopes[1],
+                                                ("UPLOAD", "DELETE") if self.overwrite
+                                                else ("UPLOAD",))
+        else:
+            active, url = t.dst, t.dest
+            headers = {"Source": t.source}
+            cred = self.origins.transfer_header(t.src, active, t.scopes[0],
+                                                ("DOWNLOAD", "LIST"))
+        if not within:
+            headers["Credential"] = "none"    # no X.509 delegation (XRootD refuses it)
+        headers["Overwrite"] = "T" if self.overwrite else "F"
+        if cred:
+            headers["TransferHeaderAuthorization"] = cred
+        return active, url, headers
+
+    def send(self, t):
+        """COPY, and read the answer to its verdict; TransferError on a failure."""
+        active, url, headers = self.request(t)
+        try:
+            resp = active.tr.request("COPY", url, headers, ok=(200, 201, 202, 204),
+                                     what="copy")
+        except RemoteError as e:
+            if e.status == 412:
+                raise TransferError("already at the destination (the server refused to "
+                                    "replace it); --overwrite replaces it", t.dest,
+                                    status=412, retryable=False)
+            raise
+        active.learn(resp.getheader("Server") or "")
+        moved, markers, verdict = 0, 0, ("unknown", "")
+        try:
+            for kind, value in _perf_markers(_response_lines(resp, self.cancel)):
+                if kind != "progress":
+                    verdict = (kind, value)
+                    continue
+                markers += 1
+                step = min(value, t.size or value) - moved
+                if step > 0 and self.progress is not None:
+                    self.progress.advance(step)
+                moved += max(step, 0)
+        except (CtadataError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            self.clean_up(t)
+            raise _network_error(e, url, "copy")
+        finally:
+            active.tr.release(resp)
+        kind, words = verdict
+        if kind == "unknown" and not markers and t.src.origin == t.dst.origin and \
+                resp.status in (201, 204):
+            kind = "success"    # a plain WebDAV COPY (nginx, Apache, dCache within itself)
+        if kind != "success":
+            self.clean_up(t)
+            why = words or ("the server did not say how the copy ended (no success or "
+                            "failure line)" if kind == "unknown" else kind)
+            raise TransferError("copy failed: %s" % why, t.dest, retryable=False)
+        if self.progress is not None and t.size and t.size > moved:
+            self.progress.advance(t.size - moved)
+
+    def clean_up(self, t):
+        """Delete what a failed copy left at the destination, unless it was
+        there before and is to stay."""
+        if t.have is None or self.overwrite:
+            _try_delete(t.dst.tr, t.dest)
+
+    def check(self, t):
+        """Compare the destination's checksums with the source's (the size
+        when they share none); on a mismatch delete the copy.  Return the
+        destination's checksums (from XRootD before 5.8.3, which must not
+        be asked for those of a file it has just written: the source's,
+        and only the size is compared)."""
+        if t.entry.checksums:
+            src_size, src = t.size, t.entry.checksums
+        else:
+            src_size, src = t.src.checksums(t.source)
+        if t.dst.racy(t.dest):
+            size, dst = t.dst.dav.stat(t.dest).size, {}
+        else:
+            size, dst = t.dst.checksums(t.dest)
+        bad = _first_mismatch(dst, src)
+        if bad:
+            _try_delete(t.dst.tr, t.dest)
+            raise ChecksumMismatch("%s checksum mismatch after the copy: the source has %s, "
+                                   "the copy %s; copy deleted" % bad, t.dest, *bad)
+        if not any(a in dst for a in src) and None not in (size, src_size) and \
+                size != src_size:
+            _try_delete(t.dst.tr, t.dest)
+            raise TransferError("the copy has %d bytes, the source %d; copy deleted" % (
+                size, src_size), t.dest, expected=src_size, received=size, retryable=False)
+        return dst or src
+
+
+# -- planning copies ------------------------------------------------------------------
+
+
+def _local_side(arg):
+    """The local path that *arg* of a copy names (an os.PathLike, a
+    ``file:`` URL, or a path starting with ./ ../ or ~), or None: a remote
+    path (relative to the storage URL) or an http(s) URL."""
+    if hasattr(arg, "__fspath__"):
+        return os.fspath(arg)
+    text = str(arg)
+    if text.startswith("file:"):
+        from urllib.parse import unquote, urlsplit
+        p = urlsplit(text)
+        if p.netloc not in ("", "localhost"):
+            raise ConfigError("a file: URL names this machine only: %r" % text)
+        return unquote(p.path) or "."
+    if text in (".", "..", "~") or text.startswith(("./", "../", "~/")):
+        return os.path.expanduser(text)
+    return None
+
+
+def _ensure_folder(dav, url):
+    """mkdir -p for a folder given as a URL, on any server: find the
+    nearest folder that exists (PROPFIND), make the rest (MKCOL)."""
+    from urllib.parse import urlsplit
+    url = url if url.endswith("/") else url + "/"
+    try:
+        entry = dav.stat(url)
+    except NotFound:
+        parent = url[:-1].rpartition("/")[0] + "/"
+        if urlsplit(parent).path not in ("", "/"):
+            _ensure_folder(dav, parent)
+        dav.mkcol(url, exist_ok=True)
+        return
+    if not entry.is_dir:
+        raise ConfigError("not a folder: %s" % _safe_url(url))
+
+
+def _join_url(folder, rel_parts):
+    """The URL of *rel_parts* (decoded names) below the folder URL *folder*."""
+    from urllib.parse import quote
+    base = folder.rstrip("/")
+    return base + "".join("/" + quote(p, safe="") for p in rel_parts) if rel_parts else base
+
+
+class _Copies(_Planner):
+    """Plans copies between remote places (a file; a tree, listed as it
+    goes, its folders made at the destination; several sources into a
+    folder) and runs them on a worker pool with _ThirdPartyCopy, or lists
+    them for FTS3.  *peer_client(name, url)* makes the Client of a profile
+    (the credentials of another origin, see _Origins); *env* is where
+    profiles are looked up."""
+
+    def __init__(self, remote, tr, cancel, jobs, warn, env, peer_client):
+        _Planner.__init__(self, remote, tr, cancel, jobs, warn)
+        self.env, self.peer_client = env, peer_client
+
+    def origins(self, delegated=()):
+        return _Origins(self.tr, self.remote.webdav("copy"), self.env, delegated,
+                        self.peer_client, self.warn)
+
+    def copy(self, sources, dst, recursive, mode, overwrite, verify, select, dry_run,
+             progress, jobs, raise_on_failure, delegated):
+        """See Client.copy."""
+        if mode not in ("pull", "push"):
+            raise ConfigError('mode must be "pull" or "push", not %r' % (mode,))
+        started, progress = self.start(progress)
+        origins = self.origins(delegated)
+        try:
+            tasks = self.plan(origins, sources, dst, recursive, _selector(select), dry_run,
+                              progress, jobs, fts=False)
+            if dry_run:
+                results = [t if isinstance(t, TransferResult) else
+                           _CopyResult(t.source, t.dest, t.size,
+                                       "planned" if t.have is None or overwrite else "skipped")
+                           for t in tasks]
+            else:
+                worker = _ThirdPartyCopy(origins, mode, overwrite, verify, progress,
+                                         self.cancel)
+                pool = _WorkerPool(lambda t: self.guarded(worker, t), jobs or self.jobs,
+                                   progress, self.cancel, origins.abort)
+                results = pool.run(tasks)
+            return _summarize(results, started, raise_on_failure)
+        finally:
+            origins.close()
+
+    @staticmethod
+    def guarded(worker, t):
+        try:
+            return worker(t)
+        except CtadataError as e:
+            return _failure_of(t, e, _CopyResult)
+
+    def plan(self, origins, sources, dst, recursive, sel, dry_run, progress, jobs, fts):
+        """The _CopyTask of every file to copy (and failed results for
+        sources that cannot be).  A single source that does not exist raises
+        NotFound before anything else; *fts*: no look at the destination
+        (FTS3 decides) and no folders made."""
+        many = isinstance(sources, (list, tuple))
+        items = list(sources) if many else [sources]
+        if not items:
+            raise ConfigError("nothing to copy: no source given")
+        many = many and len(items) > 1
+        dav = self.remote.webdav("copy")
+        dst_url = dav.url_for(dst)
+        into = many or str(dst).endswith("/") or str(dst) in ("", ".")
+        found = []
+        for item in items:
+            url = dav.url_for(item)
+            src = origins.peer(url)
+            try:
+                entry = item if isinstance(item, Entry) else src.dav.stat(url)
+            except NotFound:
+                err = NotFound("the source does not exist", url, 404)
+                if not many:
+                    raise err
+                found.append(_failure_of(_CopyTask(Entry("", "", url, False), dst_url, src,
+                                                   src, None, (url, url)), err, _CopyResult))
+                continue
+            if entry.is_dir and not recursive:
+                raise ConfigError("%s is a folder (use recursive=True / cp -r)"
+                                  % _safe_url(entry.url))
+            found.append((entry, src))
+        return self.tasks(origins, found, dst_url, into, sel, dry_run, progress, jobs, fts)
+
+    def tasks(self, origins, found, dst_url, into, sel, dry_run, progress, jobs, fts):
+        dst = origins.peer(dst_url)
+        if into and not dry_run and not fts and any(not isinstance(f, TransferResult)
+                                                    for f in found):
+            _ensure_folder(dst.dav, dst_url)
+        for item in found:
+            if isinstance(item, TransferResult):
+                yield item
+                continue
+            entry, src = item
+            if entry.is_dir:
+                target = _join_url(dst_url, [entry.name]) if into and entry.name else dst_url
+                for t in self.tree(entry, src, target, dst, sel, dry_run, progress, jobs,
+                                   fts):
+                    yield t
+                continue
+            target, have = dst_url, None
+            if into:
+                target = _join_url(dst_url, [entry.name])
+            if not fts:
+                try:
+                    have = dst.dav.stat(target)
+                except NotFound:
+                    if not into and not dry_run:
+                        _ensure_folder(dst.dav, target.rpartition("/")[0] + "/")
+                if have is not None and have.is_dir and not into:
+                    target = _join_url(target, [entry.name])
+                    try:
+                        have = dst.dav.stat(target)
+                    except NotFound:
+                        have = None
+                if have is not None and have.is_dir:
+                    yield _failure_of(_CopyTask(entry, target, src, dst, None, (
+                        entry.url, target)), ConfigError("a folder is in the way at the "
+                                                         "destination", target), _CopyResult)
+                    continue
+            progress.add_total(1, entry.size)
+            yield _CopyTask(entry, target, src, dst, have,
+                            (entry.url, target.rpartition("/")[0] + "/"))
+
+    def tree(self, entry, src, target, dst, sel, dry_run, progress, jobs, fts):
+        """The tasks of copying the source folder *entry* to the folder URL
+        *target*, listed folder by folder; each destination folder is made
+        before its files are handed out (without a filter, empty ones too)."""
+        root = entry.url if entry.url.endswith("/") else entry.url + "/"
+        target = target.rstrip("/") + "/"
+        existing = {} if fts else _files_below(dst.dav, target, self.jobs, self.warn)
+        made = set()
+        if not dry_run and not fts:
+            _ensure_folder(dst.dav, target)
+            made.add(target)
+        scopes = (root, target)
+        for top, children in _walk(src.dav, entry, jobs or self.jobs, True, self.warn):
+            rel = _rel_parts(root, top.url if top is not None else root)
+            folder = _join_url(target, rel) + "/"
+            files = [e for e in children if not e.is_dir and (
+                sel is None or sel("/".join(rel + [e.name])))]
+            if not dry_run and not fts and folder not in made and (files or sel is None):
+                dst.dav.mkcol(folder, exist_ok=True)
+                made.add(folder)
+            for e in files:
+                have = existing.get("/".join(rel + [e.name]))
+                progress.add_total(1, e.size)
+                yield _CopyTask(e, _join_url(folder, [e.name]), src, dst, have, scopes)
+
+    # -- FTS3 -------------------------------------------------------------------------
+
+    def fts_submit(self, fts, sources, dst, recursive, overwrite, verify, retry, select,
+                   jobs):
+        """See Client.fts_copy."""
+        origins = self.origins()
+        try:
+            progress = Progress()
+            files = []
+            for t in self.plan(origins, sources, dst, recursive, _selector(select), True,
+                               progress, jobs, fts=True):
+                if isinstance(t, TransferResult):
+                    raise _failure_exception(t)
+                files.append(self.fts_file(t))
+        finally:
+            origins.close()
+        if not files:
+            raise ConfigError("nothing to copy: no file selected")
+        params = {"verify_checksum": bool(verify), "overwrite": bool(overwrite),
+                  "retry": int(retry)}
+        ids = []
+        try:
+            for i in range(0, len(files), _FTS_BATCH):
+                ids.append(fts.submit(files[i:i + _FTS_BATCH], params))
+        except CtadataError as e:
+            _say_submitted(e, ids)
+            raise
+        return FTSJob(fts, ids)
+
+    @staticmethod
+    def fts_file(t):
+        """One file of an FTS3 submission (fts-rest docs/api-curl.md)."""
+        f = {"sources": [t.source], "destinations": [t.dest]}
+        if t.size is not None:
+            f["filesize"] = t.size
+        if "adler32" in t.entry.checksums:
+            f["checksum"] = "adler32:" + t.entry.checksums["adler32"]
+        return f
+
+
+# -- FTS3 -----------------------------------------------------------------------------
+
+
+class _FTS:
+    """The REST API of one FTS3 endpoint (fts-rest docs/api-curl.md): POST
+    /jobs, GET /jobs/ID and /jobs/ID/files, DELETE /jobs/ID.  Reached over
+    a sibling of the storage's transport: our token (or client certificate)
+    goes there because the user named the endpoint (cp --fts, profile key
+    fts).  *poll*: (first, longest) seconds between two polls of a job."""
+
+    def __init__(self, tr, url, poll=None):
+        _check_api_url(url, "the FTS3 endpoint")
+        _check_secure_url(url, "the FTS3 endpoint")
+        self.url = url.rstrip("/")
+        self.tr = tr.sibling(self.url) if _origin(url) != tr.auth_origin else tr
+        self.poll = poll or _FTS_POLL
+
+    def __repr__(self):
+        return "<ctadata FTS3 %s>" % _safe_url(self.url)
+
+    def call(self, method, sub, doc=None, what="FTS3"):
+        """One request to FTS3 (a submission is never sent twice); its
+        decoded JSON answer (None if empty)."""
+        try:
+            return _json_call(self.tr, method, self.url + sub, doc, what,
+                              ok=(200, 201, 202, 207), retry=method != "POST")
+        except RemoteError as e:
+            if e.status == 419:
+                e.hint = ("FTS3 wants a proxy certificate delegated to it, which ctadata "
+                          "cannot make: delegate with fts-rest-delegate (or fts-delegation-"
+                          "init) first, or use a token")
+            raise
+
+    @staticmethod
+    def _id(job_id):
+        return _url_id(job_id, "an FTS3 job id", refuse=",")
+
+    def submit(self, files, params):
+        answer = self.call("POST", "/jobs", {"files": files, "params": params}, "FTS3 submit")
+        jid = answer.get("job_id") if isinstance(answer, dict) else None
+        if not isinstance(jid, str) or not jid.strip() or not jid.isprintable():
+            raise ProtocolError("the FTS3 answer to a submission has no job_id",
+                                self.url + "/jobs")
+        return jid
+
+    def job(self, job_id):
+        doc = self.call("GET", "/jobs/" + self._id(job_id), what="FTS3 job")
+        if not isinstance(doc, dict) or not isinstance(doc.get("job_state"), str):
+            raise ProtocolError("the FTS3 job %s has no job_state" % _printable(job_id, 80),
+                                self.url + "/jobs/" + self._id(job_id))
+        return doc
+
+    def files(self, job_id):
+        sub = "/jobs/%s/files" % self._id(job_id)
+        doc = self.call("GET", sub, what="FTS3 job files")
+        if not isinstance(doc, list):
+            raise ProtocolError("the files of FTS3 job %s are not a list"
+                                % _printable(job_id, 80), self.url + sub)
+        return [f for f in doc if isinstance(f, dict)]
+
+    def cancel(self, job_id):
+        return self.call("DELETE", "/jobs/" + self._id(job_id), what="FTS3 cancel")
+
+
+def _fts_file(f, job_id):
+    """One file of an FTS3 job, as FTSJob.files holds it."""
+    state = f.get("file_state")
+    reason = f.get("reason")
+    return {"job": job_id, "source": _printable(f.get("source_surl") or "", 2000),
+            "destination": _printable(f.get("dest_surl") or "", 2000),
+            "state": state.strip().upper() if isinstance(state, str) else "UNKNOWN",
+            "reason": _printable(reason) if reason else None,
+            "size": f.get("filesize") if isinstance(f.get("filesize"), (int, float)) else None}
+
+
+class FTSJob:
+    """Transfers handed to an FTS3 server: one job, or several when there
+    were more than 1,000 files.  ``Client.fts_copy()`` makes one,
+    ``Client.fts_job(id)`` finds one again (from any machine).
+
+    id        the job id; several joined with "," (what fts_job() and
+              ``ctadata fts status`` take)
+    ids       the job ids (a list)
+    endpoint  the FTS3 server's URL
+    jobs      {job id: FTS3's own job record} as of the last refresh()
+    files     one dict per file: job, source, destination, state (SUBMITTED,
+              ACTIVE, FINISHED, FAILED, CANCELED, ...), reason (why it
+              failed), size
+    counts    {state: number of files}
+    state     FTS3's job state when there is one job; for several, the
+              state FTS3 would give one job holding all their files
+              (SUBMITTED, ACTIVE, FINISHED, FAILED, FINISHEDDIRTY, CANCELED)
+    done      every job is in a final state; ``ok``: all of them FINISHED
+    failures  the files that failed or were cancelled
+    """
+
+    def __init__(self, fts, ids):
+        self._fts = fts
+        self.ids = list(ids)
+        self.jobs = {}
+        self.files = []
+
+    @property
+    def id(self):
+        return ",".join(self.ids)
+
+    @property
+    def endpoint(self):
+        return self._fts.url
+
+    @property
+    def counts(self):
+        out = {}
+        for f in self.files:
+            out[f["state"]] = out.get(f["state"], 0) + 1
+        return out
+
+    @property
+    def state(self):
+        states = [j.get("job_state", "SUBMITTED") for j in self.jobs.values()]
+        if not states:
+            return "SUBMITTED"
+        if len(states) == 1:
+            return states[0]
+        if not all(s in _FTS_FINAL for s in states):
+            return "ACTIVE" if any(s != "SUBMITTED" for s in states) else "SUBMITTED"
+        c = self.counts
+        finished, failed = c.get("FINISHED", 0), c.get("FAILED", 0)
+        if finished == len(self.files):
+            return "FINISHED"
+        if finished and failed:
+            return "FINISHEDDIRTY"
+        return "FAILED" if failed else "CANCELED" if not finished else "FINISHEDDIRTY"
+
+    @property
+    def done(self):
+        return len(self.jobs) == len(self.ids) and all(
+            j.get("job_state") in _FTS_FINAL for j in self.jobs.values())
+
+    @property
+    def ok(self):
+        return self.done and all(j.get("job_state") == "FINISHED" for j in self.jobs.values())
+
+    @property
+    def failures(self):
+        return [f for f in self.files if f["state"] in ("FAILED", "CANCELED")]
+
+    def refresh(self):
+        """Ask FTS3 how the jobs and their files are doing; return this job.
+        Raises NotFound for a job FTS3 does not know."""
+        jobs, files = {}, []
+        for jid in self.ids:
+            jobs[jid] = self._fts.job(jid)
+            files.extend(_fts_file(f, jid) for f in self._fts.files(jid))
+        self.jobs, self.files = jobs, files
+        return self
+
+    def wait(self, timeout=None, progress=None, poll=None):
+        """Poll until every job is in a final state, backing off between
+        polls (*poll*: (first, longest) seconds; default 2 s, doubling while
+        nothing changes, up to 60 s); *progress(job)* is called after each
+        poll.  Return True when done, False when *timeout* seconds ran out."""
+        return _poll_until_done(self, _Pace(*(poll or self._fts.poll)), self._fts.tr.sleep,
+                                timeout, progress)
+
+    def _poll_state(self):
+        """What two polls compare: the number of files in each state."""
+        return sorted(self.counts.items())
+
+    def cancel(self):
+        """Cancel the jobs (FTS3 stops their files that are not done yet);
+        return this job, refreshed."""
+        for jid in self.ids:
+            self._fts.cancel(jid)
+        return self.refresh()
+
+    def to_dict(self):
+        return {"id": self.id, "ids": list(self.ids), "endpoint": self.endpoint,
+                "state": self.state, "done": self.done, "counts": self.counts,
+                "files": [dict(f) for f in self.files]}
+
+    def __repr__(self):
+        return "FTSJob(%r, state=%s, files=%d)" % (self.id, self.state, len(self.files))
 
 
 ############################################################################
@@ -7868,14 +9153,16 @@ class Client:
     there, and only there besides the storage), *tape_prefix* the namespace
     path of *url* in that API (default: its URL path), *stage_poll* (first,
     longest) seconds between polls of a stage request (default 1 s, doubling
-    while nothing changes, up to 60 s)."""
+    while nothing changes, up to 60 s).  *fts*: the FTS3 server that
+    fts_copy() and fts_job() talk to (else $CTADATA_FTS, else the profile's
+    ``fts``); the token goes there too."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
                  cert=None, backoff=0.5, expect_threshold=_EXPECT_THRESHOLD, env=None,
                  service=None, certificate_service=None, auth=None, oidc_agent=None,
                  profile=None, issuer=None, client_id=None, record_checksums=False,
-                 tape_api=None, tape_prefix=None, stage_poll=None):
+                 tape_api=None, tape_prefix=None, stage_poll=None, fts=None):
         env = os.environ if env is None else env
         opts = _Options({"url": url, "service": service, "cert_service": certificate_service,
                          "issuer": issuer, "client_id": client_id, "jobs": jobs,
@@ -7883,7 +9170,7 @@ class Client:
                          "ca_file": ca_file, "token_file": token_file,
                          "oidc_agent": oidc_agent, "auth": auth, "cert": cert,
                          "tape_api": tape_api, "tape_prefix": tape_prefix,
-                         "stage_poll": stage_poll},
+                         "stage_poll": stage_poll, "fts": fts},
                         profile, dev, env, insecure, backoff, expect_threshold)
         self._options, self.settings = opts, opts.settings
         self.profile, self.sources = opts.profile, opts.sources
@@ -7912,6 +9199,8 @@ class Client:
         self._downloads = _TapeDownloads(self._remote, tr, self._cancel, s.jobs, self._warn,
                                          tape)
         self._uploads = uploads(self._remote, tr, self._cancel, s.jobs, self._warn)
+        self._copies = _Copies(self._remote, tr, self._cancel, s.jobs, self._warn, env,
+                               self._peer_client)
         self._hub = _Hub(hub_auth, s, env, v["cert_service"], hub_url, self._cancel)
 
     def __repr__(self):
@@ -8383,6 +9672,109 @@ class Client:
                                                     release, dry_run, p, jobs,
                                                     raise_on_failure)
 
+    # -- copies between remote places, shared links, FTS3 ---------------------------
+
+    def copy(self, src, dst, recursive=False, mode="pull", overwrite=False, verify=True,
+             select=None, dry_run=False, progress=None, jobs=None, raise_on_failure=True,
+             delegate_token=()):
+        """Copy a remote file, or with *recursive* a tree, to another remote
+        place: the bytes go from server to server, never through this
+        machine.  *src* is a remote path (relative to the storage URL), a
+        URL or an Entry, or a list of them (copied into the folder *dst*);
+        *dst* a remote path or URL, a folder to copy into when it ends with
+        "/" (a tree goes to ``dst/<name>`` then, else to *dst* itself, as for
+        download).  Within one server: WebDAV COPY.  Between two: HTTP
+        third-party copy, *mode* "pull" (the destination fetches; default)
+        or "push" (the source sends); the other server gets a macaroon
+        limited to the files and to reading (pull) or writing (push), asked
+        of the server it is for.  Credentials: the storage's origin gets
+        your token; another origin what the profile whose ``url`` is there
+        would send (see README "Copies between storages"), else nothing; your
+        token goes to another origin only if *delegate_token* names it
+        (a list of URLs).  After each copy the checksums of both sides are
+        compared (*verify*; the sizes when they share no algorithm); a
+        mismatch deletes the copy.  A file already at the destination with
+        the same size and checksum is skipped; one that differs fails unless
+        *overwrite*.  *select*, *dry_run*, *progress*, *jobs* as for
+        download.  A local side (an os.PathLike, ``file:PATH``, ``.``,
+        ``./PATH``, ``../PATH``, ``~/PATH``) makes this a download() or an
+        upload().
+
+        Returns a TransferSummary; raises PartialFailure if any file failed,
+        NotFound (a single source that does not exist), ConfigError (a
+        folder without *recursive*, service mode)."""
+        sources = list(src) if isinstance(src, (list, tuple)) else [src]
+        local = [_local_side(s) for s in sources]
+        here = _local_side(dst)
+        if here is not None or any(p is not None for p in local):
+            if len(sources) != 1 or (here is not None and local[0] is not None):
+                raise ConfigError("copy with a local side takes one source and one remote "
+                                  "side (both local: use cp)")
+            if here is not None:
+                return self.download(sources[0], here, recursive, overwrite, bool(verify),
+                                     select, dry_run, progress, jobs, raise_on_failure)
+            return self.upload(local[0], dst, recursive, None if verify else False,
+                               overwrite, bool(verify), select, dry_run, progress, jobs,
+                               raise_on_failure)
+        return self._copies.copy(src, dst, recursive, mode, overwrite, verify, select,
+                                 dry_run, progress, jobs, raise_on_failure, delegate_token)
+
+    def share(self, path, duration="1d", allow=_SHARE_DEFAULT, ip=None):
+        """Ask the storage for a macaroon for *path* (a file, or a folder
+        and everything below it): a SharedLink whose ``url`` works without
+        an account, in a browser or with curl, until it expires.
+        *duration*: how long ("1d", "12h", "30m", "P1D", seconds; default
+        one day; servers cap it: dCache and ctadata serve at 7 days);
+        *allow*: what its holder may do, names or a "," list of download,
+        list, upload, delete, manage, read_metadata, update_metadata, stage
+        (default download and list); *ip*: only from this address or
+        network.  The macaroon is a secret: whoever has the link can do what
+        it allows.  Raises ConfigError (bad arguments; a server that issues
+        no macaroons; service mode), AuthError."""
+        dav = self._remote.webdav("share")
+        return _share(dav, path, duration, allow, ip)
+
+    def fts_copy(self, src, dst, fts=None, recursive=False, overwrite=False, verify=True,
+                 retry=2, select=None, jobs=None):
+        """Hand a copy to an FTS3 server (*fts*, else the client's ``fts``)
+        instead of doing it from here: the files of *src* (a path, URL or
+        list; a tree with *recursive*, filtered by *select*) are listed,
+        then submitted with their sizes (and adler32, when the listing has
+        it) as FTS3 jobs of at most 1,000 files, with *overwrite*,
+        *verify* (FTS3 compares checksums) and *retry* (attempts FTS3 makes
+        after a failure).  *src* and *dst* as for copy(); the storage's
+        folders are not made here (FTS3 does it).  Your token (or client
+        certificate) goes to the FTS3 server.  Returns an FTSJob (``.id``,
+        ``.refresh()``, ``.wait()``, ``.cancel()``).  Raises ConfigError (no
+        FTS3 server, nothing selected), NotFound, AuthError, RemoteError."""
+        return self._copies.fts_submit(self._fts(fts), src, dst, recursive, overwrite,
+                                       verify, retry, select, jobs)
+
+    def fts_job(self, job_id, fts=None):
+        """The FTSJob with this id (several joined with ","), refreshed: to
+        follow or cancel one submitted earlier, from any machine.  Raises
+        NotFound (FTS3 does not know it), ConfigError (no FTS3 server),
+        AuthError."""
+        ids = _split_ids(job_id, "FTS3 job id")
+        return FTSJob(self._fts(fts), ids).refresh()
+
+    def _fts(self, url):
+        url = url or self._options.values["fts"] or self._options.env.get("CTADATA_FTS")
+        if not url:
+            raise ConfigError("no FTS3 server: give its URL (--fts URL, fts=URL)",
+                              hint="or set fts = URL in your profile, or $CTADATA_FTS")
+        return _FTS(self._transport, str(url))
+
+    def _peer_client(self, profile, url):
+        """The Client of *profile*, whose url is *url*: the credentials of
+        another origin of a copy, with this client's connection settings
+        where they were given as arguments."""
+        s, given = self.settings, self.sources
+        kw = {k: getattr(s, k) for k in ("timeout", "retries", "ca_file", "ca_dir")
+              if given.get(k) == "argument"}
+        return Client(url=url, profile=profile, env=self._options.env,
+                      insecure=s.insecure, jobs=s.jobs, **kw)
+
     # -- namespace operations (WebDAV only) ---------------------------------------
 
     def mkdir(self, path, parents=False):
@@ -8403,7 +9795,7 @@ class Client:
                               hint="use recursive=True", cli_hint="use rm -r")
         if dry_run:
             return [entry] + (self.ls(entry, recursive=True) if entry.is_dir else [])
-        dav.delete(dav.url_for(entry, collection=entry.is_dir))
+        dav.delete(dav.url_for(entry, collection=entry.is_dir), folder=entry.is_dir)
         return [entry]
 
     def move(self, src, dst, overwrite=False, dry_run=False):
@@ -8738,6 +10130,10 @@ checksum = _default_client_function("checksum")
 stage = _default_client_function("stage")
 stage_request = _default_client_function("stage_request")
 archive_info = _default_client_function("archive_info")
+copy = _default_client_function("copy")
+share = _default_client_function("share")
+fts_copy = _default_client_function("fts_copy")
+fts_job = _default_client_function("fts_job")
 
 
 class _Module(type(sys)):
@@ -9909,7 +11305,7 @@ class _DavRequest:
                                node.rel, where, self._public_base(), _TAPE_API))
 
     def _send_file(self, node, head):
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC
         fd = os.open(node.real, flags)    # node.real has no symlink left in it
         with os.fdopen(fd, "rb", buffering=0) as f:
             node.st = st = os.fstat(fd)   # what is sent is what was opened
@@ -10060,8 +11456,8 @@ class _DavRequest:
                 raise _Refusal(400, "malformed Content-MD5")
         existed = os.path.lexists(node.path)
         tmp = os.path.join(os.path.dirname(node.path), _SERVE_TMP + secrets.token_hex(8))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                     0o644)
         hashers = _Hashers(("adler32", "md5"))
         try:
             with os.fdopen(fd, "wb") as f:
@@ -10731,7 +12127,8 @@ def _build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_args_ls, _args_stat, _args_du, _args_get, _args_put, _args_mkdir, _args_rm,
-                _args_mv, _args_sum, _args_cat, _args_stage, _args_release, _args_config,
+                _args_mv, _args_cp, _args_sum, _args_cat, _args_share, _args_stage,
+                _args_release, _args_fts, _args_config,
                 _args_completion, _args_upload_cert,
                 _args_login, _args_logout, _args_token, _args_serve, _args_old_names):
         add(sub)
@@ -11105,7 +12502,7 @@ def _report_now(args, verb, summary):
         sys.stderr.write("dry run: %s (%s) would be %s, %d skipped (already there), "
                          "%d failed\n" % (_plural(len(planned), "file"), _human_bytes(sum(
                              r.size or 0 for r in planned)),
-                             "downloaded" if verb == "get" else "uploaded",
+                             {"get": "downloaded", "cp": "copied"}.get(verb, "uploaded"),
                              summary.skipped, summary.failed))
     elif not _opt(args, "quiet"):
         rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0
@@ -11122,7 +12519,8 @@ def _args_get(sub):
     sp = _subcommand(sub, "get", _cmd_get, "download files", description=(
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
-                "verified against the server's checksum; an interrupted download of a file "
+                "verified against the server's checksum (when it has one; XRootD before "
+                "5.8.3: the size only, see the README); an interrupted download of a file "
                 "over 1 MiB resumes from its .part file when NAME.part.meta says it is of the "
                 "same file; files already there (the same size and modification time) are "
                 "skipped; a file another process is downloading into the same place is "
@@ -11432,6 +12830,179 @@ def _to_stdout(client, paths):
     return 0
 
 
+_CP_DESCRIPTION = """\
+Copy remote files, or with -r a tree, to another remote place: server to
+server, no bytes through this machine. Within one server: WebDAV COPY. Between
+two servers: HTTP third-party copy, pulled by the destination (default) or,
+with --push, pushed by the source; the other server gets a macaroon limited to
+the files and to reading (or writing), asked of the server it is for. Live
+progress comes from the servers' perf markers. After each copy the checksums of
+both sides are compared (the sizes when they share no checksum); a mismatch
+deletes the copy. A file already at the destination with the same size and
+checksum is skipped; one that differs fails unless --overwrite.
+
+SRC and DST are remote paths (relative to the storage URL) or URLs; a DST
+ending with '/' (and any DST of several SRCs) is a folder to copy into. A local
+side, written ., ./PATH, ../PATH, ~/PATH or file:PATH, makes this a `get` or a
+`put`.
+
+Credentials: the storage's origin (--url) gets your token. Another origin gets
+what `ctadata --profile NAME` would send it, where NAME is the first profile of
+~/.config/ctadata/config.ini whose url is on that origin; else nothing (an open
+server, or a URL with ?authz=). Your token goes to another origin only if you
+name it with --delegate-token: a server that gets it can pass it on and use it
+as you, for anything the token allows, until it expires.
+
+With --fts URL the copy is handed to that FTS3 server instead (jobs of at most
+1,000 files): ctadata lists the files, submits, prints the job ID and returns
+(--wait: follows the job to its end). Your token (or client certificate, with
+--auth x509) goes to the FTS3 server.
+
+exit status: 0 success (with --fts: submitted; with --wait: every file
+FINISHED), 1 a failure, 2 bad usage, 130 interrupted."""
+
+_CP_EPILOG = """\
+examples:
+  ctadata cp raw/run1.fits.fz raw/copy.fits.fz           # within the storage
+  ctadata cp -r raw/20241114 https://other.site/cta/raw/ # pulled by other.site
+  ctadata cp --push -r raw/20241114 https://other.site/cta/raw/
+  ctadata cp --fts https://fts3.example.org:8446 -r raw/20241114 \\
+      https://other.site/cta/raw/ --wait
+  ctadata fts status JOB_ID --wait
+"""
+
+
+def _args_cp(sub):
+    sp = _subcommand(sub, "cp", _cmd_cp, "copy between remote places (server to server; "
+                     "third-party copy; FTS3)", description=_CP_DESCRIPTION)
+    sp.epilog = _CP_EPILOG
+    sp.add_argument("sources", nargs="+", metavar="SRC", help="remote path or URL")
+    sp.add_argument("dest", metavar="DST", help="remote path or URL; ending with '/': a "
+                    "folder to copy into")
+    sp.add_argument("-r", "--recursive", action="store_true", help="copy folder trees")
+    sp.add_argument("--push", action="store_true",
+                    help="between two servers: the source sends (COPY with Destination) "
+                         "instead of the destination fetching (default: pull)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace files already at the destination (default: skip those "
+                         "with the same size and checksum, fail the others)")
+    sp.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="do not compare the checksums of source and copy afterwards")
+    sp.add_argument("--delegate-token", action="append", default=[], metavar="ORIGIN",
+                    help="trust ORIGIN (https://host:port, repeatable) with your token: "
+                         "it is sent there, and handed to it for the storage when the "
+                         "storage issues no macaroons")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="list what would be copied and the totals; change nothing")
+    sp.add_argument("--manifest", metavar="FILE.json",
+                    help="write one record per file (source, destination, size, "
+                         "checksums, status, error)")
+    _args_output(sp, "the summary and one record per file (with --fts: the job)")
+    _args_filters(sp)
+    g = sp.add_argument_group("FTS3", "Hand the copy to an FTS3 server instead.")
+    g.add_argument("--fts", metavar="URL",
+                   help="submit to this FTS3 server (REST, e.g. https://fts3.example.org:"
+                        "8446; env CTADATA_FTS or profile key fts give a default for "
+                        "`ctadata fts`) and print the job ID")
+    g.add_argument("--wait", action="store_true",
+                   help="with --fts: follow the job until it ends, then list the failures")
+    g.add_argument("--fts-retry", type=int, default=2, metavar="N",
+                   help="with --fts: attempts FTS3 makes after a failure (default 2)")
+
+
+def _cmd_cp(client, args):
+    sources, dest = args.sources, args.dest
+    if args.fts:
+        return _cp_fts(client, args, sources, dest)
+    if args.wait:
+        raise ConfigError("--wait goes with --fts")
+    progress = _make_progress(args, "cp")
+    try:
+        summary = client.copy(sources if len(sources) > 1 else sources[0], dest,
+                              recursive=args.recursive, mode="push" if args.push else "pull",
+                              overwrite=args.overwrite, verify=args.verify,
+                              select=_cli_selector(args), dry_run=args.dry_run,
+                              progress=progress, raise_on_failure=False,
+                              delegate_token=args.delegate_token)
+    finally:
+        progress.close()
+    return _report(args, "cp", summary)
+
+
+def _cp_fts(client, args, sources, dest):
+    if args.dry_run or args.manifest or args.push or args.delegate_token:
+        raise ConfigError("--fts takes neither -n, --manifest, --push nor --delegate-token "
+                          "(FTS3 does the copy)")
+    if args.jsonl:
+        raise ConfigError("--fts prints one JSON document (--json), not JSON lines")
+    job = client.fts_copy(sources if len(sources) > 1 else sources[0], dest, args.fts,
+                          recursive=args.recursive, overwrite=args.overwrite,
+                          verify=args.verify, retry=args.fts_retry,
+                          select=_cli_selector(args))
+    if not args.json:
+        _out("".join(jid + "\n" for jid in job.ids))
+        sys.stdout.flush()
+    _note(args, "submitted %s to %s (%s); follow with `ctadata fts status ID --wait%s`" % (
+        _plural(len(job.ids), "FTS3 job"), _safe_url(job.endpoint),
+        "IDs joined with ',' count as one ID" if len(job.ids) > 1 else "ID above",
+        " --fts %s" % _safe_url(job.endpoint) if args.fts else ""))
+    if not args.wait:
+        if args.json:
+            import json
+            _out(json.dumps(job.refresh().to_dict(), indent=1) + "\n")
+        return 0
+    return _fts_follow(args, job, sys.stderr)
+
+
+_SHARE_DESCRIPTION = """\
+Make a link to a remote file or folder that works without an account, in a
+browser or with curl, until it expires: the storage issues a macaroon limited
+to PATH (and what is below it), to what --allow says, and to --for; ctadata
+prints PATH's URL with it (...?authz=MACAROON). The macaroon is a secret:
+whoever has the link can do what it allows, so it is printed on stdout only and
+never logged.
+Needs a storage that issues macaroons (dCache, XRootD with libXrdMacaroons,
+ctadata serve)."""
+
+_SHARE_EPILOG = """\
+examples:
+  ctadata share cta/DL1/run1.h5                       # a day, download and list
+  curl -O "$(ctadata share cta/DL1/run1.h5 --for 2h)"
+  ctadata share users/me/incoming/ --allow upload,list --ip 192.0.2.0/24
+  ctadata share cta/DL1/ --json                       # url, macaroon, expires
+"""
+
+
+def _args_share(sub):
+    sp = _subcommand(sub, "share", _cmd_share, "make a link that works without an account "
+                     "(a macaroon)", description=_SHARE_DESCRIPTION)
+    sp.epilog = _SHARE_EPILOG
+    sp.add_argument("path", help="remote file or folder")
+    sp.add_argument("--for", dest="duration", default="1d", metavar="DURATION",
+                    help="how long the link works: 1d, 12h, 30m, 1w, P1D (default 1d; "
+                         "servers cap it, dCache at 7 days)")
+    sp.add_argument("--allow", default=",".join(_SHARE_DEFAULT), metavar="LIST",
+                    help="what the link allows, ',' separated: %s (default %s)" % (
+                        ", ".join(_SHARE_ACTIVITIES), ",".join(_SHARE_DEFAULT)))
+    sp.add_argument("--ip", metavar="ADDRESS",
+                    help="only from this address or network (192.0.2.7, 192.0.2.0/24)")
+    sp.add_argument("--json", action="store_true",
+                    help="print {url, macaroon, path, allow, ip, expires, expires_in}")
+
+
+def _cmd_share(client, args):
+    link = client.share(args.path, args.duration, args.allow, args.ip)
+    if args.json:
+        import json
+        _out(json.dumps(link.to_dict(), indent=1) + "\n")
+    else:
+        _out(link.url + "\n")
+        _note(args, "%s: %s until %s%s" % (link.path or "/", ",".join(link.allow),
+                                           _when(link.expires),
+                                           " from %s" % link.ip if link.ip else ""))
+    return 0
+
+
 _STAGE_DESCRIPTION = """\
 Ask the storage to bring files from tape to disk (WLCG Tape REST API), in
 requests of at most 1,000 files, and print the request ID (the IDs of several
@@ -11483,7 +13054,8 @@ def _args_stage(sub):
 
 class _StageProgress:
     """What `stage --wait` shows after each poll: a live line on a terminal,
-    else a line whenever the count of files on disk or failed changed."""
+    else a line whenever the count of files on disk or failed changed
+    (_FTSProgress shows an FTS3 job the same way)."""
 
     def __init__(self, args):
         self.quiet = _opt(args, "quiet")
@@ -11492,17 +13064,25 @@ class _StageProgress:
         self.last = None
         self.drawn = False
 
+    @staticmethod
+    def key(req):
+        return req.on_disk, req.failed, len(req.files)
+
+    @staticmethod
+    def text(req):
+        return "stage: %d/%s on disk%s" % (
+            req.on_disk, _plural(len(req.files), "file"),
+            ", %d failed" % req.failed if req.failed else "")
+
     def __call__(self, req):
-        key = (req.on_disk, req.failed, len(req.files))
+        key = self.key(req)
         if self.quiet or (key == self.last and not self.tty):
             return
         self.last = key
-        line = "stage: %d/%s on disk%s, %d:%02d elapsed" % (
-            (req.on_disk, _plural(len(req.files), "file"),
-             ", %d failed" % req.failed if req.failed else "")
-            + divmod(int(time.monotonic() - self.started), 60))
+        line = "%s, %d:%02d elapsed" % ((self.text(req),) + divmod(
+            int(time.monotonic() - self.started), 60))
         if self.tty:
-            sys.stderr.write("\r" + line + "\x1b[K")
+            sys.stderr.write("\r" + line[:200] + "\x1b[K")
             self.drawn = True
         else:
             sys.stderr.write("ctadata: %s\n" % line)
@@ -11592,6 +13172,92 @@ def _cmd_release(client, args):
     _note(args, "released %s of %s" % (_plural(req.release(args.paths or None), "file"),
                                        req.id))
     return 0
+
+
+class _FTSProgress(_StageProgress):
+    """What `--wait` shows of an FTS3 job after each poll (see _StageProgress)."""
+
+    @staticmethod
+    def key(job):
+        return job.state, sorted(job.counts.items())
+
+    @staticmethod
+    def text(job):
+        return "fts: %s, %s" % (job.state, ", ".join(
+            "%s %d" % kv for kv in sorted(job.counts.items())) or "no files")
+
+
+def _fts_follow(args, job, stream):
+    show = _FTSProgress(args)
+    try:
+        job.wait(progress=show)
+    finally:
+        show.close()
+    return _fts_report(args, job, stream)
+
+
+def _fts_report(args, job, stream):
+    """Print an FTS3 job (JSON, or its state, per-state counts and the
+    failed files with FTS3's reasons); return the exit code: 0 only for a
+    job that FINISHED (while it runs: 0 unless files failed already)."""
+    if args.json:
+        import json
+        _out(json.dumps(job.to_dict(), indent=1) + "\n")
+    elif not _opt(args, "quiet"):
+        counts = job.counts
+        stream.write("fts %s: %s, %s (%s)\n" % (
+            job.id, job.state, _plural(len(job.files), "file"),
+            ", ".join("%s %d" % kv for kv in sorted(counts.items())) or "none listed"))
+    failures = job.failures
+    for f in failures[:20]:
+        sys.stderr.write("ctadata: failed: %s -> %s: %s %s\n" % (
+            _safe_url(f["source"]), _safe_url(f["destination"]), f["state"],
+            f["reason"] or ""))
+    if len(failures) > 20:
+        sys.stderr.write("ctadata: ... and %d more failures\n" % (len(failures) - 20))
+    if job.done:
+        return 0 if job.ok else 1
+    return 1 if failures else 0
+
+
+_FTS_DESCRIPTION = """\
+Follow or cancel an FTS3 job that `ctadata cp --fts` submitted (the ID it
+printed; several IDs joined with ',' count as one). status shows the job's
+state and how many files are in each state (with --wait: polls, from every 2 s
+backing off to every 60 s while nothing changes, until the job ends) and the
+failed files with FTS3's reasons. The FTS3 server is --fts URL, else
+$CTADATA_FTS, else the profile's fts key; your token (or certificate) goes
+there.
+
+exit status: 0 when the job FINISHED (status without --wait: when no file
+failed so far), 1 otherwise, 2 bad usage."""
+
+
+def _args_fts(sub):
+    sp = _subcommand(sub, "fts", _cmd_fts, "follow or cancel an FTS3 job (cp --fts)",
+                     description=_FTS_DESCRIPTION)
+    sp.add_argument("action", choices=("status", "cancel"))
+    sp.add_argument("job", metavar="ID", help="the job ID that `cp --fts` printed")
+    sp.add_argument("--fts", metavar="URL", help="the FTS3 server (env CTADATA_FTS; "
+                                                 "profile key fts)")
+    sp.add_argument("--wait", action="store_true",
+                    help="status: poll until the job ends; exit 0 only if it FINISHED")
+    sp.add_argument("--json", action="store_true",
+                    help="print the job as JSON: {id, ids, endpoint, state, done, counts, "
+                         "files: [{job, source, destination, state, reason, size}]}")
+
+
+def _cmd_fts(client, args):
+    job = client.fts_job(args.job, args.fts)
+    if args.action == "cancel":
+        if args.wait:
+            raise ConfigError("cancel does not wait")
+        job.cancel()
+        _note(args, "cancelled %s" % job.id)
+        return _fts_report(args, job, sys.stdout) if args.json else 0
+    if args.wait:
+        return _fts_follow(args, job, sys.stdout)
+    return _fts_report(args, job, sys.stdout)
 
 
 _SERVE_DESCRIPTION = """\

@@ -7,9 +7,15 @@ end of the session -- see tests/servers.py for the servers and their quirks):
     apache_server        Apache mod_dav, bearer token required
     nginx_tls_server     nginx WebDAV over https (server.ca_file = CA PEM)
     nginx_static_server  plain static nginx (GET/HEAD), no token required
+    xrootd_server        XRootD 5 over https, macaroons: the token is a macaroon
+                         it issued (anything else: 403); server.client_cert,
+                         server.xroot_url; servers.mint_macaroon for more
+    xrootd_open_server   a second XRootD over https, no credentials needed
+                         (the peer for third-party copies; same test CA)
 
-    dav                  function scope, parametrized over nginx/apache:
-                         an empty remote folder per test (see DavTarget)
+    dav                  function scope, parametrized over nginx/apache/xrootd:
+                         an empty remote folder per test (see DavTarget);
+                         ``dav_target(request, kind)`` for other parametrizations
 
 A missing server binary/module skips the tests that need it, except when the
 environment variable CI is "true": then it is a test failure.  Install the
@@ -78,6 +84,10 @@ def _start(kind: str, base: Path) -> "servers.RunningServer":
     work = base / kind / "work"
     if kind == "apache":
         return servers.start_apache(root, token, work)
+    if kind in ("xrootd", "xrootd-open"):
+        # one CA for both instances: each verifies the other in copies
+        return servers.start_xrootd(root, work, ca_dir=base / "xrootd-ca",
+                                    macaroons=(kind == "xrootd"), token=token)
     return servers.start_nginx(
         root, token, work,
         static_only=(kind == "nginx-static"), tls=(kind == "nginx-tls"),
@@ -112,13 +122,28 @@ def nginx_static_server(server_base_dir: Path) -> Iterator["servers.RunningServe
         yield srv
 
 
+@pytest.fixture(scope="session")
+def xrootd_server(server_base_dir: Path) -> Iterator["servers.RunningServer"]:
+    _require("XRootD (with macaroons)", servers.xrootd_missing_reason(macaroons=True))
+    with _start("xrootd", server_base_dir) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def xrootd_open_server(server_base_dir: Path) -> Iterator["servers.RunningServer"]:
+    _require("XRootD", servers.xrootd_missing_reason())
+    with _start("xrootd-open", server_base_dir) as srv:
+        yield srv
+
+
 class DavTarget:
     """One empty remote folder on a running DAV server, private to one test.
 
-    name    "nginx" / "apache"
+    name    "nginx" / "apache" / "xrootd"
     url     server url + "/" + folder + "/"   (always ends with "/")
     root    Path of that folder on disk
     token   bearer token of the server
+    ca_file CA of the server's certificate (https servers), else None
     server  the servers.RunningServer
     """
 
@@ -129,6 +154,7 @@ class DavTarget:
         self.url = server.url + "/" + folder + "/"
         self.root = server.root / folder
         self.token = server.token
+        self.ca_file = server.ca_file
 
     @property
     def path(self) -> str:
@@ -155,9 +181,23 @@ def _folder_name(nodename: str) -> str:
     return "t%04d-%s" % (next(_folder_counter), safe)
 
 
-@pytest.fixture(params=["nginx", "apache"], ids=["nginx", "apache"])
-def dav(request: pytest.FixtureRequest) -> Iterator[DavTarget]:
-    server = request.getfixturevalue(request.param + "_server")
+DAV_SERVERS = ["nginx", "apache", "xrootd"]
+
+
+@pytest.fixture(params=DAV_SERVERS, ids=DAV_SERVERS)
+def dav(request: pytest.FixtureRequest, monkeypatch) -> Iterator[DavTarget]:
+    for target in dav_target(request, request.param):
+        if target.ca_file:
+            # a private CA (XRootD's https), trusted as a user would make it
+            # trusted: every Client and command of the test finds it
+            monkeypatch.setenv("X509_CERT_FILE", target.ca_file)
+        yield target
+
+
+def dav_target(request: pytest.FixtureRequest, kind: str) -> Iterator[DavTarget]:
+    """The body of the ``dav`` fixture, for a fixture parametrized otherwise
+    (``yield from dav_target(request, request.param)``)."""
+    server = request.getfixturevalue(kind + "_server")
     if not server.alive():
         pytest.fail("%s server died earlier in the session:\n%s"
                     % (server.name, server.logs()), pytrace=False)
@@ -205,7 +245,8 @@ def _clean_env(monkeypatch, tmp_path):
 def client(dav):
     """A ctadata.Client on the test's empty folder of a real server."""
     import ctadata
-    with ctadata.Client(url=dav.url, token=dav.token, retries=1, timeout=20) as c:
+    with ctadata.Client(url=dav.url, token=dav.token, retries=1, timeout=20,
+                        ca_file=dav.ca_file) as c:
         yield c
 
 
@@ -217,8 +258,10 @@ def cli(dav, monkeypatch, capsys):
     import ctadata
     monkeypatch.setenv("BEARER_TOKEN", dav.token)
 
+    tls = ["--ca-file", dav.ca_file] if dav.ca_file else []
+
     def run(*argv):
-        code = ctadata.main(["--url", dav.url] + [str(a) for a in argv])
+        code = ctadata.main(["--url", dav.url] + tls + [str(a) for a in argv])
         out, err = capsys.readouterr()
         return code, out, err
     return run

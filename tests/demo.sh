@@ -96,10 +96,17 @@ if has_option get --stage-id; then
     step ctadata get --stage-id "$id" morning/ --release
 fi
 if has share; then
-    step ctadata share users/demo/results.txt --for 1h
+    # a link that works without an account (a macaroon in the URL)
+    printf '\n$ link=$(ctadata share users/demo/results.txt --for 1h)\n'
+    link=$(ctadata share -q users/demo/results.txt --for 1h)
+    if command -v curl >/dev/null 2>&1; then
+        step env -u BEARER_TOKEN_FILE curl -sS "$link"
+    fi
 fi
 if has cp; then
+    # copies on the server: no bytes through this machine
     step ctadata cp users/demo/results.txt users/demo/results-copy.txt
+    step ctadata cp -r cta/DL1/20241114/v0.1 users/demo/v0.1-copy
 fi
 step ctadata mv users/demo/results.txt users/demo/final.txt
 step ctadata ls -l users/demo

@@ -102,8 +102,8 @@ class DoubleHandler(http.server.BaseHTTPRequestHandler):
             body = body.encode("utf-8")
         self._start(status, [("Content-Type", content_type),
                              ("Content-Length", str(len(body)))] + list(headers))
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if body and self.command != "HEAD":     # nothing to write: a client that
+            self.wfile.write(body)              # has closed must not be an error
 
     def send_json(self, status, obj, headers=()):
         self.send(status, json.dumps(obj), "application/json", headers)

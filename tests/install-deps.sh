@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the real servers the test-suite needs (Debian/Ubuntu, apt-get):
-#   nginx + WebDAV ext module, Apache httpd binary + modules, openssl, curl.
+#   nginx + WebDAV ext module, Apache httpd binary + modules, XRootD 5 (server,
+#   its HTTP/TPC/macaroons plugins, the xrdcp/xrdfs client), openssl, curl.
 #
 # * Does nothing (fast) when everything is already there.
 # * Installs only when running as root with apt-get; otherwise prints what
@@ -58,6 +59,19 @@ if ! { have_cmd apache2 || have_cmd httpd; } ||
    ! have_file_in mod_dav_fs.so "${APACHE_MODULE_DIRS[@]}"; then
     missing+=("apache2 (with mod_dav_fs)"); want+=(apache)
 fi
+if ! have_cmd xrootd; then
+    missing+=("xrootd"); want+=(xrootd)
+fi
+# libXrdHttp (the HTTP door), libXrdHttpTPC, libXrdMacaroons: xrootd-server-plugins
+if ! have_file_in libXrdMacaroons-5.so /usr/lib/*-linux-gnu /usr/lib64 /usr/lib /usr/local/lib; then
+    missing+=("xrootd server plugins (XrdHttp, TPC, macaroons)"); want+=(xrootd-plugins)
+fi
+if ! have_cmd xrdfs; then
+    missing+=("xrootd client (xrdcp, xrdfs)"); want+=(xrootd-client)
+fi
+if ! have_cmd setpriv; then   # XRootD refuses to run as root: the tests drop privileges
+    missing+=("setpriv"); want+=(setpriv)
+fi
 if ! have_cmd openssl; then
     missing+=("openssl"); want+=(openssl)
 fi
@@ -69,17 +83,17 @@ if ! have_cmd pypy3; then   # the suite also runs under PyPy (make test-pypy)
 fi
 
 if [ ${#want[@]} -eq 0 ]; then
-    echo "install-deps: nginx, dav-ext, apache2, openssl, curl, pypy3 already installed"
+    echo "install-deps: nginx, dav-ext, apache2, xrootd, openssl, curl, pypy3 already installed"
     exit 0
 fi
 
-default_pkgs="nginx libnginx-mod-http-dav-ext apache2-bin openssl curl"
+default_pkgs="nginx libnginx-mod-http-dav-ext apache2-bin xrootd-server xrootd-server-plugins xrootd-client openssl curl"
 echo "install-deps: missing: ${missing[*]}"
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install-deps: not root or no apt-get; please install (Debian/Ubuntu):"
     echo "  sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $default_pkgs"
-    echo "  (other systems: nginx with http_dav + the nginx-dav-ext module, Apache httpd with mod_dav/mod_dav_fs, openssl, curl)"
+    echo "  (other systems: nginx with http_dav + the nginx-dav-ext module, Apache httpd with mod_dav/mod_dav_fs, XRootD 5 with its HTTP plugins, openssl, curl)"
     exit 0
 fi
 
@@ -107,13 +121,17 @@ for role in "${want[@]}"; do
         nginx)   pkgs+=("$(pick nginx nginx-light nginx-core)") ;;
         dav-ext) pkgs+=("$(pick libnginx-mod-http-dav-ext)") ;;
         apache)  pkgs+=("$(pick apache2-bin apache2)") ;;
+        xrootd)  pkgs+=("$(pick xrootd-server)") ;;
+        xrootd-plugins) pkgs+=("$(pick xrootd-server-plugins)") ;;
+        xrootd-client)  pkgs+=("$(pick xrootd-client)") ;;
+        setpriv) pkgs+=("$(pick util-linux setpriv)") ;;
         openssl) pkgs+=("$(pick openssl)") ;;
         curl)    pkgs+=("$(pick curl)") ;;
         pypy3)   pkgs+=("$(pick pypy3)") ;;
     esac
 done
 
-# Keep dpkg from starting nginx/apache system services (port 80) meanwhile.
+# Keep dpkg from starting nginx/apache/xrootd system services (port 80) meanwhile.
 policy=/usr/sbin/policy-rc.d
 created_policy=0
 if [ ! -e "$policy" ]; then
@@ -133,4 +151,5 @@ have_file_in ngx_http_dav_ext_module.so "${NGINX_MODULE_DIRS[@]}" ||
     { echo "install-deps: dav-ext module still missing" >&2; exit 1; }
 { have_cmd apache2 || have_cmd httpd; } ||
     { echo "install-deps: apache2 still missing" >&2; exit 1; }
+have_cmd xrootd || { echo "install-deps: xrootd still missing" >&2; exit 1; }
 echo "install-deps: done"

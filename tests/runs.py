@@ -58,8 +58,11 @@ def leftovers(root):
 
 
 def cli_env(home, token):
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-            "BEARER_TOKEN": token, "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+           "BEARER_TOKEN": token, "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
+    if os.environ.get("X509_CERT_FILE"):  # a test server's private CA (the dav fixture)
+        env["X509_CERT_FILE"] = os.environ["X509_CERT_FILE"]
+    return env
 
 
 class Run:

@@ -102,7 +102,7 @@ def test_verbose_logs_requests_but_never_the_token(cli, dav, tmp_path):
     make_tree(dav.root, {"d/a.txt": b"a", "d/b.txt": b"bb"})
     code, out, err = cli("-v", "get", "-r", "d", str(tmp_path) + "/")
     assert code == 0
-    assert re.search(r"PROPFIND http://127\.0\.0\.1:\d+/.*/d/ -> 207", err)
+    assert re.search(r"PROPFIND https?://127\.0\.0\.1:\d+/.*/d/ -> 207", err)
     assert re.search(r"GET .*/d/a\.txt -> 200", err)
     assert dav.token not in err and dav.token not in out
 

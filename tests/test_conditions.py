@@ -215,8 +215,12 @@ def test_three_processes_downloading_one_tree(dav, tmp_path, home):
     out = tmp_path / "out"
     out.mkdir()
     want = {k[2:]: sha(v) for k, v in spec.items()}
+    # what a process leaves when it exits, without the others' parts: one
+    # that finds a file done makes an empty NAME.part (O_EXCL, to lock it)
+    # before it looks, then removes it (seen on XRootD, 1 run in 12)
     procs = [start(dav.url, ["get", "-r", "t", str(out) + "/"], home, token=dav.token,
-                on_exit=lambda: tree_digests(out / "t"))
+                on_exit=lambda: {k: v for k, v in tree_digests(out / "t").items()
+                                 if ".part" not in k})
             for _ in range(3)]
     for r in procs:
         r.wait()
@@ -346,7 +350,8 @@ def test_a_stale_lock_file_of_a_dead_process_is_broken(fs, tmp_path, home):
     assert run.wait(60) == 0, run
     assert "stale lock" in run.err, run
     assert file_sha(out / "big.bin") == sha(data)
-    assert fs.find(method="GET")[-1].headers.get("range") == "bytes=%d-" % (2 * MiB)
+    assert fs.find(method="GET")[-1].headers.get("range") == "bytes=%d-%d" % (2 * MiB,
+                                                                                3 * MiB - 1)
     assert leftovers(out) == []
 
 

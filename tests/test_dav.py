@@ -1,6 +1,7 @@
 """Layer 3: every everyday operation against real WebDAV servers (nginx with
 dav-ext and Apache mod_dav, both requiring a bearer token), through the
-Python API and through the CLI (ctadata.main in-process)."""
+Python API and through the CLI (ctadata.main in-process); and against XRootD
+(the macaroon instance, tests/test_xrootd.py), which cannot store a "?"."""
 
 import hashlib
 import json
@@ -26,11 +27,30 @@ def odd_tree(root):
     return make_tree(root, spec)
 
 
+def unstorable(dav, names):
+    """The names this server cannot store faithfully: XRootD cuts a name at
+    "?" (/work/notes/xrootd-names.md), so ctadata fails those files."""
+    return {n for n in names if "?" in n} if dav.name == "xrootd" else set()
+
+
 def test_put_r_then_get_r_round_trips_odd_names(client, dav, tmp_path):
     src = odd_tree(tmp_path / "src")
-    summary = client.upload_dir(str(src), "up/")          # trailing slash: into
-    assert summary.transferred == summary.files == len(tree_digests(src))
-    assert tree_digests(dav.root / "up" / "src") == tree_digests(src)   # on the server's disk
+    want = tree_digests(src)
+    bad = unstorable(dav, want)
+    if bad:  # each fails alone, clearly; nothing is stored under another name
+        with pytest.raises(ctadata.PartialFailure) as ei:
+            client.upload_dir(str(src), "up/")
+        summary = ei.value.summary
+        failed = {os.path.relpath(r.source, str(src)) for r in summary.failures}
+        assert failed == bad and summary.transferred == len(want) - len(bad)
+        assert all('name with "?"' in r.error for r in summary.failures)
+        for n in bad:
+            (src / n).unlink()
+            want.pop(n)
+    else:
+        summary = client.upload_dir(str(src), "up/")          # trailing slash: into
+        assert summary.transferred == summary.files == len(want)
+    assert tree_digests(dav.root / "up" / "src") == want   # on the server's disk
 
     out = tmp_path / "out"
     summary = client.download("up/src", str(out) + "/", recursive=True)
@@ -66,7 +86,8 @@ def test_names_only_listing_gives_the_same_names_and_types(client, dav, cli):
     full = client.ls("d", recursive=True)
     bare = client.ls("d", recursive=True, details=False)
     assert [(e.path, e.is_dir) for e in bare] == [(e.path, e.is_dir) for e in full]
-    assert all(e.size is None and e.mtime is None for e in bare)
+    if dav.name != "xrootd":   # XRootD ignores the request body: it sends everything
+        assert all(e.size is None and e.mtime is None for e in bare)
     assert {e.path: e.size for e in full if not e.is_dir} == {
         "d/a.txt": 3, "d/sub/b.txt": 5, "d/é x#.dat": 1}
     assert [e.name for e in client.iter_dir("d", details=False)] != []
@@ -125,6 +146,8 @@ def test_fetch_functions_and_module_api(dav, tmp_path, monkeypatch):
     make_tree(dav.root, {"lst/x/file.h5": b"h5" * 1000, "lst/x/y/z.fits": b"fits"})
     monkeypatch.setenv("CTADATA_URL", dav.url)
     monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    if dav.ca_file:
+        monkeypatch.setenv("X509_CERT_FILE", dav.ca_file)
     monkeypatch.chdir(tmp_path)
     assert ctadata.list_dir("lst/x") == ["lst/x/file.h5", "lst/x/y/"]
     assert ctadata.fetch_and_save_file("lst/x/file.h5") == 2000
@@ -140,13 +163,14 @@ def test_fetch_functions_and_module_api(dav, tmp_path, monkeypatch):
 
 
 def test_401_without_token_says_where_it_looked(dav, tmp_path):
-    c = ctadata.Client(url=dav.url, env={}, retries=0)
+    c = ctadata.Client(url=dav.url, env={}, retries=0, ca_file=dav.ca_file)
     with pytest.raises(ctadata.AuthError) as ei:
         c.list_dir("")
     msg = str(ei.value)
-    assert ei.value.status == 401
+    assert ei.value.status == (403 if dav.name == "xrootd" else 401)  # XRootD: never 401
     assert "no token found" in msg and "$BEARER_TOKEN" in msg and "/tmp/bt_u" in msg
-    bad = ctadata.Client(url=dav.url, token="wrong-token", env={}, retries=0)
+    bad = ctadata.Client(url=dav.url, token="wrong-token", env={}, retries=0,
+                         ca_file=dav.ca_file)
     with pytest.raises(ctadata.AuthError) as ei:
         bad.list_dir("")
     assert "refused" in str(ei.value) and "wrong-token" not in str(ei.value)
@@ -177,9 +201,13 @@ def test_cli_ls_variants(cli, dav):
 
 def test_cli_get_put_mkdir_rm_mv_stat(cli, dav, tmp_path):
     src = odd_tree(tmp_path / "localdir")
+    bad = unstorable(dav, tree_digests(src))
     code, out, err = cli("put", "-r", src, "your-folder/")
-    assert code == 0, err
-    assert "0 failed" in err
+    assert code == (1 if bad else 0), err
+    assert "%d failed" % len(bad) in err
+    for n in bad:
+        assert "failed: %s: XRootD cannot store" % (src / n) in err
+        (src / n).unlink()
     assert tree_digests(dav.root / "your-folder/localdir") == tree_digests(src)
     code, out, err = cli("put", src / "plain.txt", "your-folder/")
     assert code == 0 and out.strip() == "your-folder/plain.txt"
@@ -217,7 +245,8 @@ def test_cli_get_reports_failures_and_exit_code(cli, dav, tmp_path):
 
 def test_cli_no_token_401_one_line(dav, monkeypatch, capsys):
     monkeypatch.delenv("BEARER_TOKEN", raising=False)
-    code = ctadata.main(["--url", dav.url, "--retries", "0", "ls"])
+    tls = ["--ca-file", dav.ca_file] if dav.ca_file else []
+    code = ctadata.main(["--url", dav.url, "--retries", "0"] + tls + ["ls"])
     err = capsys.readouterr().err
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and "looked in" in err
@@ -270,3 +299,110 @@ def test_uploads_stop_hashing_once_the_server_shows_it_sends_no_digest(client, d
     sums = [r.checksums for r in s.results]
     assert sums[0].get("adler32") and all("adler32" not in x for x in sums[1:])
     assert client._transport.put_digests is False
+
+
+def test_cli_sum_and_du(cli, dav):
+    data = os.urandom(5000)
+    make_tree(dav.root, {"s/f é#1.bin": data, "s/sub/g": b"12"})
+    code, out, err = cli("sum", "s/f é#1.bin")
+    if dav.name == "xrootd":    # the only one of these that computes checksums
+        assert code == 0 and out == "adler32 %08x\n" % zlib.adler32(data)
+    else:
+        assert code == 1 and "no known checksum" in err
+    code, out, err = cli("du", "--json", "s")
+    doc = json.loads(out)
+    assert (doc["files"], doc["dirs"], doc["bytes"]) == (2, 1, 5002)
+
+
+# Every character that trips a client that does not percent-encode (or
+# decodes twice): space, "#", "%", a literal "%20", "&", "'", ";", "[]", "+",
+# "=", unicode.  ("?" is apart: XRootD cannot store it, see below.)
+HARD = "a b#c%d&e'f;g[h]i+j=k é日本 %20"
+
+
+def test_every_command_with_hard_names(cli, dav, tmp_path):
+    d, f = "dir " + HARD, "file " + HARD + ".txt"
+    src = make_tree(tmp_path / ("src " + HARD), {
+        f: b"one", d + "/" + f: b"two", d + "/" + d + "/" + f: b"three"})
+    top = dav.root / ("top " + HARD)
+    # put, put -r
+    code, out, err = cli("put", src / f, "top " + HARD + "/")
+    assert code == 0, err
+    assert out.strip() == "top %s/%s" % (HARD, f) and (top / f).read_bytes() == b"one"
+    code, out, err = cli("put", "-r", src, "top " + HARD + "/")
+    assert code == 0 and "3 transferred" in err, err
+    assert tree_digests(top / src.name) == tree_digests(src)
+    # ls, ls -l, ls -R, ls --json, stat
+    remote = "top %s/%s" % (HARD, src.name)
+    code, out, err = cli("ls", remote)
+    assert (code, out.splitlines()) == (0, [d + "/", f]), err
+    code, out, err = cli("ls", "-l", remote)
+    assert code == 0 and out.splitlines()[1].endswith(" " + f) and " 3 " in out.splitlines()[1]
+    code, out, err = cli("ls", "-R", remote)
+    assert out.splitlines() == [d + "/", d + "/" + d + "/", d + "/" + d + "/" + f,
+                                d + "/" + f, f]
+    code, out, err = cli("ls", "--json", remote + "/" + d)
+    assert sorted(e["name"] for e in json.loads(out)) == sorted([d, f])
+    code, out, err = cli("stat", "--json", remote + "/" + d + "/" + f)
+    assert code == 0 and json.loads(out)["size"] == 3 and json.loads(out)["name"] == f
+    # get, get -r
+    code, out, err = cli("get", remote + "/" + f, str(tmp_path / ("one " + HARD)) + "/")
+    assert code == 0 and (tmp_path / ("one " + HARD) / f).read_bytes() == b"one", err
+    code, out, err = cli("get", "-r", remote, tmp_path / "back")
+    assert code == 0 and tree_digests(tmp_path / "back") == tree_digests(src), err
+    # sum (only XRootD computes checksums of these three), du
+    code, out, err = cli("sum", remote + "/" + f)
+    if dav.name == "xrootd":
+        assert code == 0 and out == "adler32 %08x\n" % zlib.adler32(b"one")
+    else:
+        assert code == 1 and "no known checksum" in err
+    code, out, err = cli("du", "--json", remote)
+    assert (json.loads(out)["files"], json.loads(out)["bytes"]) == (3, 11)
+    # mkdir, mkdir -p
+    code, out, err = cli("mkdir", "-p", remote + "/new " + HARD + "/deeper " + HARD)
+    assert code == 0 and (top / src.name / ("new " + HARD) / ("deeper " + HARD)).is_dir()
+    code, out, err = cli("mkdir", remote + "/new " + HARD + "/deeper " + HARD)
+    assert code == 1 and "already exists" in err
+    code, out, err = cli("mkdir", remote + "/new " + HARD + "/x/y")
+    assert code == 1 and "no parent folder" in err
+    # mv: a file into a folder, a folder to a new name, a refused overwrite
+    code, out, err = cli("mv", remote + "/" + f, remote + "/new " + HARD + "/")
+    assert code == 0 and (top / src.name / ("new " + HARD) / f).read_bytes() == b"one", err
+    code, out, err = cli("mv", remote + "/" + d, remote + "/moved " + HARD)
+    assert code == 0 and (top / src.name / ("moved " + HARD) / d / f).read_bytes() == b"three"
+    code, out, err = cli("mv", remote + "/moved " + HARD + "/" + f, remote + "/new " + HARD
+                         + "/" + f)
+    assert code == 1 and "exists already" in err
+    assert (top / src.name / ("new " + HARD) / f).read_bytes() == b"one"
+    # rm, rm -r
+    code, out, err = cli("rm", remote + "/new " + HARD + "/" + f)
+    assert code == 0 and not (top / src.name / ("new " + HARD) / f).exists()
+    code, out, err = cli("rm", "-r", "top " + HARD)
+    assert code == 0 and not top.exists(), err
+    assert [p.name for p in dav.root.iterdir()] == []
+
+
+def test_a_question_mark_is_kept_or_refused_never_cut(cli, dav, tmp_path):
+    # nginx and Apache store "?" like any character; XRootD cuts a name
+    # there (even sent as %3F): each command refuses it, nothing is cut
+    src = make_tree(tmp_path / "src", {"what?.txt": b"w", "d?/f": b"f", "ok": b"k"})
+    runs = [cli("put", src / "what?.txt", "q/"), cli("put", "-r", src, "q/"),
+            cli("mkdir", "-p", "q/new?"), cli("stat", "q/what?.txt")]
+    codes = [r[0] for r in runs]
+    if dav.name == "xrootd":
+        # one name: a usage error (2); in a tree: that file and that folder fail
+        assert codes == [2, 1, 2, 2]
+        for _code, _out, err in runs:
+            assert 'XRootD cannot store or find a name with "?" in it' in err
+        assert "2 failed" in runs[1][2] and "1 transferred" in runs[1][2]
+        assert sorted(str(p.relative_to(dav.root)) for p in dav.root.rglob("*")) == [
+            "q", "q/src", "q/src/ok"]                       # nothing cut at the "?"
+    else:
+        assert codes == [0, 0, 0, 0]
+        assert (dav.root / "q/what?.txt").read_bytes() == b"w"
+        assert (dav.root / "q/src/d?/f").read_bytes() == b"f"
+        assert (dav.root / "q/new?").is_dir()
+        code, out, err = cli("mv", "q/what?.txt", "q/new?/")
+        assert code == 0 and (dav.root / "q/new?/what?.txt").exists()
+        code, out, err = cli("rm", "-r", "q")
+        assert code == 0 and not (dav.root / "q").exists()

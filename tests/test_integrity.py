@@ -6,6 +6,7 @@ For every fault: the final file is byte-identical or absent, never wrong;
 exit codes are right; resumption sends a Range."""
 
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -92,7 +93,9 @@ def test_cut_connection_resumes_with_range(fs, tmp_path, kind, params):
         # an RST makes the kernel drop what the client had not read yet: it may
         # have had nothing to resume from
         return
-    start = int(reqs[1].headers["range"].split("=")[1].rstrip("-"))
+    start, _, end = reqs[1].headers["range"].split("=")[1].partition("-")
+    start = int(start)
+    assert end == str(BIG - 1)                        # the size is known: a closed range
     assert 0 < start <= params["after"]
     assert reqs[1].headers.get("if-range")            # the ETag from the listing
     assert fs.bytes_sent["/f.bin"] < 2 * BIG - 500000  # resumed, not restarted
@@ -120,6 +123,39 @@ def test_retries_are_bounded_and_the_exit_code_is_1(fs, tmp_path):
     assert ei.value.status == 503
     assert len(gets(fs, "/f.bin")) == 3
     assert not (tmp_path / "f.bin").exists()
+
+
+def test_xrootds_could_not_run_read_request_is_retried(fs, tmp_path, caplog):
+    # XRootD < 5.8.3 sometimes answers a GET of an existing file with
+    # "404 Could not run read request." (a race in its bridge): not "not found"
+    data = put_remote(fs, "f.bin", os.urandom(1000))
+    fs.add_fault("status", method="GET", path="/f.bin", status=404, headers={},
+                 body=b"Could not run read request.", times=1)
+    c = mkclient(fs)
+    with caplog.at_level(logging.INFO, logger="ctadata.retry"):
+        assert c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin")) == 1000
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert len(gets(fs, "/f.bin")) == 2
+    assert "after: HTTP 404 Could not run read request." in caplog.text
+    # every time: a failed transfer that says so, not "no such file"
+    fs.add_fault("status", method="GET", path="/f.bin", status=404, headers={},
+                 body=b"Could not run read request.", times=None)
+    with pytest.raises(ctadata.PartialFailure) as ei:
+        c.download("f.bin", str(tmp_path / "again.bin"))
+    err = ei.value.summary.failures[0].exception
+    assert isinstance(err, ctadata.TransferError) and err.status == 404
+    assert "HTTP 404 Could not run read request." in str(err)
+    assert len(gets(fs, "/f.bin")) == 2 + 4                  # retried (retries=3)
+    # the transport's own retry loop (retry=True) goes by the same rule
+    fs.clear_faults()
+    fs.add_fault("status", method="GET", path="/f.bin", status=404, headers={},
+                 body=b"Could not run read request.", times=1)
+    resp = c._transport.request("GET", c.url_for("f.bin"))
+    assert resp.status == 200 and resp.read() == data
+    c._transport.release(resp)
+    # and a 404 that says "not found" is one
+    with pytest.raises(ctadata.NotFound):
+        c._transport.request("GET", c.url_for("nothing.bin"), what="download")
 
 
 def test_404_is_not_retried(served, tmp_path):
@@ -166,7 +202,7 @@ def test_ignored_range_restarts_from_zero(fs, tmp_path):
     fs.add_fault("ignore_range", method="GET", path="/f.bin")
     c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == data
-    assert gets(fs, "/f.bin")[0].headers["range"] == "bytes=12345-"
+    assert gets(fs, "/f.bin")[0].headers["range"] == "bytes=12345-%d" % (BIG - 1)
 
 
 def test_resume_of_an_existing_part_file(fs, tmp_path):
@@ -521,3 +557,29 @@ def test_no_checksum_work_when_the_server_has_none(fs, tmp_path):
     put_remote(fs, "plain.bin", os.urandom(100000))
     s = mkclient(fs).download("plain.bin", str(tmp_path / "p"))
     assert s.results[0].checksums == {}            # nothing to verify against
+
+
+def test_a_digest_not_asked_for_is_ignored(fs, tmp_path):
+    # XRootD before 5.8.3 is not asked for checksums in transfers
+    # (_Quirks.digests), and may answer with the Digest of an earlier request
+    data = put_remote(fs, "f.bin", os.urandom(5000))
+    c = mkclient(fs)
+    c._transport._quirks = ctadata._Quirks("XrootD/v5.5.3")
+    fs.add_fault("wrong_digest", method="GET", path="/f.bin")
+    assert c.fetch_and_save_file("f.bin", str(tmp_path / "f.bin")) == 5000
+    (req,) = gets(fs, "/f.bin")
+    assert req.fault == "wrong_digest" and "want-digest" not in req.headers
+    assert (tmp_path / "f.bin").read_bytes() == data
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(3000))
+    fs.add_fault("wrong_digest", method="PUT", path="/up.bin")
+    (r,) = c.upload(str(src), "up.bin").results
+    assert r.status == "transferred" and (fs.root / "up.bin").read_bytes() == src.read_bytes()
+    (put,) = fs.find(method="PUT")
+    assert put.fault == "wrong_digest" and "want-digest" not in put.headers
+    # from 5.8.3 on it is asked, and a wrong answer is a mismatch
+    c._transport._quirks = ctadata._Quirks("XrootD/v5.8.3")
+    fs.add_fault("wrong_digest", method="GET", path="/f.bin", times=None)
+    with pytest.raises(ctadata.PartialFailure, match="checksum mismatch"):
+        c.download("f.bin", str(tmp_path / "again.bin"))
+    assert gets(fs, "/f.bin")[-1].headers["want-digest"].startswith("adler32")

@@ -116,7 +116,8 @@ def test_a_token_set_after_the_first_call_is_found(dav, monkeypatch, tmp_path):
     c = ctadata.Client(url=dav.url, retries=0)
     with pytest.raises(ctadata.AuthError) as ei:
         c.ls("d")
-    assert ei.value.status == 401 and "no token found; looked in:" in ei.value.hint
+    assert ei.value.status == (403 if dav.name == "xrootd" else 401)   # XRootD: never 401
+    assert "no token found; looked in:" in ei.value.hint
     with pytest.raises(ctadata.AuthError, match="^no token found; looked in: "):
         c.token()
     monkeypatch.setenv("BEARER_TOKEN", dav.token)

@@ -14,11 +14,13 @@ from ctadata import _parse_multistatus, _parse_digest, _normpath, _should_retry,
 DATA = Path(__file__).parent / "data"
 
 
-def parse(xml, url="http://h:1/dir/", base="http://h:1", chunk=None, on_self=None):
+def parse(xml, url="http://h:1/dir/", base="http://h:1", chunk=None, on_self=None,
+          raw_hrefs=False):
     warnings = []
     body = xml if isinstance(xml, bytes) else xml.encode()
     chunks = [body] if chunk is None else [body[i:i + chunk] for i in range(0, len(body), chunk)]
-    entries = list(_parse_multistatus(iter(chunks), url, base, on_self, warnings.append))
+    entries = list(_parse_multistatus(iter(chunks), url, base, on_self, warnings.append,
+                                      raw_hrefs))
     return entries, warnings
 
 
@@ -56,6 +58,100 @@ def test_captured_listing(server):
         assert by_name["a file.txt"].etag.strip('W/"')  # Apache sends ETags, nginx does not
         # the 404 propstat (Checksums, FileLocality) must not leak in
         assert by_name["a file.txt"].checksums == {} and by_name["a file.txt"].locality is None
+
+
+# Captured from XRootD 5.5.3 by tests/data/capture_xrootd.py: hrefs are the
+# names as they are (PROTOCOL.md §5), XML-escaped but not percent-encoded.
+XROOTD = "https://127.0.0.1:1094"
+XROOTD_NAMES = {"a file.txt": 10, "p%c#t.dat": 10, "sub dir": None, "é日本.bin": 10,
+                "lit%20eral.txt": 7, "q?x.txt": 8, "semi;amp&.txt": 1, "[br]+eq=.txt": 1,
+                "quote'.txt": 1, "lt<gt>.txt": 1}
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_captured_xrootd_listing_takes_hrefs_as_they_are(chunk):
+    xml = (DATA / "propfind-xrootd-depth1.xml").read_bytes()
+    selfs = []
+    entries, warnings = parse(xml, XROOTD + "/dir/", XROOTD, chunk=chunk,
+                              on_self=selfs.append, raw_hrefs=True)
+    assert warnings == []
+    by_name = {e.name: e for e in entries}
+    assert {n: e.size for n, e in by_name.items()} == XROOTD_NAMES
+    assert by_name["sub dir"].is_dir and not by_name["a file.txt"].is_dir
+    assert by_name["a file.txt"].mtime == 1589199197
+    assert by_name["lit%20eral.txt"].path == "dir/lit%20eral.txt"   # not decoded
+    # the URLs to ask for them are percent-encoded, each character once
+    assert by_name["lit%20eral.txt"].url == XROOTD + "/dir/lit%2520eral.txt"
+    assert by_name["p%c#t.dat"].url == XROOTD + "/dir/p%25c%23t.dat"
+    assert by_name["q?x.txt"].url == XROOTD + "/dir/q%3Fx.txt"
+    assert by_name["é日本.bin"].url == XROOTD + "/dir/%C3%A9%E6%97%A5%E6%9C%AC.bin"
+    assert by_name["sub dir"].url == XROOTD + "/dir/sub%20dir"      # no slash
+    assert len(selfs) == 1 and selfs[0].is_dir and selfs[0].path == "dir"
+
+
+def test_unencoded_hrefs_are_recognised_without_being_told():
+    # without knowing the server, an href with a space, "#", "?", unicode or
+    # a lone "%" cannot be percent-encoded: taken as it is.  A literal "%20"
+    # is ambiguous: only knowing the server is XRootD keeps it.
+    xml = (DATA / "propfind-xrootd-depth1.xml").read_bytes()
+    entries, warnings = parse(xml, XROOTD + "/dir/", XROOTD)
+    names = sorted(e.name for e in entries)
+    assert names == sorted(n if n != "lit%20eral.txt" else "lit eral.txt"
+                           for n in XROOTD_NAMES)
+    assert warnings == []
+
+
+def test_captured_xrootd_collection_without_slash():
+    # PROPFIND "/dir/sub%20dir" (no slash): XRootD's self href is "/dir/sub dir"
+    for depth, children in (("1", ["inner.txt"]), ("0", [])):
+        xml = (DATA / ("propfind-xrootd-depth%s-%s.xml" % (
+            depth, "noslash" if depth == "1" else "dir"))).read_bytes()
+        selfs = []
+        entries, warnings = parse(xml, XROOTD + "/dir/sub%20dir", XROOTD,
+                                  on_self=selfs.append, raw_hrefs=True)
+        assert [e.name for e in entries] == children and warnings == []
+        assert len(selfs) == 1 and selfs[0].is_dir and selfs[0].name == "sub dir"
+        if children:
+            assert entries[0].path == "dir/sub dir/inner.txt"
+            assert entries[0].url == XROOTD + "/dir/sub%20dir/inner.txt"
+
+
+def test_captured_xrootd_file_with_a_literal_percent_20():
+    xml = (DATA / "propfind-xrootd-depth0-file.xml").read_bytes()
+    selfs = []
+    entries, _ = parse(xml, XROOTD + "/dir/lit%2520eral.txt", XROOTD,
+                       on_self=selfs.append, raw_hrefs=True)
+    assert entries == [] and len(selfs) == 1
+    assert (selfs[0].name, selfs[0].size) == ("lit%20eral.txt", 7)
+
+
+@pytest.mark.parametrize("href", [
+    "/dir/../../etc/passwd",         # climbs out
+    "/dir/..",                       # the parent
+    "/dir/.",                        # itself under another name
+    "/etc/passwd",                   # elsewhere
+    "/dir/a\\b",                    # backslash
+    "/dir/sub/deeper",               # not a direct child
+    "/dir/sub dir/deeper",
+    "http://other:1/dir/x",          # other origin
+    "https://h:1/dir/x",             # other scheme
+    "//other:1/dir/x",               # scheme-relative other host
+    "dir/relative",                  # relative
+    "/dir/c1&#x85;ctl",              # a C1 control character
+    "/dir/del&#x7f;",                # DEL
+    "/dir/esc&#x9b;[2J",             # CSI: a terminal escape
+])
+def test_hostile_raw_hrefs_are_skipped_with_a_warning(href):
+    xml = ms(resp("/dir/", collection=True), resp(href, size=1), resp("/dir/ok", size=1))
+    entries, warnings = parse(xml, raw_hrefs=True)
+    assert [e.name for e in entries] == ["ok"]
+    assert len(warnings) == 1
+
+
+def test_raw_hrefs_may_be_full_urls_of_the_same_origin():
+    xml = ms(resp("http://h:1/dir/", collection=True), resp("http://h:1/dir/a b", size=1))
+    entries, warnings = parse(xml, raw_hrefs=True)
+    assert [(e.name, e.url) for e in entries] == [("a b", "http://h:1/dir/a%20b")]
 
 
 def test_streamed_in_tiny_chunks_gives_the_same_entries():
@@ -263,3 +359,40 @@ def test_header_parser_limits():
         ctadata._read_header_lines(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101))))
     with pytest.raises(http.client.LineTooLong):
         ctadata._read_header_lines(io.BytesIO(b"X: " + b"a" * 70000 + b"\r\n\r\n"))
+
+
+def test_safe_place_strips_queries_of_urls_only():
+    assert ctadata._safe_place("https://u:p@h:1/a?authz=secret") == "https://h:1/a"
+    assert ctadata._safe_place("/home/me/why?.txt") == "/home/me/why?.txt"   # a file name
+    assert ctadata._safe_place("rel/what?#1") == "rel/what?#1"
+
+
+@pytest.mark.parametrize("server,quirky", [
+    ("XrootD/v5.5.3", True), ("XrootD", True), ("nginx/1.22.1", False),
+    ("Apache/2.4.62 (Debian)", False), (None, False), ("dCache/9.2.0", False)])
+def test_quirks_come_from_the_server_header_alone(server, quirky):
+    q = ctadata._Quirks(server)
+    assert (q.raw_hrefs, q.cuts_at_query) == (quirky, quirky)
+
+
+def test_a_name_cut_at_a_question_mark_fails_that_folder_alone():
+    err = ctadata._cut_name_error("a/what?/b")
+    assert isinstance(err, ctadata.ConfigError) and err.path == "a/what?/b"
+    assert 'name with "?"' in str(err) and "a/what?/b" in str(err)
+    assert not ctadata._fails_everything(err)
+    assert ctadata._fails_everything(ctadata.ConfigError("bad setting"))
+
+
+def test_rel_parts_compares_paths_decoded():
+    # nginx leaves "&", "'", ";", "[", "]", "+", "=" unencoded in hrefs;
+    # Python's quote (url_for) encodes them: the same folder either way
+    base = "http://h:1/t%20a%26b%27c%3Bd%5Be%5D%2Bf%3Dg/"
+    url = "http://h:1/t%20a&b'c;d[e]+f=g/sub%20dir/x%23y"
+    assert ctadata._rel_parts(base, url) == ["sub dir", "x#y"]
+    assert ctadata._rel_path(base, url.rpartition("/")[0] + "/") == "sub dir"
+    assert ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=g/") == []
+    assert ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=g/a%2Fb") == ["a/b"]
+    with pytest.raises(ctadata.ProtocolError):
+        ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=h/x")
+    with pytest.raises(ctadata.ProtocolError):
+        ctadata._rel_parts(base, "http://h:1/t%20a&b'c;d[e]+f=g%2Fx")   # not below it

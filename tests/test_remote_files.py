@@ -102,6 +102,7 @@ def test_cat_resumes_where_the_connection_dropped(tmp_path, capsysbinary, monkey
     assert code == 0, err
     assert out == data
     assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+    assert ranges[1].endswith("-%d" % (len(data) - 1))   # closed: XRootD 5.5 wants it
 
 
 def test_cat_in_service_mode(svc):
@@ -187,9 +188,11 @@ def test_sequential_reads_read_ahead(client, dav, monkeypatch):
 
 def test_a_file_changed_after_open_is_an_error(client, dav):
     (dav.root / "c.bin").write_bytes(os.urandom(300000))
+    # XRootD sends neither ETag nor Last-Modified: only a new size shows there
+    size = 300001 if dav.name == "xrootd" else 300000
     with client.open("c.bin", block_size=65536) as f:
         f.read(10)
-        (dav.root / "c.bin").write_bytes(os.urandom(300000))
+        (dav.root / "c.bin").write_bytes(os.urandom(size))
         os.utime(str(dav.root / "c.bin"), (1, 1))        # new mtime and ETag
         f.seek(200000)
         with pytest.raises(ctadata.TransferError, match="changed since it was opened"):

@@ -21,8 +21,16 @@ import pytest
 
 import servers
 from compat import monotonic_ns
+from conftest import dav_target
 
 DAV_NS = "{DAV:}"
+
+
+@pytest.fixture(params=["nginx", "apache"])
+def dav(request):  # type: ignore[no-untyped-def]
+    """Here only nginx and Apache: these tests pin their quirks (tests/servers.py);
+    XRootD's are pinned in tests/test_xrootd.py."""
+    yield from dav_target(request, request.param)
 
 
 # --------------------------------------------------------------------------
