@@ -6039,23 +6039,25 @@ class _WorkerPool:
                                             key=lambda r: r[0])]
 
     def _spawn(self):
-        """Start a worker in every wanted slot that has none."""
+        """Start a worker in every wanted slot that has none, once (a
+        worker that finds no task exits at once and frees its slot: looping
+        until every slot is taken would start workers for ever)."""
         import threading
-        while True:
-            with self._take:
-                if self._stop:
-                    return
-                slot = next((i for i in range(self._want) if not self._running[i]), None)
-                if slot is None:
-                    return
+        with self._take:
+            if self._stop or (self._done and not self._deferred and self._live):
+                return
+            slots = [i for i in range(self._want) if not self._running[i]]
+            for slot in slots:
                 self._running[slot] = True
-                self._live += 1
+            self._live += len(slots)
+        for k, slot in enumerate(slots):
             t = threading.Thread(target=self._loop, args=(slot,), name="ctadata-%d" % slot,
                                  daemon=True)
             try:
                 t.start()
             except BaseException:
-                self._exited(slot)
+                for rest in slots[k:]:
+                    self._exited(rest)
                 raise
             self._threads.append(t)
 
