@@ -5897,6 +5897,9 @@ class _Concurrency:
       time a worker waits for its next task counts, so that a listing that
       cannot keep up shows as no gain).
 
+    The first window only warms up (the first listings, connections and
+    imports make it look like waiting): nothing is decided on it.
+
     While waiting is at least half of the time and less than 90 % of a CPU
     is busy (on loopback or a LAN this machine is the bottleneck: its CPU
     is busy and nothing grows), the number of workers doubles, up to a cap
@@ -5918,6 +5921,7 @@ class _Concurrency:
         self.n = start
         self.frozen = False  # a doubling did not pay: no more growth
         self.trial = None    # (workers, rate) before the doubling on trial
+        self.warm = False    # the first window is over
         self.window()
 
     def window(self):
@@ -5940,6 +5944,9 @@ class _Concurrency:
         rate = n * self.count / self.cycles
         cpu = (time.process_time() - self.cpu0) / elapsed
         self.window()
+        if not self.warm:
+            self.warm = True
+            return None
         new = None
         if self.trial is not None:
             before, rate0 = self.trial

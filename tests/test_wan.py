@@ -154,6 +154,13 @@ def test_jobs_fixes_the_number(dav, far, tmp_path, monkeypatch):
     with ctadata.Client(url=far, token=dav.token, retries=1) as c:
         assert c.download("small", str(tmp_path / "c"), recursive=True, jobs=3).ok
     assert counter.most <= 3
+    # and on the command line
+    counter.most = 0
+    monkeypatch.setenv("BEARER_TOKEN", dav.token)
+    assert ctadata.main(["--url", far, "-q", "-j", "4", "get", "-r", "small",
+                         str(tmp_path / "d")]) == 0
+    assert 0 < counter.most <= 4
+    check_tree(tmp_path / "d", files)
 
 
 @pytest.mark.parametrize("dav", ["nginx"], indirect=True)
@@ -222,6 +229,27 @@ def test_controller_grows_while_waiting_and_stops_without_gain(monkeypatch):
     assert feed(ctl, clock, 40, 0.02, 0.019, 0.1) == [8]
 
 
+def test_controller_decides_nothing_on_its_first_window(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(ctadata, "time", clock)
+    ctl = ctadata._Concurrency(4, 32, None)
+    # the first window (0.1 s, 20 tasks of 20 ms on 4 workers) warms up only
+    assert feed(ctl, clock, 20, 0.02, 0.019, 0.1) == []
+    assert ctl.warm and ctl.n == 4
+    assert feed(ctl, clock, 20, 0.02, 0.019, 0.1) == [8]
+
+
+def test_controller_never_passes_its_cap(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(ctadata, "time", clock)
+    ctl = ctadata._Concurrency(4, 12, None)
+    got = []
+    for _ in range(20):
+        # every doubling pays: the time per file stays the same
+        got += feed(ctl, clock, 200, 0.02, 0.019, 0.1)
+    assert got == [8, 12] and ctl.n == 12
+
+
 def test_controller_does_not_grow_when_this_machine_is_busy(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(ctadata, "time", clock)
@@ -231,3 +259,113 @@ def test_controller_does_not_grow_when_this_machine_is_busy(monkeypatch):
     # waiting little: nothing either
     assert feed(ctl, clock, 2000, 0.02, 0.005, 0.1) == []
     assert ctl.n == 4
+
+
+# ---------------------------------------------------------------------------
+# the growable worker pool, told what to do by a scripted controller
+# ---------------------------------------------------------------------------
+
+class Script:
+    """A stand-in for _Concurrency: after the k-th finished task (counted
+    over all workers) it answers *plan[k]*."""
+
+    def __init__(self, start, cap, plan):
+        self.n, self.cap, self.plan, self.frozen = start, cap, dict(plan), False
+        self.seen = 0
+
+    def meter(self):
+        return 0.0
+
+    def sample(self, cycle, waited):
+        self.seen += 1
+        new = self.plan.get(self.seen)
+        if new is not None:
+            self.n = new
+        return new
+
+
+class Busy:
+    """A worker that holds each task a little while and counts how many
+    are held at once."""
+
+    def __init__(self, hold=0.002):
+        self.hold, self.now, self.most, self.done = hold, 0, 0, []
+        self.lock = threading.Lock()
+
+    def __call__(self, task):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.hold)
+        with self.lock:
+            self.now -= 1
+            self.done.append(task.source)
+        return ctadata.TransferResult(task.source, task.dest, task.size, "ok")
+
+
+def tasks(n):
+    return [ctadata._Task("s%04d" % i, "d%04d" % i, 1) for i in range(n)]
+
+
+def test_pool_grows_and_shrinks_as_its_controller_says():
+    work = Busy()
+    ctl = Script(4, 32, {20: 16, 200: 2, 400: 32})
+    pool = ctadata._WorkerPool(work, 4, control=ctl)
+    got = pool.run(tasks(800))
+    assert [r.source for r in got] == ["s%04d" % i for i in range(800)]
+    assert sorted(work.done) == ["s%04d" % i for i in range(800)]   # each task once
+    assert 16 < work.most <= 32
+    # slots are reused: never more threads than slots were wanted, one start each time
+    assert len(pool._threads) <= 4 + 12 + 30 + 4
+
+
+def test_pool_without_tasks_left_starts_no_more_workers():
+    # before the fix: workers that found no task freed their slots and were
+    # started again, for ever (get -r of a tiny tree hung, one CPU busy)
+    for n in (0, 1, 3):
+        done = []
+
+        def run():
+            pool = ctadata._WorkerPool(Busy(0), 4, control=Script(4, 32, {1: 32}))
+            done.append((pool.run(tasks(n)), pool))
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(10)
+        assert done, "the pool did not return"
+        results, pool = done[0]
+        assert len(results) == n
+        assert len(pool._threads) <= 4 + 32
+
+
+class InterruptAfter(ctadata.Progress):
+    """Ctrl-C in the caller's thread once *k* files are done."""
+
+    def __init__(self, k):
+        ctadata.Progress.__init__(self)
+        self.k, self.count = k, 0
+
+    def file_done(self, result):
+        self.count += 1
+
+    def poll(self):
+        if self.count >= self.k:
+            raise KeyboardInterrupt
+
+
+def test_pool_interrupted_while_grown_reports_done_and_cut_short_files():
+    cancel = threading.Event()
+    work = Busy(0.02)
+    pool = ctadata._WorkerPool(work, 4, InterruptAfter(40), cancel,
+                               control=Script(4, 32, {8: 32}))
+    with pytest.raises(KeyboardInterrupt) as info:
+        pool.run(tasks(2000))
+    assert cancel.is_set()
+    assert not any(t.is_alive() for t in pool._threads)
+    results = info.value.results
+    ok = [r for r in results if r.status == "ok"]
+    cut = [r for r in results if r.status == "failed"]
+    assert len(ok) == len(work.done) >= 40
+    assert all(r.error == "interrupted" for r in cut)
+    # what was in hand (up to 32 workers) and what was done: nothing lost, nothing twice
+    assert len(set(r.source for r in results)) == len(results)
+    assert len(results) < 2000
