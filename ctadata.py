@@ -1563,7 +1563,8 @@ class _Options:
         def row(key, value, default="built-in default"):
             rows.append((key, value, self.sources.get(key, default)))
         row("service" if self.service_url else "url", s.url)
-        row("jobs", s.jobs)
+        row("jobs", s.jobs, "built-in default (transfers adapt, up to %d)" % _MAX_JOBS
+            if s.adaptive else "built-in default")
         row("timeout", s.timeout)
         row("retries", s.retries)
         row("ca_file", s.ca_file)
@@ -9164,7 +9165,9 @@ class Client:
     longest) seconds between polls of a stage request (default 1 s, doubling
     while nothing changes, up to 60 s).  *fts*: the FTS3 server that
     fts_copy() and fts_job() talk to (else $CTADATA_FTS, else the profile's
-    ``fts``); the token goes there too."""
+    ``fts``); the token goes there too.  *jobs*: parallel transfers and
+    listings (default 4; when neither it nor a method's *jobs* is given,
+    transfers adapt up to 32, see _Concurrency)."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
@@ -12056,7 +12059,10 @@ def _add_common(parser, suppress):
                         "$JUPYTERHUB_API_TOKEN. A URL must say http(s)://, or use "
                         "--service=URL" % SERVICE_URL)
     g.add_argument("-j", "--jobs", type=int, default=d, metavar="N",
-                   help="parallel transfers and listings (default %d)" % _DEFAULT_JOBS)
+                   help="parallel transfers and listings (default %d; without -j, "
+                        "transfers adapt: up to %d at a time while small files wait on "
+                        "a distant server and that helps; not through the download "
+                        "service)" % (_DEFAULT_JOBS, _MAX_JOBS))
     g.add_argument("--timeout", type=float, default=d, metavar="S",
                    help="seconds before a silent connection fails (default %d)"
                         % _DEFAULT_TIMEOUT)
