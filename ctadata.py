@@ -149,9 +149,10 @@ _DEFAULT_RETRIES = 5
 _DEFAULT_JOBS = 4
 # Without -j the number of parallel transfers adapts (_Concurrency): from
 # _DEFAULT_JOBS up to this many while the link, not this machine, is what
-# the transfers wait for.  dCache doors answered more than ~30 parallel PUTs
-# with TLS errors (dCache issue 5618).
+# the transfers wait for; uploads up to _MAX_PUT_JOBS: dCache doors answered
+# more than ~30 parallel PUTs with TLS errors (dCache issue 5618).
 _MAX_JOBS = 32
+_MAX_PUT_JOBS = 16
 # A download attempt that brought the file this much further is progress:
 # the retry budget starts again (issue 10: a link that keeps dropping).
 _PROGRESS = 1 << 20
@@ -1563,8 +1564,8 @@ class _Options:
         def row(key, value, default="built-in default"):
             rows.append((key, value, self.sources.get(key, default)))
         row("service" if self.service_url else "url", s.url)
-        row("jobs", s.jobs, "built-in default (transfers adapt, up to %d)" % _MAX_JOBS
-            if s.adaptive else "built-in default")
+        row("jobs", s.jobs, "built-in default (transfers adapt: up to %d, uploads %d)"
+            % (_MAX_JOBS, _MAX_PUT_JOBS) if s.adaptive else "built-in default")
         row("timeout", s.timeout)
         row("retries", s.retries)
         row("ca_file", s.ca_file)
@@ -6518,6 +6519,8 @@ class _Planner:
     _Service), the transport, the cancel event (Ctrl-C), the default number
     of parallel jobs and where warnings go."""
 
+    max_jobs = _MAX_JOBS  # the adaptive number of transfers grows up to this
+
     def __init__(self, remote, tr, cancel, jobs, warn):
         self.remote, self.tr, self.cancel, self.jobs, self.warn = remote, tr, cancel, jobs, warn
         self.said_no_sums = False
@@ -6564,7 +6567,7 @@ class _Planner:
             progress.planned()  # every file is known: the ETA is not a lower bound
         control = None
         if jobs is None and self.tr.settings.adaptive and self.remote.adaptive:
-            control = _Concurrency(self.jobs, _MAX_JOBS, self.tr.waited)
+            control = _Concurrency(self.jobs, self.max_jobs, self.tr.waited)
         pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort,
                            control)
         try:
@@ -6831,6 +6834,8 @@ class _Downloads(_Planner):
 class _Uploads(_Planner):
     """Plans uploads with WebDAV PUT (direct mode); _ServiceUploads changes
     what differs through the download service."""
+
+    max_jobs = _MAX_PUT_JOBS
 
     def upload(self, local, remote, recursive, verify, overwrite, checksum, select,
                dry_run, progress, jobs, raise_on_failure):
@@ -9203,7 +9208,7 @@ class Client:
     fts_copy() and fts_job() talk to (else $CTADATA_FTS, else the profile's
     ``fts``); the token goes there too.  *jobs*: parallel transfers and
     listings (default 4; when neither it nor a method's *jobs* is given,
-    transfers adapt up to 32, see _Concurrency)."""
+    transfers adapt up to 32, uploads up to 16, see _Concurrency)."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
@@ -12096,9 +12101,10 @@ def _add_common(parser, suppress):
                         "--service=URL" % SERVICE_URL)
     g.add_argument("-j", "--jobs", type=int, default=d, metavar="N",
                    help="parallel transfers and listings (default %d; without -j, "
-                        "transfers adapt: up to %d at a time while small files wait on "
-                        "a distant server and that helps; not through the download "
-                        "service)" % (_DEFAULT_JOBS, _MAX_JOBS))
+                        "transfers adapt: up to %d at a time, %d for uploads, while "
+                        "small files wait on a distant server and that helps; not "
+                        "through the download service)"
+                        % (_DEFAULT_JOBS, _MAX_JOBS, _MAX_PUT_JOBS))
     g.add_argument("--timeout", type=float, default=d, metavar="S",
                    help="seconds before a silent connection fails (default %d)"
                         % _DEFAULT_TIMEOUT)
