@@ -1771,32 +1771,6 @@ class _FileBody:
             raise TransferError("local file changed size during upload: %s" % self.path,
                                 expected=self.size, received=self.sent, retryable=False)
 
-    def send_on(self, sock, cancel=None):
-        """Send the file on the plain (not TLS) socket *sock* with
-        socket.sendfile: the kernel copies the bytes (os.sendfile), they never
-        enter Python.  Only when nothing is hashed on the way.  In blocks of
-        _CHUNK, as chunks() yields them: Ctrl-C and the progress display see
-        the same steps."""
-        self.hashers = _Hashers(())
-        advance = self.advance
-        if advance is not None and self.sent:
-            advance(-self.sent)
-        self.sent = 0
-        with _open_regular(self.path) as f:
-            while self.sent < self.size:
-                if cancel is not None and cancel.is_set():
-                    raise KeyboardInterrupt
-                n = sock.sendfile(f, self.sent, min(_CHUNK, self.size - self.sent))
-                if not n:
-                    break
-                self.sent += n
-                if advance is not None:
-                    advance(n)
-            grew = os.fstat(f.fileno()).st_size != self.size
-        if self.sent != self.size or grew:
-            raise TransferError("local file changed size during upload: %s" % self.path,
-                                expected=self.size, received=self.sent, retryable=False)
-
     def read_all(self):
         self.hashers = _Hashers(self.hash_algos)
         with _open_regular(self.path) as f:
@@ -2270,22 +2244,11 @@ class _Transport:
         (the download service does for 401/403), and that answer says more
         than "broken pipe"."""
         try:
-            self._stream(conn.sock, body)
+            for block in body.chunks(self.cancel):
+                conn.send(block)
         except (BrokenPipeError, ConnectionResetError) as e:
             return e
         return None
-
-    def _stream(self, sock, body):
-        """Send *body* on *sock*: with sendfile when it is a file sent as it
-        is (nothing hashed on the way) over plain HTTP (TLS encrypts in
-        Python's ssl module: the bytes must pass through it)."""
-        ssl = sys.modules.get("ssl")
-        if isinstance(body, _FileBody) and not body.hash_algos and \
-                not (ssl is not None and isinstance(sock, ssl.SSLSocket)):
-            body.send_on(sock, self.cancel)
-            return
-        for block in body.chunks(self.cancel):
-            sock.sendall(block)
 
     def _expect_continue(self, conn, method, body):
         """Wait for the server's interim answer to "Expect: 100-continue";
@@ -2306,7 +2269,8 @@ class _Transport:
         if not head:
             raise http.client.RemoteDisconnected("connection closed before the interim answer")
         if head[9:12] == b"100"[:len(head[9:12])]:
-            self._stream(conn.sock, body)
+            for block in body.chunks(self.cancel):
+                conn.sock.sendall(block)
         t0 = time.monotonic()
         resp.begin()  # skips the interim 100 itself
         self._waited(t0)

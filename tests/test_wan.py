@@ -3,9 +3,7 @@ proxy on 127.0.0.1 that holds every byte back RTT/2 each way.
 
 * adaptive concurrency: without -j, small files get more requests in
   flight (never more than the cap), big files and -j N do not;
-* the controller itself (_Concurrency) on a fake clock, and the growable
-  worker pool (_WorkerPool) told by a scripted one;
-* (on loopback) big uploads over plain HTTP go out with sendfile, not over TLS.
+* the controller itself (_Concurrency) on a fake clock.
 """
 
 import os
@@ -371,55 +369,3 @@ def test_pool_interrupted_while_grown_reports_done_and_cut_short_files():
     # what was in hand (up to 32 workers) and what was done: nothing lost, nothing twice
     assert len(set(r.source for r in results)) == len(results)
     assert len(results) < 2000
-
-
-# ---------------------------------------------------------------------------
-# sendfile for big uploads over plain HTTP
-# ---------------------------------------------------------------------------
-
-class SendfileCalls:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = os.sendfile
-
-        def counted(*a):
-            self.calls += 1
-            return real(*a)
-        monkeypatch.setattr(os, "sendfile", counted)
-
-
-@pytest.mark.parametrize("dav", ["nginx", "xrootd"], indirect=True)
-def test_a_big_upload_over_plain_http_uses_sendfile(dav, client, tmp_path, monkeypatch):
-    data = os.urandom((3 << 20) + 123)
-    (tmp_path / "big.bin").write_bytes(data)
-    calls = SendfileCalls(monkeypatch)
-    s = client.upload(str(tmp_path / "big.bin"), "big.bin")
-    assert s.ok and (dav.root / "big.bin").read_bytes() == data
-    if dav.url.startswith("http:"):
-        assert calls.calls >= 13   # 256 KiB at a time (progress, Ctrl-C)
-    else:
-        assert calls.calls == 0    # TLS: the bytes pass through the ssl module
-    # small files are sent whole, as before
-    calls.calls = 0
-    (tmp_path / "small.bin").write_bytes(b"s" * 1000)
-    assert client.upload(str(tmp_path / "small.bin"), "small.bin").ok
-    assert calls.calls == 0
-
-
-def test_sendfile_notices_a_file_that_grew(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"x" * (3 << 20))
-    body = ctadata._FileBody(str(path), 2 << 20, ())
-    import socket
-    a, b = socket.socketpair()
-    got = []
-    t = threading.Thread(target=lambda: got.append(b"".join(iter(lambda: b.recv(1 << 16), b""))))
-    t.start()
-    try:
-        with pytest.raises(ctadata.TransferError, match="changed size"):
-            body.send_on(a)
-    finally:
-        a.close()
-        t.join(10)
-        b.close()
-    assert got == [b"x" * (2 << 20)]    # never more than the size announced
