@@ -3,7 +3,8 @@ proxy on 127.0.0.1 that holds every byte back RTT/2 each way.
 
 * adaptive concurrency: without -j, small files get more requests in
   flight (never more than the cap), big files and -j N do not;
-* the controller itself (_Concurrency) on a fake clock.
+* the controller itself (_Concurrency) on a fake clock, and the growable
+  worker pool (_WorkerPool) told by a scripted one.
 """
 
 import os
