@@ -370,3 +370,23 @@ def test_pool_interrupted_while_grown_reports_done_and_cut_short_files():
     # what was in hand (up to 32 workers) and what was done: nothing lost, nothing twice
     assert len(set(r.source for r in results)) == len(results)
     assert len(results) < 2000
+
+
+def test_pool_does_not_count_waiting_for_the_next_task():
+    # a listing (or an upload's MKCOL) that keeps the workers waiting is not
+    # the transfers' time: counted, a folder boundary in a short window made
+    # a doubling look useless at random (80 ms https put -r: 7.0 s, then 3.6 s)
+    cycles = []
+
+    class Recording(Script):
+        def sample(self, cycle, waited):
+            cycles.append(cycle)
+            return None
+
+    def slow_listing():
+        for t in tasks(12):
+            time.sleep(0.05)
+            yield t
+    pool = ctadata._WorkerPool(Busy(0.001), 4, control=Recording(4, 32, {}))
+    assert len(pool.run(slow_listing())) == 12
+    assert cycles and max(cycles) < 0.04
