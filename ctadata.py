@@ -11661,25 +11661,7 @@ class _DavRequest:
         words = [w for w in sub.split("/") if w]
         method = self.command
         if words == ["stage"] and method == "POST":
-            doc = self._json_body()
-            files = doc.get("files")
-            if not isinstance(files, list) or not files or len(files) > 1000 or \
-                    not all(isinstance(f, dict) for f in files):
-                raise _Refusal(400, '"files" must be a list of 1 to 1000 objects {"path": ...}',
-                               problem=True)
-            planned = []
-            for f in files:
-                parts = _plain_path_parts(f.get("path"))
-                life = _iso_duration(f.get("diskLifetime")) if f.get("diskLifetime") \
-                    else _STAGE_LIFETIME
-                if not life:
-                    raise _Refusal(400, "diskLifetime must be an ISO 8601 duration",
-                                   problem=True)
-                self._tape_allow(("STAGE",), _rel(parts))
-                planned.append((_rel(parts), self._kind(parts), life))
-            rid = tape.stage(planned)
-            return self._json(201, {"requestId": rid},
-                              {"Location": self._public_base() + _TAPE_API + "/stage/" + rid})
+            return self._tape_stage(tape)
         if words == ["archiveinfo"] and method == "POST":
             paths = self._tape_paths(self._json_body())
             out = []
@@ -11710,6 +11692,29 @@ class _DavRequest:
         raise _Refusal(404 if method in ("GET", "POST", "DELETE") else 405,
                        "no such tape API call: %s %s%s" % (method, _TAPE_API, sub),
                        problem=True)
+
+    def _tape_stage(self, tape):
+        """POST /stage: a new stage request of 1 to 1000 files, each with
+        its optional diskLifetime (ISO 8601); 201 with its id."""
+        doc = self._json_body()
+        files = doc.get("files")
+        if not isinstance(files, list) or not files or len(files) > 1000 or \
+                not all(isinstance(f, dict) for f in files):
+            raise _Refusal(400, '"files" must be a list of 1 to 1000 objects {"path": ...}',
+                           problem=True)
+        planned = []
+        for f in files:
+            parts = _plain_path_parts(f.get("path"))
+            life = _iso_duration(f.get("diskLifetime")) if f.get("diskLifetime") \
+                else _STAGE_LIFETIME
+            if not life:
+                raise _Refusal(400, "diskLifetime must be an ISO 8601 duration",
+                               problem=True)
+            self._tape_allow(("STAGE",), _rel(parts))
+            planned.append((_rel(parts), self._kind(parts), life))
+        rid = tape.stage(planned)
+        return self._json(201, {"requestId": rid},
+                          {"Location": self._public_base() + _TAPE_API + "/stage/" + rid})
 
     def _tape_paths(self, doc):
         paths = doc.get("paths")
@@ -12538,6 +12543,8 @@ def _report_now(args, verb, summary):
 
 
 def _args_get(sub):
+    # Long only in argparse definitions and their --help text: one
+    # add_argument per option, nothing to split off.
     sp = _subcommand(sub, "get", _cmd_get, "download files", description=(
                 "Download a remote file, or with -r a directory tree, or with --from-list "
                 "a list of URLs. Files stream to NAME.part and are renamed when complete and "
