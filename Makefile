@@ -304,10 +304,11 @@ lint:  ## Python 3.5 syntax (no f-strings), compile, import without warnings
 	$(PYTHON) -m py_compile ctadata.py
 	$(PYTHON) -W error -c 'import ctadata'
 
-bench: deps  ## the zipapp against curl, davix, rclone; cp against davix-cp, gfal-copy (TASKS="get_big ls_wide"; WAN=1 [RTT=20,80 NETS=http,https,door])
+bench: deps  ## the zipapp against curl, davix, rclone; cp against davix-cp, gfal-copy (TASKS="get_big ls_wide"; WAN=1 [RTT=20,80 NETS=http,https,door]; MANY=5000)
 	@bash tests/bench/install-peers.sh
 	$(PYTHON) tests/bench/run.py $(if $(WAN),--mode wan) $(if $(TASKS),--tasks "$(TASKS)") \
-	  $(if $(REPS),--reps $(REPS)) $(if $(RTT),--rtt "$(RTT)") $(if $(NETS),--nets "$(NETS)")
+	  $(if $(REPS),--reps $(REPS)) $(if $(RTT),--rtt "$(RTT)") $(if $(NETS),--nets "$(NETS)") \
+	  $(if $(MANY),--many $(MANY))
 	@# third-party copies between two XRootD (ctadata cp, davix-cp, gfal-copy): loopback only
 	$(if $(WAN)$(TASKS),,$(PYTHON) tests/bench/tpc.py)
 

@@ -147,6 +147,12 @@ _MAX_REDIRECTS = 10
 _DEFAULT_TIMEOUT = 60.0
 _DEFAULT_RETRIES = 5
 _DEFAULT_JOBS = 4
+# Without -j the number of parallel transfers adapts (_Concurrency): from
+# _DEFAULT_JOBS up to this many while the link, not this machine, is what
+# the transfers wait for; uploads up to _MAX_PUT_JOBS: dCache doors answered
+# more than ~30 parallel PUTs with TLS errors (dCache issue 5618).
+_MAX_JOBS = 32
+_MAX_PUT_JOBS = 16
 # A download attempt that brought the file this much further is progress:
 # the retry budget starts again (issue 10: a link that keeps dropping).
 _PROGRESS = 1 << 20
@@ -1365,11 +1371,13 @@ class Settings:
     url       storage base URL (remote paths are relative to it)
     timeout   seconds for connect and for each socket read/write
     retries   attempts after the first one for retryable failures
-    jobs      parallel transfers
+    jobs      parallel transfers (and listings)
+    adaptive  True when *jobs* was not given: transfers start with jobs
+              in parallel and take more while they wait on the link
     ca_file, ca_dir, insecure, cert   TLS options
     """
 
-    __slots__ = ("url", "timeout", "retries", "jobs", "ca_file", "ca_dir",
+    __slots__ = ("url", "timeout", "retries", "jobs", "adaptive", "ca_file", "ca_dir",
                  "insecure", "cert", "backoff", "expect_threshold")
 
     def __init__(self, url=None, timeout=None, retries=None, jobs=None,
@@ -1391,6 +1399,7 @@ class Settings:
         self.timeout = _positive(timeout, _DEFAULT_TIMEOUT, "timeout", float)
         self.retries = _positive(retries, _DEFAULT_RETRIES, "retries", int, zero=True)
         self.jobs = _positive(jobs, _DEFAULT_JOBS, "jobs", int)
+        self.adaptive = jobs is None
         self.ca_file = ca_file or env.get("X509_CERT_FILE") or None
         cadir = ca_dir or env.get("X509_CERT_DIR")
         if not cadir and os.path.isdir("/etc/grid-security/certificates"):
@@ -1555,7 +1564,8 @@ class _Options:
         def row(key, value, default="built-in default"):
             rows.append((key, value, self.sources.get(key, default)))
         row("service" if self.service_url else "url", s.url)
-        row("jobs", s.jobs)
+        row("jobs", s.jobs, "built-in default (transfers adapt: up to %d, uploads %d)"
+            % (_MAX_JOBS, _MAX_PUT_JOBS) if s.adaptive else "built-in default")
         row("timeout", s.timeout)
         row("retries", s.retries)
         row("ca_file", s.ca_file)
@@ -2183,6 +2193,7 @@ class _Transport:
     def _exchange(self, conn, method, target, hdrs, body, data, expect):
         """Send the request on *conn* and read the answer's head; return
         (response, the error that cut the body short or None)."""
+        t0 = time.monotonic()
         if conn.sock is None:
             import socket
             conn.connect()
@@ -2192,21 +2203,40 @@ class _Transport:
             conn.putheader(k, v)
         if expect:
             conn.endheaders()
+            self._waited(t0)
             return self._expect_continue(conn, method, body), None
         if data is not None or body is None:
             conn.endheaders(data)
-            return conn.getresponse(), None
+            resp = conn.getresponse()
+            self._waited(t0)
+            return resp, None
         conn.endheaders()
+        self._waited(t0)
         cut = self._send_body(conn, body)
+        t0 = time.monotonic()
         try:
             resp = conn.getresponse()
         except Exception:
             if cut is not None:
                 raise cut
             raise
+        self._waited(t0)
         if cut is not None and resp.status < 300:
             raise cut  # "fine" without the whole body is not fine
         return resp, cut
+
+    def _waited(self, since):
+        """Count the time since *since* as this thread's waiting on the
+        network (see waited())."""
+        local = self._local
+        local.waited = getattr(local, "waited", 0.0) + time.monotonic() - since
+
+    def waited(self):
+        """Seconds this thread has spent waiting on the network so far:
+        connecting (TCP, TLS) and from sending a request to the head of its
+        answer, not streaming a body either way.  What the adaptive worker
+        pool weighs against the time of each transfer (_Concurrency)."""
+        return getattr(self._local, "waited", 0.0)
 
     def _send_body(self, conn, body):
         """Stream *body*; return None, or the error if the server stopped
@@ -2228,18 +2258,22 @@ class _Transport:
         import socket
         resp = conn.response_class(conn.sock, method=method)
         conn.sock.settimeout(_EXPECT_TIMEOUT)
+        t0 = time.monotonic()
         try:
             head = resp.fp.peek(16)
         except socket.timeout:
             head = b"HTTP/1.1 100"
         finally:
             conn.sock.settimeout(self.settings.timeout)
+        self._waited(t0)
         if not head:
             raise http.client.RemoteDisconnected("connection closed before the interim answer")
         if head[9:12] == b"100"[:len(head[9:12])]:
             for block in body.chunks(self.cancel):
                 conn.sock.sendall(block)
+        t0 = time.monotonic()
         resp.begin()  # skips the interim 100 itself
+        self._waited(t0)
         return resp
 
     # -- the request loop: redirects and retries ------------------------------
@@ -3733,6 +3767,7 @@ class _DAV:
     kind = "url"          # what Client(...) calls the base URL
     service_url = None
     resumable = True      # GET honours Range
+    adaptive = True       # more transfers in parallel over a WAN (_Concurrency)
 
     def __init__(self, tr, base_url, warn):
         self.tr, self.base_url, self.warn = tr, base_url, warn
@@ -4621,6 +4656,9 @@ class _Service:
 
     kind = "service"      # what Client(...) calls the base URL
     resumable = False     # /fetch ignores Range
+    # one service process proxies the storage for every user: its default
+    # number of requests at a time, not more
+    adaptive = False
 
     def __init__(self, tr, base, warn):
         self.tr, self.warn = tr, warn
@@ -5842,6 +5880,96 @@ def _upload_service_file(tr, local, url, size, progress=None):
     return res
 
 
+class _Concurrency:
+    """How many workers a _WorkerPool runs when no -j was given: more while
+    the transfers wait on the link, back to the start when they do not.
+
+    Over a WAN, a small file costs a round trip or two (a dCache door: the
+    GET, then the pool) and almost no work here: with 4 requests in flight,
+    5,000 files at 20 ms take 30 s whatever the bandwidth.  So the pool
+    measures, per window of finished tasks (at least 8, two per worker, and
+    0.1 s):
+
+    * *waiting*: the share of the workers' time spent waiting for answers
+      (connecting, and from a request to its answer's head: the transport's
+      waited(); streaming a body is transfer, not waiting);
+    * *CPU*: the process's CPU time per second of the window (all threads);
+    * *rate*: workers / mean time per task (Little's law: what the workers
+      could do if they never waited for their next task; a worker's first
+      task, which pays its connection's handshakes, is left out).  The time
+      a worker waits for its next task (the listing, an upload's MKCOL) is
+      not counted: a folder boundary in a short window made a doubling look
+      useless at random (measured: 1.05x in one run, 1.67x in the next).
+
+    The first window only warms up (the first listings, connections and
+    imports make it look like waiting): nothing is decided on it.
+
+    While waiting is at least half of the time and less than 90 % of a CPU
+    is busy (on loopback or a LAN this machine is the bottleneck: its CPU
+    is busy and nothing grows), the number of workers doubles, up to a cap
+    (_MAX_JOBS).  A doubling is on trial for one window: unless the rate
+    rose by a quarter (the server or this machine is saturated), it is
+    undone and growth stops.  Big files (waiting under a quarter of the
+    time: their transfers dominate) bring the number back to the start,
+    and growth may begin again with the next small files.  Each change is
+    logged at DEBUG (-v)."""
+
+    GROW_WAIT = 0.5     # grow while waiting is at least this share of the time
+    GROW_CPU = 0.9      # ...and the process keeps less than this share of a CPU busy
+    GAIN = 1.25         # a doubling must raise the rate this much, or it is undone
+    SHRINK_WAIT = 0.25  # below this, back to the start (transfers dominate)
+    WINDOW = 0.1        # seconds a window lasts at least (and 8 tasks, 2 per worker)
+
+    def __init__(self, start, cap, meter):
+        self.start, self.cap, self.meter = start, max(cap, start), meter
+        self.n = start
+        self.frozen = False  # a doubling did not pay: no more growth
+        self.trial = None    # (workers, rate) before the doubling on trial
+        self.warm = False    # the first window is over
+        self.window()
+
+    def window(self):
+        self.count, self.cycles, self.waits = 0, 0.0, 0.0
+        self.t0, self.cpu0 = time.monotonic(), time.process_time()
+
+    def sample(self, cycle, waited):
+        """A worker finished a task that took *cycle* seconds, *waited*
+        seconds of it waiting on the network.  Return the new number of
+        workers, or None."""
+        self.count += 1
+        self.cycles += cycle
+        self.waits += waited
+        if self.count < max(8, 2 * self.n):
+            return None
+        elapsed = time.monotonic() - self.t0
+        if elapsed < self.WINDOW or self.cycles <= 0:
+            return None
+        n, wait = self.n, self.waits / self.cycles
+        rate = n * self.count / self.cycles
+        cpu = (time.process_time() - self.cpu0) / elapsed
+        self.window()
+        if not self.warm:
+            self.warm = True
+            return None
+        new = None
+        if self.trial is not None:
+            before, rate0 = self.trial
+            self.trial = None
+            if rate < rate0 * self.GAIN:
+                self.frozen, new = True, before
+        if new is None and not self.frozen and n < self.cap and wait >= self.GROW_WAIT \
+                and cpu < self.GROW_CPU:
+            self.trial, new = (n, rate), min(self.cap, 2 * n)
+        elif new is None and n > self.start and wait < self.SHRINK_WAIT:
+            self.frozen, new = False, self.start
+        if new is None:
+            return None
+        _log(10, "parallel transfers %d -> %d (waiting %.0f%% of the time, CPU %.0f%%, "
+                 "%.1f files/s)", n, new, 100 * wait, 100 * cpu, rate)
+        self.n = new
+        return new
+
+
 class _WorkerPool:
     """Runs ``worker(task)`` for every task from an iterable on *jobs*
     threads; run() returns the TransferResults in the order of the tasks.
@@ -5859,15 +5987,19 @@ class _WorkerPool:
     files).  Workers return results, they print nothing; *progress* hears
     of each finished file.
 
+    With *control* (a _Concurrency) the number of workers changes as it
+    says: workers start in slots up to its number (the first *jobs* at
+    once), and a worker whose slot is beyond it stops before its next task.
+
     A worker that raises _Busy (another process has the file in hand)
     defers its task: it is taken again, with ``task.wait`` set, once the
     iterable has no more tasks; by then the other process is usually done
     with it."""
 
-    def __init__(self, worker, jobs, progress=None, cancel=None, abort=None):
+    def __init__(self, worker, jobs, progress=None, cancel=None, abort=None, control=None):
         import threading
         self.worker, self.jobs, self.progress = worker, jobs, progress
-        self.cancel, self.abort = cancel, abort
+        self.cancel, self.abort, self.control = cancel, abort, control
         self._take = threading.Lock()  # guards everything below
         self._tasks = None
         self._n = 0
@@ -5875,54 +6007,76 @@ class _WorkerPool:
         self._stop = False   # interrupted, or the iterable failed
         self._deferred = []  # (index, task) of the tasks that raised _Busy
         self._error = None
-        self._live = jobs
+        slots = control.cap if control is not None else jobs
+        self._want = jobs    # workers wanted (slots 0 .. _want - 1)
+        self._running = [False] * slots
+        self._outs = [[] for _ in range(slots)]       # each slot's (index, result)
+        self._nows = [[None] for _ in range(slots)]   # each slot's task in hand
+        self._threads = []
+        self._live = 0
         self._stopped = threading.Event()
 
     def run(self, tasks):
-        import threading
         self._tasks = iter(tasks)
-        outs = [[] for _ in range(self.jobs)]
-        nows = [[None] for _ in range(self.jobs)]  # each worker's task in hand
         # The main thread waits on _stopped, never in Thread.join(timeout):
         # a Ctrl-C that interrupts join() can mark a running thread as
         # finished (CPython gh-90882), and a daemon thread still running at
         # interpreter exit can abort the process.
-        threads = [threading.Thread(target=self._loop, args=(out, now),
-                                    name="ctadata-%d" % i, daemon=True)
-                   for i, (out, now) in enumerate(zip(outs, nows))]
-        started = 0
         try:
-            for t in threads:
-                t.start()
-                started += 1
+            self._spawn()
             while True:
                 if self.progress is not None:
                     self.progress.poll()  # displays draw here, in the caller's thread
                 if self._stopped.wait(0.2):  # wake up regularly: Ctrl-C is seen at once
                     break
         except KeyboardInterrupt as e:
-            self._interrupt(started)
+            self._interrupt()
             # what was done, and what was cut short (for the manifest)
             cut = [(now[0][0], TransferResult(now[0][1].source, now[0][1].dest,
                                               now[0][1].size, "failed", "interrupted"))
-                   for now in nows if now[0] is not None and isinstance(now[0][1], _Task)]
+                   for now in self._nows
+                   if now[0] is not None and isinstance(now[0][1], _Task)]
             e.results = [res for _idx, res in sorted(
-                [r for out in outs for r in out] + cut, key=lambda r: r[0])]
+                [r for out in self._outs for r in out] + cut, key=lambda r: r[0])]
             raise
         except BaseException:
-            self._interrupt(started)
+            self._interrupt()
             raise
-        for t in threads:
+        for t in list(self._threads):
             t.join()
         if self._error is not None:
             raise self._error
-        return [res for _idx, res in sorted((r for out in outs for r in out),
+        return [res for _idx, res in sorted((r for out in self._outs for r in out),
                                             key=lambda r: r[0])]
 
-    def _next(self):
-        """(index, task) of the next task, or (None, None) when there is none."""
+    def _spawn(self):
+        """Start a worker in every wanted slot that has none, once (a
+        worker that finds no task exits at once and frees its slot: looping
+        until every slot is taken would start workers for ever)."""
+        import threading
         with self._take:
-            if self._stop:
+            if self._stop or (self._done and not self._deferred and self._live):
+                return
+            slots = [i for i in range(self._want) if not self._running[i]]
+            for slot in slots:
+                self._running[slot] = True
+            self._live += len(slots)
+        for k, slot in enumerate(slots):
+            t = threading.Thread(target=self._loop, args=(slot,), name="ctadata-%d" % slot,
+                                 daemon=True)
+            try:
+                t.start()
+            except BaseException:
+                for rest in slots[k:]:
+                    self._exited(rest)
+                raise
+            self._threads.append(t)
+
+    def _next(self, slot):
+        """(index, task) of the next task, or (None, None) when there is
+        none (or none for this worker: its slot is no longer wanted)."""
+        with self._take:
+            if self._stop or slot >= self._want:
                 return None, None
             if not self._done:
                 try:
@@ -5959,27 +6113,35 @@ class _WorkerPool:
         res.exception = err
         return res
 
-    def _loop(self, out, now):
-        cancel, progress = self.cancel, self.progress
+    def _loop(self, slot):
+        cancel, progress, control = self.cancel, self.progress, self.control
+        out, now = self._outs[slot], self._nows[slot]
+        meter = control.meter if control is not None else None
+        first = True  # its first task pays the connection's handshakes: not counted
         try:
             while cancel is None or not cancel.is_set():
-                idx, task = self._next()
+                idx, task = self._next(slot)
                 if task is None:
                     return
                 now[0] = idx, task
+                if meter is not None:
+                    waited, began = meter(), time.monotonic()
                 res = self._one(task)
                 if res is _Busy:
                     with self._take:
                         self._deferred.append((idx, task))
                     now[0] = None
-                    continue
-                if res is None:  # a task that is no transfer (_Confirm)
+                elif res is None:  # a task that is no transfer (_Confirm)
                     now[0] = None
-                    continue
-                out.append((idx, res))
-                now[0] = None
-                if progress is not None:
-                    progress.file_done(res)
+                else:
+                    out.append((idx, res))
+                    now[0] = None
+                    if progress is not None:
+                        progress.file_done(res)
+                if meter is not None:
+                    if not first:
+                        self._adapt(time.monotonic() - began, meter() - waited)
+                    first = False
         except KeyboardInterrupt:
             pass  # cancelled: the main thread reports the interrupt
         except BaseException as e:  # a bug: raised in the caller's thread
@@ -5988,15 +6150,32 @@ class _WorkerPool:
                 if self._error is None:
                     self._error = e
         finally:
-            self._exited(1)
+            self._exited(slot)
 
-    def _exited(self, n):
+    def _adapt(self, cycle, waited):
+        """Tell the controller of a finished task; start workers it wants."""
         with self._take:
-            self._live -= n
+            want = self.control.sample(cycle, waited)
+            if want is None:
+                return
+            grow = want > self._want
+            self._want = want
+        if grow:
+            try:
+                self._spawn()
+            except RuntimeError:  # "can't start new thread" (a limit): as many as run
+                with self._take:
+                    self._want = self.control.n = max(1, sum(self._running))
+                    self.control.frozen = True
+
+    def _exited(self, slot):
+        with self._take:
+            self._running[slot] = False
+            self._live -= 1
             if not self._live:
                 self._stopped.set()
 
-    def _interrupt(self, started):
+    def _interrupt(self):
         """Stop the workers (the main thread was interrupted) and wait for them."""
         if self.cancel is not None:
             self.cancel.set()
@@ -6004,7 +6183,8 @@ class _WorkerPool:
             self.abort()
         with self._take:
             self._done = self._stop = True
-        self._exited(self.jobs - started)  # threads that never started
+            if not self._live:
+                self._stopped.set()
         while not self._stopped.wait(0.2):
             pass
 
@@ -6176,9 +6356,10 @@ def _walk(remote, path, jobs, details=True, warn=None, on_error=None):
                     continue
                 if children is None:
                     return
-                subdirs = [e for e in children if e.is_dir]
-                for e in reversed(subdirs):
-                    queue.appendleft((e, ex.submit(listing, remote.url_for(e, True))))
+                # submitted in the order they are needed (the first one
+                # first: submitted last, it waited for all the others)
+                queue.extendleft(reversed([(e, ex.submit(listing, remote.url_for(e, True)))
+                                           for e in children if e.is_dir]))
                 yield top, children
         finally:
             for _entry, fut in queue:
@@ -6303,6 +6484,8 @@ class _Planner:
     _Service), the transport, the cancel event (Ctrl-C), the default number
     of parallel jobs and where warnings go."""
 
+    max_jobs = _MAX_JOBS  # the adaptive number of transfers grows up to this
+
     def __init__(self, remote, tr, cancel, jobs, warn):
         self.remote, self.tr, self.cancel, self.jobs, self.warn = remote, tr, cancel, jobs, warn
         self.said_no_sums = False
@@ -6347,7 +6530,11 @@ class _Planner:
             return _summarize(results, started, False)
         if isinstance(tasks, list):
             progress.planned()  # every file is known: the ETA is not a lower bound
-        pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort)
+        control = None
+        if jobs is None and self.tr.settings.adaptive and self.remote.adaptive:
+            control = _Concurrency(self.jobs, self.max_jobs, self.tr.waited)
+        pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort,
+                           control)
         try:
             results = pool.run(tasks)
         except KeyboardInterrupt as e:
@@ -6612,6 +6799,8 @@ class _Downloads(_Planner):
 class _Uploads(_Planner):
     """Plans uploads with WebDAV PUT (direct mode); _ServiceUploads changes
     what differs through the download service."""
+
+    max_jobs = _MAX_PUT_JOBS
 
     def upload(self, local, remote, recursive, verify, overwrite, checksum, select,
                dry_run, progress, jobs, raise_on_failure):
@@ -8982,7 +9171,9 @@ class Client:
     longest) seconds between polls of a stage request (default 1 s, doubling
     while nothing changes, up to 60 s).  *fts*: the FTS3 server that
     fts_copy() and fts_job() talk to (else $CTADATA_FTS, else the profile's
-    ``fts``); the token goes there too."""
+    ``fts``); the token goes there too.  *jobs*: parallel transfers and
+    listings (default 4; when neither it nor a method's *jobs* is given,
+    transfers adapt up to 32, uploads up to 16, see _Concurrency)."""
 
     def __init__(self, url=None, token=None, token_file=None, dev=False, timeout=None,
                  retries=None, jobs=None, ca_file=None, ca_dir=None, insecure=False,
@@ -11879,7 +12070,11 @@ def _add_common(parser, suppress):
                         "$JUPYTERHUB_API_TOKEN. A URL must say http(s)://, or use "
                         "--service=URL" % SERVICE_URL)
     g.add_argument("-j", "--jobs", type=int, default=d, metavar="N",
-                   help="parallel transfers and listings (default %d)" % _DEFAULT_JOBS)
+                   help="parallel transfers and listings (default %d; without -j, "
+                        "transfers adapt: up to %d at a time, %d for uploads, while "
+                        "small files wait on a distant server and that helps; not "
+                        "through the download service)"
+                        % (_DEFAULT_JOBS, _MAX_JOBS, _MAX_PUT_JOBS))
     g.add_argument("--timeout", type=float, default=d, metavar="S",
                    help="seconds before a silent connection fails (default %d)"
                         % _DEFAULT_TIMEOUT)

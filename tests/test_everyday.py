@@ -224,9 +224,11 @@ def test_profile_precedence_flag_env_profile_default(tmp_path, monkeypatch, caps
         "[dev]\njobs = 3\n")))
     c = ctadata.Client()
     assert (c.url, c.settings.jobs) == (ctadata.DEFAULT_URL, 8)           # [default]
+    assert not c.settings.adaptive      # a profile's jobs fixes the number, as -j does
     c = ctadata.Client(profile="lab")
     assert (c.url, c.settings.retries, c.settings.timeout) == ("https://lab.example:2880", 2, 7)
     assert c.settings.jobs == 4 and c.issuer == "https://idp.example/realms/lab/"
+    assert c.settings.adaptive
     monkeypatch.setenv("CTADATA_URL", "https://env.example")
     c = ctadata.Client(profile="lab")
     assert c.url == "https://env.example" and c.sources["url"] == "$CTADATA_URL"
@@ -246,7 +248,7 @@ def test_profile_precedence_flag_env_profile_default(tmp_path, monkeypatch, caps
     rows = {line.split()[0]: line for line in out.splitlines()}
     assert "https://lab.example:2880" in rows["url"] and "profile lab" in rows["url"]
     assert rows["retries"].split()[1] == "5" and "command line" in rows["retries"]
-    assert "built-in default" in rows["jobs"]
+    assert "built-in default (transfers adapt: up to 32, uploads 16)" in rows["jobs"]
     assert "very-secret-value" not in out and "$BEARER_TOKEN" in rows["token"]
 
 

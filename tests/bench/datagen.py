@@ -88,9 +88,12 @@ def _rmtree(path: str) -> None:
 class DataSet:
     """The data of one profile; ``ensure(components)`` creates what is missing."""
 
-    def __init__(self, base: str, profile: str):
-        self.profile = profile
+    def __init__(self, base: str, profile: str, many: int = 0):
         self.p = dict(PROFILES[profile])
+        if many:  # another number of small files (e.g. the loopback's 5,000 over a WAN)
+            profile = "%s-many%d" % (profile, many)
+            self.p["many_files"], self.p["many_dirs"] = many, max(1, min(50, many // 25))
+        self.profile = profile
         self.dir = os.path.join(base, profile)
         self.root = os.path.join(self.dir, "root")
         self.big = os.path.join(self.root, "big.bin")

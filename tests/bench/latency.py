@@ -97,9 +97,13 @@ class Half:
         self.timer = None
         now = self.loop.time()
         while self.q and self.q[0][0] <= now + 0.0002:
-            _, item = self.q.popleft()
             dst = self.dst
-            if dst is None or dst.is_closing():
+            if dst is None:
+                # not connected to the server yet (Python 3.6 reads the client
+                # although reading was paused in connection_made): made() resumes
+                return
+            _, item = self.q.popleft()
+            if dst.is_closing():
                 continue
             if item == "eof":
                 if dst.can_write_eof():
@@ -171,6 +175,7 @@ class Link:
             self.server = transport
             self.up.dst, self.down.src = transport, transport
             self.client.resume_reading()
+            self.up._arm()  # what the client sent meanwhile (see Half._deliver)
 
     def _connect(self):
         if self.client.is_closing():

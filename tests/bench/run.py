@@ -313,7 +313,8 @@ class Bench:
         self.wan = args.mode == "wan"
         self.profile = ("wan-quick" if args.quick else "wan") if self.wan else (
             "quick" if args.quick else "full")
-        self.ds = datagen.DataSet(os.path.join(HERE, "data"), self.profile)
+        self.ds = datagen.DataSet(os.path.join(HERE, "data"), self.profile, args.many)
+        self.profile = self.ds.profile
         self.work = os.path.join(self.ds.dir, "work")
         self.out = os.path.join(self.work, "out")
         self.runs = os.path.join(self.work, "run")
@@ -905,6 +906,10 @@ def parse_args(argv):
     ap.add_argument("--slow", type=float, default=SLOW_RUN_S,
                     help="do not repeat a tool whose first run of a task took longer than this "
                          "many seconds (default %.0f)" % SLOW_RUN_S)
+    ap.add_argument("--many", type=int, default=0, metavar="N",
+                    help="get_many/put_many with N small files instead of the profile's (e.g. "
+                         "--mode wan --many 5000: the loopback's 5,000 over a WAN; its own data "
+                         "folder <profile>-manyN)")
     ap.add_argument("--rtt", default="20,80", help="wan: round-trip times in ms (default 20,80)")
     ap.add_argument("--nets", default=",".join(NETS),
                     help="wan: http (plain), https (TLS), door (https, GETs 307-redirected to a "
