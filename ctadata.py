@@ -1997,6 +1997,7 @@ class _Transport:
         self._ctx_lock = _thread.allocate_lock()
         import weakref
         self._open = weakref.WeakSet()  # every connection, for abort()
+        self.retries = 0                # requests tried again, by all threads
         self._ua = "ctadata/%s python/%d.%d" % ((__version__,) + sys.version_info[:2])
         self._siblings = []             # see sibling()
         # where remote paths start, for messages (describe); the download
@@ -2227,16 +2228,26 @@ class _Transport:
 
     def _waited(self, since):
         """Count the time since *since* as this thread's waiting on the
-        network (see waited())."""
+        network (see meter())."""
         local = self._local
         local.waited = getattr(local, "waited", 0.0) + time.monotonic() - since
 
-    def waited(self):
-        """Seconds this thread has spent waiting on the network so far:
-        connecting (TCP, TLS) and from sending a request to the head of its
-        answer, not streaming a body either way.  What the adaptive worker
-        pool weighs against the time of each transfer (_Concurrency)."""
-        return getattr(self._local, "waited", 0.0)
+    def meter(self):
+        """(seconds, retries): the seconds this thread has spent waiting on
+        the network so far (connecting, TCP and TLS, and from sending a
+        request to the head of its answer, not streaming a body either way),
+        and the requests tried again by any thread (pause()).  What the
+        adaptive worker pool weighs against the time of each transfer
+        (_Concurrency)."""
+        return getattr(self._local, "waited", 0.0), self.retries
+
+    def close_mine(self):
+        """Close this thread's kept-alive connections (a worker that stops
+        while others go on: its connections would hold server slots)."""
+        conns = getattr(self._local, "conns", None) or {}
+        for conn in list(conns.values()):
+            conn.close()
+        conns.clear()
 
     def _send_body(self, conn, body):
         """Stream *body*; return None, or the error if the server stopped
@@ -2299,7 +2310,7 @@ class _Transport:
                 delay = _should_retry(self.policy, attempt, exc=e) if retry else None
                 if delay is None:
                     raise _network_error(e, url, what)
-                self._pause(method, url, delay, e, attempt)
+                self.pause(method, url, delay, e, attempt)
                 attempt += 1
                 continue
             if resp.status in ok:
@@ -2319,7 +2330,7 @@ class _Transport:
             delay = _retry_delay(self.policy, attempt, err) if retry else None
             if delay is None:
                 raise err
-            self._pause(method, url, delay, err, attempt)
+            self.pause(method, url, delay, err, attempt)
             attempt += 1
 
     def _refuse_cut_name(self, url):
@@ -2352,8 +2363,11 @@ class _Transport:
         err.retry_after = resp.getheader("Retry-After")
         return err
 
-    def _pause(self, method, url, delay, why, attempt):
+    def pause(self, method, url, delay, why, attempt):
+        """Say that a request is tried again (_log_retry), count it (see
+        meter()), and wait *delay* seconds before it."""
         _log_retry(method, url, delay, why, attempt, self.policy)
+        self.retries += 1   # (a lost increment between threads loses nothing)
         self.sleep(delay)
 
     def sleep(self, delay):
@@ -5353,8 +5367,7 @@ class _Download:
                     if not self.resume:
                         self.folder.unlink_quietly(self.part)
                     raise
-                _log_retry("GET", self.url, delay, e, attempt, self.tr.policy)
-                self.tr.sleep(delay)
+                self.tr.pause("GET", self.url, delay, e, attempt)
                 attempt += 1
                 continue
             return self.commit(sums, mtime, size)
@@ -5911,7 +5924,13 @@ class _Concurrency:
     rose by a quarter (the server or this machine is saturated), it is
     undone and growth stops.  Big files (waiting under a quarter of the
     time: their transfers dominate) bring the number back to the start,
-    and growth may begin again with the next small files.  Each change is
+    and growth may begin again with the next small files.  A request tried
+    again (a 503 or 429, a connection refused or reset: the server or the
+    link pushes back) brings the number back to the start at once, and
+    nothing grows any more in this run: several processes each growing
+    would otherwise take every slot of a server with a connection limit
+    (`ctadata serve`: 64; dCache doors) and fail each other's files.  The
+    workers that stop close their connections (*leave*).  Each change is
     logged at DEBUG (-v)."""
 
     GROW_WAIT = 0.5     # grow while waiting is at least this share of the time
@@ -5920,10 +5939,12 @@ class _Concurrency:
     SHRINK_WAIT = 0.25  # below this, back to the start (transfers dominate)
     WINDOW = 0.1        # seconds a window lasts at least (and 8 tasks, 2 per worker)
 
-    def __init__(self, start, cap, meter):
+    def __init__(self, start, cap, meter, leave=None):
         self.start, self.cap, self.meter = start, max(cap, start), meter
+        self.leave = leave   # called by a worker that stops while others go on
         self.n = start
         self.frozen = False  # a doubling did not pay: no more growth
+        self.pushed = False  # a request was tried again: no more growth, ever
         self.trial = None    # (workers, rate) before the doubling on trial
         self.warm = False    # the first window is over
         self.window()
@@ -5932,10 +5953,20 @@ class _Concurrency:
         self.count, self.cycles, self.waits = 0, 0.0, 0.0
         self.t0, self.cpu0 = time.monotonic(), time.process_time()
 
-    def sample(self, cycle, waited):
+    def sample(self, cycle, waited, retried=0):
         """A worker finished a task that took *cycle* seconds, *waited*
-        seconds of it waiting on the network.  Return the new number of
+        seconds of it waiting on the network; *retried* requests (of any
+        worker) were tried again meanwhile.  Return the new number of
         workers, or None."""
+        if retried and not self.pushed:
+            self.pushed, self.trial = True, None
+            self.window()
+            if self.n > self.start:
+                _log(10, "parallel transfers %d -> %d (the server pushes back: a request "
+                         "was tried again)", self.n, self.start)
+                self.n = self.start
+                return self.start
+            return None
         self.count += 1
         self.cycles += cycle
         self.waits += waited
@@ -5957,8 +5988,8 @@ class _Concurrency:
             self.trial = None
             if rate < rate0 * self.GAIN:
                 self.frozen, new = True, before
-        if new is None and not self.frozen and n < self.cap and wait >= self.GROW_WAIT \
-                and cpu < self.GROW_CPU:
+        if new is None and not (self.frozen or self.pushed) and n < self.cap and \
+                wait >= self.GROW_WAIT and cpu < self.GROW_CPU:
             self.trial, new = (n, rate), min(self.cap, 2 * n)
         elif new is None and n > self.start and wait < self.SHRINK_WAIT:
             self.frozen, new = False, self.start
@@ -6122,10 +6153,13 @@ class _WorkerPool:
             while cancel is None or not cancel.is_set():
                 idx, task = self._next(slot)
                 if task is None:
+                    if control is not None and control.leave is not None and \
+                            slot >= self._want:  # fewer workers wanted: others go on
+                        control.leave()
                     return
                 now[0] = idx, task
                 if meter is not None:
-                    waited, began = meter(), time.monotonic()
+                    (waited, retried), began = meter(), time.monotonic()
                 res = self._one(task)
                 if res is _Busy:
                     with self._take:
@@ -6139,8 +6173,10 @@ class _WorkerPool:
                     if progress is not None:
                         progress.file_done(res)
                 if meter is not None:
-                    if not first:
-                        self._adapt(time.monotonic() - began, meter() - waited)
+                    now_waited, now_retried = meter()
+                    if not first or now_retried > retried:
+                        self._adapt(time.monotonic() - began, now_waited - waited,
+                                    now_retried - retried)
                     first = False
         except KeyboardInterrupt:
             pass  # cancelled: the main thread reports the interrupt
@@ -6152,10 +6188,10 @@ class _WorkerPool:
         finally:
             self._exited(slot)
 
-    def _adapt(self, cycle, waited):
+    def _adapt(self, cycle, waited, retried):
         """Tell the controller of a finished task; start workers it wants."""
         with self._take:
-            want = self.control.sample(cycle, waited)
+            want = self.control.sample(cycle, waited, retried)
             if want is None:
                 return
             grow = want > self._want
@@ -6532,7 +6568,7 @@ class _Planner:
             progress.planned()  # every file is known: the ETA is not a lower bound
         control = None
         if jobs is None and self.tr.settings.adaptive and self.remote.adaptive:
-            control = _Concurrency(self.jobs, self.max_jobs, self.tr.waited)
+            control = _Concurrency(self.jobs, self.max_jobs, self.tr.meter, self.tr.close_mine)
         pool = _WorkerPool(worker, jobs or self.jobs, progress, self.cancel, self.tr.abort,
                            control)
         try:
@@ -7776,8 +7812,7 @@ def _retrying(tr, url, attempt, may_retry=None):
                 if may_retry is None or may_retry() else None
             if delay is None:
                 raise
-            _log_retry("GET", url, delay, e, failures, tr.policy)
-            tr.sleep(delay)
+            tr.pause("GET", url, delay, e, failures)
             failures += 1
 
 
@@ -12072,9 +12107,10 @@ def _add_common(parser, suppress):
     g.add_argument("-j", "--jobs", type=int, default=d, metavar="N",
                    help="parallel transfers and listings (default %d; without -j, "
                         "transfers adapt: up to %d at a time, %d for uploads, while "
-                        "small files wait on a distant server and that helps; not "
-                        "through the download service)"
-                        % (_DEFAULT_JOBS, _MAX_JOBS, _MAX_PUT_JOBS))
+                        "small files wait on a distant server and that helps, back "
+                        "to %d once a request has to be retried; not through the "
+                        "download service)"
+                        % (_DEFAULT_JOBS, _MAX_JOBS, _MAX_PUT_JOBS, _DEFAULT_JOBS))
     g.add_argument("--timeout", type=float, default=d, metavar="S",
                    help="seconds before a silent connection fails (default %d)"
                         % _DEFAULT_TIMEOUT)

@@ -108,6 +108,33 @@ def test_adaptive_grows_for_small_files_far_away(dav, far, tmp_path, monkeypatch
     assert 4 < counter.most <= ctadata._MAX_JOBS == 32
 
 
+def test_processes_growing_at_once_do_not_fail_on_a_server_with_a_connection_limit(tmp_path):
+    # Found as a user: three `get -r` of one tree into one folder, far away,
+    # against `ctadata serve` (64 connections; dCache doors have limits too).
+    # Each grew to 32: 96 connections, the server answered 503 to the rest,
+    # held by the others' kept-alive connections the retries ran out, and
+    # every process exited 1.  A retry now brings a process back to 4 (its
+    # other workers stop and close their connections) and stops its growth.
+    files = small_tree(tmp_path / "srv", n=400, size=2048)
+    with ctadata.serve(str(tmp_path / "srv"), auth=False, read_only=True) as srv:
+        p = Proxy(srv.url, 40)
+        try:
+            argv = [sys.executable, str(Path(ctadata.__file__)), "-v", "--url", p.url,
+                    "get", "-r", "small", str(tmp_path / "out")]
+            env = dict(os.environ, CTADATA_CONFIG=str(tmp_path / "none.json"))
+            procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      universal_newlines=True, env=env) for _ in range(4)]
+            outs = [proc.communicate(timeout=120) + (proc.returncode,) for proc in procs]
+        finally:
+            p.stop()
+    for out, err, rc in outs:
+        assert rc == 0 and "failed:" not in err, err[-3000:]
+    check_tree(tmp_path / "out", files)
+    logs = "".join(err for _out, err, _rc in outs)
+    assert "parallel transfers 4 -> 8" in logs     # they did grow
+    assert "pushes back" in logs or "retrying" not in logs
+
+
 @pytest.mark.parametrize("dav", ["nginx"], indirect=True)
 def test_adaptive_upload_grows_too(dav, far, tmp_path):
     local = tmp_path / "up"
@@ -230,6 +257,22 @@ def test_controller_grows_while_waiting_and_stops_without_gain(monkeypatch):
     assert feed(ctl, clock, 40, 0.02, 0.019, 0.1) == [8]
 
 
+def test_controller_goes_back_to_the_start_for_good_when_a_request_is_retried(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(ctadata, "time", clock)
+    ctl = ctadata._Concurrency(4, 32, None)
+    assert feed(ctl, clock, 40, 0.02, 0.019, 0.1) == [8]
+    assert feed(ctl, clock, 80, 0.02, 0.019, 0.1) == [16]
+    assert ctl.sample(0.02, 0.019, retried=1) == 4 and ctl.pushed
+    assert ctl.sample(0.02, 0.019, retried=1) is None      # said once
+    # however well the next files go: no more growth in this run
+    assert feed(ctl, clock, 2000, 0.02, 0.019, 0.1) == [] and ctl.n == 4
+    # a retry at the start changes nothing but growth
+    ctl = ctadata._Concurrency(4, 32, None)
+    assert ctl.sample(0.02, 0.019, retried=2) is None and ctl.n == 4
+    assert feed(ctl, clock, 2000, 0.02, 0.019, 0.1) == []
+
+
 def test_controller_decides_nothing_on_its_first_window(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(ctadata, "time", clock)
@@ -274,10 +317,12 @@ class Script:
         self.n, self.cap, self.plan, self.frozen = start, cap, dict(plan), False
         self.seen = 0
 
-    def meter(self):
-        return 0.0
+    leave = None
 
-    def sample(self, cycle, waited):
+    def meter(self):
+        return 0.0, 0
+
+    def sample(self, cycle, waited, retried=0):
         self.seen += 1
         new = self.plan.get(self.seen)
         if new is not None:
@@ -379,7 +424,7 @@ def test_pool_does_not_count_waiting_for_the_next_task():
     cycles = []
 
     class Recording(Script):
-        def sample(self, cycle, waited):
+        def sample(self, cycle, waited, retried=0):
             cycles.append(cycle)
             return None
 
