@@ -8936,8 +8936,9 @@ class FTSJob:
 
 # What the engine's Progress counters look like to a person: a live status
 # line on a terminal, a plain line every few seconds in a log (a batch job's
-# stderr), an updating output in a Jupyter notebook (IPython.display, there
-# in every kernel: imported only inside one), or a function of the user's.
+# stderr), an updating output in a Jupyter notebook (IPython.display, loaded
+# in every kernel: taken from sys.modules, never imported), or a function of
+# the user's.
 # Each draws from poll(), in the thread that waits for the workers (a
 # notebook's output belongs to the cell that runs there), never from the
 # workers' hot loops.
@@ -9057,7 +9058,9 @@ class _NotebookProgress(Progress):
                   "text/html": _progress_html(self.label, snapshot)}
         try:
             if self._handle is None:
-                from IPython.display import display
+                # every IPython kernel has loaded it (ipykernel's shell uses
+                # it): taken from there, nothing is imported
+                display = sys.modules["IPython.display"].display
                 self._handle = display(bundle, raw=True, display_id=True)
             else:
                 self._handle.update(bundle, raw=True)
