@@ -5905,7 +5905,7 @@ class _Concurrency:
 
     * *waiting*: the share of the workers' time spent waiting for answers
       (connecting, and from a request to its answer's head: the transport's
-      waited(); streaming a body is transfer, not waiting);
+      meter(); streaming a body is transfer, not waiting);
     * *CPU*: the process's CPU time per second of the window (all threads);
     * *rate*: workers / mean time per task (Little's law: what the workers
       could do if they never waited for their next task; a worker's first
