@@ -1153,6 +1153,18 @@ def have_apache() -> bool:
     return apache_missing_reason() is None
 
 
+def _unprivileged(names, what: str) -> pwd.struct_passwd:
+    """The first of the users *names* that exists and is not root."""
+    for name in names:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if pw.pw_uid != 0:
+            return pw
+    raise ServerStartError("no non-root user found to run %s as" % what)
+
+
 def _apache_run_user(root: Path) -> Optional[pwd.struct_passwd]:
     """The user Apache workers run as when we are root (None if not root)."""
     if not _is_root():
@@ -1163,14 +1175,8 @@ def _apache_run_user(root: Path) -> Optional[pwd.struct_passwd]:
             return pwd.getpwuid(owner)
         except KeyError:
             pass
-    for name in ("www-data", "apache", "httpd", "daemon", "nobody"):
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        if pw.pw_uid != 0:
-            return pw
-    raise ServerStartError("no non-root user found to run Apache workers as")
+    return _unprivileged(("www-data", "apache", "httpd", "daemon", "nobody"),
+                         "Apache workers")
 
 
 def _apache_conf(
@@ -1350,14 +1356,7 @@ def _xrootd_run_user() -> Optional[pwd.struct_passwd]:
     """XRootD refuses to run as root: the user it runs as when we are root."""
     if not _is_root():
         return None
-    for name in ("xrootd", "daemon", "nobody"):
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        if pw.pw_uid != 0:
-            return pw
-    raise ServerStartError("no non-root user found to run XRootD as")
+    return _unprivileged(("xrootd", "daemon", "nobody"), "XRootD")
 
 
 def _drop_privileges(user: Optional[pwd.struct_passwd]) -> Optional[Callable[[], None]]:
